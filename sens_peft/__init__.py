@@ -1,0 +1,53 @@
+"""sens-peft: sensitivity-guided merging (Sens-Merging) for Hugging Face fine-tunes.
+
+Public API (imported lazily so that ``import sens_peft`` stays cheap)::
+
+    from sens_peft import SensitivityCallback, SensitivityConfig, compute_sensitivity, load_sensitivity
+    from sens_peft import merge_adapters, merge_models, MergeConfig
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._version import __version__
+
+_LAZY = {
+    "SensitivityConfig": "sens_peft.config",
+    "MergeConfig": "sens_peft.config",
+    "SensitivityRecord": "sens_peft.store",
+    "ProbeSet": "sens_peft.store",
+    "SidecarError": "sens_peft.store",
+    "load_sensitivity": "sens_peft.store",
+    "save_sensitivity": "sens_peft.store",
+    "load_probe": "sens_peft.store",
+    "save_probe": "sens_peft.store",
+    "layer_group": "sens_peft.groups",
+    "SensitivityCallback": "sens_peft.sensitivity.callback",
+    "compute_sensitivity": "sens_peft.sensitivity.calibrate",
+    "CoefficientTable": "sens_peft.coefficients",
+    "compute_coefficients": "sens_peft.coefficients",
+    "transferability_matrix": "sens_peft.transfer",
+    "merge_adapters": "sens_peft.merge",
+    "merge_models": "sens_peft.merge",
+    "MergeReport": "sens_peft.merge",
+    "MergeError": "sens_peft.io",
+    "MergeOnTrainEnd": "sens_peft.end_of_training",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sens_peft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+

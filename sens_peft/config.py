@@ -1,0 +1,191 @@
+"""Configuration objects: one dataclass per job, validated in ``__post_init__``.
+
+``SensitivityConfig`` drives the capture side (the training callback and the post-hoc calibration pass);
+``MergeConfig`` drives the merge side. Both serialise to plain dicts (``to_dict``) so they can be written
+into sidecar metadata, merge cards and YAML recipes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+Mode = Literal["after", "during", "both"]
+WeightSource = Literal["auto", "theta", "delta", "adapter"]
+LossTokens = Literal["labels", "full"]
+SensMode = Optional[Literal["task+cross", "task", "cross"]]
+Normalization = Literal["mean1", "l2", "sum1", "zscore"]
+Alignment = Literal["neg_l2", "cosine", "neg_kl", "l2"]
+Granularity = Literal["layer", "module_type", "projection"]
+OutputKind = Literal["lora", "full"]
+
+MODES = ("after", "during", "both")
+WEIGHT_SOURCES = ("auto", "theta", "delta", "adapter")
+LOSS_TOKENS = ("labels", "full")
+SENS_MODES = ("task+cross", "task", "cross", None)
+NORMALIZATIONS = ("mean1", "l2", "sum1", "zscore")
+ALIGNMENTS = ("neg_l2", "cosine", "neg_kl", "l2")
+GRANULARITIES = ("layer", "module_type", "projection")
+OUTPUT_KINDS = ("lora", "full")
+MAJORITY_SIGN_METHODS = ("total", "frequency")
+TRIM_BY = ("magnitude", "sensitivity")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+class _ConfigMixin:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class SensitivityConfig(_ConfigMixin):
+    """How an expert's sensitivity is measured and stored.
+
+    Args:
+        task: Name of the expert's task, stored in the sidecar metadata (e.g. ``"math"``).
+        mode: ``"after"`` runs a calibration pass with per-sample gradients at the end of training
+            (the paper's estimator); ``"during"`` accumulates ``|w * g|`` once per optimizer step from the
+            gradients the optimizer consumes; ``"both"`` does both and stores the ``after`` scores as the
+            primary ones (the ``during`` ones under ``during.*`` keys).
+        weight_source: The ``w`` in ``|w * g|``. ``"theta"``: the expert's full weights (for LoRA
+            ``W0 + s*B@A``; needs the ``after`` pass). ``"delta"``: the task vector (for LoRA ``s*B@A``).
+            ``"adapter"``: the LoRA factors ``A`` and ``B`` themselves. ``"auto"`` picks the library default
+            for the expert type and mode (see ``resolve_weight_source``).
+        calibration_samples: Number of held examples of the expert's own training data for the ``after``
+            pass (the paper used 100).
+        calibration_batch_size: Examples per backward pass in the ``after`` pass. 1 gives exact per-sample
+            gradients (the paper's estimator); larger is faster and estimates ``|w * mean g|`` per batch.
+        max_length: Truncation length for calibration and probe sequences.
+        loss_tokens: ``"labels"`` scores the tokens the training labels score (response-only when the data
+            masks the prompt); ``"full"`` scores every non-padding token.
+        store_probe: Keep ``probe_samples`` token sequences of the training data in ``probe.safetensors``
+            for the cross-task (transferability) score. These are training text: turn off for private data
+            and pass probes at merge time instead.
+        probe_samples: Number of probe sequences to keep.
+        element_maps: Also store per-element importance maps (``element.<name>``) for trainable tensors
+            (cheap for LoRA, large for full fine-tunes).
+        ema: Optional EMA factor for ``during`` mode (``None``: plain mean over steps).
+        every_n_steps: In ``during`` mode, measure every n-th optimizer step.
+        seed: Seed for picking calibration and probe examples.
+    """
+
+    task: Optional[str] = None
+    mode: Mode = "after"
+    weight_source: WeightSource = "auto"
+    calibration_samples: int = 32
+    calibration_batch_size: int = 1
+    max_length: int = 512
+    loss_tokens: LossTokens = "labels"
+    store_probe: bool = True
+    probe_samples: int = 16
+    element_maps: bool = False
+    ema: Optional[float] = None
+    every_n_steps: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("weight_source", self.weight_source, WEIGHT_SOURCES)
+        _check_choice("loss_tokens", self.loss_tokens, LOSS_TOKENS)
+        for name in ("calibration_samples", "calibration_batch_size", "max_length", "every_n_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.probe_samples, int) or self.probe_samples < 0:
+            raise ValueError(f"probe_samples must be a non-negative integer, got {self.probe_samples!r}")
+        if self.ema is not None and not (0.0 < float(self.ema) < 1.0):
+            raise ValueError(f"ema must be in (0, 1) or None, got {self.ema!r}")
+
+    def resolve_weight_source(self, expert_type: str, mode: str) -> str:
+        """The concrete weight source for an expert type (``"lora"``/``"full"``) and mode.
+
+        ``theta`` on a LoRA expert needs ``dL/dW`` of the frozen base weight, which training never forms,
+        so in ``during`` mode a LoRA expert can only use ``adapter``.
+        """
+        source = self.weight_source
+        if source == "auto":
+            source = "theta" if (mode == "after" or expert_type == "full") else "adapter"
+        if expert_type == "full" and source == "adapter":
+            raise ValueError("weight_source='adapter' needs a LoRA expert; use 'theta' or 'delta'")
+        if expert_type == "lora" and mode == "during" and source in ("theta", "delta"):
+            source = "adapter"
+        return source
+
+
+@dataclass
+class MergeConfig(_ConfigMixin):
+    """How experts are combined.
+
+    Args:
+        method: Registered merge method: ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``.
+        weights: Per-expert user weights ``w_k`` (default 1 each).
+        scale: Global coefficient ``lambda`` of the base method.
+        density: Fraction kept by TIES trimming / DARE's Bernoulli keep probability, in (0, 1].
+        majority_sign_method: TIES sign election by summed mass (``"total"``) or by count (``"frequency"``).
+        sens: Which Sens-Merging factors scale the experts: ``"task+cross"``, ``"task"``, ``"cross"``, or
+            ``None`` for the plain method.
+        temperature: Softmax temperature ``T`` of ``c = K * softmax_k(alpha * tau / T)``.
+        normalization: How per-layer scores become ``alpha`` within an expert.
+        alignment: Logit alignment score for the transferability matrix.
+        granularity: Coefficient granularity: per transformer block (``"layer"``, the paper), per block and
+            module type (attention / MLP), or per projection.
+        trim_by: TIES trimming by ``|delta|`` (``"magnitude"``) or by stored element importance
+            (``"sensitivity"``, needs element maps).
+        seed: Seed of DARE's random drop (per module, derived from this and the tensor name).
+        output: ``"lora"`` (a new adapter) or ``"full"`` (merged weights).
+        rank: Rank of the SVD-compressed LoRA output for TIES/DARE (default: max expert rank).
+        dtype: Output dtype (default: the base's).
+        device: Device for the math (default: CUDA when available, else CPU).
+    """
+
+    method: str = "task_arithmetic"
+    weights: Optional[list[float]] = None
+    scale: float = 1.0
+    density: float = 1.0
+    majority_sign_method: str = "total"
+    sens: SensMode = "task+cross"
+    temperature: float = 1.0
+    normalization: Normalization = "mean1"
+    alignment: Alignment = "cosine"
+    granularity: Granularity = "layer"
+    trim_by: str = "magnitude"
+    seed: int = 0
+    output: OutputKind = "lora"
+    rank: Optional[int] = None
+    dtype: Optional[str] = None
+    device: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .methods import available_methods  # local import: methods imports nothing from config
+
+        if self.method not in available_methods():
+            raise ValueError(f"unknown merge method {self.method!r}; available: {available_methods()}")
+        if not (0.0 < float(self.density) <= 1.0):
+            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
+        if not float(self.temperature) > 0.0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        _check_choice("majority_sign_method", self.majority_sign_method, MAJORITY_SIGN_METHODS)
+        _check_choice("sens", self.sens, SENS_MODES)
+        _check_choice("normalization", self.normalization, NORMALIZATIONS)
+        _check_choice("alignment", self.alignment, ALIGNMENTS)
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("trim_by", self.trim_by, TRIM_BY)
+        _check_choice("output", self.output, OUTPUT_KINDS)
+        if self.weights is not None:
+            self.weights = [float(w) for w in self.weights]
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"rank must be a positive integer or None, got {self.rank!r}")

@@ -1,0 +1,288 @@
+"""Reading and writing the sidecar files stored next to an expert.
+
+``sensitivity.safetensors`` holds per-group and per-tensor scores plus metadata; ``probe.safetensors`` holds a
+few token sequences of the expert's data for the cross-task score. Both are versioned (``format_version``)
+and validated on load: a bad file raises :class:`SidecarError` naming the file and what is wrong. Writes are
+atomic (temporary file + ``os.replace``), so a crash never leaves a half-written sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SENSITIVITY_FILE = "sensitivity.safetensors"
+PROBE_FILE = "probe.safetensors"
+SENSITIVITY_FORMAT = "sens-peft/sensitivity"
+PROBE_FORMAT = "sens-peft/probe"
+FORMAT_VERSION = 1
+
+PathLike = Union[str, os.PathLike]
+
+# Metadata keys every sensitivity file carries (values are strings in the file).
+REQUIRED_SENSITIVITY_META = ("format", "format_version", "groups", "tensor_names", "estimator", "weight_source", "mode")
+
+
+class SidecarError(ValueError):
+    """A sidecar file is missing, unreadable, of another format/version, or inconsistent."""
+
+
+@dataclass
+class SensitivityRecord:
+    """Sensitivity scores of one expert.
+
+    Attributes:
+        groups: Layer groups in model order (see :mod:`sens_peft.groups`).
+        group_scores: fp32 ``[G]``: mean over samples (or steps) of the summed ``|w * g|`` of each group.
+        tensor_names: Canonical names of the scored tensors (see :func:`sens_peft.groups.canonical_name`).
+        tensor_scores: fp32 ``[P]``: the same per tensor.
+        signed_scores: Optional fp32 ``[P]``: the signed ``<w, g>`` per tensor (for LoRA ``<A, dL/dA>``,
+            which equals ``<dW, dL/dW>``: the first-order loss change from scaling the module's delta).
+        element_maps: Optional per-element importance maps keyed by tensor name.
+        extra: Other named tensors (e.g. ``during.tensor_scores`` when ``mode="both"``).
+        metadata: String-valued metadata (estimator, weight_source, mode, num_samples, ...).
+    """
+
+    groups: list[str]
+    group_scores: torch.Tensor
+    tensor_names: list[str]
+    tensor_scores: torch.Tensor
+    signed_scores: Optional[torch.Tensor] = None
+    element_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def task(self) -> Optional[str]:
+        return self.metadata.get("task") or None
+
+    @property
+    def expert_type(self) -> Optional[str]:
+        return self.metadata.get("expert_type") or None
+
+    def group_dict(self) -> dict[str, float]:
+        return {g: float(s) for g, s in zip(self.groups, self.group_scores.tolist())}
+
+    def tensor_dict(self) -> dict[str, float]:
+        return {n: float(s) for n, s in zip(self.tensor_names, self.tensor_scores.tolist())}
+
+
+@dataclass
+class ProbeSet:
+    """A few tokenised sequences of an expert's data (``labels == -100`` where a token is not scored)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def _resolve(path: PathLike, filename: str) -> Path:
+    path = Path(path)
+    return path / filename if path.is_dir() else path
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def _stringify(metadata: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, value in metadata.items():
+        if value is None:
+            continue
+        out[key] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def _read(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.exists():
+        raise SidecarError(f"{kind} file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except SidecarError:
+        raise
+    except Exception as err:  # safetensors raises several types for truncated/corrupt files
+        raise SidecarError(f"{kind} file {path} cannot be read as safetensors (truncated or corrupt?): {err}") from err
+    return tensors, metadata
+
+
+def _check_header(path: Path, metadata: dict[str, str], expected_format: str) -> None:
+    found = metadata.get("format")
+    if found != expected_format:
+        raise SidecarError(f"{path}: metadata 'format' is {found!r}, expected {expected_format!r}")
+    version = metadata.get("format_version")
+    if version is None:
+        raise SidecarError(f"{path}: metadata 'format_version' is missing")
+    try:
+        version_int = int(version)
+    except ValueError as err:
+        raise SidecarError(f"{path}: metadata 'format_version' is {version!r}, expected an integer") from err
+    if version_int != FORMAT_VERSION:
+        raise SidecarError(
+            f"{path}: format_version {version_int} is not supported by this sens-peft "
+            f"(reads version {FORMAT_VERSION}); upgrade sens-peft or recompute the sidecar"
+        )
+
+
+def _json_list(path: Path, metadata: dict[str, str], key: str) -> list[str]:
+    if key not in metadata:
+        raise SidecarError(f"{path}: metadata {key!r} is missing")
+    try:
+        value = json.loads(metadata[key])
+    except json.JSONDecodeError as err:
+        raise SidecarError(f"{path}: metadata {key!r} is not valid JSON") from err
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SidecarError(f"{path}: metadata {key!r} must be a JSON list of strings")
+    return value
+
+
+def _check_scores(path: Path, name: str, tensor: torch.Tensor, length: int, allow_negative: bool = False) -> None:
+    if tensor.dim() != 1 or tensor.shape[0] != length:
+        raise SidecarError(f"{path}: tensor {name!r} has shape {list(tensor.shape)}, expected [{length}]")
+    if not torch.isfinite(tensor).all():
+        raise SidecarError(f"{path}: tensor {name!r} contains NaN or Inf")
+    if not allow_negative and (tensor < 0).any():
+        raise SidecarError(f"{path}: tensor {name!r} has negative entries; |w*g| scores must be >= 0")
+
+
+def save_sensitivity(record: SensitivityRecord, path: PathLike) -> Path:
+    """Write ``record`` to ``path`` (a folder, or a file name) atomically. Returns the file written."""
+    target = Path(path)
+    if target.suffix != ".safetensors":
+        target = target / SENSITIVITY_FILE
+    tensors: dict[str, torch.Tensor] = {
+        "group_scores": record.group_scores.float(),
+        "tensor_scores": record.tensor_scores.float(),
+    }
+    if record.signed_scores is not None:
+        tensors["signed_scores"] = record.signed_scores.float()
+    for name, value in record.element_maps.items():
+        tensors[f"element.{name}"] = value.float()
+    for name, value in record.extra.items():
+        tensors[name] = value
+    metadata = dict(record.metadata)
+    metadata.update(
+        format=SENSITIVITY_FORMAT,
+        format_version=str(FORMAT_VERSION),
+        groups=json.dumps(list(record.groups)),
+        tensor_names=json.dumps(list(record.tensor_names)),
+    )
+    metadata.setdefault("estimator", "taylor_abs")
+    metadata.setdefault("weight_source", "theta")
+    metadata.setdefault("mode", "after")
+    return _atomic_save(tensors, _stringify(metadata), target)
+
+
+def load_sensitivity(path: PathLike) -> SensitivityRecord:
+    """Read and validate ``sensitivity.safetensors`` (``path`` may be the expert's folder)."""
+    file = _resolve(path, SENSITIVITY_FILE)
+    tensors, metadata = _read(file, "sensitivity")
+    _check_header(file, metadata, SENSITIVITY_FORMAT)
+    for key in REQUIRED_SENSITIVITY_META:
+        if key not in metadata:
+            raise SidecarError(f"{file}: metadata {key!r} is missing")
+    groups = _json_list(file, metadata, "groups")
+    names = _json_list(file, metadata, "tensor_names")
+    for key in ("group_scores", "tensor_scores"):
+        if key not in tensors:
+            raise SidecarError(f"{file}: tensor {key!r} is missing")
+    _check_scores(file, "group_scores", tensors["group_scores"], len(groups))
+    _check_scores(file, "tensor_scores", tensors["tensor_scores"], len(names))
+    signed = tensors.get("signed_scores")
+    if signed is not None:
+        _check_scores(file, "signed_scores", signed, len(names), allow_negative=True)
+    element_maps = {k[len("element.") :]: v for k, v in tensors.items() if k.startswith("element.")}
+    for name, value in element_maps.items():
+        if not torch.isfinite(value).all():
+            raise SidecarError(f"{file}: tensor 'element.{name}' contains NaN or Inf")
+    known = {"group_scores", "tensor_scores", "signed_scores"}
+    extra = {k: v for k, v in tensors.items() if k not in known and not k.startswith("element.")}
+    return SensitivityRecord(
+        groups=groups,
+        group_scores=tensors["group_scores"].float(),
+        tensor_names=names,
+        tensor_scores=tensors["tensor_scores"].float(),
+        signed_scores=None if signed is None else signed.float(),
+        element_maps=element_maps,
+        extra=extra,
+        metadata=metadata,
+    )
+
+
+def save_probe(probe: ProbeSet, path: PathLike) -> Path:
+    """Write a probe set to ``path`` (a folder, or a file name) atomically."""
+    target = Path(path)
+    if target.suffix != ".safetensors":
+        target = target / PROBE_FILE
+    if probe.input_ids.shape != probe.attention_mask.shape or probe.input_ids.shape != probe.labels.shape:
+        raise ValueError(
+            "probe input_ids, attention_mask and labels must share one shape, got "
+            f"{list(probe.input_ids.shape)}, {list(probe.attention_mask.shape)}, {list(probe.labels.shape)}"
+        )
+    metadata = dict(probe.metadata)
+    metadata.update(format=PROBE_FORMAT, format_version=str(FORMAT_VERSION))
+    tensors = {
+        "input_ids": probe.input_ids.long(),
+        "attention_mask": probe.attention_mask.long(),
+        "labels": probe.labels.long(),
+    }
+    return _atomic_save(tensors, _stringify(metadata), target)
+
+
+def load_probe(path: PathLike, vocab_size: Optional[int] = None) -> ProbeSet:
+    """Read and validate ``probe.safetensors``; with ``vocab_size``, token ids must be below it."""
+    file = _resolve(path, PROBE_FILE)
+    tensors, metadata = _read(file, "probe")
+    _check_header(file, metadata, PROBE_FORMAT)
+    for key in ("input_ids", "attention_mask", "labels"):
+        if key not in tensors:
+            raise SidecarError(f"{file}: tensor {key!r} is missing")
+        if tensors[key].dim() != 2:
+            raise SidecarError(f"{file}: tensor {key!r} has shape {list(tensors[key].shape)}, expected [N, T]")
+    shape = tensors["input_ids"].shape
+    for key in ("attention_mask", "labels"):
+        if tensors[key].shape != shape:
+            raise SidecarError(
+                f"{file}: tensor {key!r} has shape {list(tensors[key].shape)}, expected {list(shape)} like input_ids"
+            )
+    ids = tensors["input_ids"]
+    if ids.numel() and int(ids.min()) < 0:
+        raise SidecarError(f"{file}: tensor 'input_ids' has negative token ids")
+    if vocab_size is not None and ids.numel() and int(ids.max()) >= vocab_size:
+        raise SidecarError(
+            f"{file}: tensor 'input_ids' has token id {int(ids.max())}, outside the model's vocabulary of {vocab_size}"
+        )
+    return ProbeSet(tensors["input_ids"].long(), tensors["attention_mask"].long(), tensors["labels"].long(), metadata)
+
+
+def has_sensitivity(path: PathLike) -> bool:
+    return (Path(path) / SENSITIVITY_FILE).is_file()
+
+
+def has_probe(path: PathLike) -> bool:
+    return (Path(path) / PROBE_FILE).is_file()
