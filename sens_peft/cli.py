@@ -1,0 +1,191 @@
+"""The ``sens-peft`` command line: ``merge``, ``inspect``, ``plot`` and ``demo``.
+
+A thin layer: every command parses its arguments, calls the library, and prints the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+from ._version import __version__
+
+logger = logging.getLogger(__name__)
+
+
+def _expert_label(path: str) -> str:
+    return Path(path).resolve().name or str(path)
+
+
+def _task_table(dirs: Sequence[str], temperature: float, normalization: str, granularity: str):
+    from .coefficients import compute_coefficients
+    from .store import load_sensitivity
+
+    records = [load_sensitivity(d) for d in dirs]
+    return compute_coefficients(
+        records,
+        None,
+        expert_names=[r.task or _expert_label(d) for r, d in zip(records, dirs)],
+        sens="task",
+        temperature=temperature,
+        normalization=normalization,
+        granularity=granularity,
+    )
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe)
+    report = run_recipe(recipe, out_dir=args.out, device=args.device, overwrite=args.overwrite)
+    print(report.coefficients)
+    print(f"merged {len(recipe.experts)} experts with {recipe.config.method} into {report.output_dir} "
+          f"in {report.seconds:.1f} s")
+    return 0
+
+
+def describe_expert(directory: str) -> str:
+    """A human-readable summary of the sidecars stored with one expert."""
+    from .store import PROBE_FILE, SENSITIVITY_FILE, load_probe, load_sensitivity
+
+    lines = [f"== {directory}"]
+    path = Path(directory)
+    if not (path / SENSITIVITY_FILE).is_file():
+        lines.append(f"  no {SENSITIVITY_FILE}")
+    else:
+        record = load_sensitivity(path)
+        meta = record.metadata
+        keys = ("task", "expert_type", "mode", "weight_source", "estimator", "num_samples", "num_steps",
+                "num_tokens", "base_model", "library_version", "format_version")
+        lines.extend(f"  {k}: {meta[k]}" for k in keys if k in meta)
+        lines.append(f"  tensors scored: {len(record.tensor_names)}  groups: {len(record.groups)}")
+        total = float(record.group_scores.sum()) or 1.0
+        for group, score in zip(record.groups, record.group_scores.tolist()):
+            lines.append(f"    {group:<24} {score:12.5g}  ({100 * score / total:5.1f}%)")
+    if (path / PROBE_FILE).is_file():
+        probe = load_probe(path)
+        scored = int((probe.labels != -100).sum())
+        lines.append(f"  probe: {len(probe)} sequences x {probe.input_ids.shape[1]} tokens, {scored} scored tokens")
+    else:
+        lines.append(f"  no {PROBE_FILE}")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    for directory in args.dirs:
+        print(describe_expert(directory))
+    if len(args.dirs) > 1:
+        table = _task_table(args.dirs, args.temperature, args.normalization, args.granularity)
+        print("\nTask-specific coefficients a merge would use (sens='task'; the cross-task factor needs the "
+              "models and is computed at merge time):")
+        print(table)
+    return 0
+
+
+def plot_coefficients(dirs: Sequence[str], output: str, temperature: float = 1.0,
+                      normalization: str = "mean1", granularity: str = "layer") -> tuple[int, int]:
+    """Draw heatmaps of alpha (per layer, per expert) and the resulting coefficients into ``output``.
+
+    Returns:
+        The heatmap shape ``(groups, experts)``.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise SystemExit("sens-peft plot needs matplotlib: pip install 'sens-peft[plot]'") from err
+
+    table = _task_table(dirs, temperature, normalization, granularity)
+    alpha = table.alpha.detach().float().T.numpy()  # [G, K]
+    coeff = table.values.detach().float().T.numpy()
+    n_groups, n_experts = alpha.shape
+    fig, axes = plt.subplots(1, 2, figsize=(2.5 + 1.2 * n_experts * 2, 1.5 + 0.3 * n_groups), squeeze=False)
+    for ax, data, title in ((axes[0][0], alpha, "alpha (task-specific)"), (axes[0][1], coeff, f"c (T={temperature:g})")):
+        image = ax.imshow(data, aspect="auto", cmap="viridis")
+        ax.set_title(title)
+        ax.set_xticks(range(n_experts), table.experts, rotation=45, ha="right")
+        ax.set_yticks(range(n_groups), table.groups)
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return n_groups, n_experts
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    shape = plot_coefficients(args.dirs, args.output, args.temperature, args.normalization, args.granularity)
+    print(f"wrote {args.output} ({shape[0]} groups x {shape[1]} experts)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(output_dir=args.output_dir, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sens-peft", description="Sensitivity-guided merging of fine-tuned experts.")
+    parser.add_argument("--version", action="version", version=f"sens-peft {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("merge", help="merge experts as described by a YAML recipe",
+                       description="Merge experts as described by a YAML recipe (see sens_peft.recipe).")
+    p.add_argument("recipe", help="path to the YAML recipe")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="device for the math (default: CUDA if available)")
+    p.add_argument("--out", default=None, help="output folder (overrides output.path)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_merge)
+
+    def add_coefficient_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T")
+        p.add_argument("--normalization", default="mean1", choices=["mean1", "l2", "sum1", "zscore"])
+        p.add_argument("--granularity", default="layer", choices=["layer", "module_type", "projection"])
+
+    p = sub.add_parser("inspect", help="show what is stored with experts",
+                       description="Show the sidecars stored with each expert and, for several experts, the "
+                                   "task-specific coefficient table a merge would use.")
+    p.add_argument("dirs", nargs="+", help="expert folders (adapter or model folders with sensitivity.safetensors)")
+    add_coefficient_options(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("plot", help="heatmap of alpha and coefficients per layer and expert",
+                       description="Heatmaps of alpha per layer per expert and of the resulting coefficients.")
+    p.add_argument("dirs", nargs="+", help="expert folders")
+    p.add_argument("-o", "--output", required=True, help="PNG file to write")
+    add_coefficient_options(p)
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("demo", help="run the quick start on the built-in tiny model",
+                       description="Train toy experts with the callback, merge them with and without "
+                                   "Sens-Merging, and print the score table.")
+    p.add_argument("--output-dir", default="runs/quickstart")
+    p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .recipe import RecipeError
+    from .store import SidecarError
+
+    try:
+        return int(args.func(args) or 0)
+    except (RecipeError, SidecarError, FileNotFoundError) as err:
+        print(f"sens-peft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
