@@ -1,7 +1,440 @@
-"""Merge methods (placeholder registry; the merge-math work replaces this file)."""
+"""Merge methods: pure tensor math on task vectors (deltas), one small class per method behind a registry.
 
-_REGISTRY = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+Every method combines ``K`` deltas of one tensor with per-expert scalar coefficients ``c_k`` (the
+Sens-Merging coefficients of that tensor's group, already multiplied by the user weights) and returns
+``scale * combined``. The math runs in fp32 (fp64 inputs stay fp64) and the result has the dtype of
+``deltas[0]``.
+
+Methods (``c`` = coefficients, ``lambda`` = scale):
+
+* ``task_arithmetic``: ``lambda * sum_k c_k delta_k``.
+* ``ties``: trim each delta to its top-``density`` entries (by ``|delta|``, or by ``importance`` with
+  ``trim_by="sensitivity"``), scale by ``c_k``, elect a sign per entry (summed mass ``"total"`` or count
+  ``"frequency"``), then the mean of the entries that agree with it (the disjoint mean).
+* ``dare_linear``: keep each entry with probability ``density`` and rescale by ``1/density``, then TA.
+* ``dare_ties``: the same drop and rescale, then sign election and the disjoint mean, without a magnitude
+  trim (as ``peft.utils.merge_utils.dare_ties``).
+* ``importance``: ``lambda * sum_k c_k I_k delta_k / sum_k I_k`` per element (Fisher-merging style, an
+  importance-weighted *average*; see :class:`ImportanceMerge`).
+
+Where the coefficients enter TIES: by default the sign is elected on the *scaled* trimmed deltas
+(``c_k * trim(delta_k)``), so that a down-weighted expert also counts less in the election (paper notes
+§5.2). PEFT elects on the unscaled trimmed deltas and only weights the disjoint mean; pass
+``weighted_election=False`` to get exactly that. The two agree whenever all coefficients are equal and
+positive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MergeMethod",
+    "available_methods",
+    "dare_mask",
+    "get_method",
+    "merge_deltas",
+    "register_method",
+    "stable_seed",
+]
+
+MAJORITY_SIGN_METHODS = ("total", "frequency")
+TRIM_BY = ("magnitude", "sensitivity")
+
+_REGISTRY: dict[str, type[MergeMethod]] = {}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building blocks (pure functions)
+# --------------------------------------------------------------------------------------------------------
+
+
+def stable_seed(seed: int, name: str) -> int:
+    """A 63-bit seed derived from ``(seed, name)`` that is identical across processes and runs.
+
+    Python's ``hash()`` is salted per process, so a digest is used instead.
+
+    Args:
+        seed: The user seed.
+        name: The tensor name (any string).
+
+    Returns:
+        A non-negative integer below ``2**63``, usable with ``torch.Generator.manual_seed``.
+    """
+    digest = hashlib.sha256(f"{int(seed)}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _generator(seed: int | None, name: str, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None  # draw from torch's global RNG (not reproducible per tensor)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(stable_seed(seed, name))
+    return generator
+
+
+def dare_mask(shape: torch.Size | Sequence[int], density: float, generator: torch.Generator | None,
+              device: torch.device | str = "cpu") -> Tensor:
+    """A Bernoulli keep-mask (1 = keep) with keep probability ``density``, as fp32.
+
+    The probabilities are always fp32, whatever the deltas' dtype: ``torch.bernoulli`` draws different
+    streams for fp32 and fp64 probability tensors, and fixing the dtype keeps the mask a function of
+    ``(seed, name, shape, device)`` only. For fp32 deltas this is the same draw as PEFT's
+    ``random_pruning`` (``torch.bernoulli(torch.full_like(t, density))``) from the same generator state.
+
+    Args:
+        shape: Shape of the tensor to mask.
+        density: Keep probability in (0, 1].
+        generator: Generator to draw from (``None``: the global RNG).
+        device: Device of the mask.
+
+    Returns:
+        fp32 tensor of zeros and ones.
+    """
+    probs = torch.full(tuple(shape), float(density), dtype=torch.float32, device=device)
+    return torch.bernoulli(probs, generator=generator)
+
+
+def magnitude_trim_mask(scores: Tensor, density: float) -> Tensor:
+    """Boolean mask of the ``int(density * numel)`` largest entries of ``scores`` (per tensor).
+
+    ``density >= 1`` keeps everything. Ties between equal scores are broken by ``torch.topk``, as in
+    PEFT's ``magnitude_based_pruning``, so the same inputs give the same mask.
+
+    Args:
+        scores: Non-negative scores (``|delta|`` or an importance map).
+        density: Fraction to keep.
+
+    Returns:
+        Boolean tensor with the shape of ``scores``.
+    """
+    if density >= 1.0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    flat = scores.reshape(-1)
+    k = int(density * flat.numel())
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(flat, k=k, largest=True).indices] = True
+    return mask.reshape(scores.shape)
+
+
+def elect_sign(stacked: Tensor, method: str = "total") -> Tensor:
+    """Per-entry majority sign (+1 or -1; ties go to +1) of stacked tensors ``[K, ...]``.
+
+    Args:
+        stacked: The (trimmed, possibly scaled) deltas stacked on dim 0.
+        method: ``"total"`` elects the sign of the summed values, ``"frequency"`` the more frequent sign.
+
+    Returns:
+        Tensor ``[...]`` of +1/-1 in the dtype of ``stacked``.
+    """
+    if method == "total":
+        mass = stacked.sum(dim=0)
+    elif method == "frequency":
+        mass = stacked.sign().sum(dim=0)
+    else:
+        raise ValueError(f"majority_sign_method={method!r} is not one of {list(MAJORITY_SIGN_METHODS)}")
+    return torch.where(mass >= 0, 1.0, -1.0).to(stacked.dtype)
+
+
+def disjoint_mean(values: Tensor, agree: Tensor) -> Tensor:
+    """Mean over dim 0 of the entries where ``agree`` is True (0 where no entry agrees).
+
+    Args:
+        values: ``[K, ...]`` values to average.
+        agree: ``[K, ...]`` boolean mask of the entries that take part.
+
+    Returns:
+        ``[...]`` tensor.
+    """
+    total = (values * agree).sum(dim=0)
+    count = agree.sum(dim=0).clamp(min=1)
+    return total / count
+
+
+def _weights_view(coefficients: Tensor, ndim: int) -> Tensor:
+    return coefficients.reshape(coefficients.shape + (1,) * ndim)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------------
+
+
+class MergeMethod:
+    """One merge method. Subclasses set ``name`` and implement :meth:`combine`.
+
+    ``combine`` receives the deltas already stacked into one fp32/fp64 tensor ``[K, ...]`` and the
+    coefficients ``[K]`` in the same dtype and device, and returns the combined ``[...]`` tensor *before*
+    the global scale (which :func:`merge_deltas` applies).
+    """
+
+    name: ClassVar[str] = ""
+    uses_density: ClassVar[bool] = False
+    uses_sign: ClassVar[bool] = False
+    random: ClassVar[bool] = False
+
+    def combine(self, stacked: Tensor, coefficients: Tensor, *, density: float, majority_sign_method: str,
+                generator: torch.Generator | None, importance: Tensor | None, trim_by: str,
+                weighted_election: bool) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def register_method(cls_or_name: type[MergeMethod] | str):
+    """Register a :class:`MergeMethod` subclass under its ``name`` (or under an explicit name).
+
+    Use as ``@register_method`` or ``@register_method("my_name")``. Re-registering a name replaces it.
+
+    Args:
+        cls_or_name: The class to register, or the name to register the decorated class under.
+
+    Returns:
+        The class (decorator form), or a decorator.
+    """
+
+    def _register(cls: type[MergeMethod], name: str | None = None) -> type[MergeMethod]:
+        if not (isinstance(cls, type) and issubclass(cls, MergeMethod)):
+            raise TypeError(f"register_method expects a MergeMethod subclass, got {cls!r}")
+        key = name or cls.name
+        if not key:
+            raise ValueError(f"{cls.__name__} has no name; set the class attribute `name`")
+        if name is not None:
+            cls.name = name
+        if key in _REGISTRY and _REGISTRY[key] is not cls:
+            logger.info("merge method %r re-registered (%s replaces %s)", key, cls.__name__,
+                        _REGISTRY[key].__name__)
+        _REGISTRY[key] = cls
+        return cls
+
+    if isinstance(cls_or_name, str):
+        return lambda cls: _register(cls, cls_or_name)
+    return _register(cls_or_name)
+
+
+def get_method(name: str) -> MergeMethod:
+    """An instance of the registered method ``name``.
+
+    Raises:
+        ValueError: if no method has that name.
+    """
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ValueError(f"unknown merge method {name!r}; available: {available_methods()}") from None
 
 
 def available_methods() -> list[str]:
+    """Names of the registered merge methods."""
     return list(_REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------------------------
+
+
+@register_method
+class TaskArithmetic(MergeMethod):
+    """``sum_k c_k delta_k``."""
+
+    name = "task_arithmetic"
+
+    def combine(self, stacked, coefficients, **_):
+        return (stacked * _weights_view(coefficients, stacked.dim() - 1)).sum(dim=0)
+
+
+def _ties_combine(kept: Tensor, coefficients: Tensor, majority_sign_method: str,
+                  weighted_election: bool) -> Tensor:
+    weighted = kept * _weights_view(coefficients, kept.dim() - 1)
+    voters = weighted if weighted_election else kept
+    sign = elect_sign(voters, majority_sign_method)
+    # An entry takes part when its (nonzero) sign matches the elected one; trimmed/dropped zeros never do.
+    agree = voters.sign() == sign
+    return disjoint_mean(weighted, agree)
+
+
+@register_method
+class Ties(MergeMethod):
+    """TIES: per-tensor top-``density`` trim, coefficient scaling, sign election, disjoint mean."""
+
+    name = "ties"
+    uses_density = True
+    uses_sign = True
+
+    def combine(self, stacked, coefficients, *, density, majority_sign_method, importance, trim_by,
+                weighted_election, **_):
+        if density < 1.0:
+            scores = stacked.abs() if trim_by == "magnitude" else importance
+            keep = torch.stack([magnitude_trim_mask(scores[k], density) for k in range(stacked.shape[0])])
+            stacked = stacked * keep
+        return _ties_combine(stacked, coefficients, majority_sign_method, weighted_election)
+
+
+def _dare(stacked: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
+    if density >= 1.0:
+        return stacked  # nothing dropped; no draw, like PEFT's prune()
+    # One draw per expert, in expert order, from the same generator: this is the stream PEFT consumes when
+    # the global RNG is seeded, so the masks coincide with PEFT's for fp32 inputs.
+    out = []
+    for k in range(stacked.shape[0]):
+        mask = dare_mask(stacked.shape[1:], density, generator, stacked.device).to(stacked.dtype)
+        out.append(stacked[k] * mask / density)
+    return torch.stack(out)
+
+
+@register_method
+class DareLinear(MergeMethod):
+    """DARE: Bernoulli keep with probability ``density``, rescale by ``1/density``, then task arithmetic."""
+
+    name = "dare_linear"
+    uses_density = True
+    random = True
+
+    def combine(self, stacked, coefficients, *, density, generator, **_):
+        return TaskArithmetic().combine(_dare(stacked, density, generator), coefficients)
+
+
+@register_method
+class DareTies(MergeMethod):
+    """DARE drop and rescale, then TIES sign election and disjoint mean (no magnitude trim, as PEFT)."""
+
+    name = "dare_ties"
+    uses_density = True
+    uses_sign = True
+    random = True
+
+    def combine(self, stacked, coefficients, *, density, majority_sign_method, generator, weighted_election,
+                **_):
+        return _ties_combine(_dare(stacked, density, generator), coefficients, majority_sign_method,
+                             weighted_election)
+
+
+@register_method
+class ImportanceMerge(MergeMethod):
+    """Importance-weighted merge: ``sum_k c_k I_k delta_k / sum_k I_k`` per element.
+
+    This is an importance-weighted *average* (Fisher merging on task vectors): with equal importance it
+    gives ``sum_k c_k delta_k / K``, i.e. task arithmetic at ``scale / K``. Entries where every expert's
+    importance is 0 use that equal-importance limit. Without importance maps the method falls back to
+    plain task arithmetic (note the factor ``K`` between the two; choose ``scale`` accordingly).
+    """
+
+    name = "importance"
+
+    def combine(self, stacked, coefficients, *, importance, **_):
+        weighted = stacked * _weights_view(coefficients, stacked.dim() - 1)
+        if importance is None:
+            return weighted.sum(dim=0)
+        total = importance.sum(dim=0)
+        merged = (importance * weighted).sum(dim=0) / torch.where(total > 0, total, torch.ones_like(total))
+        return torch.where(total > 0, merged, weighted.mean(dim=0))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_deltas(method: str, deltas: Sequence[Tensor], coefficients: Tensor | Sequence[float], *,
+                 density: float = 1.0, majority_sign_method: str = "total", scale: float = 1.0,
+                 seed: int | None = 0, name: str = "", importance: Sequence[Tensor] | None = None,
+                 trim_by: str = "magnitude", weighted_election: bool = True) -> Tensor:
+    """Merge the task vectors of one tensor.
+
+    Args:
+        method: A registered method name (see :func:`available_methods`).
+        deltas: ``K >= 1`` task vectors of the same shape (any float dtype; all on one device).
+        coefficients: ``[K]`` per-expert scalars for this tensor (Sens-Merging ``c_k`` times user weights).
+        density: Fraction kept by TIES trimming / DARE's keep probability, in (0, 1].
+        majority_sign_method: ``"total"`` or ``"frequency"`` (TIES / DARE-TIES sign election).
+        scale: Global coefficient ``lambda`` applied to the combined delta.
+        seed: DARE seed. The generator is seeded with :func:`stable_seed` of ``(seed, name)`` on the
+            deltas' device, so each tensor's masks are reproducible and independent of merge order. ``None``
+            draws from torch's global RNG instead (PEFT's behaviour).
+        name: Tensor name (seeds DARE; used in error messages).
+        importance: Optional ``K`` non-negative element maps with the deltas' shape: the weights of the
+            ``importance`` method, and the trim scores of ``ties`` with ``trim_by="sensitivity"``.
+        trim_by: ``"magnitude"`` (``|delta|``) or ``"sensitivity"`` (``importance``) for TIES trimming.
+        weighted_election: Elect TIES signs on the coefficient-scaled deltas (default) or, as PEFT does,
+            on the unscaled ones.
+
+    Returns:
+        The merged delta, ``scale * combined``, with the shape and dtype of ``deltas[0]``, on its device.
+
+    Raises:
+        ValueError: on an unknown method, no deltas, mismatched shapes/devices, a wrong number of
+            coefficients or importance maps, or an out-of-range option.
+    """
+    impl = get_method(method)
+    where = f" for tensor {name!r}" if name else ""
+    deltas = list(deltas)
+    if not deltas:
+        raise ValueError(f"merge_deltas{where}: need at least one delta, got none")
+    first = deltas[0]
+    for k, delta in enumerate(deltas):
+        if not isinstance(delta, Tensor):
+            raise TypeError(f"merge_deltas{where}: delta {k} is {type(delta).__name__}, expected a Tensor")
+        if delta.shape != first.shape:
+            raise ValueError(f"merge_deltas{where}: delta {k} has shape {tuple(delta.shape)}, "
+                             f"expected {tuple(first.shape)} (the shape of delta 0)")
+        if delta.device != first.device:
+            raise ValueError(f"merge_deltas{where}: delta {k} is on {delta.device}, delta 0 on {first.device}")
+        if not delta.is_floating_point():
+            raise ValueError(f"merge_deltas{where}: delta {k} has dtype {delta.dtype}, expected a float dtype")
+    num = len(deltas)
+    if not (0.0 < float(density) <= 1.0):
+        raise ValueError(f"merge_deltas{where}: density must be in (0, 1], got {density!r}")
+    if majority_sign_method not in MAJORITY_SIGN_METHODS:
+        raise ValueError(f"merge_deltas{where}: majority_sign_method={majority_sign_method!r} is not one of "
+                         f"{list(MAJORITY_SIGN_METHODS)}")
+    if trim_by not in TRIM_BY:
+        raise ValueError(f"merge_deltas{where}: trim_by={trim_by!r} is not one of {list(TRIM_BY)}")
+
+    dtype = _compute_dtype(first.dtype)
+    device = first.device
+    coeffs = torch.as_tensor(coefficients).to(device=device, dtype=dtype).reshape(-1)
+    if coeffs.numel() != num:
+        raise ValueError(f"merge_deltas{where}: got {coeffs.numel()} coefficients for {num} deltas "
+                         "(expected one scalar per expert)")
+    if not torch.isfinite(coeffs).all():
+        raise ValueError(f"merge_deltas{where}: coefficients must be finite, got {coeffs.tolist()}")
+
+    imp = None
+    if importance is not None:
+        importance = list(importance)
+        if len(importance) != num:
+            raise ValueError(f"merge_deltas{where}: got {len(importance)} importance maps for {num} deltas")
+        for k, item in enumerate(importance):
+            if tuple(item.shape) != tuple(first.shape):
+                raise ValueError(f"merge_deltas{where}: importance map {k} has shape {tuple(item.shape)}, "
+                                 f"expected {tuple(first.shape)}")
+        imp = torch.stack([item.to(device=device, dtype=dtype) for item in importance])
+        if (imp < 0).any():
+            raise ValueError(f"merge_deltas{where}: importance maps must be non-negative")
+    if method == "ties" and trim_by == "sensitivity" and density < 1.0 and imp is None:
+        raise ValueError(f"merge_deltas{where}: trim_by='sensitivity' needs importance maps "
+                         "(element maps stored with the experts' sensitivity)")
+
+    stacked = torch.stack([delta.to(dtype) for delta in deltas])
+    generator = _generator(seed, name, device) if impl.random and density < 1.0 else None
+    combined = impl.combine(stacked, coeffs, density=float(density), majority_sign_method=majority_sign_method,
+                            generator=generator, importance=imp, trim_by=trim_by,
+                            weighted_election=weighted_election)
+    if scale != 1.0:
+        combined = combined * scale
+    return combined.to(first.dtype)
