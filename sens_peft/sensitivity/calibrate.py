@@ -1,0 +1,674 @@
+"""The calibration ("after") pass and :func:`compute_sensitivity` for experts trained elsewhere.
+
+One implementation serves both the callback's end-of-training pass and the standalone call: forward + backward
+over held examples of the expert's own data, one backward per ``calibration_batch_size`` examples (1 by default:
+per-sample gradients, the paper's estimator), model in eval mode (no dropout) with gradients enabled, fp32 math,
+float64 sums; the model's ``training`` flag, every ``requires_grad`` flag and ``.grad`` (cleared) are restored.
+
+What is scored (``weight_source``):
+
+* full fine-tunes: every trainable tensor (all floating tensors if none is trainable), ``w = theta`` or
+  ``w = theta - theta_0`` (``delta``; needs the initial weights);
+* LoRA, ``theta`` / ``delta``: the *weights of the adapted modules* (``...q_proj.weight``), with
+  ``w = W0 + s*B@A`` or ``w = s*B@A`` and ``G = dL/dW`` formed in a hook as ``delta^T x`` (the frozen base weight
+  never gets a ``.grad``, and only one module's ``G`` exists at a time). Frozen non-adapted weights are not scored
+  (the merge does not touch them);
+* LoRA, ``adapter``: the factors ``lora_A`` / ``lora_B`` (and DoRA magnitudes) themselves.
+
+For LoRA the signed scores are always the module's ``<dW, G>`` (= ``<A, dL/dA>`` = ``<B, dL/dB>``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import SensitivityConfig
+from ..groups import canonical_name
+from ..store import ProbeSet, SensitivityRecord, save_probe, save_sensitivity
+from . import estimators as est
+from .accumulator import SensitivityAccumulator
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "compute_sensitivity",
+    "CalibrationPass",
+    "clean_param_name",
+    "detect_expert_type",
+    "active_adapter_name",
+    "lora_modules",
+    "adapter_parameters",
+    "trainable_parameters",
+    "select_examples",
+    "collate_examples",
+    "build_probe",
+    "base_model_name",
+]
+
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")
+
+
+# ---------------------------------------------------------------------------------------------- model inspection
+def clean_param_name(name: str, adapter: Optional[str] = None) -> str:
+    """Canonical base-model name of a parameter, also stripping FSDP / checkpoint / compile wrappers."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    if name.startswith("module."):
+        name = name[len("module.") :]
+    if adapter is not None:
+        name = name.replace(f".modules_to_save.{adapter}.", ".")
+    return canonical_name(name, adapter)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module) and type(model).__name__ in (
+        "DistributedDataParallel",
+        "DataParallel",
+    ):
+        model = model.module
+    return model
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(module, LoraLayer)
+
+
+def detect_expert_type(model: nn.Module) -> str:
+    """``"lora"`` if the model holds PEFT LoRA layers, else ``"full"``."""
+    return "lora" if any(_is_lora_layer(m) for m in _unwrap(model).modules()) else "full"
+
+
+def active_adapter_name(model: nn.Module) -> Optional[str]:
+    """The active adapter of a PEFT model (the first one if several are active), or None."""
+    model = _unwrap(model)
+    name = getattr(model, "active_adapter", None)
+    if isinstance(name, str):
+        return name
+    if isinstance(name, (list, tuple)) and name:
+        return str(name[0])
+    for module in model.modules():
+        if _is_lora_layer(module) and module.active_adapters:
+            return module.active_adapters[0]
+    return None
+
+
+@dataclass
+class LoraModuleInfo:
+    """A LoRA-adapted linear module and what the weight-space gradient needs."""
+
+    name: str  # canonical name of the module's weight, e.g. "model.layers.0.self_attn.q_proj.weight"
+    module: nn.Module
+    adapter: str
+
+    @property
+    def base_weight(self) -> Tensor:
+        return self.module.get_base_layer().weight
+
+    @property
+    def lora_A(self) -> Tensor:
+        return self.module.lora_A[self.adapter].weight
+
+    @property
+    def lora_B(self) -> Tensor:
+        return self.module.lora_B[self.adapter].weight
+
+    @property
+    def scaling(self) -> float:
+        return float(self.module.scaling[self.adapter])
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(getattr(self.module, "fan_in_fan_out", False))
+
+
+def lora_modules(model: nn.Module, adapter: Optional[str] = None) -> list[LoraModuleInfo]:
+    """The LoRA linear modules of ``adapter`` (default: the active one), checked for the hook-formed ``G``.
+
+    Raises:
+        ValueError: for adapters the ``theta``/``delta`` calibration cannot score exactly (merged adapters, DoRA,
+            non-linear LoRA layers such as embeddings or convolutions).
+    """
+    model = _unwrap(model)
+    adapter = adapter or active_adapter_name(model)
+    out = []
+    for name, module in model.named_modules():
+        if not _is_lora_layer(module) or adapter not in getattr(module, "lora_A", {}):
+            continue
+        base = module.get_base_layer()
+        kind = type(base).__name__
+        if not (isinstance(base, nn.Linear) or kind == "Conv1D"):
+            raise ValueError(
+                f"module {name!r} adapts a {kind}; weight_source 'theta'/'delta' supports LoRA on Linear/Conv1D "
+                "layers only; use weight_source='adapter'"
+            )
+        if getattr(module, "merged", False):
+            raise ValueError(f"module {name!r} has its adapter merged into the base weight; unmerge it first")
+        if getattr(module, "use_dora", {}).get(adapter, False):
+            raise ValueError(f"module {name!r} uses DoRA; weight_source 'theta'/'delta' needs plain LoRA ('adapter' works)")
+        out.append(LoraModuleInfo(clean_param_name(f"{name}.weight", adapter), module, adapter))
+    if not out:
+        raise ValueError(f"no LoRA module of adapter {adapter!r} found in the model")
+    return out
+
+
+def adapter_parameters(model: nn.Module, adapter: Optional[str] = None) -> list[tuple[str, nn.Parameter]]:
+    """``(canonical name, parameter)`` of the adapter's own tensors (LoRA factors, DoRA magnitudes)."""
+    model = _unwrap(model)
+    adapter = adapter or active_adapter_name(model)
+    out, seen = [], set()
+    for name, param in model.named_parameters():
+        if "lora_" not in name or f".{adapter}." not in f"{name}.":
+            continue
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        out.append((clean_param_name(name, adapter), param))
+    if not out:
+        raise ValueError(f"no LoRA parameters of adapter {adapter!r} found in the model")
+    return out
+
+
+def trainable_parameters(model: nn.Module, adapter: Optional[str] = None) -> list[tuple[str, nn.Parameter]]:
+    """``(canonical name, parameter)`` of the trainable tensors (tied tensors once)."""
+    return [
+        (clean_param_name(n, adapter), p) for n, p in _unwrap(model).named_parameters() if p.requires_grad
+    ]
+
+
+def base_model_name(model: nn.Module) -> Optional[str]:
+    model = _unwrap(model)
+    config = getattr(model, "peft_config", None)
+    adapter = active_adapter_name(model)
+    if isinstance(config, dict) and adapter in config:
+        name = getattr(config[adapter], "base_model_name_or_path", None)
+        if name:
+            return str(name)
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
+    return str(name) if name else None
+
+
+def _model_dtype(model: nn.Module) -> str:
+    for p in _unwrap(model).parameters():
+        if p.is_floating_point():
+            return str(p.dtype).replace("torch.", "")
+    return "unknown"
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in _unwrap(model).parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _pad_id(model: Optional[nn.Module], tokenizer: Any = None) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None and model is not None:
+        pad = getattr(getattr(_unwrap(model), "config", None), "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def collate_examples(examples: Sequence[dict], pad_id: int = 0) -> dict[str, Tensor]:
+    """Right-pad a list of tokenised examples (``input_ids`` [+ ``attention_mask``, ``labels``]) into a batch."""
+    length = max(len(ex["input_ids"]) for ex in examples)
+    n = len(examples)
+    ids = torch.full((n, length), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    labels = torch.full((n, length), -100, dtype=torch.long)
+    has_labels = all("labels" in ex for ex in examples)
+    for i, ex in enumerate(examples):
+        row = torch.as_tensor(ex["input_ids"], dtype=torch.long).reshape(-1)
+        t = row.shape[0]
+        ids[i, :t] = row
+        am = ex.get("attention_mask")
+        mask[i, :t] = torch.as_tensor(am, dtype=torch.long).reshape(-1) if am is not None else 1
+        if has_labels:
+            labels[i, :t] = torch.as_tensor(ex["labels"], dtype=torch.long).reshape(-1)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if has_labels:
+        batch["labels"] = labels
+    return batch
+
+
+def select_examples(dataset: Any, count: int, seed: int) -> list[int]:
+    """``count`` example indices of ``dataset`` drawn without replacement by a seeded permutation."""
+    try:
+        size = len(dataset)
+    except TypeError as err:
+        raise TypeError(
+            "calibration data must be a sized dataset (a datasets.Dataset, a list of dicts, a torch Dataset) or a "
+            "DataLoader over one"
+        ) from err
+    if size == 0:
+        raise ValueError("calibration data is empty")
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(size, generator=gen)[: min(count, size)].tolist()
+
+
+def _as_dataset_and_collate(data: Any, pad_id: int) -> tuple[Any, Callable]:
+    if isinstance(data, torch.utils.data.DataLoader):
+        collate = data.collate_fn
+        dataset = data.dataset
+        # torch's default collate cannot pad ragged sequences; use ours then.
+        if collate is None or getattr(collate, "__name__", "") == "default_collate":
+            collate = lambda exs: collate_examples(exs, pad_id)  # noqa: E731
+        return dataset, collate
+    return data, (lambda exs: collate_examples(exs, pad_id))
+
+
+def _loss_labels(batch: dict[str, Tensor], loss_tokens: str, pad_id: int) -> Tensor:
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    if loss_tokens == "labels" and batch.get("labels") is not None:
+        return batch["labels"]
+    labels = ids.clone()
+    if mask is not None:
+        labels[mask == 0] = -100
+    return labels
+
+
+def _truncate(batch: dict[str, Any], max_length: int) -> dict[str, Any]:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor) and value.dim() >= 2 and key in _MODEL_INPUT_KEYS:
+            value = value[:, :max_length]
+        out[key] = value
+    return out
+
+
+def iter_calibration_batches(
+    data: Any, config: SensitivityConfig, *, pad_id: int = 0
+) -> Iterable[dict[str, Tensor]]:
+    """Seeded batches of ``config.calibration_batch_size`` examples (``calibration_samples`` in total)."""
+    dataset, collate = _as_dataset_and_collate(data, pad_id)
+    index = select_examples(dataset, config.calibration_samples, config.seed)
+    if len(index) < config.calibration_samples:
+        logger.warning(
+            "calibration data has %d examples, fewer than calibration_samples=%d", len(index), config.calibration_samples
+        )
+    bs = config.calibration_batch_size
+    for start in range(0, len(index), bs):
+        batch = collate([dataset[i] for i in index[start : start + bs]])
+        batch = _truncate(dict(batch), config.max_length)
+        batch["labels"] = _loss_labels(batch, config.loss_tokens, pad_id)
+        yield batch
+
+
+def build_probe(
+    data: Any,
+    config: SensitivityConfig,
+    *,
+    pad_id: int = 0,
+    vocab_size: Optional[int] = None,
+    tokenizer_name: Optional[str] = None,
+) -> ProbeSet:
+    """``config.probe_samples`` sequences of the expert's data padded to one length (labels -100 where unscored).
+
+    Labels follow the Hugging Face causal-LM convention (unshifted: ``labels[t]`` scores the prediction made at
+    position ``t-1``), with ``loss_tokens`` deciding which tokens count like in the calibration pass.
+    """
+    dataset, collate = _as_dataset_and_collate(data, pad_id)
+    index = select_examples(dataset, config.probe_samples, config.seed)
+    rows = []
+    for i in index:
+        batch = _truncate(dict(collate([dataset[i]])), config.max_length)
+        labels = _loss_labels(batch, config.loss_tokens, pad_id)
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(batch["input_ids"])
+        rows.append((batch["input_ids"][0], mask[0], labels[0]))
+    length = max(r[0].shape[0] for r in rows)
+    n = len(rows)
+    ids = torch.full((n, length), pad_id, dtype=torch.long)
+    att = torch.zeros((n, length), dtype=torch.long)
+    lab = torch.full((n, length), -100, dtype=torch.long)
+    for j, (a, b, c) in enumerate(rows):
+        t = a.shape[0]
+        ids[j, :t], att[j, :t], lab[j, :t] = a, b, c
+    lab[att == 0] = -100
+    metadata = {"task": config.task, "vocab_size": vocab_size, "tokenizer": tokenizer_name,
+                "loss_tokens": config.loss_tokens, "seed": config.seed}
+    return ProbeSet(ids, att, lab, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()
+                                    if v is not None})
+
+
+# ---------------------------------------------------------------------------------------------- the pass
+@dataclass
+class _Scratch:
+    abs: Tensor
+    signed: Tensor
+    elements: dict[str, Tensor] = field(default_factory=dict)
+    fired: list[int] = field(default_factory=list)
+
+
+class CalibrationPass:
+    """Forward + backward over calibration batches, scoring one backward at a time.
+
+    Args:
+        model: The expert (PeftModel, PreTrainedModel, or any module whose forward takes ``labels`` and returns
+            ``.loss``).
+        config: The sensitivity settings (weight source, batch size, loss tokens, element maps).
+        expert_type: ``"lora"`` or ``"full"`` (default: detected).
+        initial_weights: For full fine-tunes with ``weight_source="delta"``: ``{canonical name: theta_0}``.
+        trainable_names: Canonical names to score for a full fine-tune (default: the currently trainable ones).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SensitivityConfig,
+        *,
+        expert_type: Optional[str] = None,
+        initial_weights: Optional[dict[str, Tensor]] = None,
+        trainable_names: Optional[Sequence[str]] = None,
+    ) -> None:
+        self.model = _unwrap(model)
+        self.config = config
+        self.expert_type = expert_type or detect_expert_type(self.model)
+        self.weight_source = config.resolve_weight_source(self.expert_type, "after")
+        self.adapter = active_adapter_name(self.model) if self.expert_type == "lora" else None
+        self.initial_weights = initial_weights
+        self.device = _model_device(self.model)
+        self.modules: list[LoraModuleInfo] = []
+        self.params: list[tuple[str, nn.Parameter]] = []
+        if self.expert_type == "lora" and self.weight_source in ("theta", "delta"):
+            self.modules = lora_modules(self.model, self.adapter)
+            self.names = [m.name for m in self.modules]
+        elif self.expert_type == "lora":
+            self.params = adapter_parameters(self.model, self.adapter)
+            self.names = [n for n, _ in self.params]
+        else:
+            params = {clean_param_name(n): p for n, p in self.model.named_parameters()}
+            if trainable_names is None:
+                trainable_names = [n for n, p in params.items() if p.requires_grad]
+                if not trainable_names:
+                    trainable_names = [n for n, p in params.items() if p.is_floating_point()]
+            missing = [n for n in trainable_names if n not in params]
+            if missing:
+                raise ValueError(f"tensors {missing[:3]} are not parameters of the model")
+            self.params = [(n, params[n]) for n in trainable_names]
+            self.names = list(trainable_names)
+            if self.weight_source == "delta":
+                if initial_weights is None:
+                    raise ValueError(
+                        "weight_source='delta' for a full fine-tune needs the initial (base) weights: pass "
+                        "base_model= to compute_sensitivity, or let the callback snapshot them at train start"
+                    )
+                absent = [n for n in self.names if n not in initial_weights]
+                if absent:
+                    raise ValueError(f"base weights lack tensors {absent[:3]} needed for weight_source='delta'")
+        self._forward_keys = self._model_input_keys()
+
+    def _model_input_keys(self) -> Optional[set[str]]:
+        target = self.model
+        getter = getattr(target, "get_base_model", None)
+        if callable(getter):
+            target = getter()
+        try:
+            params = inspect.signature(target.forward).parameters
+        except (TypeError, ValueError):
+            return None
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return None
+        return set(params)
+
+    def element_shapes(self) -> dict[str, tuple[int, ...]]:
+        if not self.config.element_maps:
+            return {}
+        if self.modules:
+            return {m.name: tuple(m.base_weight.shape) for m in self.modules}
+        return {n: tuple(p.shape) for n, p in self.params}
+
+    def new_accumulator(self) -> SensitivityAccumulator:
+        return SensitivityAccumulator(self.names, device=self.device, element_shapes=self.element_shapes())
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "estimator": "taylor_abs",
+            "weight_source": self.weight_source,
+            "mode": "after",
+            "expert_type": self.expert_type,
+            "calibration_batch_size": self.config.calibration_batch_size,
+            "loss_tokens": self.config.loss_tokens,
+            "signed_estimator": "delta_dot_grad" if self.expert_type == "lora" else f"{self.weight_source}_dot_grad",
+            "base_model": base_model_name(self.model),
+            "task": self.config.task,
+            "torch_dtype": _model_dtype(self.model),
+            "adapter_name": self.adapter,
+        }
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _weight_for(self, name: str, param: Tensor) -> Tensor:
+        if self.weight_source == "delta":
+            return param.detach() - self.initial_weights[name].to(param.device, param.dtype)
+        return param.detach()
+
+    def _install(self, scratch: _Scratch) -> list[Any]:
+        handles = []
+        if self.modules:
+            for i, info in enumerate(self.modules):
+                handles.append(info.module.register_forward_hook(self._make_forward_hook(i, info, scratch)))
+        else:
+            for i, (name, param) in enumerate(self.params):
+                handles.append(param.register_post_accumulate_grad_hook(self._make_grad_hook(i, name, scratch)))
+        return handles
+
+    def _make_forward_hook(self, index: int, info: LoraModuleInfo, scratch: _Scratch):
+        element = self.config.element_maps
+
+        def on_output_grad(x: Tensor, grad: Tensor) -> None:
+            with torch.no_grad():
+                dtype = est.compute_dtype(x, grad, info.base_weight)
+                g = est.linear_weight_grad(x, grad, dtype)
+                delta = est.lora_delta_weight(info.lora_A, info.lora_B, info.scaling, dtype)
+                if self.weight_source == "theta":
+                    w = est.lora_full_weight(info.base_weight, info.lora_A, info.lora_B, info.scaling,
+                                             fan_in_fan_out=info.fan_in_fan_out, dtype=dtype)
+                else:
+                    w = delta
+                a, s, e = est.lora_module_scores(w, g, delta, element_map=element)
+                scratch.abs[index] += a.to(scratch.abs.dtype)
+                scratch.signed[index] += s.to(scratch.signed.dtype)
+                if e is not None:
+                    scratch.elements[info.name] = e.T if info.fan_in_fan_out else e
+                scratch.fired[index] += 1
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            x = args[0].detach()
+            output.register_hook(lambda g, x=x: on_output_grad(x, g))
+
+        return hook
+
+    def _make_grad_hook(self, index: int, name: str, scratch: _Scratch):
+        element = self.config.element_maps
+
+        def hook(param: Tensor) -> None:
+            with torch.no_grad():
+                w = self._weight_for(name, param)
+                a, s = est.taylor_scores([w], [param.grad])
+                scratch.abs[index] += a[0].to(scratch.abs.dtype)
+                scratch.signed[index] += s[0].to(scratch.signed.dtype)
+                if element:
+                    scratch.elements[name] = est.taylor_element_maps([w], [param.grad])[0]
+                scratch.fired[index] += 1
+            param.grad = None  # scored: free it now so peak memory stays one tensor's gradient
+
+        return hook
+
+    # -- run -----------------------------------------------------------------------------------
+    def run(self, batches: Iterable[dict[str, Tensor]], accumulator: Optional[SensitivityAccumulator] = None
+            ) -> SensitivityAccumulator:
+        """Score every batch; returns the accumulator (mean over batches = mean over samples at batch size 1)."""
+        acc = accumulator or self.new_accumulator()
+        model = self.model
+        was_training = model.training
+        flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+        score_dtype = torch.float64
+        try:
+            model.eval()
+            # Only the tensors we need gradients for: LoRA factors (the output-gradient hooks need a graph),
+            # or the scored parameters.
+            needed = {id(p) for _, p in self.params}
+            if self.modules:
+                needed = {id(t) for m in self.modules for t in (m.lora_A, m.lora_B)}
+            for p, _ in flags.values():
+                p.requires_grad_(id(p) in needed)
+                p.grad = None
+            for batch in batches:
+                scratch = _Scratch(
+                    torch.zeros(len(self.names), dtype=score_dtype, device=self.device),
+                    torch.zeros(len(self.names), dtype=score_dtype, device=self.device),
+                    fired=[0] * len(self.names),
+                )
+                handles = self._install(scratch)
+                try:
+                    labels = batch["labels"]
+                    inputs = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+                    if self._forward_keys is not None:
+                        inputs = {k: v for k, v in inputs.items() if k in self._forward_keys}
+                    inputs = {k: v.to(self.device) for k, v in inputs.items()}
+                    with torch.enable_grad():
+                        out = model(**inputs)
+                        loss = out.loss if hasattr(out, "loss") else out["loss"]
+                        if loss is None:
+                            raise ValueError("the model returned no loss for a calibration batch (labels missing?)")
+                        loss.backward()
+                finally:
+                    for h in handles:
+                        h.remove()
+                for p, _ in flags.values():
+                    p.grad = None
+                multi = [self.names[i] for i, n in enumerate(scratch.fired) if n > 1]
+                if multi:
+                    raise RuntimeError(
+                        f"tensors {multi[:3]} received {max(scratch.fired)} gradient contributions in one backward "
+                        "(a module used several times per forward); the per-call scores would not equal the "
+                        "score of the summed gradient. Use weight_source='adapter' for this model."
+                    )
+                tokens = (labels[..., 1:] != -100).sum() if labels.dim() >= 2 else labels.numel()
+                acc.update(scratch.abs, scratch.signed, elements=scratch.elements or None,
+                           samples=float(labels.shape[0]), tokens=tokens.to(self.device, torch.float64)
+                           if isinstance(tokens, Tensor) else float(tokens))
+        finally:
+            for p, flag in flags.values():
+                p.requires_grad_(flag)
+                p.grad = None
+            model.train(was_training)
+        return acc
+
+
+def run_calibration(
+    model: nn.Module,
+    data: Any,
+    config: SensitivityConfig,
+    *,
+    expert_type: Optional[str] = None,
+    initial_weights: Optional[dict[str, Tensor]] = None,
+    trainable_names: Optional[Sequence[str]] = None,
+    pad_id: Optional[int] = None,
+) -> SensitivityRecord:
+    """The "after" pass shared by the callback and :func:`compute_sensitivity`; returns the record."""
+    cal = CalibrationPass(model, config, expert_type=expert_type, initial_weights=initial_weights,
+                          trainable_names=trainable_names)
+    pad = _pad_id(model) if pad_id is None else pad_id
+    acc = cal.run(iter_calibration_batches(data, config, pad_id=pad))
+    return acc.to_record(metadata=cal.metadata())
+
+
+# ---------------------------------------------------------------------------------------------- public entry
+def _load_model(model: Any, base_model: Any) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    path = Path(os.fspath(model))
+    if not path.is_dir():
+        raise FileNotFoundError(f"compute_sensitivity: {path} is not a folder with an adapter or a model")
+    from transformers import AutoModelForCausalLM
+
+    if (path / "adapter_config.json").is_file():
+        if base_model is None:
+            raise ValueError(f"{path} holds a PEFT adapter: pass base_model= (a model or a folder) to load it onto")
+        from peft import PeftModel
+
+        base = base_model if isinstance(base_model, nn.Module) else AutoModelForCausalLM.from_pretrained(base_model)
+        return PeftModel.from_pretrained(base, str(path), is_trainable=False)
+    if (path / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(str(path))
+    raise FileNotFoundError(f"{path} has neither adapter_config.json nor config.json")
+
+
+def _base_weights(base_model: Any) -> dict[str, Tensor]:
+    if isinstance(base_model, nn.Module):
+        return {clean_param_name(n): p.detach() for n, p in _unwrap(base_model).named_parameters()}
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(os.fspath(base_model))
+    return {clean_param_name(n): p.detach() for n, p in base.named_parameters()}
+
+
+def compute_sensitivity(
+    model: Any,
+    data: Any,
+    config: Optional[SensitivityConfig] = None,
+    *,
+    save_to: Any = None,
+    base_model: Any = None,
+    tokenizer: Any = None,
+    **config_kwargs: Any,
+) -> SensitivityRecord:
+    """Sensitivity of an expert trained elsewhere (the callback's "after" pass, standalone).
+
+    Args:
+        model: A PeftModel, a PreTrainedModel, or a folder holding an adapter (needs ``base_model``) or a model.
+        data: The expert's own data: a dataset of dicts with ``input_ids`` (+ ``labels``, ``attention_mask``), or
+            a DataLoader (its dataset and collate function are used, re-batched to ``calibration_batch_size``).
+        config: Sensitivity settings (``mode`` is ignored: this is always the calibration pass).
+        save_to: Folder to write ``sensitivity.safetensors`` (and ``probe.safetensors`` unless
+            ``store_probe=False``) into.
+        base_model: For an adapter folder, the base model (module or folder) to load it onto; for a full
+            fine-tune with ``weight_source="delta"``, the base model whose weights are ``theta_0``.
+        tokenizer: Optional tokenizer (pad id and name in the probe metadata).
+        **config_kwargs: Fields of :class:`SensitivityConfig` overriding ``config``.
+
+    Returns:
+        The :class:`SensitivityRecord` (also written when ``save_to`` is given).
+    """
+    import dataclasses
+
+    config = config or SensitivityConfig()
+    if config_kwargs:
+        config = dataclasses.replace(config, **config_kwargs)
+    loaded = _load_model(model, base_model if not isinstance(model, nn.Module) else None)
+    expert_type = detect_expert_type(loaded)
+    initial = None
+    if expert_type == "full" and config.resolve_weight_source("full", "after") == "delta":
+        if base_model is None:
+            raise ValueError("weight_source='delta' for a full model needs base_model= (the pre-fine-tuning model)")
+        initial = _base_weights(base_model)
+    pad = _pad_id(loaded, tokenizer)
+    record = run_calibration(loaded, data, config, expert_type=expert_type, initial_weights=initial, pad_id=pad)
+    if save_to is not None:
+        save_sensitivity(record, save_to)
+        if config.store_probe and config.probe_samples > 0:
+            vocab = getattr(getattr(_unwrap(loaded), "config", None), "vocab_size", None)
+            probe = build_probe(data, config, pad_id=pad, vocab_size=vocab,
+                                tokenizer_name=getattr(tokenizer, "name_or_path", None) or None)
+            save_probe(probe, save_to)
+    return record
