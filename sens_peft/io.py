@@ -1,0 +1,423 @@
+"""File handling for merges: errors, atomic output folders, streamed safetensors reading and sharded writing.
+
+Nothing here does merge math. The reader opens each shard lazily (``safe_open`` memory-maps it) and hands out one
+tensor at a time, so a merge holds only the tensors it is combining plus the output shard being filled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+# Files copied from the base folder into a merged full model (when present).
+COPY_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+# config.json keys that must agree between a base model and its experts for a merge to make sense.
+CONFIG_KEYS = (
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "tie_word_embeddings",
+)
+
+
+class MergeError(ValueError):
+    """Bad merge inputs: incompatible experts, missing tensors or sidecars, unsafe output folder, ..."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# atomic output folder
+
+
+def _is_relative_to(path: Path, other: Path) -> bool:
+    try:
+        path.relative_to(other)
+        return True
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def atomic_output_dir(
+    out_dir: PathLike, overwrite: bool = False, inputs: Optional[list[PathLike]] = None
+) -> Iterator[Path]:
+    """Yield a temporary sibling folder that becomes ``out_dir`` only if the block finishes.
+
+    The temporary folder is ``<parent>/.<name>.tmp-XXXX``; on success it is renamed to ``out_dir`` (replacing an
+    existing folder when ``overwrite``), on any exception it is removed, so an interrupted merge never leaves a
+    partial output.
+
+    Args:
+        out_dir: Final output folder.
+        overwrite: Replace an existing ``out_dir``. Without it an existing ``out_dir`` is an error.
+        inputs: Input folders; ``out_dir`` may not be one of them or lie inside one (it would be read while
+            written, and ``overwrite`` could delete an input).
+
+    Raises:
+        MergeError: ``out_dir`` exists (without ``overwrite``), or is or lies inside an input folder.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    for inp in inputs or []:
+        inp_path = Path(inp).expanduser().resolve()
+        if out == inp_path or _is_relative_to(out, inp_path) or (inp_path.is_dir() and _is_relative_to(inp_path, out)):
+            raise MergeError(
+                f"output folder {out} overlaps the input folder {inp_path}; choose an output outside the inputs"
+            )
+    if out.exists() and not overwrite:
+        raise MergeError(f"output folder {out} already exists; pass overwrite=True to replace it")
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"output path {out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            # Move the old folder aside first so a failure between the two renames loses nothing.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old.rmdir()
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        os.chmod(out, 0o755)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading
+
+
+class TensorSource:
+    """Read-only, tensor-at-a-time access to a model folder's weights.
+
+    Handles ``model.safetensors``, ``model.safetensors.index.json`` (sharded) and, with ``allow_pickle=True``,
+    ``pytorch_model.bin`` / its index (loaded with ``torch.load(weights_only=True, mmap=True)``).
+
+    Args:
+        folder: Model folder.
+        allow_pickle: Accept ``.bin`` pickle checkpoints.
+        label: Name used in error messages (e.g. ``"expert 'math'"``).
+    """
+
+    def __init__(self, folder: PathLike, *, allow_pickle: bool = False, label: str = "model") -> None:
+        self.folder = Path(folder)
+        self.label = label
+        self._handles: dict[str, Any] = {}
+        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        if not self.folder.is_dir():
+            raise MergeError(f"{label}: folder {self.folder} does not exist")
+        self.pickle = False
+        if (self.folder / SAFE_INDEX).is_file():
+            self.weight_map = self._read_index(self.folder / SAFE_INDEX)
+        elif (self.folder / SAFE_SINGLE).is_file():
+            self.weight_map = {}
+            self._single(SAFE_SINGLE)
+        elif (self.folder / PICKLE_INDEX).is_file() or (self.folder / PICKLE_SINGLE).is_file():
+            if not allow_pickle:
+                raise MergeError(
+                    f"{label}: {self.folder} holds only pickle checkpoints (pytorch_model.bin); loading them can run "
+                    "arbitrary code. Convert them to safetensors, or pass allow_pickle=True if you trust the files"
+                )
+            self.pickle = True
+            if (self.folder / PICKLE_INDEX).is_file():
+                self.weight_map = self._read_index(self.folder / PICKLE_INDEX)
+            else:
+                self.weight_map = {}
+                self._single(PICKLE_SINGLE)
+        else:
+            raise MergeError(
+                f"{label}: no weights found in {self.folder} (expected {SAFE_SINGLE} or {SAFE_INDEX})"
+            )
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for file in sorted(set(self.weight_map.values())):
+            for name, meta in self._file_meta(file).items():
+                self._meta[name] = meta
+        missing = sorted(set(self.weight_map) - set(self._meta))
+        if missing:
+            raise MergeError(f"{label}: the index of {self.folder} lists tensors its shards lack: {missing[:5]}")
+
+    def _single(self, filename: str) -> None:
+        for name in self._file_keys(filename):
+            self.weight_map[name] = filename
+
+    def _read_index(self, path: Path) -> dict[str, str]:
+        try:
+            data = json.loads(path.read_text())
+            weight_map = dict(data["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise MergeError(f"{self.label}: cannot read the shard index {path}: {err}") from err
+        for file in set(weight_map.values()):
+            if not (self.folder / file).is_file():
+                raise MergeError(f"{self.label}: shard {self.folder / file} listed in {path.name} does not exist")
+        return weight_map
+
+    def _handle(self, filename: str):
+        if filename not in self._handles:
+            try:
+                self._handles[filename] = safe_open(str(self.folder / filename), framework="pt", device="cpu")
+            except Exception as err:
+                raise MergeError(f"{self.label}: cannot open {self.folder / filename}: {err}") from err
+        return self._handles[filename]
+
+    def _pickled_file(self, filename: str) -> dict[str, torch.Tensor]:
+        if filename not in self._pickled:
+            self._pickled[filename] = torch.load(
+                self.folder / filename, map_location="cpu", weights_only=True, mmap=True
+            )
+        return self._pickled[filename]
+
+    def _file_keys(self, filename: str) -> list[str]:
+        if filename.endswith(".bin"):
+            return list(self._pickled_file(filename).keys())
+        return list(self._handle(filename).keys())
+
+    def _file_meta(self, filename: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        out = {}
+        if filename.endswith(".bin"):
+            for name, tensor in self._pickled_file(filename).items():
+                out[name] = (tuple(tensor.shape), tensor.dtype)
+            return out
+        handle = self._handle(filename)
+        for name in handle.keys():
+            sl = handle.get_slice(name)
+            out[name] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
+        return out
+
+    def names(self) -> list[str]:
+        """Tensor names in file order (shard by shard)."""
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][1]
+
+    def file_of(self, name: str) -> Path:
+        return self.folder / self.weight_map[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (a fresh CPU tensor)."""
+        if name not in self.weight_map:
+            raise MergeError(f"{self.label}: tensor {name!r} is not in {self.folder}")
+        filename = self.weight_map[name]
+        if filename.endswith(".bin"):
+            return self._pickled_file(filename)[name].clone()
+        return self._handle(filename).get_tensor(name)
+
+    def total_bytes(self) -> int:
+        return sum(
+            _numel(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in self._meta.values()
+        )
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickled.clear()
+
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _st_dtype(code: str) -> torch.dtype:
+    if code in _ST_DTYPES:
+        return _ST_DTYPES[code]
+    return getattr(torch, code.lower(), torch.float32)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# --------------------------------------------------------------------------------------------------------------
+# writing
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """``"2GB"`` → 2·10⁹ bytes, ``"500MiB"`` → 500·2²⁰, ints pass through."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    match = _SIZE_RE.match(str(size))
+    if not match:
+        raise ValueError(f"max_shard_size={size!r} is not a size like '2GB', '500MB' or an integer byte count")
+    value, unit = float(match.group(1)), match.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.replace("I", "").replace("B", "") or ""]
+    result = int(value * base**power)
+    if result <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return result
+
+
+class ShardWriter:
+    """Write tensors into safetensors shards of at most ``max_shard_bytes`` as they fill.
+
+    Shards are written under temporary names and renamed to ``model-0000i-of-0000N.safetensors`` by
+    :meth:`close`, which also writes ``model.safetensors.index.json``; a single shard becomes
+    ``model.safetensors`` and no index is written. A tensor larger than the limit gets a shard of its own.
+    """
+
+    def __init__(self, folder: PathLike, max_shard_bytes: int, metadata: Optional[dict[str, str]] = None) -> None:
+        self.folder = Path(folder)
+        self.max_shard_bytes = int(max_shard_bytes)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[str, list[str]]] = []  # (temporary file, names)
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        tmp_name = f".shard-{len(self._written):05d}.tmp"
+        self.write_shard(self._pending, self.folder / tmp_name)
+        self._written.append((tmp_name, list(self._pending)))
+        logger.debug("wrote shard %d with %d tensors (%.1f MB)", len(self._written), len(self._pending),
+                     self._pending_bytes / 1e6)
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def write_shard(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        """Write one shard (separate so tests can make it fail)."""
+        save_file(tensors, str(path), metadata=self.metadata)
+
+    def close(self) -> list[str]:
+        """Flush, rename the shards to their final names and write the index. Returns the shard file names."""
+        self.flush()
+        count = len(self._written)
+        if count == 0:
+            raise MergeError("no tensors were written")
+        if count == 1:
+            os.replace(self.folder / self._written[0][0], self.folder / SAFE_SINGLE)
+            return [SAFE_SINGLE]
+        weight_map: dict[str, str] = {}
+        files = []
+        for i, (tmp_name, names) in enumerate(self._written):
+            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.folder / tmp_name, self.folder / final)
+            files.append(final)
+            for name in names:
+                weight_map[name] = final
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return files
+
+
+# --------------------------------------------------------------------------------------------------------------
+# configs
+
+
+def read_model_config(folder: PathLike, label: str = "model") -> dict[str, Any]:
+    """``config.json`` of a model folder as a dict (MergeError if missing or unreadable)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise MergeError(f"{label}: {path} does not exist; a full model folder needs its config.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise MergeError(f"{label}: cannot read {path}: {err}") from err
+
+
+def check_config_compatible(base: dict[str, Any], other: dict[str, Any], label: str, base_label: str = "base") -> None:
+    """Raise MergeError when ``other`` is not the same architecture and size as ``base``.
+
+    Compares :data:`CONFIG_KEYS` (architecture names, hidden and intermediate sizes, layer and head counts,
+    vocabulary size, embedding tying) and names every differing key with both values.
+    """
+    diffs = []
+    for key in CONFIG_KEYS:
+        if key in base or key in other:
+            a, b = base.get(key), other.get(key)
+            if a != b:
+                diffs.append(f"{key}: {base_label}={a!r}, {label}={b!r}")
+    if diffs:
+        hint = ""
+        if any(d.startswith("vocab_size") for d in diffs):
+            hint = (" (different vocabulary sizes usually mean added tokens; resize the embeddings of the base"
+                    " and every expert to the same tokenizer first)")
+        raise MergeError(f"{label} does not match {base_label}: " + "; ".join(diffs) + hint)
+
+
+def copy_model_files(src: PathLike, dst: PathLike, files: tuple[str, ...] = COPY_FILES) -> list[str]:
+    """Copy config, generation config and tokenizer files that exist in ``src`` into ``dst``."""
+    copied = []
+    for name in files:
+        path = Path(src) / name
+        if path.is_file():
+            shutil.copy2(path, Path(dst) / name)
+            copied.append(name)
+    return copied

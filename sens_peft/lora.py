@@ -1,0 +1,148 @@
+"""Access to the LoRA factors of a PeftModel, one module at a time, in a layout-independent form.
+
+For each adapted module we work with the *product* ``P = B @ A`` (shape ``[out, in]`` for Linear, ``[dim, vocab]``
+for Embedding) and the delta in the base weight's own layout, ``ΔW = s * P`` or ``s * P.T`` for
+``fan_in_fan_out`` (GPT-2 ``Conv1D``) and Embedding layers, exactly as PEFT's ``get_delta_weight`` computes it,
+but in fp32 on the merge device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .io import MergeError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraFactors:
+    """One adapter's factors on one module.
+
+    Attributes:
+        A: ``[r, in]`` (Embedding: ``[r, vocab]``).
+        B: ``[out, r]`` (Embedding: ``[dim, r]``).
+        scaling: The layer's effective scaling for this adapter (``alpha/r``, ``alpha/sqrt(r)`` with rsLoRA,
+            per-module values from ``rank_pattern``/``alpha_pattern``), read from ``layer.scaling``.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+
+@dataclass
+class LoraModule:
+    """An adapted module of the base model.
+
+    Attributes:
+        name: Module name in the base model (``model.layers.0.self_attn.q_proj``).
+        layer: The PEFT LoRA layer.
+        transposed: Whether ΔW in the weight's layout is ``P.T`` (fan_in_fan_out or Embedding).
+        embedding: Whether this is an Embedding LoRA (factors are parameters, not Linear modules).
+    """
+
+    name: str
+    layer: torch.nn.Module
+    transposed: bool
+    embedding: bool
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.name}.weight"
+
+    def adapters(self) -> list[str]:
+        if self.embedding:
+            return list(self.layer.lora_embedding_A.keys())
+        return list(self.layer.lora_A.keys())
+
+    def factors(self, adapter: str) -> Optional[LoraFactors]:
+        """The adapter's factors on this module, or None when the adapter does not adapt it."""
+        if self.embedding:
+            if adapter not in self.layer.lora_embedding_A:
+                return None
+            A, B = self.layer.lora_embedding_A[adapter], self.layer.lora_embedding_B[adapter]
+        else:
+            if adapter not in self.layer.lora_A:
+                return None
+            A, B = self.layer.lora_A[adapter].weight, self.layer.lora_B[adapter].weight
+        return LoraFactors(A.detach(), B.detach(), float(self.layer.scaling[adapter]))
+
+    def base_weight(self) -> torch.nn.Parameter:
+        return self.layer.get_base_layer().weight
+
+    def set_factors(self, adapter: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy ``A``/``B`` into the (already created) adapter's factors, keeping their device and dtype."""
+        if self.embedding:
+            pa, pb = self.layer.lora_embedding_A[adapter], self.layer.lora_embedding_B[adapter]
+        else:
+            pa, pb = self.layer.lora_A[adapter].weight, self.layer.lora_B[adapter].weight
+        if tuple(pa.shape) != tuple(A.shape) or tuple(pb.shape) != tuple(B.shape):
+            raise MergeError(
+                f"{self.name}: merged factors have shapes A{list(A.shape)} B{list(B.shape)}, the new adapter expects "
+                f"A{list(pa.shape)} B{list(pb.shape)}"
+            )
+        with torch.no_grad():
+            pa.copy_(A.to(device=pa.device, dtype=pa.dtype))
+            pb.copy_(B.to(device=pb.device, dtype=pb.dtype))
+
+
+def lora_modules(peft_model: torch.nn.Module) -> list[LoraModule]:
+    """All LoRA layers of a PeftModel in model order, named by their base-model module name.
+
+    Raises:
+        MergeError: a LoRA layer type whose delta is not a plain ``B @ A`` (Conv, quantized layers, ...).
+    """
+    from peft.tuners.lora import Embedding, LoraLayer
+    from peft.tuners.lora import Linear as LoraLinear
+
+    out = []
+    root = peft_model.base_model.model if hasattr(peft_model, "base_model") else peft_model
+    for name, module in root.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if isinstance(module, Embedding):
+            out.append(LoraModule(name, module, transposed=True, embedding=True))
+        elif type(module) is LoraLinear:
+            out.append(LoraModule(name, module, transposed=bool(module.fan_in_fan_out), embedding=False))
+        else:
+            out.append(LoraModule(name, module, transposed=False, embedding=None))  # type: ignore[arg-type]
+    return out
+
+
+def product(f: LoraFactors, device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """``scale * s * B @ A`` in fp32 on ``device`` (the product layout ``[out, in]``)."""
+    A = f.A.to(device=device, dtype=torch.float32)
+    B = f.B.to(device=device, dtype=torch.float32)
+    return (B @ A) * (f.scaling * scale)
+
+
+def delta_weight(module: LoraModule, f: LoraFactors, device: torch.device) -> torch.Tensor:
+    """ΔW in the base weight's layout (equals PEFT ``get_delta_weight`` computed in fp32)."""
+    p = product(f, device)
+    return p.T if module.transposed else p
+
+
+def svd_factors(delta_product: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of a ``[out, in]`` product into ``B = U_r·diag(S_r)`` ``[out, rank]``, ``A = Vh_r`` ``[rank, in]``.
+
+    The split puts all singular values on B (as PEFT's ``*_svd`` types do), so A has orthonormal rows; the new
+    adapter's scaling is 1, so ``B @ A`` is the best rank-``rank`` approximation of the merged delta. When
+    ``rank`` exceeds ``min(out, in)`` the extra rows/columns are zero.
+    """
+    out_f, in_f = delta_product.shape
+    U, S, Vh = torch.linalg.svd(delta_product.to(torch.float32), full_matrices=False)
+    k = min(rank, S.shape[0])
+    B = torch.zeros(out_f, rank, dtype=torch.float32, device=delta_product.device)
+    A = torch.zeros(rank, in_f, dtype=torch.float32, device=delta_product.device)
+    B[:, :k] = U[:, :k] * S[:k]
+    A[:k] = Vh[:k]
+    return A, B

@@ -1,0 +1,930 @@
+"""Merge orchestration: LoRA adapters inside one PeftModel (``merge_adapters``) and full fine-tunes streamed from disk
+to disk (``merge_models``).
+
+The math lives elsewhere: :mod:`sens_peft.coefficients` turns sensitivities and transferability into a
+coefficient per (expert, layer group), :mod:`sens_peft.methods` combines task vectors. This module decides which
+tensors meet, on which device, in which dtype, and where the result goes.
+
+How coefficients map to modules: for every adapted module (LoRA) or tensor (full model) the coefficient vector is
+``table.for_name(<canonical weight name>)`` (e.g. ``model.layers.3.mlp.down_proj.weight`` → group ``layers.3``
+at ``granularity="layer"``). The table's values already include the per-expert user ``weights`` and the global
+``scale``, so the methods are called with ``scale=1``. Where only some LoRA experts adapt a module, only they
+take part, with their own coefficients (PEFT does the same).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import re
+import resource
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .config import MergeConfig
+from .io import (
+    MergeError,
+    ShardWriter,
+    TensorSource,
+    atomic_output_dir,
+    check_config_compatible,
+    copy_model_files,
+    parse_size,
+    read_model_config,
+)
+from .lora import LoraModule, delta_weight, lora_modules, svd_factors
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+# MergeConfig.extra keys forwarded to methods.merge_deltas.
+_METHOD_EXTRAS = ("weighted_election",)
+_SOURCE_ATTR = "_sens_peft_sources"
+
+
+@dataclass
+class MergeReport:
+    """What a merge did.
+
+    Attributes:
+        config: The merge configuration used.
+        coefficients: The final coefficient table (c per expert and group, incl. weights and scale).
+        experts: Expert names, in order.
+        output_dir: Folder written (None when nothing was saved).
+        adapter_name: Name of the new adapter (``output="lora"``), else None.
+        seconds: Wall time of the merge.
+        peak_rss_mb: Peak resident memory of the process so far (``ru_maxrss``), in MB.
+        transfer: The K×K transferability matrix used, if any.
+        model: The PeftModel holding the new adapter (``output="lora"``) or the merged base model (``"full"``);
+            None for ``merge_models``.
+        sources: Where each expert came from (folder, or ``adapter:<name>``).
+        details: Extra facts (ranks, shard files, counts of merged / copied tensors).
+    """
+
+    config: MergeConfig
+    coefficients: Any
+    experts: list[str]
+    output_dir: Optional[Path]
+    adapter_name: Optional[str]
+    seconds: float
+    peak_rss_mb: Optional[float]
+    transfer: Optional[torch.Tensor]
+    model: Any = None
+    sources: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _resolve_config(config: Optional[MergeConfig], config_kwargs: dict[str, Any]) -> MergeConfig:
+    if config is None:
+        return MergeConfig(**config_kwargs)
+    if not isinstance(config, MergeConfig):
+        raise TypeError(f"config must be a MergeConfig, got {type(config).__name__}")
+    return dataclasses.replace(config, **config_kwargs) if config_kwargs else config
+
+
+def _device(config: MergeConfig) -> torch.device:
+    if config.device:
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _peak_rss_mb() -> Optional[float]:
+    try:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (OSError, ValueError):  # pragma: no cover
+        return None
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def _progress(iterable, total: int, desc: str, progress: Optional[bool]):
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if progress is None else (not progress)
+    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False)
+
+
+def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is None:
+        return None
+    value = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise MergeError(f"dtype={name!r} is not a torch dtype (e.g. 'bfloat16', 'float16', 'float32')")
+    return value
+
+
+def _expert_names(folders: Sequence[PathLike]) -> list[str]:
+    """Adapter-safe names from folder names: dots are not allowed in PEFT module keys; duplicates get ``_2``..."""
+    names: list[str] = []
+    for folder in folders:
+        stem = Path(folder).resolve().name or "expert"
+        name = re.sub(r"[^0-9A-Za-z_-]", "_", stem)
+        if name in "lora_" or name.isdigit():
+            name = f"expert_{name}"  # PEFT warns on names that are substrings of "lora_"
+        candidate, i = name, 2
+        while candidate in names:
+            candidate, i = f"{name}_{i}", i + 1
+        names.append(candidate)
+    return names
+
+
+def _sens_parts(config: MergeConfig) -> tuple[bool, bool]:
+    sens = config.sens
+    return sens in ("task", "task+cross"), sens in ("cross", "task+cross")
+
+
+def _load_records(
+    sensitivities, folders: list[Optional[Path]], experts: list[str], config: MergeConfig
+) -> Optional[list]:
+    from .store import SENSITIVITY_FILE, SensitivityRecord, SidecarError, load_sensitivity
+
+    need_task, _ = _sens_parts(config)
+    if sensitivities is None and not (need_task or config.trim_by == "sensitivity"):
+        return None
+    if sensitivities is not None:
+        sensitivities = list(sensitivities)
+        if len(sensitivities) != len(experts):
+            raise MergeError(f"sensitivities has {len(sensitivities)} entries for {len(experts)} experts {experts}")
+        out = []
+        for name, item in zip(experts, sensitivities):
+            if isinstance(item, SensitivityRecord):
+                out.append(item)
+            else:
+                try:
+                    out.append(load_sensitivity(item))
+                except SidecarError as err:
+                    raise MergeError(f"expert {name!r}: {err}") from err
+        return out
+    out = []
+    for name, folder in zip(experts, folders):
+        if folder is None:
+            raise MergeError(
+                f"expert {name!r} was given as a loaded adapter name, so its folder (and {SENSITIVITY_FILE}) is "
+                f"unknown; pass sensitivities=[...] (records or paths), or sens=None for the plain method"
+            )
+        path = folder / SENSITIVITY_FILE
+        if not path.is_file():
+            raise MergeError(
+                f"expert {name!r}: {path} is missing, and sens={config.sens!r} needs it. Train the expert with "
+                "SensitivityCallback or run compute_sensitivity(...) on it, pass sensitivities=[...], or use "
+                "sens=None for the plain method"
+            )
+        try:
+            out.append(load_sensitivity(path))
+        except SidecarError as err:
+            raise MergeError(f"expert {name!r}: {err}") from err
+    return out
+
+
+def _load_probes(probes, folders: list[Optional[Path]], experts: list[str], vocab_size: Optional[int]) -> list:
+    from .store import PROBE_FILE, ProbeSet, SidecarError, load_probe
+
+    if probes is not None:
+        probes = list(probes)
+        if len(probes) != len(experts):
+            raise MergeError(f"probes has {len(probes)} entries for {len(experts)} experts {experts}")
+        out = []
+        for name, item in zip(experts, probes):
+            try:
+                out.append(item if isinstance(item, ProbeSet) else load_probe(item, vocab_size=vocab_size))
+            except SidecarError as err:
+                raise MergeError(f"expert {name!r}: {err}") from err
+        return out
+    out = []
+    for name, folder in zip(experts, folders):
+        if folder is None:
+            raise MergeError(
+                f"expert {name!r} was given as a loaded adapter name, so its {PROBE_FILE} is unknown; pass "
+                "probes=[...] or transferability=<K×K tensor>, or use sens='task' / sens=None"
+            )
+        path = folder / PROBE_FILE
+        if not path.is_file():
+            raise MergeError(
+                f"expert {name!r}: {path} is missing; the cross-task factor (sens includes 'cross') needs each "
+                "expert's probe set. Pass probes=[...] or transferability=<K×K tensor>, or use sens='task'"
+            )
+        try:
+            out.append(load_probe(path, vocab_size=vocab_size))
+        except SidecarError as err:
+            raise MergeError(f"expert {name!r}: {err}") from err
+    return out
+
+
+def _check_transfer(transfer, k: int) -> torch.Tensor:
+    transfer = torch.as_tensor(transfer, dtype=torch.float32)
+    if tuple(transfer.shape) != (k, k):
+        raise MergeError(f"transferability must be a {k}×{k} matrix, got shape {list(transfer.shape)}")
+    if not torch.isfinite(transfer).all():
+        raise MergeError("transferability contains NaN or Inf")
+    return transfer
+
+
+def _coefficients(config: MergeConfig, records, transfer, experts: list[str]):
+    from .coefficients import compute_coefficients
+
+    if config.weights is not None and len(config.weights) != len(experts):
+        raise MergeError(f"weights has {len(config.weights)} entries for {len(experts)} experts {experts}")
+    need_task, need_cross = _sens_parts(config)
+    table = compute_coefficients(
+        records if need_task else None,
+        transfer if need_cross else None,
+        expert_names=experts,
+        sens=config.sens,
+        temperature=config.temperature,
+        normalization=config.normalization,
+        granularity=config.granularity,
+        weights=config.weights,
+        scale=config.scale,
+    )
+    try:
+        logger.info("merge coefficients (%s, sens=%s): %s", config.method, config.sens, table.summary())
+        logger.debug("coefficient table:\n%s", table)
+    except Exception:  # a summary is a nicety; never fail a merge on it
+        pass
+    return table
+
+
+def _importance(records, name: str, idx: list[int], config: MergeConfig) -> Optional[list[torch.Tensor]]:
+    if config.trim_by != "sensitivity":
+        return None
+    maps = []
+    for k in idx:
+        emap = records[k].element_maps.get(name) if records is not None else None
+        if emap is None:
+            raise MergeError(
+                f"trim_by='sensitivity' needs the per-element map 'element.{name}' in every expert's sensitivity "
+                f"file; expert #{k} has none (record with element_maps=True, or use trim_by='magnitude')"
+            )
+        maps.append(emap)
+    return maps
+
+
+def _merge_one(config: MergeConfig, deltas, coeffs: torch.Tensor, name: str, importance=None) -> torch.Tensor:
+    from .methods import merge_deltas
+
+    return merge_deltas(
+        config.method,
+        deltas,
+        coeffs,
+        density=config.density,
+        majority_sign_method=config.majority_sign_method,
+        scale=1.0,  # the table's coefficients already include config.scale
+        seed=config.seed,
+        name=name,
+        importance=importance,
+        trim_by=config.trim_by,
+        # extra knobs of the methods (e.g. weighted_election=False for PEFT's TIES election) pass through
+        **{k: v for k, v in (config.extra or {}).items() if k in _METHOD_EXTRAS},
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA adapters
+
+
+def _check_lora_config(name: str, cfg) -> None:
+    from peft import LoraConfig, PeftType
+
+    if getattr(cfg, "peft_type", None) != PeftType.LORA or not isinstance(cfg, LoraConfig):
+        raise MergeError(
+            f"adapter {name!r} is a {getattr(cfg, 'peft_type', type(cfg).__name__)} adapter; only LoRA adapters "
+            "can be merged"
+        )
+    if getattr(cfg, "use_dora", False):
+        raise MergeError(f"adapter {name!r} uses DoRA (use_dora=True); its delta is not s·B@A, merging is not supported")
+    if getattr(cfg, "lora_bias", False):
+        raise MergeError(f"adapter {name!r} uses lora_bias=True; merging LoRA biases is not supported")
+    if getattr(cfg, "target_parameters", None):
+        raise MergeError(f"adapter {name!r} targets nn.Parameter (target_parameters); merging it is not supported")
+    if getattr(cfg, "trainable_token_indices", None):
+        raise MergeError(f"adapter {name!r} uses trainable_token_indices; merging it is not supported")
+    if getattr(cfg, "layer_replication", None):
+        raise MergeError(f"adapter {name!r} uses layer_replication; merging it is not supported")
+
+
+def _modules_to_save_owners(model, adapters: list[str]) -> dict[str, str]:
+    """Module name → the one adapter that saves it (MergeError when two adapters save the same module)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    owners: dict[str, str] = {}
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            having = [a for a in adapters if a in module.modules_to_save]
+            if len(having) > 1:
+                raise MergeError(
+                    f"adapters {having} all train module {name!r} fully (modules_to_save); such modules cannot be "
+                    "merged. Merge adapters with at most one modules_to_save owner per module"
+                )
+            if having:
+                owners[name] = having[0]
+    return owners
+
+
+def _prepare_peft_model(model, adapters: Sequence[PathLike]) -> tuple[Any, list[str], list[Optional[Path]]]:
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        names, folders = [], []
+        known = list(model.peft_config)
+        sources = getattr(model, _SOURCE_ATTR, {})
+        for item in adapters:
+            if not isinstance(item, str) or item not in model.peft_config:
+                raise MergeError(
+                    f"adapter {item!r} is not loaded in the PeftModel (loaded: {known}); with a PeftModel pass "
+                    "adapter names, with a base model pass adapter folders"
+                )
+            names.append(item)
+            folders.append(Path(sources[item]) if item in sources else None)
+        return model, names, folders
+    if not isinstance(model, torch.nn.Module):
+        raise MergeError(f"model must be a PeftModel or a transformers model, got {type(model).__name__}")
+    folders = [Path(a) for a in adapters]
+    for folder in folders:
+        if not (folder / "adapter_config.json").is_file():
+            raise MergeError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
+    names = _expert_names(folders)
+    peft_model = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=names[0])
+    for name, folder in zip(names[1:], folders[1:]):
+        peft_model.load_adapter(str(folder), adapter_name=name)
+    setattr(peft_model, _SOURCE_ATTR, {n: str(f) for n, f in zip(names, folders)})
+    logger.info("loaded %d adapters as %s", len(names), names)
+    return peft_model, names, folders
+
+
+def _new_adapter_config(first_cfg, rank: int, target_modules: set[str], modules_to_save: Optional[list[str]]):
+    updates = dict(
+        r=rank,
+        lora_alpha=rank,  # scaling exactly 1 ...
+        use_rslora=False,  # ... which rsLoRA would turn into sqrt(rank) (PEFT copies it: peft#3761)
+        rank_pattern={},
+        alpha_pattern={},
+        target_modules=set(target_modules),
+        layers_to_transform=None,
+        layers_pattern=None,
+        exclude_modules=None,
+        init_lora_weights=True,  # cheap init; other inits (PiSSA, OLoRA, ...) would rewrite the base weights
+        use_dora=False,
+        modules_to_save=modules_to_save,
+        inference_mode=True,
+    )
+    known = {f.name for f in dataclasses.fields(first_cfg)}
+    return dataclasses.replace(first_cfg, **{k: v for k, v in updates.items() if k in known})
+
+
+def merge_adapters(
+    model,
+    adapters: Sequence[Union[str, os.PathLike]],
+    *,
+    config: Optional[MergeConfig] = None,
+    adapter_name: str = "merged",
+    save_to: Optional[PathLike] = None,
+    sensitivities=None,
+    transferability=None,
+    probes=None,
+    overwrite: bool = False,
+    progress: Optional[bool] = None,
+    **config_kwargs,
+) -> MergeReport:
+    """Merge LoRA adapters, PEFT style, with Sens-Merging coefficients.
+
+    Args:
+        model: A ``PeftModel`` with the adapters loaded (``adapters`` are adapter names), or a base transformers
+            model (``adapters`` are adapter folders; they are loaded into a new ``PeftModel`` under names derived
+            from the folder names, e.g. ``out/math`` → ``math``, deduplicated with ``_2``...). Sidecars are read
+            from those folders; for adapters given by name pass ``sensitivities=`` / ``probes=`` explicitly.
+        adapters: Adapter names or folders (at least one, no duplicates).
+        config: A :class:`MergeConfig`; when None it is built from ``**config_kwargs`` (when both are given the
+            keyword arguments override fields of ``config``).
+        adapter_name: Name of the new adapter (``output="lora"``); an existing name is an error.
+        save_to: Folder to write the result into (atomically, with ``README.md`` and ``merge_config.json``).
+            LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` at the top level, loadable with
+            ``PeftModel.from_pretrained(base, save_to)``. Full: a transformers model folder.
+        sensitivities: Per-expert ``SensitivityRecord`` objects or paths (default: each folder's sidecar).
+        transferability: Explicit K×K transferability matrix (default: computed from the probes by switching
+            adapters of this one model).
+        probes: Per-expert ``ProbeSet`` objects or paths (default: each folder's ``probe.safetensors``).
+        overwrite: Allow replacing an existing ``save_to`` folder.
+        progress: Show a tqdm bar (default: when stderr is a terminal).
+        **config_kwargs: :class:`MergeConfig` fields (``method``, ``density``, ``sens``, ``output``, ``rank``...).
+
+    Returns:
+        A :class:`MergeReport`; ``report.model`` is the PeftModel with the new (inactive) adapter for
+        ``output="lora"`` (call ``set_adapter(adapter_name)``), or the base model with the merged delta added
+        for ``output="full"``.
+
+    Output details:
+        - ``output="lora"``, ``task_arithmetic``: exact concatenation. Per module, ``A = [c_k s_k A_k]`` (rows)
+          and ``B = [B_k]`` (columns) over the experts adapting it, where ``s_k`` is the adapter's effective
+          scaling on that layer (rsLoRA, alpha/rank patterns included). The new adapter has ``r = lora_alpha``
+          = the largest per-module concatenated rank (scaling exactly 1, ``use_rslora=False``, no patterns);
+          modules adapted by fewer experts are zero-padded, which leaves ``B @ A`` unchanged.
+        - ``output="lora"``, TIES/DARE: per module ``ΔW_k`` (fp32 on the device), merged by
+          :func:`sens_peft.methods.merge_deltas`, then truncated SVD to ``rank`` (default: the largest expert
+          rank) with ``B = U·diag(S)``, ``A = Vh`` (all singular values on B, as PEFT's ``*_svd`` types).
+        - ``output="full"``: the merged ΔW (no SVD, no truncation) is added to the base weights in place and the
+          LoRA layers are removed (like ``merge_and_unload``): the input PeftModel is consumed.
+
+    Raises:
+        MergeError: empty or duplicate adapters, unknown names, an existing ``adapter_name``, DoRA / lora_bias /
+            non-LoRA adapters, conflicting ``modules_to_save``, missing sidecars when ``sens`` needs them.
+    """
+    start = time.perf_counter()
+    cfg = _resolve_config(config, config_kwargs)
+    adapters = list(adapters)
+    if not adapters:
+        raise MergeError("no adapters to merge: pass at least one adapter name or folder")
+    keys = [str(a) for a in adapters]
+    dupes = sorted({a for a in keys if keys.count(a) > 1})
+    if dupes:
+        raise MergeError(f"adapters are listed more than once: {dupes}")
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and adapter_name in model.peft_config:
+        raise MergeError(
+            f"an adapter named {adapter_name!r} already exists in the model; pick another adapter_name or "
+            "delete_adapter it first"
+        )
+    if save_to is not None:
+        out = Path(save_to)
+        if out.exists() and not overwrite:
+            raise MergeError(f"output folder {out.resolve()} already exists; pass overwrite=True to replace it")
+    peft_model, names, folders = _prepare_peft_model(model, adapters)
+    if adapter_name in peft_model.peft_config:
+        raise MergeError(f"an adapter named {adapter_name!r} already exists in the model; pick another adapter_name")
+    for name in names:
+        _check_lora_config(name, peft_model.peft_config[name])
+    owners = _modules_to_save_owners(peft_model, names)
+    if owners and cfg.output == "full":
+        raise MergeError(
+            f"modules_to_save ({sorted(owners)}) cannot be merged into a full model yet; use output='lora'"
+        )
+    device = _device(cfg)
+
+    modules: list[LoraModule] = []
+    for module in lora_modules(peft_model):
+        present = [a for a in names if a in module.adapters()]
+        if not present:
+            continue
+        if module.embedding is None:
+            raise MergeError(
+                f"module {module.name!r} is a {type(module.layer).__name__} LoRA layer (adapters {present}); only "
+                "Linear, Conv1D (fan_in_fan_out) and Embedding LoRA layers can be merged"
+            )
+        modules.append(module)
+    if not modules:
+        raise MergeError(f"adapters {names} adapt no module of the model")
+
+    # coefficients
+    records = _load_records(sensitivities, folders, names, cfg)
+    _, need_cross = _sens_parts(cfg)
+    transfer = None
+    if transferability is not None:
+        transfer = _check_transfer(transferability, len(names))
+    elif need_cross:
+        from .transfer import transferability_for_adapters
+
+        vocab = getattr(getattr(peft_model, "config", None), "vocab_size", None)
+        probe_sets = _load_probes(probes, folders, names, vocab)
+        active = peft_model.active_adapter
+        try:
+            transfer = transferability_for_adapters(
+                peft_model, names, probe_sets, alignment=cfg.alignment, device=device, vocab_size=vocab
+            )
+        finally:
+            peft_model.set_adapter(active)
+        transfer = _check_transfer(transfer, len(names))
+        logger.info("transferability matrix:\n%s", transfer)
+    table = _coefficients(cfg, records, transfer, names)
+
+    # per-module expert subsets and ranks
+    plan = []
+    for module in modules:
+        idx = [k for k, a in enumerate(names) if a in module.adapters()]
+        plan.append((module, idx))
+    max_r = max(module.factors(names[k]).rank for module, idx in plan for k in idx)
+    exact_cat = cfg.output == "lora" and cfg.method == "task_arithmetic" and cfg.trim_by == "magnitude"
+    if exact_cat:
+        new_rank = max(sum(module.factors(names[k]).rank for k in idx) for module, idx in plan)
+        if cfg.rank is not None:
+            logger.warning("rank=%d is ignored for task_arithmetic with output='lora' (exact concatenation, "
+                           "rank %d)", cfg.rank, new_rank)
+    else:
+        new_rank = cfg.rank or max_r
+    logger.info("merging %d modules of %d experts with %s (output=%s%s) on %s", len(plan), len(names), cfg.method,
+                cfg.output, f", rank {new_rank}" if cfg.output == "lora" else "", device)
+
+    if cfg.output == "lora":
+        first_cfg = peft_model.peft_config[names[0]]
+        fifo = {bool(peft_model.peft_config[n].fan_in_fan_out) for n in names}
+        if len(fifo) > 1:
+            logger.warning("adapters disagree on fan_in_fan_out; PEFT sets it per layer type, the new adapter "
+                           "uses the first adapter's value")
+        new_cfg = _new_adapter_config(
+            first_cfg, new_rank, {m.name for m, _ in plan}, sorted(owners) if owners else None
+        )
+        peft_model.add_adapter(adapter_name, new_cfg)
+        try:
+            _fill_lora(peft_model, plan, names, table, records, cfg, device, adapter_name, new_rank, exact_cat,
+                       progress)
+            for name, owner in owners.items():
+                _copy_modules_to_save(peft_model, name, owner, adapter_name)
+        except BaseException:
+            peft_model.delete_adapter(adapter_name)
+            raise
+        result_model = peft_model
+    else:
+        _fill_full(peft_model, plan, names, table, records, cfg, device, progress)
+        result_model = peft_model.unload()
+        if cfg.dtype is not None:
+            result_model = result_model.to(_dtype(cfg.dtype))
+
+    output_dir = None
+    if save_to is not None:
+        inputs = [f for f in folders if f is not None]
+        with atomic_output_dir(save_to, overwrite=overwrite, inputs=inputs) as tmp:
+            if cfg.output == "lora":
+                _save_adapter(peft_model, adapter_name, tmp, bool(owners))
+                base_id = getattr(peft_model.peft_config[adapter_name], "base_model_name_or_path", None)
+            else:
+                result_model.save_pretrained(tmp)
+                base_id = getattr(getattr(result_model, "config", None), "_name_or_path", None)
+            from .card import write_card
+
+            write_card(
+                tmp, cfg.to_dict(), names, [str(f) if f else f"adapter:{n}" for n, f in zip(names, folders)], table,
+                kind=f"lora (rank {new_rank})" if cfg.output == "lora" else "full", base_model=base_id or None,
+                library_name="peft" if cfg.output == "lora" else "transformers",
+                extra={"adapter_name": adapter_name if cfg.output == "lora" else None},
+            )
+        output_dir = Path(save_to).resolve()
+        logger.info("wrote %s", output_dir)
+
+    seconds = time.perf_counter() - start
+    return MergeReport(
+        config=cfg,
+        coefficients=table,
+        experts=names,
+        output_dir=output_dir,
+        adapter_name=adapter_name if cfg.output == "lora" else None,
+        seconds=seconds,
+        peak_rss_mb=_peak_rss_mb(),
+        transfer=transfer,
+        model=result_model,
+        sources=[str(f) if f else f"adapter:{n}" for n, f in zip(names, folders)],
+        details={"modules": len(plan), "rank": new_rank if cfg.output == "lora" else None, "device": str(device)},
+    )
+
+
+def _fill_lora(peft_model, plan, names, table, records, cfg, device, adapter_name, new_rank, exact_cat, progress):
+    for module, idx in _progress(plan, len(plan), "merging modules", progress):
+        new = module.factors(adapter_name)
+        if new is None:
+            raise MergeError(f"the new adapter {adapter_name!r} was not created on module {module.name!r}")
+        if abs(new.scaling - 1.0) > 1e-12:
+            raise MergeError(f"the new adapter's scaling on {module.name!r} is {new.scaling}, expected 1")
+        coeffs = table.for_name(module.weight_name).to(torch.float32)[idx]
+        if exact_cat:
+            parts_a, parts_b = [], []
+            for c, k in zip(coeffs.tolist(), idx):
+                f = module.factors(names[k])
+                parts_a.append(f.A.to(device=device, dtype=torch.float32) * (c * f.scaling))
+                parts_b.append(f.B.to(device=device, dtype=torch.float32))
+            A_cat, B_cat = torch.cat(parts_a, 0), torch.cat(parts_b, 1)
+            A = torch.zeros(new_rank, A_cat.shape[1], dtype=torch.float32, device=device)
+            B = torch.zeros(B_cat.shape[0], new_rank, dtype=torch.float32, device=device)
+            A[: A_cat.shape[0]] = A_cat
+            B[:, : B_cat.shape[1]] = B_cat
+        else:
+            merged = _merge_module(module, idx, names, coeffs, records, cfg, device)
+            A, B = svd_factors(merged.T if module.transposed else merged, new_rank)
+        module.set_factors(adapter_name, A, B)
+    for param_name, param in peft_model.named_parameters():
+        if f".{adapter_name}." in param_name:
+            param.requires_grad_(False)
+
+
+def _merge_module(module: LoraModule, idx, names, coeffs, records, cfg, device) -> torch.Tensor:
+    deltas = [delta_weight(module, module.factors(names[k]), device) for k in idx]
+    importance = _importance(records, module.weight_name, idx, cfg)
+    if importance is not None:
+        importance = [m.to(device=device, dtype=torch.float32) for m in importance]
+    return _merge_one(cfg, deltas, coeffs.to(device), module.weight_name, importance)
+
+
+def _fill_full(peft_model, plan, names, table, records, cfg, device, progress) -> None:
+    for module, idx in _progress(plan, len(plan), "merging modules", progress):
+        coeffs = table.for_name(module.weight_name).to(torch.float32)[idx]
+        merged = _merge_module(module, idx, names, coeffs, records, cfg, device)
+        weight = module.base_weight()
+        with torch.no_grad():
+            updated = weight.data.to(device=device, dtype=torch.float32) + merged
+            weight.data.copy_(updated.to(device=weight.device, dtype=weight.dtype))
+
+
+def _copy_modules_to_save(peft_model, module_name: str, owner: str, adapter_name: str) -> None:
+    wrapper = peft_model.base_model.model.get_submodule(module_name)
+    if adapter_name not in wrapper.modules_to_save:
+        raise MergeError(f"modules_to_save copy of {module_name!r} for {adapter_name!r} was not created")
+    wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[owner].state_dict())
+    logger.info("module %s is taken whole from adapter %r (modules_to_save, not scaled)", module_name, owner)
+
+
+def _save_adapter(peft_model, adapter_name: str, folder: Path, has_modules_to_save: bool) -> None:
+    """Save one adapter with its files at the top of ``folder`` (loadable by ``PeftModel.from_pretrained``).
+
+    The LoRA factors are written directly: PEFT's ``save_pretrained`` drops every key containing
+    ``.<other adapter name>.``, so an expert adapter named like a module (e.g. ``mlp``) would silently remove
+    the merged adapter's ``...mlp...`` factors from the file.
+    """
+    from safetensors.torch import save_file
+
+    if has_modules_to_save:
+        clashes = [a for a in peft_model.peft_config if a != adapter_name and any(
+            f".{a}." in f".{n}." for n, _ in peft_model.base_model.model.named_modules())]
+        if clashes:
+            raise MergeError(f"adapters {clashes} are named like model modules; PEFT cannot save modules_to_save "
+                             "next to them. Load the experts under other names")
+        peft_model.save_pretrained(str(folder), selected_adapters=[adapter_name])
+        nested = folder / adapter_name
+        if nested.is_dir():
+            for item in nested.iterdir():
+                os.replace(item, folder / item.name)
+            shutil.rmtree(nested)
+        return
+    tensors: dict[str, torch.Tensor] = {}
+    for module in lora_modules(peft_model):
+        factors = module.factors(adapter_name)
+        if factors is None:
+            continue
+        prefix = f"base_model.model.{module.name}"
+        if module.embedding:
+            keys = (f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B")
+        else:
+            keys = (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight")
+        tensors[keys[0]] = factors.A.detach().cpu().contiguous().clone()
+        tensors[keys[1]] = factors.B.detach().cpu().contiguous().clone()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = dataclasses.replace(peft_model.peft_config[adapter_name], inference_mode=True)
+    cfg.save_pretrained(str(folder))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# full models, streamed
+
+
+_DONE = object()
+
+
+class _Prefetcher:
+    """Background reader: yields ``(name, base_tensor, [expert tensors])`` with a read-ahead of ``depth`` tensors."""
+
+    def __init__(self, names: list[str], base: TensorSource, experts: list[TensorSource], depth: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._names = names
+        self._base = base
+        self._experts = experts
+        self._thread = threading.Thread(target=self._run, name="sens-peft-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for name in self._names:
+                item = (name, self._base.get(name), [e.get(name) for e in self._experts])
+                if not self._put(item):
+                    return
+            self._put(_DONE)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            self._put(err)
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _check_tensors(base: TensorSource, experts: list[TensorSource], names: list[str]) -> None:
+    base_names = set(base.names())
+    for name, src in zip(names, experts):
+        expert_names = set(src.names())
+        missing = sorted(base_names - expert_names)
+        if missing:
+            raise MergeError(
+                f"expert {name!r} ({src.folder}) lacks tensor {missing[0]!r} of the base (in "
+                f"{base.file_of(missing[0]).name}){f' and {len(missing) - 1} more' if len(missing) > 1 else ''}"
+            )
+        extra = sorted(expert_names - base_names)
+        if extra:
+            raise MergeError(
+                f"expert {name!r} has tensor {extra[0]!r} (in {src.file_of(extra[0])}) that the base "
+                f"({base.folder}) lacks{f', and {len(extra) - 1} more' if len(extra) > 1 else ''}"
+            )
+        for tensor in base.names():
+            if src.shape(tensor) != base.shape(tensor):
+                raise MergeError(
+                    f"expert {name!r}: tensor {tensor!r} in {src.file_of(tensor)} has shape "
+                    f"{list(src.shape(tensor))}, the base ({base.file_of(tensor)}) has {list(base.shape(tensor))}"
+                )
+
+
+def merge_models(
+    base: PathLike,
+    experts: Sequence[PathLike],
+    out_dir: PathLike,
+    *,
+    config: Optional[MergeConfig] = None,
+    sensitivities=None,
+    transferability=None,
+    probes=None,
+    max_shard_size: Union[int, str] = "2GB",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: Optional[bool] = None,
+    prefetch: int = 2,
+    **config_kwargs,
+) -> MergeReport:
+    """Merge full fine-tunes of one base model, streamed one tensor at a time from disk to disk.
+
+    Reads ``model.safetensors`` or a sharded ``model.safetensors.index.json`` from the base and every expert;
+    a background thread reads the next ``prefetch`` tensors while the current one is merged (math in fp32 on
+    ``config.device``: CUDA when available, else CPU). Tensors equal in every expert and the base are copied.
+    The output is written in the base's dtype (or ``dtype=``) into shards of at most ``max_shard_size`` as they
+    fill, with ``model.safetensors.index.json`` (one ``model.safetensors`` when it fits), plus the base's
+    ``config.json``, ``generation_config.json`` and tokenizer files, ``README.md`` and ``merge_config.json``.
+    The folder appears atomically: an error or interruption leaves no ``out_dir``.
+
+    Args:
+        base: Base model folder.
+        experts: Expert model folders (fine-tunes of ``base``); names are the folder names (deduplicated).
+        out_dir: Output folder (must not exist unless ``overwrite``; may not lie inside an input folder).
+        config: A :class:`MergeConfig` (or build one from ``**config_kwargs``).
+        sensitivities: Per-expert records or paths (default: each expert folder's ``sensitivity.safetensors``).
+        transferability: Explicit K×K matrix; default, when ``sens`` includes ``cross``, it is computed from the
+            probes with one expert model in memory at a time.
+        probes: Per-expert ``ProbeSet`` objects or paths (default: each folder's ``probe.safetensors``).
+        max_shard_size: Output shard size (``"2GB"``, ``"500MB"``, or bytes).
+        overwrite: Replace an existing ``out_dir``.
+        allow_pickle: Accept ``pytorch_model.bin`` checkpoints (pickle; only for files you trust).
+        progress: Show a tqdm bar (default: when stderr is a terminal).
+        prefetch: Read-ahead depth of the background reader, in tensors.
+        **config_kwargs: :class:`MergeConfig` fields.
+
+    Returns:
+        A :class:`MergeReport` (``model`` is None).
+
+    Raises:
+        MergeError: no experts, incompatible configs (architecture, sizes, vocabulary), missing or differently
+            shaped tensors (naming expert, file, tensor and shapes), missing sidecars, unsafe ``out_dir``.
+    """
+    start = time.perf_counter()
+    cfg = _resolve_config(config, config_kwargs)
+    experts = [Path(e) for e in experts]
+    if not experts:
+        raise MergeError("no experts to merge: pass at least one expert folder")
+    base = Path(base)
+    resolved = [e.resolve() for e in experts]
+    dupes = sorted({str(e) for e in resolved if resolved.count(e) > 1})
+    if dupes:
+        raise MergeError(f"expert folders are listed more than once: {dupes}")
+    if base.resolve() in resolved:
+        raise MergeError(f"the base folder {base} is also listed as an expert")
+    if Path(out_dir).exists() and not overwrite:
+        raise MergeError(f"output folder {Path(out_dir).resolve()} already exists; pass overwrite=True to replace it")
+    names = _expert_names(experts)
+    out_dtype = _dtype(cfg.dtype)
+    device = _device(cfg)
+
+    base_cfg = read_model_config(base, "base")
+    for name, folder in zip(names, experts):
+        check_config_compatible(base_cfg, read_model_config(folder, f"expert {name!r}"), f"expert {name!r} ({folder})",
+                                f"base ({base})")
+    base_src = TensorSource(base, allow_pickle=allow_pickle, label=f"base ({base})")
+    expert_srcs = [TensorSource(f, allow_pickle=allow_pickle, label=f"expert {n!r}") for n, f in zip(names, experts)]
+    _check_tensors(base_src, expert_srcs, names)
+
+    records = _load_records(sensitivities, list(experts), names, cfg)
+    _, need_cross = _sens_parts(cfg)
+    transfer = None
+    if transferability is not None:
+        transfer = _check_transfer(transferability, len(names))
+    elif need_cross:
+        from transformers import AutoModelForCausalLM
+
+        from .transfer import transferability_for_models
+
+        probe_sets = _load_probes(probes, list(experts), names, base_cfg.get("vocab_size"))
+
+        def load_model(k: int) -> torch.nn.Module:
+            logger.info("loading expert %r for transferability", names[k])
+            return AutoModelForCausalLM.from_pretrained(str(experts[k]), dtype=torch.float32)
+
+        transfer = transferability_for_models(
+            load_model, len(names), probe_sets, alignment=cfg.alignment, device=device,
+            vocab_size=base_cfg.get("vocab_size"),
+        )
+        transfer = _check_transfer(transfer, len(names))
+        logger.info("transferability matrix:\n%s", transfer)
+    table = _coefficients(cfg, records, transfer, names)
+
+    tensor_names = base_src.names()
+    shard_bytes = parse_size(max_shard_size)
+    merged_count = copied_count = 0
+    with atomic_output_dir(out_dir, overwrite=overwrite, inputs=[base, *experts]) as tmp:
+        writer = ShardWriter(tmp, shard_bytes)
+        reader = _Prefetcher(tensor_names, base_src, expert_srcs, depth=prefetch)
+        try:
+            for name, base_t, expert_ts in _progress(reader, len(tensor_names), "merging tensors", progress):
+                dtype = out_dtype or base_t.dtype
+                if all(torch.equal(base_t, t) for t in expert_ts):
+                    writer.add(name, base_t.to(dtype) if base_t.is_floating_point() else base_t)
+                    copied_count += 1
+                    continue
+                if not base_t.is_floating_point():
+                    raise MergeError(f"tensor {name!r} is not floating point ({base_t.dtype}) and differs between "
+                                     "the base and an expert; it cannot be merged")
+                base_f = base_t.to(device=device, dtype=torch.float32)
+                deltas = [t.to(device=device, dtype=torch.float32) - base_f for t in expert_ts]
+                coeffs = table.for_name(name).to(device=device, dtype=torch.float32)
+                importance = _importance(records, name, list(range(len(names))), cfg)
+                if importance is not None:
+                    importance = [m.to(device=device, dtype=torch.float32) for m in importance]
+                merged = base_f + _merge_one(cfg, deltas, coeffs, name, importance)
+                writer.add(name, merged.to(dtype).cpu())
+                merged_count += 1
+                del base_f, deltas, merged
+        finally:
+            reader.close()
+        files = writer.close()
+        copied = copy_model_files(base, tmp)
+        if out_dtype is not None and (tmp / "config.json").is_file():
+            _set_config_dtype(tmp / "config.json", out_dtype)
+        from .card import write_card
+
+        write_card(
+            tmp, cfg.to_dict(), names, [str(e) for e in experts], table, kind="full",
+            base_model=base_cfg.get("_name_or_path") or str(base), library_name="transformers",
+            extra={"shards": files, "merged_tensors": merged_count, "copied_tensors": copied_count},
+        )
+        logger.info("output: %d shard(s) %s, %d tensors merged, %d copied, files copied from base: %s",
+                    len(files), files, merged_count, copied_count, copied)
+    base_src.close()
+    for src in expert_srcs:
+        src.close()
+    return MergeReport(
+        config=cfg,
+        coefficients=table,
+        experts=names,
+        output_dir=Path(out_dir).resolve(),
+        adapter_name=None,
+        seconds=time.perf_counter() - start,
+        peak_rss_mb=_peak_rss_mb(),
+        transfer=transfer,
+        model=None,
+        sources=[str(e) for e in experts],
+        details={"shards": files, "merged_tensors": merged_count, "copied_tensors": copied_count,
+                 "device": str(device)},
+    )
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    import json
+
+    data = json.loads(path.read_text())
+    text = str(dtype).replace("torch.", "")
+    for key in ("torch_dtype", "dtype"):
+        if key in data:
+            data[key] = text
+    if "torch_dtype" not in data and "dtype" not in data:
+        data["dtype"] = text
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
