@@ -1,0 +1,41 @@
+"""Tiny models and data shared by the sensitivity tests and the DDP worker (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 64
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, dtype=torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2, attention_dropout=0.0)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def lora(model, *, init_random: bool = True, targets=("q_proj", "v_proj"), **kw):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets),
+                     init_lora_weights=not init_random, task_type="CAUSAL_LM", **kw)
+    return get_peft_model(model, cfg)
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Fixed-length random token sequences; labels mask the first 3 tokens (a 'prompt')."""
+
+    def __init__(self, n: int = 32, length: int = 12, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, VOCAB, (n, length), generator=g)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        ids = self.ids[i]
+        labels = ids.clone()
+        labels[:3] = -100
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
