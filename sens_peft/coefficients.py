@@ -25,7 +25,8 @@ arithmetic for every T ≥ 0.1). The defaults keep both factors at mean 1 with a
 
 With α and τ of mean 1 and spread ~1, arguments differ by ~0.5–3 between experts, so T = 0.1 gives a near
 hard selection, T = 1 clear preferences and T = 10 coefficients within ~10–30% of 1: T ∈ [0.1, 10] spans
-sharp to near uniform (tested in ``tests/test_coefficients.py``). Equal scores give ``c ≡ 1`` exactly.
+sharp to near uniform (tested in ``tests/test_coefficients.py``). Equal scores give ``c ≡ 1`` exactly; so do
+arguments that agree to 1e-6 relative (fp32 rounding of rescaled but otherwise equal sensitivities).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ TAU_NORMALIZATIONS = ("exp_z", "zscore", "sum1", "mean1")
 ALL_GROUPS = "*"  # the group of coefficients that do not depend on the group (sens="cross"/None, no records)
 
 _REL_TOL = 1e-12  # spreads below this (relative to the values) count as "all equal"
+_TIE_RTOL = 1e-6  # softmax arguments of one group closer than this (relative) are treated as equal
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -443,7 +445,12 @@ def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, tra
         arg = tau[:, None].expand(num, num_groups)  # type: ignore[index]
     else:
         arg = torch.zeros(num, num_groups, dtype=torch.float64)
-    factors = _k_softmax(arg / float(temperature))  # type: ignore[operator]
+    # Columns whose arguments agree to 1e-6 (relative) count as equal: sidecars store fp32, so two experts
+    # with the same profile at different loss levels agree only to rounding, and must still give c == 1.
+    spread = arg.max(dim=0).values - arg.min(dim=0).values  # type: ignore[union-attr]
+    tied = spread <= _TIE_RTOL * arg.abs().max(dim=0).values  # type: ignore[union-attr]
+    arg = torch.where(tied[None, :], torch.zeros_like(arg), arg)  # type: ignore[arg-type]
+    factors = _k_softmax(arg / float(temperature))
     values = factors * w[:, None] * float(scale)
 
     settings = {
