@@ -15,6 +15,7 @@ take part, with their own coefficients (PEFT does the same).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import queue
@@ -357,9 +358,28 @@ def _prepare_peft_model(model, adapters: Sequence[PathLike]) -> tuple[Any, list[
         if not (folder / "adapter_config.json").is_file():
             raise MergeError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
     names = _expert_names(folders)
-    peft_model = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=names[0])
-    for name, folder in zip(names[1:], folders[1:]):
-        peft_model.load_adapter(str(folder), adapter_name=name)
+    bases = {}
+    for folder in folders:
+        try:
+            bases[str(folder)] = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except ValueError as err:
+            raise MergeError(f"cannot read {folder / 'adapter_config.json'}: {err}") from err
+    if len({b for b in bases.values() if b}) > 1:
+        logger.warning("the adapters name different base models %s; merging them assumes they share this base",
+                       bases)
+    peft_model = None
+    for name, folder in zip(names, folders):
+        try:
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+            else:
+                peft_model.load_adapter(str(folder), adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise MergeError(
+                f"adapter {name!r} ({folder}) does not fit the base model "
+                f"{type(model).__name__} (trained on another base? base_model_name_or_path="
+                f"{bases[str(folder)]!r}): {err}"
+            ) from err
     setattr(peft_model, _SOURCE_ATTR, {n: str(f) for n, f in zip(names, folders)})
     logger.info("loaded %d adapters as %s", len(names), names)
     return peft_model, names, folders
@@ -918,8 +938,6 @@ def merge_models(
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
-    import json
-
     data = json.loads(path.read_text())
     text = str(dtype).replace("torch.", "")
     for key in ("torch_dtype", "dtype"):

@@ -119,3 +119,21 @@ def hash_tree(folder: Path) -> dict[str, str]:
     """sha256 of every file below ``folder`` (to check inputs are never modified)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def write_sidecars(folder: Path, scores: list[float], *, num_layers: int = 2, probe_seed: int = 0,
+                   vocab: int = VOCAB) -> None:
+    """Write a sensitivity.safetensors (per-layer scores) and a probe.safetensors into an expert folder."""
+    from sens_peft.store import ProbeSet, SensitivityRecord, save_probe, save_sensitivity
+
+    groups = [f"layers.{i}" for i in range(num_layers)]
+    names = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(num_layers)]
+    record = SensitivityRecord(groups=groups, group_scores=torch.tensor(scores[:num_layers]),
+                               tensor_names=names, tensor_scores=torch.tensor(scores[:num_layers]),
+                               metadata={"estimator": "taylor_abs", "weight_source": "theta", "mode": "after"})
+    save_sensitivity(record, folder)
+    gen = torch.Generator().manual_seed(probe_seed)
+    ids = torch.randint(0, vocab, (4, 8), generator=gen)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    save_probe(ProbeSet(ids, torch.ones_like(ids), labels, {"task": f"t{probe_seed}"}), folder)

@@ -44,7 +44,8 @@ def _loaded(adapter_dirs, names=NAMES):
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _reference(model, names, weights, module):
@@ -229,3 +230,48 @@ def test_errors(adapter_dirs, tmp_path):
     assert isinstance(dora, PeftModel)
     with pytest.raises(MergeError, match="weights has 1 entries"):
         merge_adapters(model, ["math", "code"], sens=None, weights=[1.0])
+
+
+@pytest.fixture(scope="session")
+def sens_dirs(adapter_dirs, tmp_path_factory):
+    import shutil
+
+    from helpers import write_sidecars
+
+    root = tmp_path_factory.mktemp("sens")
+    out = {}
+    for i, (name, scores) in enumerate({"math": [3.0, 1.0], "code": [1.0, 2.0], "qa": [0.5, 4.0]}.items()):
+        out[name] = root / name
+        shutil.copytree(adapter_dirs[name], out[name])
+        write_sidecars(out[name], scores, probe_seed=i)
+    return out
+
+
+@pytest.mark.parametrize("sens", ["task", "task+cross"])
+def test_sens_coefficients_map_to_modules(adapter_dirs, sens_dirs, sens):
+    """Each module's merged ΔW is Σ_k c_k[group of the module] ΔW_k with the report's table, and the layers
+    really get different coefficients."""
+    report = merge_adapters(_base(), [sens_dirs[n] for n in NAMES], sens=sens, temperature=0.5,
+                            device="cpu", progress=False)
+    table, model = report.coefficients, report.model
+    assert table.experts == NAMES
+    c0, c1 = table.for_group("layers.0"), table.for_group("layers.1")
+    assert not torch.allclose(c0, c1)
+    assert (report.transfer is not None) == (sens == "task+cross")
+    if report.transfer is not None:
+        assert tuple(report.transfer.shape) == (3, 3)
+    for module in adapted_modules(model, "merged"):
+        c = table.for_name(f"{module}.weight").tolist()
+        assert _rel(lora_delta(model, "merged", module), _reference(model, NAMES, c, module)) <= 1e-6, module
+
+
+def test_explicit_sensitivities_for_loaded_adapters(adapter_dirs, sens_dirs):
+    from sens_peft.store import load_sensitivity
+
+    model = _loaded(adapter_dirs)
+    records = [load_sensitivity(sens_dirs[n]) for n in NAMES]
+    explicit = merge_adapters(model, NAMES, sens="task", sensitivities=records, temperature=0.5, device="cpu",
+                              progress=False)
+    from_folders = merge_adapters(_base(), [sens_dirs[n] for n in NAMES], sens="task", temperature=0.5,
+                                  device="cpu", progress=False)
+    torch.testing.assert_close(explicit.coefficients.values, from_folders.coefficients.values)

@@ -218,3 +218,29 @@ def test_errors(models, tmp_path):
                           progress=False)
     assert report.details["merged_tensors"] > 0
     assert not (tmp_path / "o").exists()
+
+
+def test_sens_task_cross_full_experts(models, tmp_path):
+    """Sidecars in expert folders; transferability computed by loading one expert at a time; every tensor is
+    base + Σ_k c_k[group] δ_k with the report's table."""
+    from helpers import write_sidecars
+
+    experts = []
+    for k, scores in enumerate([[3.0, 1.0], [1.0, 2.0], [0.5, 4.0]]):
+        folder = tmp_path / f"s{k}"
+        shutil.copytree(models[f"e{k}"], folder)
+        write_sidecars(folder, scores, probe_seed=k)
+        experts.append(folder)
+    report = merge_models(models["base"], experts, tmp_path / "out", sens="task+cross", temperature=0.5,
+                          device="cpu", progress=False)
+    assert report.transfer is not None and tuple(report.transfer.shape) == (3, 3)
+    table = report.coefficients
+    assert not torch.allclose(table.for_group("layers.0"), table.for_group("layers.1"))
+    base, ex = _states(models)
+    out = read_state(tmp_path / "out")
+    for name, b in base.items():
+        c = table.for_name(name).double()
+        ref = b + sum(c[k] * (ex[k][name] - b) for k in range(3))
+        torch.testing.assert_close(out[name].double(), ref, rtol=1e-5, atol=1e-6, msg=name)
+    record = json.loads((tmp_path / "out" / "merge_config.json").read_text())
+    assert record["config"]["sens"] == "task+cross" and record["coefficients"]["experts"] == ["s0", "s1", "s2"]
