@@ -14,8 +14,8 @@ Methods (``c`` = coefficients, ``lambda`` = scale):
 * ``dare_linear``: keep each entry with probability ``density`` and rescale by ``1/density``, then TA.
 * ``dare_ties``: the same drop and rescale, then sign election and the disjoint mean, without a magnitude
   trim (as ``peft.utils.merge_utils.dare_ties``).
-* ``importance``: ``lambda * sum_k c_k I_k delta_k / sum_k I_k`` per element (Fisher-merging style, an
-  importance-weighted *average*; see :class:`ImportanceMerge`).
+* ``importance``: ``lambda * sum_k c_k I_k delta_k / mean_k I_k`` per element (Fisher-merging style, scaled
+  so that equal importance is task arithmetic; see :class:`ImportanceMerge`).
 
 Where the coefficients enter TIES: by default the sign is elected on the *scaled* trimmed deltas
 (``c_k * trim(delta_k)``), so that a down-weighted expert also counts less in the election (paper notes
@@ -322,12 +322,12 @@ class DareTies(MergeMethod):
 
 @register_method
 class ImportanceMerge(MergeMethod):
-    """Importance-weighted merge: ``sum_k c_k I_k delta_k / sum_k I_k`` per element.
+    """Importance-weighted merge: ``sum_k c_k I_k delta_k / mean_k I_k`` per element.
 
-    This is an importance-weighted *average* (Fisher merging on task vectors): with equal importance it
-    gives ``sum_k c_k delta_k / K``, i.e. task arithmetic at ``scale / K``. Entries where every expert's
-    importance is 0 use that equal-importance limit. Without importance maps the method falls back to
-    plain task arithmetic (note the factor ``K`` between the two; choose ``scale`` accordingly).
+    Fisher merging on task vectors, rescaled by ``K`` so that it is continuous with task arithmetic: equal
+    importance (or no importance maps at all) gives exactly ``sum_k c_k delta_k``, so ``scale`` means the same
+    as for TA and one lambda grid serves both. An expert that matters more for an entry takes a larger share
+    of it. Entries where every expert's importance is 0 use that equal-importance limit.
     """
 
     name = "importance"
@@ -336,9 +336,9 @@ class ImportanceMerge(MergeMethod):
         weighted = stacked * _weights_view(coefficients, stacked.dim() - 1)
         if importance is None:
             return weighted.sum(dim=0)
-        total = importance.sum(dim=0)
-        merged = (importance * weighted).sum(dim=0) / torch.where(total > 0, total, torch.ones_like(total))
-        return torch.where(total > 0, merged, weighted.mean(dim=0))
+        mean = importance.mean(dim=0)
+        merged = (importance * weighted).sum(dim=0) / torch.where(mean > 0, mean, torch.ones_like(mean))
+        return torch.where(mean > 0, merged, weighted.sum(dim=0))
 
 
 # --------------------------------------------------------------------------------------------------------

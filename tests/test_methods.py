@@ -116,9 +116,12 @@ def test_importance_hand_and_fallback():
     d1, d2 = T([1.0, 2.0, 3.0]), T([3.0, -2.0, 1.0])
     i1, i2 = T([1.0, 0.0, 0.0]), T([1.0, 2.0, 0.0])
     c = T([2.0, 1.0])
-    # entry 0: (2*1*1 + 1*3*1)/2 = 2.5; entry 1: (0 + -2*2)/2 = -2; entry 2: no importance → mean(6, 1) = 3.5
+    # divide by mean importance: entry 0: (2*1*1 + 1*3*1)/1 = 5; entry 1: (0 + -2*2)/1 = -4;
+    # entry 2: no importance anywhere → the equal-importance limit, TA: 2*3 + 1*1 = 7
     out = merge_deltas("importance", [d1, d2], c, importance=[i1, i2])
-    assert torch.equal(out, T([2.5, -2.0, 3.5]))
+    assert torch.equal(out, T([5.0, -4.0, 7.0]))
+    equal = merge_deltas("importance", [d1, d2], c, importance=[T([0.5, 0.5, 0.5])] * 2)
+    assert torch.equal(equal, merge_deltas("task_arithmetic", [d1, d2], c))
     ta = merge_deltas("task_arithmetic", [d1, d2], c, scale=0.3)
     assert torch.equal(merge_deltas("importance", [d1, d2], c, scale=0.3), ta)
     with pytest.raises(ValueError, match="non-negative"):
