@@ -1,0 +1,318 @@
+"""Synthetic Llama-shaped inputs for the speed benchmark (no hub downloads, no model instantiation).
+
+``make_full_experts`` writes a base model and K full fine-tunes (base + small random deltas) as sharded
+bf16 safetensors folders, exactly like ``save_pretrained`` lays them out (``model-0000i-of-0000n.safetensors``
++ ``model.safetensors.index.json`` + ``config.json``), tensor by tensor so generation needs one shard of
+memory. Each expert folder also gets a synthetic ``sensitivity.safetensors`` sidecar.
+
+``make_lora_experts`` writes K rank-r LoRA adapters (``adapter_model.safetensors`` + ``adapter_config.json``)
+on all projections of a Llama shape, plus sidecars, and the base model folder.
+
+Everything is cached: a folder whose ``synthetic.json`` matches the requested spec is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    def config(self):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            vocab_size=self.vocab,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+            dtype="bfloat16",
+        )
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every parameter, in the order save_pretrained writes a Llama."""
+        h, i, head_dim = self.hidden, self.intermediate, self.hidden // self.heads
+        kv = self.kv_heads * head_dim
+        out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, h))]
+        for n in range(self.layers):
+            p = f"model.layers.{n}"
+            out += [
+                (f"{p}.input_layernorm.weight", (h,)),
+                (f"{p}.self_attn.q_proj.weight", (h, h)),
+                (f"{p}.self_attn.k_proj.weight", (kv, h)),
+                (f"{p}.self_attn.v_proj.weight", (kv, h)),
+                (f"{p}.self_attn.o_proj.weight", (h, h)),
+                (f"{p}.post_attention_layernorm.weight", (h,)),
+                (f"{p}.mlp.gate_proj.weight", (i, h)),
+                (f"{p}.mlp.up_proj.weight", (i, h)),
+                (f"{p}.mlp.down_proj.weight", (h, i)),
+            ]
+        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+        return out
+
+    def num_params(self) -> int:
+        return sum(math.prod(s) for _, s in self.tensors())
+
+
+# ≥ 1 GB per expert in bf16 (541M parameters): a merge takes seconds even at memory bandwidth.
+FULL_SHAPE = ModelShape(hidden=2048, intermediate=5632, layers=8, heads=16, kv_heads=16, vocab=32000)
+SMALL_SHAPE = ModelShape(hidden=256, intermediate=704, layers=4, heads=4, kv_heads=4, vocab=16000)
+# LoRA part: PEFT's ties_svd runs one SVD per module on 2 CPU cores, so this part uses a smaller shape.
+LORA_SHAPE = ModelShape(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=16, vocab=32000)
+LORA_SMALL_SHAPE = ModelShape(hidden=128, intermediate=352, layers=2, heads=4, kv_heads=4, vocab=1000)
+
+
+def parse_size(size: str | int) -> int:
+    """'500MB' → 500_000_000 (decimal units, like transformers' convert_file_size_to_int)."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for suffix, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if s.endswith(suffix):
+            return int(float(s[: -len(suffix)]) * mult)
+    return int(s)
+
+
+def _seed(*parts: object) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int) -> list[list[int]]:
+    """Group tensor indices into shards the way save_pretrained does (greedy, in order)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for idx, (_, shape, dtype) in enumerate(entries):
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(idx)
+        size += nbytes
+    return shards
+
+
+class StreamedShardWriter:
+    """Writes a sharded safetensors checkpoint tensor by tensor: headers are known up front (names, shapes and
+    dtypes are fixed), so no shard is ever held in memory. Tensors must be written in the planned order."""
+
+    def __init__(self, out_dir: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int,
+                 prefix: str = "model"):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.entries = entries
+        self.shards = plan_shards(entries, max_bytes)
+        n = len(self.shards)
+        self.files = [f"{prefix}.safetensors"] if n == 1 else [
+            f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
+        ]
+        self.order = [idx for shard in self.shards for idx in shard]
+        self.pos = 0
+        self.shard_no = -1
+        self.handle = None
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def _open_next(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        self.shard_no += 1
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for idx in self.shards[self.shard_no]:
+            name, shape, dtype = self.entries[idx]
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            self.weight_map[name] = self.files[self.shard_no]
+            self.total += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.handle = open(self.out_dir / self.files[self.shard_no], "wb")  # noqa: SIM115
+        self.handle.write(struct.pack("<Q", len(raw)))
+        self.handle.write(raw)
+        self.remaining = len(self.shards[self.shard_no])
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        idx = self.order[self.pos]
+        exp_name, shape, dtype = self.entries[idx]
+        if name != exp_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"expected {exp_name} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        if self.handle is None or self.remaining == 0:
+            self._open_next()
+        self.handle.write(tensor.contiguous().view(torch.uint8).numpy().data)
+        self.remaining -= 1
+        self.pos += 1
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def input_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / f for f in files]
+    return [folder / "model.safetensors"]
+
+
+def weight_map(folder: Path) -> dict[str, Path]:
+    """Tensor name → file, from the index (or the single model.safetensors)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        return {k: folder / "model.safetensors" for k in handle.keys()}
+
+
+def _base_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(_seed("base", name))
+    if len(shape) == 1:  # norms
+        return (1.0 + 0.05 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+    return (0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+
+
+def _write_sidecar(folder: Path, names: list[str], expert: int, expert_type: str, task: str) -> None:
+    from sens_peft.groups import group_names
+    from sens_peft.store import SensitivityRecord, save_sensitivity
+
+    gen = torch.Generator().manual_seed(_seed("sens", expert))
+    groups, index = group_names(names, "layer")
+    tensor_scores = torch.rand(len(names), generator=gen) + 0.1
+    group_scores = torch.zeros(len(groups)).index_add_(0, torch.tensor(index), tensor_scores)
+    record = SensitivityRecord(
+        groups=groups, group_scores=group_scores, tensor_names=names, tensor_scores=tensor_scores,
+        metadata={"task": task, "expert_type": expert_type, "weight_source": "theta" if expert_type == "full"
+                  else "adapter", "mode": "after", "estimator": "taylor_abs", "num_samples": "32",
+                  "synthetic": "true"},
+    )
+    save_sensitivity(record, folder)
+
+
+def _spec_matches(folder: Path, spec: dict) -> bool:
+    marker = folder / "synthetic.json"
+    return marker.exists() and json.loads(marker.read_text()) == spec
+
+
+def make_full_experts(root: Path, shape: ModelShape, num_experts: int = 3, shard_size: str = "500MB",
+                      delta_std: float = 0.002) -> tuple[Path, list[Path]]:
+    """Base + ``num_experts`` full fine-tunes under ``root`` (cached). Returns (base_dir, expert_dirs)."""
+    root = Path(root)
+    spec = {"kind": "full", "shape": asdict(shape), "num_experts": num_experts, "shard_size": shard_size,
+            "delta_std": delta_std, "version": 2}
+    base = root / "base"
+    experts = [root / f"expert{k}" for k in range(num_experts)]
+    if _spec_matches(root, spec):
+        return base, experts
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    entries = [(n, s, torch.bfloat16) for n, s in shape.tensors()]
+    max_bytes = parse_size(shard_size)
+    config = shape.config()
+    config.architectures = ["LlamaForCausalLM"]
+    for k, folder in enumerate([base, *experts]):
+        writer = StreamedShardWriter(folder, entries, max_bytes)
+        for idx in writer.order:
+            name, tshape, _ = entries[idx]
+            tensor = _base_tensor(name, tshape)
+            if k > 0:
+                gen = torch.Generator().manual_seed(_seed("delta", k, name))
+                tensor = (tensor.float() + delta_std * torch.randn(tshape, generator=gen)).to(torch.bfloat16)
+            writer.write(name, tensor)
+        writer.close()
+        config.save_pretrained(folder)
+        if k > 0:
+            _write_sidecar(folder, [e[0] for e in entries], k, "full", f"task{k}")
+    (root / "synthetic.json").write_text(json.dumps(spec))
+    return base, experts
+
+
+def make_lora_experts(root: Path, shape: ModelShape, num_experts: int = 3, rank: int = 16,
+                      alpha: int = 32) -> tuple[Path, list[Path]]:
+    """A base model folder (fp32, save_pretrained) and ``num_experts`` LoRA adapter folders (cached)."""
+    root = Path(root)
+    spec = {"kind": "lora", "shape": asdict(shape), "num_experts": num_experts, "rank": rank, "alpha": alpha,
+            "version": 2}
+    base = root / "base"
+    experts = [root / f"lora{k}" for k in range(num_experts)]
+    if _spec_matches(root, spec):
+        return base, experts
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = shape.config()
+    config.dtype = "float32"
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(base)
+    modules = [(n, s) for n, s in shape.tensors() if n.rsplit(".", 2)[-2] in LORA_TARGETS]
+    for k, folder in enumerate(experts):
+        folder.mkdir(parents=True)
+        tensors = {}
+        for name, (out_f, in_f) in modules:
+            gen = torch.Generator().manual_seed(_seed("lora", k, name))
+            mod = name[: -len(".weight")]
+            tensors[f"base_model.model.{mod}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f)
+            tensors[f"base_model.model.{mod}.lora_B.weight"] = 0.01 * torch.randn(out_f, rank, generator=gen)
+        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        adapter_config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+            "target_modules": list(LORA_TARGETS), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "base_model_name_or_path": str(base), "inference_mode": True, "init_lora_weights": True,
+            "modules_to_save": None,
+        }
+        (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        canon = [n.replace("base_model.model.", "") for n in tensors]
+        _write_sidecar(folder, canon, k + 1, "lora", f"task{k + 1}")
+    (root / "synthetic.json").write_text(json.dumps(spec))
+    return base, experts
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in input_files(folder))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", default=os.environ.get("SENS_PEFT_SPEED_DIR", "/tmp/sens_peft_speed"))
+    parser.add_argument("--small", action="store_true")
+    args = parser.parse_args()
+    shape = SMALL_SHAPE if args.small else FULL_SHAPE
+    b, e = make_full_experts(Path(args.workdir) / ("full_small" if args.small else "full"), shape)
+    print(b, e, f"{folder_bytes(b) / 1e9:.2f} GB per model")

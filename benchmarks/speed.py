@@ -1,0 +1,595 @@
+"""Speed and memory of sens-peft merges against the I/O floor, mergekit and PEFT, on the same inputs.
+
+    python benchmarks/speed.py                 # full size: base + 3 experts of a 541M-parameter Llama shape
+    python benchmarks/speed.py --small         # smoke run, tens of MB
+    python benchmarks/speed.py --only floor,sens   # subsets: floor, sens, mergekit, adapters, callback
+
+Every measured job runs in a fresh subprocess; its peak RSS is that child's own ``ru_maxrss`` (from
+``os.wait4``), so one job's memory never contaminates another's. Times are measured inside the child around
+the merge call only (imports, model loading and interpreter start excluded); the whole-command wall time is
+reported next to it.
+
+Page-cache policy: warm cache. Before every job the parent reads every input file once (untimed) and calls
+``os.sync()`` so that dirty pages left by the previous job's output are not written back during the next
+one; outputs are deleted after each job. Writes are not fsync'ed by any of the tools (as in normal use).
+
+Synthetic inputs (``make_synthetic.py``): base + K=3 full experts (base + N(0, 0.002²) deltas) in bf16,
+sharded at 500 MB like ``save_pretrained(max_shard_size="500MB")``, each expert with a synthetic
+``sensitivity.safetensors``; Sens runs pass an explicit transferability matrix, so no model forward runs.
+mergekit runs from its own virtual environment (``--mergekit-python``, default /work/mk-venv/bin/python)
+through a tiny script that calls its public Python API; it is not a dependency of this project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import make_synthetic as syn  # noqa: E402
+
+K = 3
+DENSITY = 0.5
+TRANSFER = [[1.0, 0.82, 0.71], [0.88, 1.0, 0.64], [0.76, 0.85, 1.0]]
+METHODS = ("task_arithmetic", "ties", "dare_ties")
+SHORT = {"task_arithmetic": "TA", "ties": "TIES", "dare_ties": "DARE-TIES"}
+
+
+def _maxrss_mb(ru_maxrss: int) -> float:
+    # Linux reports KiB, macOS bytes.
+    return ru_maxrss / 1024 if sys.platform != "darwin" else ru_maxrss / 2**20
+
+
+def _result(payload: dict) -> None:
+    payload.setdefault("self_peak_rss_mb", _maxrss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    print("RESULT " + json.dumps(payload), flush=True)
+
+
+# --------------------------------------------------------------------------------------------- child jobs
+
+
+def job_floor(args: dict) -> None:
+    """Read every input tensor once (base + experts) and write an output of the merged size.
+
+    ``mode="stream"``: tensors are written as they come (headers are known up front), nothing is held;
+    ``mode="savefile"``: one output shard is collected in memory and written with safetensors' save_file,
+    the way a save_pretrained-style writer does.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base = Path(args["base"])
+    folders = [base, *map(Path, args["experts"])]
+    out = Path(args["out"])
+    max_bytes = syn.parse_size(args["shard_size"])
+    t0 = time.perf_counter()
+    maps = [syn.weight_map(f) for f in folders]
+    handles: dict[Path, object] = {}
+
+    def get(folder_idx: int, name: str) -> torch.Tensor:
+        path = maps[folder_idx][name]
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        return handles[path].get_tensor(name)
+
+    names = list(maps[0])
+    entries = []
+    for name in names:
+        with safe_open(str(maps[0][name]), framework="pt") as h:
+            sl = h.get_slice(name)
+            entries.append((name, tuple(sl.get_shape()), {"BF16": torch.bfloat16, "F16": torch.float16,
+                                                          "F32": torch.float32}[sl.get_dtype()]))
+    read_s = write_s = 0.0
+    if args["mode"] == "stream":
+        writer = syn.StreamedShardWriter(out, entries, max_bytes)
+        for idx in writer.order:
+            name = entries[idx][0]
+            ta = time.perf_counter()
+            tensors = [get(i, name) for i in range(len(folders))]
+            tb = time.perf_counter()
+            writer.write(name, tensors[0])
+            write_s += time.perf_counter() - tb
+            read_s += tb - ta
+            del tensors
+        writer.close()
+    else:
+        shards = syn.plan_shards(entries, max_bytes)
+        n = len(shards)
+        for s, shard in enumerate(shards):
+            buf = {}
+            for idx in shard:
+                name = entries[idx][0]
+                ta = time.perf_counter()
+                tensors = [get(i, name) for i in range(len(folders))]
+                read_s += time.perf_counter() - ta
+                buf[name] = tensors[0]
+                del tensors
+            tb = time.perf_counter()
+            fname = "model.safetensors" if n == 1 else f"model-{s + 1:05d}-of-{n:05d}.safetensors"
+            out.mkdir(parents=True, exist_ok=True)
+            save_file(buf, str(out / fname), metadata={"format": "pt"})
+            write_s += time.perf_counter() - tb
+            del buf
+    seconds = time.perf_counter() - t0
+    _result({"seconds": seconds, "read_s": read_s, "write_s": write_s})
+
+
+def job_sens(args: dict) -> None:
+    """sens-peft merge_models with one method, plain or Sens."""
+    import torch
+
+    from sens_peft import merge_models
+
+    kwargs = dict(method=args["method"], max_shard_size=args["shard_size"], overwrite=True, device="cpu",
+                  progress=False)
+    if args["method"] != "task_arithmetic":
+        kwargs["density"] = DENSITY
+    if args["sens"]:
+        kwargs.update(sens="task+cross", transferability=torch.tensor(TRANSFER))
+    else:
+        kwargs["sens"] = None
+    t0 = time.perf_counter()
+    try:
+        report = merge_models(args["base"], args["experts"], args["out"], **kwargs)
+    except TypeError as err:  # older signature without progress=
+        if "progress" not in str(err):
+            raise
+        kwargs.pop("progress")
+        t0 = time.perf_counter()
+        report = merge_models(args["base"], args["experts"], args["out"], **kwargs)
+    seconds = time.perf_counter() - t0
+    coeffs = report.coefficients.summary() if getattr(report, "coefficients", None) is not None else None
+    _result({"seconds": seconds, "report_seconds": getattr(report, "seconds", None),
+             "coefficients": _jsonable(coeffs)})
+
+
+def job_profile(args: dict) -> None:
+    """job_sens under cProfile; writes the top functions by cumulative and internal time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        job_sens(args)
+    finally:
+        prof.disable()
+        for key in ("cumulative", "tottime"):
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(args.get("top", 30))
+            Path(args["profile_out"] + f".{key}.txt").write_text(buf.getvalue())
+
+
+def _jsonable(obj):
+    if obj is None or isinstance(obj, (int, float, str, bool)):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    try:
+        return float(obj)
+    except Exception:
+        return str(obj)
+
+
+def job_adapters(args: dict) -> None:
+    """One LoRA merge of K adapters loaded into one PeftModel: sens-peft merge_adapters or PEFT's
+    add_weighted_adapter. Only the merge call is timed."""
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(args["base"], dtype=torch.float32)
+    names = [f"e{k}" for k in range(len(args["experts"]))]
+    model = PeftModel.from_pretrained(model, args["experts"][0], adapter_name=names[0])
+    for name, folder in zip(names[1:], args["experts"][1:]):
+        model.load_adapter(folder, adapter_name=name)
+    impl, method = args["impl"], args["method"]
+    t0 = time.perf_counter()
+    if impl == "peft":
+        kw = {"density": DENSITY, "majority_sign_method": "total"} if method != "cat" else {}
+        model.add_weighted_adapter(names, [1.0] * len(names), "merged", combination_type=method, **kw)
+    else:
+        from sens_peft import merge_adapters
+
+        kw = dict(method=method, adapter_name="merged", output="lora", device="cpu")
+        if method != "task_arithmetic":
+            kw["density"] = DENSITY
+        if args.get("sens"):
+            kw.update(sens="task+cross", transferability=torch.tensor(TRANSFER),
+                      sensitivities=list(args["experts"]))
+        else:
+            kw["sens"] = None
+        merge_adapters(model, names, **kw)
+    seconds = time.perf_counter() - t0
+    _result({"seconds": seconds})
+
+
+def job_callback(args: dict) -> None:
+    """Median optimizer-step time of a Trainer run with and without SensitivityCallback(mode='during'), runs
+    interleaved (plain, during, plain, during), and the time of the 'after' calibration pass."""
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from sens_peft import SensitivityCallback, SensitivityConfig
+
+    small = args["small"]
+    cfg = LlamaConfig(hidden_size=128 if small else 512, intermediate_size=352 if small else 1408,
+                      num_hidden_layers=2 if small else 4, num_attention_heads=4 if small else 8,
+                      num_key_value_heads=4 if small else 8, vocab_size=1000 if small else 8000,
+                      max_position_embeddings=512, tie_word_embeddings=False)
+    seq, batch = (64, 4) if small else (256, 4)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (256, seq), generator=gen)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    steps, warm = (8, 2) if small else (args.get("steps", 25), 3)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.marks: list[float] = []
+            self.end: list[float] = []
+
+        def on_step_end(self, *a, **k):
+            self.marks.append(time.perf_counter())
+
+        def on_train_end(self, *a, **k):
+            self.end.append(time.perf_counter())
+
+    def build(lora: bool):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(syn.LORA_TARGETS)))
+        return model
+
+    def run(lora: bool, sens_mode: str | None, out: str):
+        model = build(lora)
+        timer_before, timer_after = StepTimer(), StepTimer()
+        callbacks = [timer_before]
+        if sens_mode:
+            callbacks.append(SensitivityCallback(SensitivityConfig(mode=sens_mode, task="bench",
+                                                                   calibration_samples=args.get("calib", 32)),
+                                                 calibration_data=data.select(range(64))))
+        callbacks.append(timer_after)
+        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
+                                  learning_rate=1e-4, logging_steps=10_000, save_strategy="no", report_to=[],
+                                  use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+        trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=callbacks)
+        t0 = time.perf_counter()
+        trainer.train()
+        total = time.perf_counter() - t0
+        step_times = [b - a for a, b in zip(timer_after.marks, timer_after.marks[1:])][warm - 1:]
+        end_pass = timer_after.end[0] - timer_before.end[0] if timer_before.end and timer_after.end else None
+        return step_times, total, end_pass
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for lora in (True, False):
+            kind = "lora" if lora else "full"
+            plain, during = [], []
+            for rep in range(2):
+                plain += run(lora, None, f"{tmp}/p{rep}")[0]
+                during += run(lora, "during", f"{tmp}/d{rep}")[0]
+            p_steps, p_total, _ = run(lora, None, f"{tmp}/pa")
+            a_steps, a_total, after_s = run(lora, "after", f"{tmp}/a")
+            mp, md = statistics.median(plain), statistics.median(during)
+            results[kind] = {
+                "step_s_plain": mp, "step_s_during": md, "during_ratio": md / mp,
+                "step_s_plain_all": plain, "step_s_during_all": during,
+                "train_s_plain": p_total, "train_s_with_after": a_total, "after_pass_s": after_s,
+                "after_pass_in_steps": (after_s / mp) if after_s else None,
+                "after_fraction_of_train": (after_s / p_total) if after_s else None,
+                "steps": steps, "batch": batch, "seq": seq,
+            }
+    results["model"] = {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size,
+                        "params_m": sum(p.numel() for p in build(False).parameters()) / 1e6}
+    _result({"seconds": None, "callback": results})
+
+
+# --------------------------------------------------------------------------------------------- parent
+
+MK_RUNNER = '''
+import json, resource, sys, time
+t0 = time.perf_counter()
+import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+t1 = time.perf_counter()
+cfg = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
+opts = dict(device="cpu", copy_tokenizer=False, lazy_unpickle=False, quiet=True, out_shard_size=int(sys.argv[3]))
+try:
+    options = MergeOptions(**opts)
+except Exception:
+    opts.pop("quiet")
+    options = MergeOptions(**opts)
+run_merge(cfg, sys.argv[2], options=options)
+t2 = time.perf_counter()
+print("RESULT " + json.dumps({"seconds": t2 - t1, "import_s": t1 - t0,
+      "self_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+'''
+
+
+def mergekit_yaml(method: str, base: Path, experts: list[Path]) -> str:
+    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    for e in experts:
+        lines += [f"  - model: {e}", "    parameters:", "      weight: 1.0"]
+        if method != "task_arithmetic":
+            lines.append(f"      density: {DENSITY}")
+    lines += ["parameters:", "  normalize: false", "  lambda: 1.0", "dtype: bfloat16", ""]
+    return "\n".join(lines)
+
+
+def warm_cache(folders: list[Path]) -> float:
+    t0 = time.perf_counter()
+    for folder in folders:
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                with open(f, "rb") as h:
+                    while h.read(64 << 20):
+                        pass
+    return time.perf_counter() - t0
+
+
+def run_child(cmd: list[str], log: Path, timeout: float) -> dict:
+    """Run ``cmd``; return its RESULT payload plus wall time and the child's own peak RSS (os.wait4)."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    load_before = os.getloadavg()[0]
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = t0 + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text(errors="replace")
+    payload: dict = {}
+    for line in text.splitlines():
+        if line.startswith("RESULT "):
+            payload = json.loads(line[len("RESULT "):])
+    payload.update(whole_s=wall, peak_rss_mb=_maxrss_mb(usage.ru_maxrss), rc=proc.returncode,
+                   load_before=load_before, load_after=os.getloadavg()[0])
+    if proc.returncode != 0 or "seconds" not in payload:
+        tail = "\n".join(text.splitlines()[-15:])
+        payload["error"] = f"rc={proc.returncode}: {tail}"
+    return payload
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        model = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        info["cpu"] = model[0] if model else None
+        mem = [line for line in open("/proc/meminfo") if line.startswith("MemTotal")]
+        info["mem_gb"] = round(int(mem[0].split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def fmt(x, spec=".2f", suffix=""):
+    return "–" if x is None else f"{x:{spec}}{suffix}"
+
+
+def build_table(jobs: dict, floor_key: str) -> str:
+    floor = jobs.get(floor_key, {}).get("seconds")
+    rows = ["| job | merge s | whole cmd s | × floor | × reference | × plain | peak RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for key, job in jobs.items():
+        if job.get("seconds") is None and "error" not in job:
+            continue
+        s = job.get("seconds")
+        ratio_floor = s / floor if s and floor else None
+        mk = ratio_plain = None
+        if key.startswith("sens-peft "):
+            method = key.split()[1]
+            mk_s = jobs.get(f"mergekit {method}", {}).get("seconds")
+            mk = s / mk_s if s and mk_s else None
+            if key.endswith("+Sens"):
+                plain_s = jobs.get(key.replace(" +Sens", ""), {}).get("seconds")
+                ratio_plain = s / plain_s if s and plain_s else None
+        if key.startswith("adapters "):
+            ratio_floor = None
+            ref = None
+            if key.startswith("adapters sens-peft TA"):
+                ref = jobs.get("adapters PEFT cat", {}).get("seconds")
+            elif key.startswith("adapters sens-peft TIES"):
+                ref = jobs.get("adapters PEFT ties_svd", {}).get("seconds")
+            mk = s / ref if s and ref else None
+            if key.endswith("+Sens"):
+                plain_key = "adapters sens-peft TA (lora)" if " TA " in key else "adapters sens-peft TIES (svd)"
+                plain_s = jobs.get(plain_key, {}).get("seconds")
+                ratio_plain = s / plain_s if s and plain_s else None
+        err = " (error)" if "error" in job else ""
+        rows.append(f"| {key}{err} | {fmt(s)} | {fmt(job.get('whole_s'))} | {fmt(ratio_floor, '.2f', '×')} | "
+                    f"{fmt(mk, '.3f', '×')} | {fmt(ratio_plain, '.3f', '×')} | {fmt(job.get('peak_rss_mb'), '.0f')} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/sens_peft_speed")
+    parser.add_argument("--small", action="store_true", help="tens-of-MB smoke run")
+    parser.add_argument("--only", default="floor,sens,mergekit,adapters,callback",
+                        help="comma-separated parts: floor, sens, mergekit, adapters, callback, profile")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--repeat", type=int, default=1, help="runs per sens-peft/floor job (min is reported)")
+    parser.add_argument("--shard-size", default="500MB", help="input and output shard size (all tools)")
+    parser.add_argument("--mergekit-python", default="/work/mk-venv/bin/python")
+    parser.add_argument("--out", default=str(HERE / "results" / "speed.json"))
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument("--job-args", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.job:
+        {"floor": job_floor, "sens": job_sens, "adapters": job_adapters, "callback": job_callback,
+         "profile": job_profile}[args.job](json.loads(args.job_args))
+        return
+
+    parts = set(args.only.split(","))
+    methods = [m for m in args.methods.split(",") if m]
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    shape = syn.SMALL_SHAPE if args.small else syn.FULL_SHAPE
+    t0 = time.perf_counter()
+    base, experts = syn.make_full_experts(work / ("full_small" if args.small else "full"), shape, K,
+                                          args.shard_size)
+    gen_s = time.perf_counter() - t0
+    model_gb = syn.folder_bytes(base) / 1e9
+    print(f"inputs: base + {K} experts, {shape.num_params() / 1e6:.0f}M params, {model_gb:.2f} GB each "
+          f"(bf16, {len(syn.input_files(base))} shards; ready in {gen_s:.0f} s)", flush=True)
+    result: dict = {
+        "machine": machine_info(),
+        "inputs": {"shape": shape.__dict__, "num_experts": K, "params_m": shape.num_params() / 1e6,
+                   "gb_per_model": model_gb, "shard_size": args.shard_size, "dtype": "bfloat16",
+                   "delta": "base + N(0, 0.002^2)", "small": args.small},
+        "settings": {"density": DENSITY, "weights": 1.0, "lambda": 1.0, "normalize": False,
+                     "transferability": TRANSFER, "page_cache": "warm: every input file read once (untimed) "
+                     "and os.sync() before each job; outputs deleted after each job; no fsync",
+                     "timing": "inside the child around the merge call; whole_s = whole subprocess"},
+        "load_start": os.getloadavg(),
+        "jobs": {},
+    }
+    jobs = result["jobs"]
+    me = [sys.executable, str(Path(__file__).resolve())]
+    out_root = work / "out"
+    common = {"base": str(base), "experts": [str(e) for e in experts], "shard_size": args.shard_size}
+
+    def measure(key: str, cmd_fn, repeat: int = 1) -> None:
+        best = None
+        runs = []
+        for rep in range(repeat):
+            if out_root.exists():
+                shutil.rmtree(out_root)
+            os.sync()
+            warm_cache([base, *experts])
+            payload = run_child(cmd_fn(), logs / f"{key.replace(' ', '_').replace('+', '')}.{rep}.log",
+                                args.timeout)
+            runs.append(payload.get("seconds"))
+            if best is None or (payload.get("seconds") or 1e18) < (best.get("seconds") or 1e18):
+                best = payload
+        if repeat > 1:
+            best["runs_s"] = runs
+        jobs[key] = best
+        msg = best.get("error", "").splitlines()[-1:] if "error" in best else ""
+        print(f"  {key:32s} {fmt(best.get('seconds'), '8.2f')} s  whole {fmt(best.get('whole_s'), '7.1f')} s  "
+              f"rss {fmt(best.get('peak_rss_mb'), '6.0f')} MB  load {best['load_before']:.1f} {msg}", flush=True)
+        if out_root.exists():
+            shutil.rmtree(out_root)
+        result["load_end"] = os.getloadavg()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+    def job_cmd(name: str, **extra):
+        return lambda: [*me, "--job", name, "--job-args", json.dumps({**common, "out": str(out_root), **extra})]
+
+    if "floor" in parts:
+        measure("floor (read all + streamed write)", job_cmd("floor", mode="stream"), max(args.repeat, 2))
+        measure("floor (read all + save_file shards)", job_cmd("floor", mode="savefile"), max(args.repeat, 2))
+    if "sens" in parts:
+        for method in methods:
+            measure(f"sens-peft {SHORT[method]}", job_cmd("sens", method=method, sens=False), args.repeat)
+            measure(f"sens-peft {SHORT[method]} +Sens", job_cmd("sens", method=method, sens=True), args.repeat)
+    if "profile" in parts:
+        for method in methods:
+            prof = str(work / f"speed_profile_{method}")
+            measure(f"profile {SHORT[method]}", job_cmd("profile", method=method, sens=False, profile_out=prof))
+    if "mergekit" in parts:
+        if not Path(args.mergekit_python).exists():
+            print(f"  mergekit skipped: {args.mergekit_python} not found", flush=True)
+        else:
+            runner = work / "mk_runner.py"
+            runner.write_text(MK_RUNNER)
+            for method in methods:
+                cfg = work / f"mk_{method}.yml"
+                cfg.write_text(mergekit_yaml(method, base, experts))
+                measure(f"mergekit {SHORT[method]}", lambda c=cfg: [
+                    args.mergekit_python, str(runner), str(c), str(out_root), str(syn.parse_size(args.shard_size))])
+    if "adapters" in parts:
+        lshape = syn.LORA_SMALL_SHAPE if args.small else syn.LORA_SHAPE
+        lbase, lexperts = syn.make_lora_experts(work / ("lora_small" if args.small else "lora"), lshape, K)
+        result["inputs"]["lora"] = {"shape": lshape.__dict__, "rank": 16, "targets": list(syn.LORA_TARGETS),
+                                    "note": "smaller shape than the full-model part: PEFT ties_svd runs one SVD "
+                                            "per module on the CPU"}
+        lcommon = {"base": str(lbase), "experts": [str(e) for e in lexperts]}
+
+        def acmd(**extra):
+            return lambda: [*me, "--job", "adapters", "--job-args", json.dumps({**lcommon, **extra})]
+
+        measure("adapters PEFT cat", acmd(impl="peft", method="cat"))
+        measure("adapters sens-peft TA (lora)", acmd(impl="sens", method="task_arithmetic"))
+        measure("adapters sens-peft TA +Sens", acmd(impl="sens", method="task_arithmetic", sens=True))
+        measure("adapters PEFT ties_svd", acmd(impl="peft", method="ties_svd"))
+        measure("adapters sens-peft TIES (svd)", acmd(impl="sens", method="ties"))
+        measure("adapters sens-peft TIES +Sens", acmd(impl="sens", method="ties", sens=True))
+    if "callback" in parts:
+        payload = run_child([*me, "--job", "callback", "--job-args", json.dumps({"small": args.small})],
+                            logs / "callback.log", args.timeout)
+        result["callback"] = payload.get("callback")
+        if "error" in payload:
+            result["callback_error"] = payload["error"]
+            print("  callback error:", payload["error"].splitlines()[-1:], flush=True)
+        else:
+            for kind, r in payload["callback"].items():
+                if kind != "model":
+                    print(f"  callback {kind}: step {r['step_s_plain'] * 1e3:.0f} ms plain, "
+                          f"{r['step_s_during'] * 1e3:.0f} ms during ({r['during_ratio']:.3f}×); after pass "
+                          f"{fmt(r['after_pass_s'])} s = {fmt(r['after_pass_in_steps'], '.1f')} steps", flush=True)
+
+    floor_key = "floor (read all + streamed write)"
+    table = build_table(jobs, floor_key)
+    result["table_markdown"] = table
+    result["load_end"] = os.getloadavg()
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print()
+    print(table)
+    if result.get("callback"):
+        print()
+        print("| callback | step plain ms | step during ms | ratio | after pass s | after in steps |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for kind, r in result["callback"].items():
+            if kind != "model":
+                print(f"| {kind} | {r['step_s_plain'] * 1e3:.0f} | {r['step_s_during'] * 1e3:.0f} | "
+                      f"{r['during_ratio']:.3f}× | {fmt(r['after_pass_s'])} | {fmt(r['after_pass_in_steps'], '.1f')} |")
+    print(f"\nload average start {result['load_start'][0]:.2f}, end {result['load_end'][0]:.2f}; "
+          f"results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
