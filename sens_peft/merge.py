@@ -21,7 +21,6 @@ import os
 import queue
 import re
 import resource
-import shutil
 import sys
 import threading
 import time
@@ -577,7 +576,7 @@ def merge_adapters(
         inputs = [f for f in folders if f is not None]
         with atomic_output_dir(save_to, overwrite=overwrite, inputs=inputs) as tmp:
             if cfg.output == "lora":
-                _save_adapter(peft_model, adapter_name, tmp, bool(owners))
+                _save_adapter(peft_model, adapter_name, tmp, sorted(owners))
                 base_id = getattr(peft_model.peft_config[adapter_name], "base_model_name_or_path", None)
             else:
                 result_model.save_pretrained(tmp)
@@ -663,28 +662,16 @@ def _copy_modules_to_save(peft_model, module_name: str, owner: str, adapter_name
     logger.info("module %s is taken whole from adapter %r (modules_to_save, not scaled)", module_name, owner)
 
 
-def _save_adapter(peft_model, adapter_name: str, folder: Path, has_modules_to_save: bool) -> None:
+def _save_adapter(peft_model, adapter_name: str, folder: Path, modules_to_save: Sequence[str] = ()) -> None:
     """Save one adapter with its files at the top of ``folder`` (loadable by ``PeftModel.from_pretrained``).
 
-    The LoRA factors are written directly: PEFT's ``save_pretrained`` drops every key containing
-    ``.<other adapter name>.``, so an expert adapter named like a module (e.g. ``mlp``) would silently remove
-    the merged adapter's ``...mlp...`` factors from the file.
+    The tensors are written directly, with PEFT's key layout (``base_model.model.<module>.lora_A.weight``;
+    ``base_model.model.<module>.<param>`` for ``modules_to_save``): PEFT's ``save_pretrained`` drops every key
+    containing ``.<other adapter name>.``, so an expert adapter named like a module (e.g. ``mlp``) would silently
+    remove the merged adapter's ``...mlp...`` factors from the file.
     """
     from safetensors.torch import save_file
 
-    if has_modules_to_save:
-        clashes = [a for a in peft_model.peft_config if a != adapter_name and any(
-            f".{a}." in f".{n}." for n, _ in peft_model.base_model.model.named_modules())]
-        if clashes:
-            raise MergeError(f"adapters {clashes} are named like model modules; PEFT cannot save modules_to_save "
-                             "next to them. Load the experts under other names")
-        peft_model.save_pretrained(str(folder), selected_adapters=[adapter_name])
-        nested = folder / adapter_name
-        if nested.is_dir():
-            for item in nested.iterdir():
-                os.replace(item, folder / item.name)
-            shutil.rmtree(nested)
-        return
     tensors: dict[str, torch.Tensor] = {}
     for module in lora_modules(peft_model):
         factors = module.factors(adapter_name)
@@ -697,6 +684,11 @@ def _save_adapter(peft_model, adapter_name: str, folder: Path, has_modules_to_sa
             keys = (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight")
         tensors[keys[0]] = factors.A.detach().cpu().contiguous().clone()
         tensors[keys[1]] = factors.B.detach().cpu().contiguous().clone()
+    root = peft_model.base_model.model
+    for module_name in modules_to_save:
+        copy = root.get_submodule(module_name).modules_to_save[adapter_name]
+        for param, value in copy.state_dict().items():
+            tensors[f"base_model.model.{module_name}.{param}"] = value.detach().cpu().contiguous().clone()
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg = dataclasses.replace(peft_model.peft_config[adapter_name], inference_mode=True)
     cfg.save_pretrained(str(folder))

@@ -275,3 +275,25 @@ def test_explicit_sensitivities_for_loaded_adapters(adapter_dirs, sens_dirs):
     from_folders = merge_adapters(_base(), [sens_dirs[n] for n in NAMES], sens="task", temperature=0.5,
                                   device="cpu", progress=False)
     torch.testing.assert_close(explicit.coefficients.values, from_folders.coefficients.values)
+
+
+def test_modules_to_save_and_foreign_base(adapter_dirs, tmp_path):
+    from peft import PeftModel
+
+    owner = make_lora_adapter(_base, tmp_path / "owner", r=4, alpha=8, seed=6, modules_to_save=["lm_head"])
+    other = make_lora_adapter(_base, tmp_path / "other", r=4, alpha=8, seed=7, modules_to_save=["lm_head"])
+    model = PeftModel.from_pretrained(_base(), str(owner), adapter_name="owner")
+    model.load_adapter(str(adapter_dirs["math"]), adapter_name="math")
+    report = merge_adapters(model, ["owner", "math"], sens=None, save_to=tmp_path / "out", device="cpu",
+                            progress=False)
+    heads = model.base_model.model.lm_head.modules_to_save
+    assert torch.equal(heads["merged"].weight, heads["owner"].weight)  # taken whole from its one owner
+    reloaded = PeftModel.from_pretrained(_base(), str(report.output_dir))
+    assert torch.equal(reloaded.base_model.model.lm_head.modules_to_save["default"].weight, heads["owner"].weight)
+    model.load_adapter(str(other), adapter_name="other")
+    with pytest.raises(MergeError, match="modules_to_save"):
+        merge_adapters(model, ["owner", "other"], sens=None, adapter_name="m2")
+    # an adapter trained on a base of another size
+    wide = make_lora_adapter(lambda: tiny_llama(seed=0, hidden_size=48), tmp_path / "wide", seed=8)
+    with pytest.raises(MergeError, match=r"adapter 'wide'.*does not fit the base model"):
+        merge_adapters(_base(), [adapter_dirs["math"], wide], sens=None)
