@@ -1,0 +1,730 @@
+"""A built-in toy suite: a character tokenizer, a tiny Llama, synthetic tasks, training and evaluation.
+
+The suite is the project's scientific instrument: it must reproduce the regime in which merging real LLMs is
+meaningful, i.e. a base model that already half-knows every task and experts whose task vectors are small. A
+tiny model pre-trained only on generic strings and then fine-tuned hard gives task vectors so large that every
+merge collapses to ~0%, so :func:`pretrain_base` mixes a share of every task (train split only) into the
+generic pre-training corpus and stops early, leaving the base at roughly 10-50% per task; :func:`train_expert`
+then fine-tunes lightly (LoRA, a few hundred steps) to >= 90% on one task.
+
+Everything is built in memory from fixed seeds (no downloads)::
+
+    from sens_peft import toy
+    tok = toy.build_tokenizer()
+    base = toy.pretrain_base()                      # cached under ~/.cache/sens_peft/toy/<hash>
+    expert = toy.train_expert(base, "add", steps=200, output_dir="out/add")
+    print(toy.evaluate(expert, ["add", "reverse"], n=100))
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TOY_VERSION = "1"  # bump when the data, model or pre-training changes, so cached bases are not reused
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------------
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
+DIGITS = "0123456789"
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+SYMBOLS = " +-=>,.:;|"
+
+
+@dataclass(frozen=True)
+class Task:
+    """A synthetic task: a tag token and a generator of ``(input, answer)`` string pairs.
+
+    Args:
+        name: Short name (``"add"``).
+        tag: Tag token that prefixes every prompt (``"<add>"``); one token of the toy vocabulary.
+        generate: ``rng -> (input, answer)``; must be deterministic given the ``random.Random`` state.
+        solve: Independent reference solver ``input -> answer`` (used by tests and as a check).
+        description: One line for tables and docs.
+    """
+
+    name: str
+    tag: str
+    generate: Callable[[random.Random], tuple[str, str]]
+    solve: Callable[[str], str]
+    description: str = ""
+
+    def prompt(self, x: str) -> str:
+        """The prompt text (without BOS) for an input: ``<tag>input=``."""
+        return f"{self.tag}{x}="
+
+
+def _rand_word(rng: random.Random, lo: int, hi: int, alphabet: str = LETTERS) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+
+
+def _gen_add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return f"{a}+{b}", str(a + b)
+
+
+def _solve_add(x: str) -> str:
+    a, b = x.split("+")
+    return str(int(a) + int(b))
+
+
+def _gen_reverse(rng: random.Random) -> tuple[str, str]:
+    w = _rand_word(rng, 3, 6)
+    return w, w[::-1]
+
+
+def _gen_sort(rng: random.Random) -> tuple[str, str]:
+    w = _rand_word(rng, 3, 6)
+    return w, "".join(sorted(w))
+
+
+# A fixed substitution cipher (a permutation of the alphabet drawn once from seed 1234).
+_CIPHER_SRC = LETTERS
+_CIPHER_DST = "".join(random.Random(1234).sample(LETTERS, len(LETTERS)))
+CIPHER = dict(zip(_CIPHER_SRC, _CIPHER_DST))
+
+
+def _gen_cipher(rng: random.Random) -> tuple[str, str]:
+    w = _rand_word(rng, 3, 6)
+    return w, "".join(CIPHER[c] for c in w)
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("add", "<add>", _gen_add, _solve_add, "sum of two numbers in [0, 99]"),
+        Task("reverse", "<rev>", _gen_reverse, lambda x: x[::-1], "reverse 3-6 letters"),
+        Task("sort", "<sort>", _gen_sort, lambda x: "".join(sorted(x)), "sort 3-6 letters"),
+        Task("cipher", "<map>", _gen_cipher, lambda x: "".join(CIPHER[c] for c in x),
+             "fixed letter substitution of 3-6 letters"),
+    )
+}
+TASK_NAMES: list[str] = list(TASKS)
+TAG_TOKENS = [t.tag for t in TASKS.values()] + ["<txt>"]
+MAX_ANSWER_TOKENS = 7  # longest answer (6 letters) + EOS
+
+
+def vocabulary() -> list[str]:
+    """The fixed toy vocabulary, in id order."""
+    return SPECIAL_TOKENS + TAG_TOKENS + list(DIGITS) + list(LETTERS) + list(SYMBOLS)
+
+
+def build_tokenizer():
+    """A character-level ``PreTrainedTokenizerFast`` over :func:`vocabulary` (built in memory).
+
+    Every character is one token; tag tokens (``<add>`` ...) and ``<pad>/<bos>/<eos>/<unk>`` are special
+    tokens. ``encode`` adds no BOS/EOS by itself (the dataset code adds them explicitly), and ``decode``
+    joins characters without spaces.
+
+    Returns:
+        `transformers.PreTrainedTokenizerFast` with ``padding_side="left"`` (for batched generation).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(vocabulary())}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    tk.add_special_tokens(SPECIAL_TOKENS + TAG_TOKENS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        additional_special_tokens=TAG_TOKENS,
+        padding_side="left",
+        model_max_length=64,
+    )
+    tok.name_or_path = "sens-peft-toy-char"
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Splits
+# ----------------------------------------------------------------------------------------------------------
+
+SPLIT_SIZES = {"train": 4000, "validation": 200, "test": 300}
+DATA_SEED = 20250217
+
+
+def _task_seed(task: str, seed: int) -> int:
+    # Stable across processes (unlike hash()).
+    return int.from_bytes(hashlib.sha256(f"{task}:{seed}".encode()).digest()[:8], "little")
+
+
+def task_splits(task: str, seed: int = DATA_SEED, sizes: dict[str, int] | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Deterministic, disjoint ``train`` / ``validation`` / ``test`` splits of one task.
+
+    Examples are drawn from a generator seeded by ``(task, seed)``; duplicates of an input are dropped, so
+    no input appears in two splits.
+
+    Args:
+        task: A name in :data:`TASKS`.
+        seed: Data seed.
+        sizes: Examples per split (default :data:`SPLIT_SIZES`).
+
+    Returns:
+        ``{"train": [(input, answer), ...], "validation": [...], "test": [...]}``
+    """
+    return _task_splits_cached(task, seed, tuple(sorted((sizes or SPLIT_SIZES).items())))
+
+
+_SPLIT_CACHE: dict[tuple, dict[str, list[tuple[str, str]]]] = {}
+
+
+def _task_splits_cached(task: str, seed: int, sizes: tuple) -> dict[str, list[tuple[str, str]]]:
+    key = (task, seed, sizes)
+    if key not in _SPLIT_CACHE:
+        spec = get_task(task)
+        size = dict(sizes)
+        total = sum(size.values())
+        rng = random.Random(_task_seed(task, seed))
+        seen: dict[str, str] = {}
+        attempts = 0
+        while len(seen) < total:
+            x, y = spec.generate(rng)
+            seen.setdefault(x, y)
+            attempts += 1
+            if attempts > 50 * total:
+                raise RuntimeError(f"task {task!r}: could only draw {len(seen)} distinct inputs of {total}")
+        items = list(seen.items())
+        # Test and validation come first so that enlarging the train split never changes them.
+        out, start = {}, 0
+        for split in ("test", "validation", "train"):
+            n = size.get(split, 0)
+            out[split] = items[start : start + n]
+            start += n
+        _SPLIT_CACHE[key] = out
+    return {k: list(v) for k, v in _SPLIT_CACHE[key].items()}
+
+
+def get_task(task: str | Task) -> Task:
+    """Look up a task by name (or pass a :class:`Task` through)."""
+    if isinstance(task, Task):
+        return task
+    if task not in TASKS:
+        raise KeyError(f"unknown toy task {task!r}; available: {TASK_NAMES}")
+    return TASKS[task]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets and collator
+# ----------------------------------------------------------------------------------------------------------
+
+
+def encode_example(tokenizer, task: str | Task, x: str, y: str) -> dict[str, list[int]]:
+    """Token ids of one example: ``<bos><tag>x=`` (prompt, labels -100) then ``y<eos>`` (scored)."""
+    spec = get_task(task)
+    prompt = [tokenizer.bos_token_id] + tokenizer.encode(spec.prompt(x), add_special_tokens=False)
+    answer = tokenizer.encode(y, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return {
+        "input_ids": prompt + answer,
+        "attention_mask": [1] * (len(prompt) + len(answer)),
+        "labels": [-100] * len(prompt) + answer,
+    }
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A list of feature dicts as a map-style dataset (what ``Trainer`` needs; no ``datasets`` dependency)."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+def task_dataset(task: str, split: str = "train", tokenizer=None, n: int | None = None) -> ListDataset:
+    """Tokenised examples of a task split with the prompt masked out of ``labels``.
+
+    Args:
+        task: Task name.
+        split: ``"train"``, ``"validation"`` or ``"test"``.
+        tokenizer: Toy tokenizer (built if None).
+        n: Keep only the first ``n`` examples.
+
+    Returns:
+        `ListDataset` of dicts with ``input_ids``, ``attention_mask``, ``labels`` (lists of ints).
+    """
+    tokenizer = tokenizer or build_tokenizer()
+    pairs = task_splits(task)[split][:n]
+    return ListDataset([encode_example(tokenizer, task, x, y) for x, y in pairs])
+
+
+def text_rows(task: str, split: str = "train", n: int | None = None) -> list[dict[str, str]]:
+    """Plain-text ``{"prompt", "completion"}`` rows (for TRL's ``SFTTrainer``); BOS/EOS are left to TRL."""
+    spec = get_task(task)
+    return [{"prompt": spec.prompt(x), "completion": y} for x, y in task_splits(task)[split][:n]]
+
+
+@dataclass
+class ToyCollator:
+    """Right-pads ``input_ids``/``attention_mask`` with the pad id and ``labels`` with -100."""
+
+    pad_token_id: int = 0
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.as_tensor(r["input_ids"])
+            mask[i, :n] = 1
+            labels[i, :n] = torch.as_tensor(r.get("labels", r["input_ids"]))
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model and pre-training
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ToySettings:
+    """Everything that determines the pre-trained toy base (its hash names the cache folder).
+
+    Args:
+        hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads:
+            `LlamaConfig` sizes (>= 8 layers so that per-layer coefficients have room).
+        steps: Pre-training optimizer steps.
+        batch_size: Sequences per step.
+        lr: Peak AdamW learning rate (cosine decay, 5% warm-up).
+        task_share: Fraction of pre-training sequences drawn from the tasks' train splits (split evenly);
+            the rest is generic text. Sets how much of every task the base already knows.
+        seed: Initialisation and data-order seed.
+    """
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 3e-3
+    task_share: float = 0.3
+    seed: int = 0
+
+    def digest(self) -> str:
+        blob = json.dumps({"v": TOY_VERSION, **dataclasses.asdict(self), "tasks": TASK_NAMES}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def build_model(settings: ToySettings | None = None, tokenizer=None, seed: int | None = None):
+    """A randomly initialised tiny `LlamaForCausalLM` sized by ``settings`` over the toy vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = settings or ToySettings()
+    tokenizer = tokenizer or build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.num_hidden_layers,
+        num_attention_heads=settings.num_attention_heads,
+        num_key_value_heads=settings.num_key_value_heads,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(settings.seed if seed is None else seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def _generic_text(rng: random.Random) -> str:
+    """One line of generic pre-training text: words, numbers and light punctuation, no task tags."""
+    parts = []
+    while sum(len(p) + 1 for p in parts) < rng.randint(10, 22):
+        r = rng.random()
+        if r < 0.6:
+            parts.append(_rand_word(rng, 1, 6))
+        elif r < 0.85:
+            parts.append(str(rng.randint(0, 999)))
+        else:
+            parts.append(rng.choice(["+", "-", "=", ",", ".", ":", "|", ">"]))
+    return "<txt>" + " ".join(parts)
+
+
+def pretraining_rows(tokenizer, settings: ToySettings, n: int) -> list[list[int]]:
+    """``n`` pre-training sequences (token ids): generic text plus ``task_share`` of task train examples."""
+    rng = random.Random(settings.seed + 7)
+    train = {t: task_splits(t)["train"] for t in TASK_NAMES}
+    rows = []
+    for _ in range(n):
+        if rng.random() < settings.task_share:
+            task = rng.choice(TASK_NAMES)
+            x, y = rng.choice(train[task])
+            rows.append(encode_example(tokenizer, task, x, y)["input_ids"])
+        else:
+            text = _generic_text(rng)
+            rows.append([tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+                        + [tokenizer.eos_token_id])
+    return rows
+
+
+def default_cache_dir() -> Path:
+    """``$SENS_PEFT_CACHE/toy`` or ``~/.cache/sens_peft/toy``."""
+    root = os.environ.get("SENS_PEFT_CACHE")
+    return Path(root) / "toy" if root else Path.home() / ".cache" / "sens_peft" / "toy"
+
+
+def base_path(settings: ToySettings | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder where the base for ``settings`` is (or would be) cached."""
+    settings = settings or ToySettings()
+    return Path(cache_dir or default_cache_dir()) / settings.digest()
+
+
+def pretrain_base(
+    settings: ToySettings | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: bool = False,
+    **overrides: Any,
+):
+    """Pre-train (or load the cached) toy base model.
+
+    The base is trained with a plain AdamW loop on generic text plus ``task_share`` of task examples (full
+    next-token loss) and saved with its tokenizer under ``cache_dir/<hash of settings>``; a later call with the
+    same settings loads it from there. ``model.name_or_path`` is that folder, so it can be passed as
+    ``base=`` to :func:`sens_peft.merge_models`.
+
+    Args:
+        settings: `ToySettings` (defaults if None).
+        cache_dir: Cache root (default :func:`default_cache_dir`).
+        force: Retrain even if a cached copy exists.
+        progress: Log the loss every 100 steps at INFO level.
+        **overrides: Fields of `ToySettings` to override (``steps=600``).
+
+    Returns:
+        `LlamaForCausalLM` in eval mode, fp32, on CPU.
+    """
+    from transformers import LlamaForCausalLM
+
+    settings = dataclasses.replace(settings or ToySettings(), **overrides)
+    path = base_path(settings, cache_dir)
+    if not force and (path / "config.json").exists():
+        logger.info("toy base: loading cached %s", path)
+        model = LlamaForCausalLM.from_pretrained(path)
+        return model.eval()
+
+    tokenizer = build_tokenizer()
+    model = build_model(settings, tokenizer)
+    rows = pretraining_rows(tokenizer, settings, settings.steps * settings.batch_size)
+    collate = ToyCollator(tokenizer.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, settings.steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, settings.steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    start = time.perf_counter()
+    for step in range(settings.steps):
+        chunk = rows[step * settings.batch_size : (step + 1) * settings.batch_size]
+        batch = collate([{"input_ids": r} for r in chunk])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if progress and (step + 1) % 100 == 0:
+            logger.info("toy base: step %d/%d loss %.3f (%.0f s)", step + 1, settings.steps, loss.item(),
+                        time.perf_counter() - start)
+    model.eval()
+
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "toy_settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process cached the same base meanwhile; keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    model.name_or_path = str(path)
+    model.config._name_or_path = str(path)
+    logger.info("toy base: pre-trained in %.1f s, cached at %s", time.perf_counter() - start, path)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Experts
+# ----------------------------------------------------------------------------------------------------------
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_config(r: int = 8, alpha: int = 16, targets: Sequence[str] = LORA_TARGETS):
+    """The default `peft.LoraConfig` of toy experts."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                      task_type="CAUSAL_LM")
+
+
+def training_args(output_dir: str | os.PathLike, *, steps: int, lr: float, batch_size: int = 32, seed: int = 0,
+                  **kwargs: Any):
+    """`TrainingArguments` for a toy expert: CPU-friendly, fp32, no checkpoints or logging unless asked."""
+    from transformers import TrainingArguments
+
+    defaults = dict(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0, seed=seed,
+        data_seed=seed, save_strategy="no", report_to="none", logging_steps=max(1, steps // 5),
+        disable_tqdm=True, dataloader_pin_memory=False, use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+    )
+    defaults.update(kwargs)
+    return TrainingArguments(**defaults)
+
+
+def train_expert(
+    base,
+    task: str,
+    *,
+    steps: int = 200,
+    callbacks: Sequence[Any] | None = None,
+    output_dir: str | os.PathLike = "toy_expert",
+    lora: bool = True,
+    seed: int = 0,
+    lr: float | None = None,
+    batch_size: int = 32,
+    lora_r: int = 8,
+    save: bool = False,
+    tokenizer=None,
+    **training_kwargs: Any,
+):
+    """Fine-tune one expert on a task's train split with `transformers.Trainer`.
+
+    The base is deep-copied first, so one base object can serve several experts.
+
+    Args:
+        base: The toy base (`LlamaForCausalLM`).
+        task: Task name.
+        steps: Optimizer steps.
+        callbacks: Trainer callbacks (e.g. `SensitivityCallback`).
+        output_dir: Trainer output folder (also where ``save=True`` writes the expert).
+        lora: LoRA (PEFT, ``r=lora_r`` on every linear layer) or full fine-tuning.
+        seed: Trainer seed (init of LoRA A, data order).
+        lr: Learning rate (default 3e-3 for LoRA, 5e-4 for full fine-tuning).
+        batch_size: Sequences per step.
+        lora_r: LoRA rank (alpha = 2r).
+        save: Call ``trainer.save_model(output_dir)`` at the end (callbacks then write their sidecars there).
+        tokenizer: Toy tokenizer (built if None); saved with the expert when ``save``.
+        **training_kwargs: Extra `TrainingArguments` fields.
+
+    Returns:
+        The trained model (`PeftModel` for LoRA, `LlamaForCausalLM` otherwise) in eval mode.
+    """
+    from transformers import Trainer
+
+    tokenizer = tokenizer or build_tokenizer()
+    model = copy.deepcopy(base)
+    if lora:
+        from peft import get_peft_model
+
+        torch.manual_seed(seed)
+        model = get_peft_model(model, lora_config(r=lora_r, alpha=2 * lora_r))
+    lr = lr if lr is not None else (3e-3 if lora else 5e-4)
+    args = training_args(output_dir, steps=steps, lr=lr, batch_size=batch_size, seed=seed, **training_kwargs)
+    trainer = Trainer(model=model, args=args, train_dataset=task_dataset(task, "train", tokenizer),
+                      data_collator=ToyCollator(tokenizer.pad_token_id), callbacks=list(callbacks or []))
+    trainer.train()
+    if save:
+        trainer.save_model(str(output_dir))
+        tokenizer.save_pretrained(str(output_dir))
+    return trainer.model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError, TypeError):
+        return torch.device("cpu")
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.as_tensor(s)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def decode_answer(tokenizer, new_tokens: Sequence[int]) -> str:
+    """The answer text in generated tokens: everything before the first EOS (or pad), specials dropped."""
+    out = []
+    for t in new_tokens:
+        t = int(t)
+        if t in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+            break
+        out.append(t)
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def predict(model, task: str, inputs: Sequence[str], *, tokenizer=None, batch_size: int = 256) -> list[str]:
+    """Greedy answers of ``model`` for task inputs (batched, left padded, via ``model.generate``)."""
+    tokenizer = tokenizer or build_tokenizer()
+    spec = get_task(task)
+    device = _model_device(model)
+    answers: list[str] = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        prompts = [[tokenizer.bos_token_id] + tokenizer.encode(spec.prompt(x), add_special_tokens=False)
+                   for x in chunk]
+        ids, mask = _left_pad(prompts, tokenizer.pad_token_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=MAX_ANSWER_TOKENS, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        answers.extend(decode_answer(tokenizer, row[ids.shape[1] :].tolist()) for row in out)
+    return answers
+
+
+@torch.no_grad()
+def answer_loglik(model, task: str, pairs: Sequence[tuple[str, str]], *, tokenizer=None,
+                  batch_size: int = 256) -> float:
+    """Mean per-token log-likelihood of the true answers (answer tokens + EOS) under ``model``."""
+    tokenizer = tokenizer or build_tokenizer()
+    device = _model_device(model)
+    collate = ToyCollator(tokenizer.pad_token_id)
+    total, count = 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        rows = [encode_example(tokenizer, task, x, y) for x, y in pairs[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(rows).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = batch["labels"][:, 1:]
+        scored = target != -100
+        picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        total += float(picked[scored].sum())
+        count += int(scored.sum())
+    return total / max(count, 1)
+
+
+def evaluate(
+    model,
+    tasks: Sequence[str] | str | None = None,
+    split: str = "test",
+    n: int | None = None,
+    batch_size: int = 256,
+    *,
+    tokenizer=None,
+    loglik: bool = False,
+) -> dict[str, float]:
+    """Per-task exact-match accuracy by batched greedy decoding.
+
+    Args:
+        model: Anything with ``generate(input_ids=, attention_mask=, max_new_tokens=, ...)`` returning the
+            prompt followed by new tokens (a HF model or a `PeftModel` with the adapter to test active).
+        tasks: Task names (default: all).
+        split: Which split to score.
+        n: Score only the first ``n`` examples of the split.
+        batch_size: Prompts per ``generate`` call.
+        tokenizer: Toy tokenizer (built if None).
+        loglik: Also report ``"<task>/loglik"``: mean per-token log-likelihood of the true answer.
+
+    Returns:
+        ``{task: accuracy in [0, 1]}`` (plus ``"<task>/loglik"`` entries when asked).
+    """
+    tokenizer = tokenizer or build_tokenizer()
+    if tasks is None:
+        tasks = TASK_NAMES
+    elif isinstance(tasks, str):
+        tasks = [tasks]
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    results: dict[str, float] = {}
+    try:
+        for task in tasks:
+            pairs = task_splits(task)[split][:n]
+            preds = predict(model, task, [x for x, _ in pairs], tokenizer=tokenizer, batch_size=batch_size)
+            results[task] = sum(p == y for p, (_, y) in zip(preds, pairs)) / max(len(pairs), 1)
+            if loglik:
+                results[f"{task}/loglik"] = answer_loglik(model, task, pairs, tokenizer=tokenizer,
+                                                          batch_size=batch_size)
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    return results
+
+
+def normalized_accuracy(merged: dict[str, float], experts: dict[str, float]) -> dict[str, float]:
+    """Merged accuracy divided by each task's own expert accuracy, plus their ``"avg"``.
+
+    Args:
+        merged: ``{task: acc}`` of the merged model.
+        experts: ``{task: acc of that task's own expert}``.
+
+    Returns:
+        ``{task: merged/expert, ..., "avg": mean over tasks}`` (a task whose expert scores 0 gives 0).
+    """
+    out = {}
+    for task, ref in experts.items():
+        if task not in merged:
+            raise KeyError(f"normalized_accuracy: merged results have no task {task!r} (have {sorted(merged)})")
+        out[task] = merged[task] / ref if ref > 0 else 0.0
+    out["avg"] = sum(out.values()) / max(len(out), 1)
+    return out
+
+
+def format_table(rows: dict[str, dict[str, float]], tasks: Sequence[str], *, percent: bool = True,
+                 extra: Optional[Sequence[str]] = ("avg",)) -> str:
+    """A fixed-width text table: one row per entry of ``rows``, one column per task (+ ``extra``)."""
+    cols = list(tasks) + [c for c in (extra or []) if any(c in r for r in rows.values())]
+    width = max(12, *(len(k) for k in rows)) + 2
+    head = "".ljust(width) + "".join(c[:9].rjust(10) for c in cols)
+    lines = [head, "-" * len(head)]
+    for name, vals in rows.items():
+        cells = []
+        for c in cols:
+            v = vals.get(c)
+            cells.append("".rjust(10) if v is None else (f"{100 * v:9.1f}%" if percent else f"{v:10.3f}"))
+        lines.append(name.ljust(width) + "".join(cells))
+    return "\n".join(lines)
