@@ -133,7 +133,8 @@ def job_sens(args: dict) -> None:
 
     from sens_peft import merge_models
 
-    kwargs = dict(method=args["method"], max_shard_size=args["shard_size"], overwrite=True, device="cpu",
+    kwargs = dict(method=args["method"], max_shard_size=args["shard_size"], overwrite=True,
+                  device=args.get("device", "cpu"),
                   progress=False)
     if args["method"] != "task_arithmetic":
         kwargs["density"] = DENSITY
@@ -448,6 +449,9 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeat", type=int, default=1, help="runs per sens-peft/floor job (min is reported)")
     parser.add_argument("--shard-size", default="500MB", help="input and output shard size (all tools)")
+    parser.add_argument("--device", default="cpu", help="device= for merge_models (cpu, cuda)")
+    parser.add_argument("--shape", help="custom full-model shape 'hidden,intermediate,layers,vocab' "
+                        "(e.g. 4096,11008,4,32000 for 7B-like tensors)")
     parser.add_argument("--mergekit-python", default="/work/mk-venv/bin/python")
     parser.add_argument("--out", default=str(HERE / "results" / "speed.json"))
     parser.add_argument("--timeout", type=float, default=1800)
@@ -467,9 +471,13 @@ def main() -> None:
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     shape = syn.SMALL_SHAPE if args.small else syn.FULL_SHAPE
+    tag = "full_small" if args.small else "full"
+    if args.shape:
+        hidden, inter, layers, vocab = (int(v) for v in args.shape.split(","))
+        shape = syn.ModelShape(hidden, inter, layers, hidden // 128, hidden // 128, vocab)
+        tag = "full_" + args.shape.replace(",", "_")
     t0 = time.perf_counter()
-    base, experts = syn.make_full_experts(work / ("full_small" if args.small else "full"), shape, K,
-                                          args.shard_size)
+    base, experts = syn.make_full_experts(work / tag, shape, K, args.shard_size)
     gen_s = time.perf_counter() - t0
     model_gb = syn.folder_bytes(base) / 1e9
     print(f"inputs: base + {K} experts, {shape.num_params() / 1e6:.0f}M params, {model_gb:.2f} GB each "
@@ -483,13 +491,15 @@ def main() -> None:
                      "transferability": TRANSFER, "page_cache": "warm: every input file read once (untimed) "
                      "and os.sync() before each job; outputs deleted after each job; no fsync",
                      "timing": "inside the child around the merge call; whole_s = whole subprocess"},
+        "device": args.device,
         "load_start": os.getloadavg(),
         "jobs": {},
     }
     jobs = result["jobs"]
     me = [sys.executable, str(Path(__file__).resolve())]
     out_root = work / "out"
-    common = {"base": str(base), "experts": [str(e) for e in experts], "shard_size": args.shard_size}
+    common = {"base": str(base), "experts": [str(e) for e in experts], "shard_size": args.shard_size,
+              "device": args.device}
 
     def measure(key: str, cmd_fn, repeat: int = 1) -> None:
         best = None

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One prepared GPU check (≤ 10 minutes on one CUDA machine):
+#   1. install the package (torch already present, else torch==2.13.0),
+#   2. speed benchmark at a 7B-like tensor shape (hidden 4096, intermediate 11008, 4 layers, vocab 32000:
+#      1.07B parameters, 2.1 GB per model in bf16) with merge_models(device="cuda"): floor + TA/TIES/DARE-TIES,
+#      plain and Sens,
+#   3. the quick start (recipes/quickstart.py) on the GPU,
+#   4. a short table.
+# Results go to $OUT (the device tool's output folder) or /tmp/sens_peft_gpu.
+# Usage: bash benchmarks/gpu_check.sh            (LAYERS=2 bash ... for a shorter run)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+OUT=${OUT:-/tmp/sens_peft_gpu}
+LAYERS=${LAYERS:-4}
+WORK=${WORK:-/tmp/sens_peft_speed_gpu}
+mkdir -p "$OUT"
+T0=$(date +%s)
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+nproc; free -g | head -2
+
+echo "== install"
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install -q torch==2.13.0 || exit 1
+fi
+python -m pip install -q -e . >"$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+python - <<'EOF' || exit 1
+import torch, transformers, peft, sens_peft
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+print("transformers", transformers.__version__, "peft", peft.__version__, "sens_peft", sens_peft.__version__)
+assert torch.cuda.is_available(), "CUDA not available"
+EOF
+
+echo "== speed benchmark, 7B-like tensors, device=cuda (budget 420 s)"
+timeout 420 python benchmarks/speed.py --only floor,sens --device cuda \
+  --shape "4096,11008,${LAYERS},32000" --shard-size 2GB --workdir "$WORK" \
+  --out "$OUT/speed_gpu.json" 2>&1 | tee "$OUT/speed_gpu.log"
+SPEED_RC=${PIPESTATUS[0]}
+cp "$WORK"/logs/*.log "$OUT/" 2>/dev/null || true
+
+echo "== quick start on the GPU (budget 120 s)"
+QS_T0=$(date +%s.%N)
+if [ -f recipes/quickstart.py ]; then
+  timeout 120 python recipes/quickstart.py >"$OUT/quickstart.log" 2>&1
+  QS_RC=$?
+else
+  echo "recipes/quickstart.py not found" >"$OUT/quickstart.log"
+  QS_RC=127
+fi
+QS_S=$(python -c "import time; print(f'{time.time() - $QS_T0:.1f}')")
+tail -15 "$OUT/quickstart.log"
+
+echo "== summary"
+python - "$OUT/speed_gpu.json" "$SPEED_RC" "$QS_RC" "$QS_S" <<'EOF'
+import json, sys
+path, speed_rc, qs_rc, qs_s = sys.argv[1:5]
+try:
+    res = json.load(open(path))
+except Exception as err:
+    print(f"speed benchmark: no results ({err}), rc={speed_rc}")
+    res = None
+if res:
+    inp = res["inputs"]
+    print(f"inputs: base + {inp['num_experts']} experts, {inp['params_m']:.0f}M params, "
+          f"{inp['gb_per_model']:.2f} GB each; device {res.get('device')}")
+    print(res.get("table_markdown", ""))
+print(f"\n| check | rc | seconds |\n|---|---:|---:|\n| speed.py (cuda) | {speed_rc} | – |\n"
+      f"| recipes/quickstart.py | {qs_rc} | {qs_s} |")
+EOF
+echo "total $(( $(date +%s) - T0 )) s"
