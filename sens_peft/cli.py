@@ -6,6 +6,7 @@ A thin layer: every command parses its arguments, calls the library, and prints 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -113,7 +114,9 @@ def plot_coefficients(dirs: Sequence[str], output: str, temperature: float = 1.0
         ax.set_yticks(range(n_groups), table.groups)
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(output, dpi=100)
+    # the cell layout travels in the PNG's text chunk so tools (and tests) can read it back
+    layout = {"rows": table.groups, "columns": table.experts, "panels": ["alpha", "c"]}
+    fig.savefig(output, dpi=100, metadata={"Description": json.dumps(layout)})
     plt.close(fig)
     return n_groups, n_experts
 
