@@ -79,15 +79,46 @@ def _is_relative_to(path: Path, other: Path) -> bool:
         return False
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but is not ours, or we cannot tell: keep its folder
+    return True
+
+
+def clean_stale_temps(out: Path) -> list[Path]:
+    """Remove ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` siblings of ``out`` left by dead processes.
+
+    A merge killed with SIGKILL (or a power cut) cannot clean up; its temporary folder carries its pid, so a later
+    merge to the same output removes it once that process is gone. Folders of live processes (a concurrent merge)
+    and folders without a pid are left alone. Returns the folders removed.
+    """
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)-")
+    if not out.parent.is_dir():
+        return removed
+    for sibling in out.parent.iterdir():
+        match = pattern.match(sibling.name)
+        if match and sibling.is_dir() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(sibling, ignore_errors=True)
+            removed.append(sibling)
+            logger.info("removed %s, left by an interrupted merge (process %s)", sibling, match.group(1))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output_dir(
     out_dir: PathLike, overwrite: bool = False, inputs: Optional[list[PathLike]] = None
 ) -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes ``out_dir`` only if the block finishes.
 
-    The temporary folder is ``<parent>/.<name>.tmp-XXXX``; on success it is renamed to ``out_dir`` (replacing an
-    existing folder when ``overwrite``), on any exception it is removed, so an interrupted merge never leaves a
-    partial output.
+    The temporary folder is ``<parent>/.<name>.tmp-<pid>-XXXX``; on success it is renamed to ``out_dir`` (replacing
+    an existing folder when ``overwrite``), on any exception it is removed, so an interrupted merge never leaves a
+    partial output. A process killed outright (SIGKILL, power loss) leaves its hidden temporary folder behind;
+    the next merge to the same ``out_dir`` removes it (see :func:`clean_stale_temps`).
 
     Args:
         out_dir: Final output folder.
@@ -110,12 +141,13 @@ def atomic_output_dir(
     if out.exists() and not out.is_dir():
         raise MergeError(f"output path {out} exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         if out.exists():
             # Move the old folder aside first so a failure between the two renames loses nothing.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
             old.rmdir()
             os.replace(out, old)
             os.replace(tmp, out)

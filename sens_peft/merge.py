@@ -43,6 +43,7 @@ from .io import (
     read_model_config,
 )
 from .lora import LoraModule, delta_weight, lora_modules, svd_factors
+from .validation import check_adapter_files, check_finite, check_record_matches, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -292,8 +293,40 @@ def _merge_one(config: MergeConfig, deltas, coeffs: torch.Tensor, name: str, imp
     )
 
 
+def _record_source(sensitivities, folders: list[Optional[Path]], k: int) -> str:
+    """Where expert k's sensitivity record came from (for error messages)."""
+    from .store import SENSITIVITY_FILE
+
+    if sensitivities is not None:
+        item = list(sensitivities)[k]
+        return str(item) if isinstance(item, (str, os.PathLike)) else f"sensitivities[{k}]"
+    folder = folders[k]
+    return str(folder / SENSITIVITY_FILE) if folder is not None else f"sensitivities[{k}]"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # LoRA adapters
+
+
+def _modules_to_save_of(peft_model, adapter: str) -> set[str]:
+    from peft.utils import ModulesToSaveWrapper
+
+    return {name for name, module in peft_model.base_model.model.named_modules()
+            if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save}
+
+
+def _check_lora_finite(modules: list[LoraModule], names: list[str], folders: list[Optional[Path]]) -> None:
+    """A NaN/Inf in any LoRA factor would spread through the merged ΔW: refuse, naming expert and tensor."""
+    for module in modules:
+        for name, folder in zip(names, folders):
+            f = module.factors(name)
+            if f is None:
+                continue
+            where = folder / "adapter_model.safetensors" if folder is not None else None
+            suffixes = ("lora_embedding_A", "lora_embedding_B") if module.embedding else ("lora_A.weight",
+                                                                                          "lora_B.weight")
+            for suffix, tensor in zip(suffixes, (f.A, f.B)):
+                check_finite(tensor.detach(), f"expert {name!r}", f"{module.name}.{suffix}", where)
 
 
 def _check_lora_config(name: str, cfg) -> None:
@@ -334,7 +367,8 @@ def _modules_to_save_owners(model, adapters: list[str]) -> dict[str, str]:
     return owners
 
 
-def _prepare_peft_model(model, adapters: Sequence[PathLike]) -> tuple[Any, list[str], list[Optional[Path]]]:
+def _prepare_peft_model(model, adapters: Sequence[PathLike], allow_pickle: bool = False
+                        ) -> tuple[Any, list[str], list[Optional[Path]]]:
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
@@ -357,6 +391,8 @@ def _prepare_peft_model(model, adapters: Sequence[PathLike]) -> tuple[Any, list[
         if not (folder / "adapter_config.json").is_file():
             raise MergeError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
     names = _expert_names(folders)
+    for name, folder in zip(names, folders):
+        check_adapter_files(folder, f"adapter {name!r}", allow_pickle=allow_pickle)
     bases = {}
     for folder in folders:
         try:
@@ -416,6 +452,7 @@ def merge_adapters(
     probes=None,
     overwrite: bool = False,
     progress: Optional[bool] = None,
+    allow_pickle: bool = False,
     **config_kwargs,
 ) -> MergeReport:
     """Merge LoRA adapters, PEFT style, with Sens-Merging coefficients.
@@ -438,6 +475,8 @@ def merge_adapters(
         probes: Per-expert ``ProbeSet`` objects or paths (default: each folder's ``probe.safetensors``).
         overwrite: Allow replacing an existing ``save_to`` folder.
         progress: Show a tqdm bar (default: when stderr is a terminal).
+        allow_pickle: Accept adapter folders holding only ``adapter_model.bin`` (pickle; only for files you
+            trust). By default such folders are refused.
         **config_kwargs: :class:`MergeConfig` fields (``method``, ``density``, ``sens``, ``output``, ``rank``...).
 
     Returns:
@@ -481,7 +520,7 @@ def merge_adapters(
         out = Path(save_to)
         if out.exists() and not overwrite:
             raise MergeError(f"output folder {out.resolve()} already exists; pass overwrite=True to replace it")
-    peft_model, names, folders = _prepare_peft_model(model, adapters)
+    peft_model, names, folders = _prepare_peft_model(model, adapters, allow_pickle=allow_pickle)
     if adapter_name in peft_model.peft_config:
         raise MergeError(f"an adapter named {adapter_name!r} already exists in the model; pick another adapter_name")
     for name in names:
@@ -507,8 +546,16 @@ def merge_adapters(
     if not modules:
         raise MergeError(f"adapters {names} adapt no module of the model")
 
+    _check_lora_finite(modules, names, folders)
+
     # coefficients
     records = _load_records(sensitivities, folders, names, cfg)
+    if records is not None:
+        fingerprint = model_fingerprint(getattr(peft_model.base_model.model, "config", None))
+        for k, (name, record) in enumerate(zip(names, records)):
+            adapted = {m.name for m in modules if name in m.adapters()} | _modules_to_save_of(peft_model, name)
+            check_record_matches(record, f"expert {name!r}", _record_source(sensitivities, folders, k),
+                                 modules=adapted, fingerprint=fingerprint)
     _, need_cross = _sens_parts(cfg)
     transfer = None
     if transferability is not None:
@@ -846,6 +893,11 @@ def merge_models(
     _check_tensors(base_src, expert_srcs, names)
 
     records = _load_records(sensitivities, list(experts), names, cfg)
+    if records is not None:
+        fingerprint = model_fingerprint(base_cfg)
+        for k, (name, record) in enumerate(zip(names, records)):
+            check_record_matches(record, f"expert {name!r}", _record_source(sensitivities, list(experts), k),
+                                 tensors=base_src.names(), fingerprint=fingerprint)
     _, need_cross = _sens_parts(cfg)
     transfer = None
     if transferability is not None:
@@ -878,6 +930,9 @@ def merge_models(
         try:
             for name, base_t, expert_ts in _progress(reader, len(tensor_names), "merging tensors", progress):
                 dtype = out_dtype or base_t.dtype
+                check_finite(base_t, f"base ({base})", name, base_src.file_of(name))
+                for label, src, t in zip(names, expert_srcs, expert_ts):
+                    check_finite(t, f"expert {label!r}", name, src.file_of(name))
                 if all(torch.equal(base_t, t) for t in expert_ts):
                     writer.add(name, base_t.to(dtype) if base_t.is_floating_point() else base_t)
                     copied_count += 1
