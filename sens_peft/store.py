@@ -98,7 +98,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], tar
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        # clone: safetensors refuses tensors sharing storage (e.g. group_scores built as a view of tensor_scores)
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:
