@@ -72,12 +72,19 @@ class Task:
         return f"{self.tag}{x}="
 
 
+# Task difficulty: short fixed-length words over a small alphabet and small addends keep the tasks learnable by
+# a ~1M-parameter model in a few hundred CPU steps while leaving thousands of distinct inputs per task.
+WORD_ALPHABET = "abcdefgh"
+WORD_LEN = 4
+ADD_MAX = 49
+
+
 def _rand_word(rng: random.Random, lo: int, hi: int, alphabet: str = LETTERS) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
 
 
 def _gen_add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, ADD_MAX), rng.randint(0, ADD_MAX)
     return f"{a}+{b}", str(a + b)
 
 
@@ -86,40 +93,42 @@ def _solve_add(x: str) -> str:
     return str(int(a) + int(b))
 
 
+def _word(rng: random.Random) -> str:
+    return _rand_word(rng, WORD_LEN, WORD_LEN, WORD_ALPHABET)
+
+
 def _gen_reverse(rng: random.Random) -> tuple[str, str]:
-    w = _rand_word(rng, 3, 6)
+    w = _word(rng)
     return w, w[::-1]
 
 
 def _gen_sort(rng: random.Random) -> tuple[str, str]:
-    w = _rand_word(rng, 3, 6)
+    w = _word(rng)
     return w, "".join(sorted(w))
 
 
-# A fixed substitution cipher (a permutation of the alphabet drawn once from seed 1234).
-_CIPHER_SRC = LETTERS
-_CIPHER_DST = "".join(random.Random(1234).sample(LETTERS, len(LETTERS)))
-CIPHER = dict(zip(_CIPHER_SRC, _CIPHER_DST))
+# A fixed substitution cipher (a permutation of the task alphabet drawn once from seed 1234).
+CIPHER = dict(zip(WORD_ALPHABET, random.Random(1234).sample(WORD_ALPHABET, len(WORD_ALPHABET))))
 
 
 def _gen_cipher(rng: random.Random) -> tuple[str, str]:
-    w = _rand_word(rng, 3, 6)
+    w = _word(rng)
     return w, "".join(CIPHER[c] for c in w)
 
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("add", "<add>", _gen_add, _solve_add, "sum of two numbers in [0, 99]"),
-        Task("reverse", "<rev>", _gen_reverse, lambda x: x[::-1], "reverse 3-6 letters"),
-        Task("sort", "<sort>", _gen_sort, lambda x: "".join(sorted(x)), "sort 3-6 letters"),
+        Task("add", "<add>", _gen_add, _solve_add, f"sum of two numbers in [0, {ADD_MAX}]"),
+        Task("reverse", "<rev>", _gen_reverse, lambda x: x[::-1], f"reverse {WORD_LEN} letters"),
+        Task("sort", "<sort>", _gen_sort, lambda x: "".join(sorted(x)), f"sort {WORD_LEN} letters"),
         Task("cipher", "<map>", _gen_cipher, lambda x: "".join(CIPHER[c] for c in x),
-             "fixed letter substitution of 3-6 letters"),
+             f"fixed letter substitution of {WORD_LEN} letters"),
     )
 }
 TASK_NAMES: list[str] = list(TASKS)
 TAG_TOKENS = [t.tag for t in TASKS.values()] + ["<txt>"]
-MAX_ANSWER_TOKENS = 7  # longest answer (6 letters) + EOS
+MAX_ANSWER_TOKENS = WORD_LEN + 1  # longest answer (WORD_LEN letters; sums have <= 3 digits) + EOS
 
 
 def vocabulary() -> list[str]:
@@ -163,7 +172,7 @@ def build_tokenizer():
 # Splits
 # ----------------------------------------------------------------------------------------------------------
 
-SPLIT_SIZES = {"train": 4000, "validation": 200, "test": 300}
+SPLIT_SIZES = {"train": 2000, "validation": 200, "test": 300}
 DATA_SEED = 20250217
 
 
@@ -280,6 +289,20 @@ def text_rows(task: str, split: str = "train", n: int | None = None) -> list[dic
     return [{"prompt": spec.prompt(x), "completion": y} for x, y in task_splits(task)[split][:n]]
 
 
+def sft_rows(task: str, split: str = "train", tokenizer=None, n: int | None = None) -> list[dict[str, list[int]]]:
+    """Pre-tokenised rows for TRL's ``SFTTrainer``: ``input_ids`` and ``completion_mask`` (1 on the answer).
+
+    TRL treats a dataset with an ``input_ids`` column as already tokenised, so the prompt keeps its BOS exactly
+    as :func:`evaluate` builds it, and ``completion_only_loss`` scores the answer (+ EOS) only.
+    """
+    tokenizer = tokenizer or build_tokenizer()
+    out = []
+    for x, y in task_splits(task)[split][:n]:
+        ex = encode_example(tokenizer, task, x, y)
+        out.append({"input_ids": ex["input_ids"], "completion_mask": [int(v != -100) for v in ex["labels"]]})
+    return out
+
+
 @dataclass
 class ToyCollator:
     """Right-pads ``input_ids``/``attention_mask`` with the pad id and ``labels`` with -100."""
@@ -314,20 +337,24 @@ class ToySettings:
         steps: Pre-training optimizer steps.
         batch_size: Sequences per step.
         lr: Peak AdamW learning rate (cosine decay, 5% warm-up).
-        task_share: Fraction of pre-training sequences drawn from the tasks' train splits (split evenly);
-            the rest is generic text. Sets how much of every task the base already knows.
+        task_share: Fraction of pre-training sequences drawn from the tasks' train splits; the rest is
+            generic text. With ``steps`` it sets how much of every task the base already knows.
+        task_weights: Relative share of each task within ``task_share`` (easy tasks get less, so that the
+            base lands at a similar partial accuracy on every task).
         seed: Initialisation and data-order seed.
     """
 
-    hidden_size: int = 64
-    intermediate_size: int = 128
+    hidden_size: int = 128
+    intermediate_size: int = 256
     num_hidden_layers: int = 8
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    steps: int = 1200
+    steps: int = 400
     batch_size: int = 64
     lr: float = 3e-3
-    task_share: float = 0.3
+    task_share: float = 0.7
+    task_weights: dict = dataclasses.field(
+        default_factory=lambda: {"add": 3.0, "reverse": 2.0, "sort": 1.0, "cipher": 0.5})
     seed: int = 0
 
     def digest(self) -> str:
@@ -381,9 +408,11 @@ def pretraining_rows(tokenizer, settings: ToySettings, n: int) -> list[list[int]
     rng = random.Random(settings.seed + 7)
     train = {t: task_splits(t)["train"] for t in TASK_NAMES}
     rows = []
+    names = [t for t in TASK_NAMES if settings.task_weights.get(t, 1.0) > 0]
+    weights = [settings.task_weights.get(t, 1.0) for t in names]
     for _ in range(n):
         if rng.random() < settings.task_share:
-            task = rng.choice(TASK_NAMES)
+            task = rng.choices(names, weights)[0]
             x, y = rng.choice(train[task])
             rows.append(encode_example(tokenizer, task, x, y)["input_ids"])
         else:

@@ -1,0 +1,160 @@
+"""Quick start: train LoRA experts with SensitivityCallback, merge them with and without Sens-Merging.
+
+    python recipes/quickstart.py                         # built-in toy suite, CPU, a few minutes
+    python recipes/quickstart.py --quick                 # fewer steps and test examples (a smoke run)
+    python recipes/quickstart.py --model meta-llama/Llama-3.2-1B --tasks ...   # see --model below
+
+Steps (each a few lines below):
+  1. a base model: the built-in tiny Llama, pre-trained once on generic text plus a little of every task and
+     cached (~/.cache/sens_peft/toy), so it already half-knows each task, like a real pre-trained LLM;
+  2. one LoRA expert per task with `transformers.Trainer` + `SensitivityCallback(SensitivityConfig(task=...))`;
+     `trainer.save_model(dir)` writes the adapter and the callback's sidecars (sensitivity + probe) next to it;
+  3. merge: TA, TIES, DARE-TIES, each plain (sens=None) and with Sens-Merging (sens="task+cross");
+  4. a table of exact-match accuracy per task and normalised accuracy (merged acc / that task's expert acc);
+     the best merged adapter is saved (`save_to=`) with its merge card.
+
+`--model NAME` swaps in a hub causal LM (and its tokenizer) for step 1: the toy tasks are then fine-tuned on that
+model as plain text. It is one flag away but not exercised by the project's tests (no downloads here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import Trainer
+
+from sens_peft import MergeConfig, SensitivityCallback, SensitivityConfig, merge_adapters, toy
+
+log = logging.getLogger("quickstart")
+
+MERGES = [  # (label, MergeConfig fields); the Sens variant of each is added below
+    ("TA", dict(method="task_arithmetic", scale=0.7)),
+    ("TIES", dict(method="ties", density=0.5, scale=1.0)),
+    ("DARE-TIES", dict(method="dare_ties", density=0.5, scale=1.0)),
+]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="runs/quickstart", help="experts, merged adapter, results.json")
+    p.add_argument("--tasks", nargs="+", default=toy.TASK_NAMES, choices=toy.TASK_NAMES)
+    p.add_argument("--steps", type=int, default=150, help="LoRA fine-tuning steps per expert")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-test", type=int, default=300, help="test examples per task")
+    p.add_argument("--temperature", type=float, default=1.0, help="Sens-Merging softmax temperature T")
+    p.add_argument("--cache-dir", default=None, help="where the pre-trained toy base is cached")
+    p.add_argument("--model", default=None,
+                   help="a hub causal LM to use instead of the toy base (downloads it; not exercised in tests)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 40 steps, 60 test examples")
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.n_test = min(args.steps, 40), min(args.n_test, 60)
+    return args
+
+
+def load_base(args):
+    """The base model and its tokenizer: the cached toy base, or a hub model with --model."""
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+        tok.pad_token = tok.pad_token or tok.eos_token
+        return AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32), tok
+    return toy.pretrain_base(cache_dir=args.cache_dir, progress=True), toy.build_tokenizer()
+
+
+def train_expert(base, tok, task: str, out: Path, args) -> float:
+    """Fine-tune one LoRA expert with the sensitivity callback; save it (adapter + sidecars) to `out`."""
+    model = get_peft_model(base, toy.lora_config(), adapter_name=task)
+    trainer = Trainer(
+        model=model,
+        args=toy.training_args(out, steps=args.steps, lr=args.lr, seed=args.seed),
+        train_dataset=toy.task_dataset(task, "train", tok),
+        data_collator=toy.ToyCollator(tok.pad_token_id),
+        callbacks=[SensitivityCallback(SensitivityConfig(task=task))],
+    )
+    trainer.train()
+    trainer.save_model(str(out))  # adapter_model.safetensors + sensitivity.safetensors + probe.safetensors
+    acc = toy.evaluate(model, [task], n=args.n_test, tokenizer=tok)[task]
+    model.unload()  # take the LoRA layers out again so the next expert starts from the plain base
+    return acc
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "peft", "sens_peft.merge", "sens_peft.transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    out = Path(args.output_dir)
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+
+    # 1. base
+    base, tok = load_base(args)
+    rows = {"base": toy.evaluate(base, args.tasks, n=args.n_test, tokenizer=tok)}
+    log.info("base ready (%.0f s): %s", time.perf_counter() - t0, _fmt(rows["base"]))
+
+    # 2. experts
+    expert_acc: dict[str, float] = {}
+    for task in args.tasks:
+        t = time.perf_counter()
+        expert_acc[task] = train_expert(base, tok, task, out / "experts" / task, args)
+        log.info("expert %-8s acc %.1f%% (%.0f s)", task, 100 * expert_acc[task], time.perf_counter() - t)
+
+    # 3. merges: all experts as named adapters of one PeftModel, the sidecars read from their folders
+    dirs = [out / "experts" / task for task in args.tasks]
+    model = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name=args.tasks[0])
+    for task, d in zip(args.tasks[1:], dirs[1:]):
+        model.load_adapter(str(d), adapter_name=task)
+    for task in args.tasks:  # each expert on every task (the off-diagonal shows interference)
+        model.set_adapter(task)
+        rows[f"expert:{task}"] = toy.evaluate(model, args.tasks, n=args.n_test, tokenizer=tok)
+
+    reports = {}
+    for label, fields in MERGES:
+        for sens in (None, "task+cross"):
+            name = label if sens is None else f"Sens-{label}"
+            config = MergeConfig(sens=sens, temperature=args.temperature, seed=args.seed, **fields)
+            report = merge_adapters(model, args.tasks, config=config, adapter_name=name.replace("-", "_"),
+                                    sensitivities=dirs, probes=dirs)
+            model.set_adapter(report.adapter_name)
+            rows[name] = toy.evaluate(model, args.tasks, n=args.n_test, tokenizer=tok)
+            reports[name] = report
+            log.info("%-14s merged in %.2f s: %s", name, report.seconds, _fmt(rows[name]))
+
+    # 4. results
+    norm = {name: toy.normalized_accuracy(acc, expert_acc) for name, acc in rows.items()}
+    print(f"\nExact-match accuracy (test split, {args.n_test} examples per task)")
+    print(toy.format_table({k: {**v, "avg": sum(v[t] for t in args.tasks) / len(args.tasks)}
+                            for k, v in rows.items()}, args.tasks))
+    print("\nNormalised accuracy (merged acc / own expert's acc)")
+    print(toy.format_table({k: v for k, v in norm.items() if not k.startswith("expert:")}, args.tasks))
+    best = max(reports, key=lambda k: norm[k]["avg"])
+    print(f"\nSens-Merging coefficients of {best}:" if best.startswith("Sens") else "")
+    if best.startswith("Sens"):
+        print(reports[best].coefficients)
+    merge_adapters(model, args.tasks, config=reports[best].config, adapter_name="best",
+                   sensitivities=dirs, probes=dirs, save_to=out / "merged", overwrite=True)
+    (out / "results.json").write_text(_json({"accuracy": rows, "normalized": norm, "best": best}))
+    print(f"\nbest merge: {best} (avg normalised {100 * norm[best]['avg']:.1f}%), saved to {out / 'merged'}")
+    print(f"total wall time {time.perf_counter() - t0:.0f} s")
+
+
+def _fmt(acc: dict[str, float]) -> str:
+    return " ".join(f"{k}={100 * v:.0f}%" for k, v in acc.items())
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=1)
+
+
+if __name__ == "__main__":
+    main()
