@@ -350,23 +350,44 @@ def warm_cache(folders: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
+def _sample_rss(pid: int, peak: dict) -> None:
+    """Peak of the child's anonymous and file-backed resident memory (kB), sampled from /proc every 20 ms.
+    ru_maxrss counts pages of mmap'ed input files that were touched (safetensors reads through mmap), so it
+    overstates the memory a merge really needs; RssAnon is the part that is the process's own."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                key = line.split(":", 1)[0]
+                if key in peak:
+                    peak[key] = max(peak[key], int(line.split()[1]))
+    except (OSError, ValueError, IndexError):
+        pass
+
+
+THREADS: int | None = None
+
+
 def run_child(cmd: list[str], log: Path, timeout: float) -> dict:
     """Run ``cmd``; return its RESULT payload plus wall time and the child's own peak RSS (os.wait4)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    if THREADS:
+        env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
     load_before = os.getloadavg()[0]
     with open(log, "w") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = t0 + timeout
+        peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
+            _sample_rss(proc.pid, peak)
             if time.perf_counter() > deadline:
                 proc.kill()
                 pid, status, usage = os.wait4(proc.pid, 0)
                 break
-            time.sleep(0.02)
+            time.sleep(0.01)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     text = log.read_text(errors="replace")
@@ -375,6 +396,7 @@ def run_child(cmd: list[str], log: Path, timeout: float) -> dict:
         if line.startswith("RESULT "):
             payload = json.loads(line[len("RESULT "):])
     payload.update(whole_s=wall, peak_rss_mb=_maxrss_mb(usage.ru_maxrss), rc=proc.returncode,
+                   peak_anon_mb=peak["RssAnon"] / 1024, peak_file_mapped_mb=peak["RssFile"] / 1024,
                    load_before=load_before, load_after=os.getloadavg()[0])
     if proc.returncode != 0 or "seconds" not in payload:
         tail = "\n".join(text.splitlines()[-15:])
@@ -407,8 +429,8 @@ def fmt(x, spec=".2f", suffix=""):
 
 def build_table(jobs: dict, floor_key: str) -> str:
     floor = jobs.get(floor_key, {}).get("seconds")
-    rows = ["| job | merge s | whole cmd s | × floor | × reference | × plain | peak RSS MB |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| job | merge s | whole cmd s | × floor | × reference | × plain | peak RSS MB | peak anon MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key, job in jobs.items():
         if job.get("seconds") is None and "error" not in job:
             continue
@@ -436,7 +458,8 @@ def build_table(jobs: dict, floor_key: str) -> str:
                 ratio_plain = s / plain_s if s and plain_s else None
         err = " (error)" if "error" in job else ""
         rows.append(f"| {key}{err} | {fmt(s)} | {fmt(job.get('whole_s'))} | {fmt(ratio_floor, '.2f', '×')} | "
-                    f"{fmt(mk, '.3f', '×')} | {fmt(ratio_plain, '.3f', '×')} | {fmt(job.get('peak_rss_mb'), '.0f')} |")
+                    f"{fmt(mk, '.3f', '×')} | {fmt(ratio_plain, '.3f', '×')} | {fmt(job.get('peak_rss_mb'), '.0f')} | "
+                    f"{fmt(job.get('peak_anon_mb'), '.0f')} |")
     return "\n".join(rows)
 
 
@@ -449,6 +472,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeat", type=int, default=1, help="runs per sens-peft/floor job (min is reported)")
     parser.add_argument("--shard-size", default="500MB", help="input and output shard size (all tools)")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every child (all tools alike); "
+                        "default: torch's default (one per core)")
     parser.add_argument("--device", default="cpu", help="device= for merge_models (cpu, cuda)")
     parser.add_argument("--shape", help="custom full-model shape 'hidden,intermediate,layers,vocab' "
                         "(e.g. 4096,11008,4,32000 for 7B-like tensors)")
@@ -464,6 +489,8 @@ def main() -> None:
          "profile": job_profile}[args.job](json.loads(args.job_args))
         return
 
+    global THREADS
+    THREADS = args.threads
     parts = set(args.only.split(","))
     methods = [m for m in args.methods.split(",") if m]
     work = Path(args.workdir)
@@ -492,6 +519,7 @@ def main() -> None:
                      "and os.sync() before each job; outputs deleted after each job; no fsync",
                      "timing": "inside the child around the merge call; whole_s = whole subprocess"},
         "device": args.device,
+        "threads": args.threads,
         "load_start": os.getloadavg(),
         "jobs": {},
     }
@@ -519,7 +547,7 @@ def main() -> None:
         jobs[key] = best
         msg = best.get("error", "").splitlines()[-1:] if "error" in best else ""
         print(f"  {key:32s} {fmt(best.get('seconds'), '8.2f')} s  whole {fmt(best.get('whole_s'), '7.1f')} s  "
-              f"rss {fmt(best.get('peak_rss_mb'), '6.0f')} MB  load {best['load_before']:.1f} {msg}", flush=True)
+              f"rss {fmt(best.get('peak_rss_mb'), '6.0f')} MB  anon {fmt(best.get('peak_anon_mb'), '6.0f')} MB  load {best['load_before']:.1f} {msg}", flush=True)
         if out_root.exists():
             shutil.rmtree(out_root)
         result["load_end"] = os.getloadavg()
