@@ -179,3 +179,68 @@ def test_tau_mean_one_and_monotone(rows):
         r = (a.sum(1) - a.diagonal()) / (k - 1)
         order = torch.argsort(r)
         assert (tau[order].diff() >= -1e-9).all()  # larger row mean → larger τ
+
+
+# ---------------------------------------------------------------- added: homogeneity, permutation of coefficients
+
+
+@SETTINGS
+@given(experts(), st.sampled_from(["task_arithmetic", "ties", "dare_linear", "dare_ties"]), st.floats(0.1, 8.0),
+       st.integers(0, 999))
+def test_positive_homogeneity(data, method, s, seed):
+    """Scaling every task vector by s > 0 scales the merge by s: TIES trimming/election and DARE masks (drawn from
+    the seed, not the values) do not change."""
+    deltas, c = data
+    a = merge_deltas(method, [s * d for d in deltas], c, density=0.5, seed=seed, name="h")
+    b = s * merge_deltas(method, deltas, c, density=0.5, seed=seed, name="h")
+    assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+@SETTINGS
+@given(experts(), st.sampled_from(["task_arithmetic", "ties", "dare_linear", "dare_ties"]), st.integers(0, 999))
+def test_unit_coefficients_are_the_plain_method(data, method, seed):
+    """c ≡ 1 (what Sens gives for equal inputs) is the base method with weights 1, bit for bit."""
+    deltas, _ = data
+    k = len(deltas)
+    ones = merge_deltas(method, deltas, torch.ones(k, dtype=torch.float64), density=0.6, seed=seed, name="u")
+    if method == "task_arithmetic":
+        assert torch.allclose(ones, torch.stack(deltas).sum(0), atol=1e-12)
+    assert torch.equal(ones, merge_deltas(method, deltas, torch.ones(k, dtype=torch.float64), density=0.6,
+                                          seed=seed, name="u"))
+
+
+@SETTINGS
+@given(coefficient_inputs(), st.sampled_from(["task+cross", "task", "cross", None]), st.randoms(use_true_random=False))
+def test_coefficients_permute_with_experts(inputs, sens, rnd):
+    """Reordering the experts (records, transfer rows and columns, names) reorders the rows of c, nothing else."""
+    k, scores, transfer = inputs
+    perm = list(range(k))
+    rnd.shuffle(perm)
+    names = [f"e{i}" for i in range(k)]
+    t1 = compute_coefficients([_rec(s) for s in scores], transfer, expert_names=names, sens=sens)
+    p = torch.tensor(perm)
+    t2 = compute_coefficients([_rec(scores[i]) for i in perm], transfer[p][:, p], expert_names=[names[i] for i in perm],
+                              sens=sens)
+    assert t2.experts == [names[i] for i in perm]
+    assert torch.allclose(t2.values, t1.values[p], atol=1e-5)
+
+
+@SETTINGS
+@given(coefficient_inputs(), st.sampled_from(["task+cross", "task", "cross"]))
+def test_high_temperature_tends_to_plain_method(inputs, sens):
+    """T → ∞ flattens the softmax: c → 1 (the plain method)."""
+    k, scores, transfer = inputs
+    table = compute_coefficients([_rec(s) for s in scores], transfer, expert_names=[f"e{i}" for i in range(k)],
+                                 sens=sens, temperature=1e7)
+    assert torch.allclose(table.values, torch.ones_like(table.values), atol=1e-4)
+
+
+@SETTINGS
+@given(coefficient_inputs())
+def test_no_sens_is_weights_times_scale(inputs):
+    k, scores, transfer = inputs
+    weights = [0.5 + i for i in range(k)]
+    table = compute_coefficients([_rec(s) for s in scores], transfer, expert_names=[f"e{i}" for i in range(k)],
+                                 sens=None, weights=weights, scale=0.7)
+    expected = (torch.tensor(weights) * 0.7)[:, None].expand_as(table.values)
+    assert torch.allclose(table.values, expected.to(table.values.dtype), atol=1e-6)
