@@ -64,13 +64,13 @@ def model_fingerprint(config: Any) -> dict[str, Any]:
     return {k: data[k] for k in FINGERPRINT_FIELDS if data.get(k) is not None}
 
 
-def check_fingerprint(stored: Optional[str], current: Mapping[str, Any], label: str, file: PathLike) -> None:
+def check_fingerprint(stored: Optional[Union[str, Mapping[str, Any]]], current: Mapping[str, Any], label: str, file: PathLike) -> None:
     """Compare a sidecar's stored fingerprint (JSON text, may be absent) with the current base's fingerprint."""
     if not stored or not current:
         return
     try:
-        stored_dict = json.loads(stored)
-    except ValueError as err:
+        stored_dict = dict(stored) if isinstance(stored, Mapping) else json.loads(stored)
+    except (TypeError, ValueError) as err:
         raise MergeError(f"{label}: {file}: metadata {FINGERPRINT_KEY!r} is not valid JSON") from err
     if not isinstance(stored_dict, dict):
         raise MergeError(f"{label}: {file}: metadata {FINGERPRINT_KEY!r} must be a JSON object")

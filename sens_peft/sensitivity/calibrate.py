@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..config import SensitivityConfig
 from ..groups import canonical_name
 from ..store import ProbeSet, SensitivityRecord, save_probe, save_sensitivity
+from ..validation import FINGERPRINT_KEY, model_fingerprint
 from . import estimators as est
 from .accumulator import SensitivityAccumulator
 
@@ -451,6 +452,8 @@ class CalibrationPass:
             "task": self.config.task,
             "torch_dtype": _model_dtype(self.model),
             "adapter_name": self.adapter,
+            # architecture/sizes of the base: lets a merge refuse a sidecar computed on another base model
+            FINGERPRINT_KEY: model_fingerprint(getattr(_unwrap(self.model), "config", None)) or None,
         }
 
     # -- hooks ---------------------------------------------------------------------------------

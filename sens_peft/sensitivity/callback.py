@@ -55,6 +55,7 @@ from ..config import SensitivityConfig
 from ..groups import group_names
 from ..store import PROBE_FILE, ProbeSet, SensitivityRecord, save_probe, save_sensitivity
 from ..store import _atomic_save as _atomic_save_tensors
+from ..validation import FINGERPRINT_KEY, model_fingerprint
 from . import estimators as est
 from .accumulator import SensitivityAccumulator
 from .calibrate import (
@@ -202,6 +203,7 @@ class SensitivityCallback(TrainerCallback):
             "base_model": base_model_name(model) if model is not None else None,
             "task": self.config.task,
             "torch_dtype": _model_dtype(model) if model is not None else None,
+            FINGERPRINT_KEY: model_fingerprint(getattr(model, "config", None)) or None if model is not None else None,
             "config": self.config.to_dict(),
         }
 
@@ -407,7 +409,21 @@ class SensitivityCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None, **kwargs: Any):
         self._state = state
         if self._after and state.is_world_process_zero and model is not None:
-            self.record = self._run_after(model)
+            try:
+                self.record = self._run_after(model)
+            except Exception as err:
+                # Training itself succeeded: raising here would skip the user's save_model() and lose the expert.
+                # Keep going without after-scores (no sidecar is written for them) and say how to get them.
+                self.record = None
+                fallback = (" The during-scores are saved instead (mode='during' in the sidecar)."
+                            if self.config.mode == "both" else " No sensitivity.safetensors will be written.")
+                logger.error(
+                    "SensitivityCallback: the calibration pass at the end of training failed (%s: %s); the trained "
+                    "model is unaffected and can be saved as usual.%s Compute the scores afterwards with "
+                    "sens_peft.compute_sensitivity(<saved expert>, <its training data>, save_to=<expert folder>"
+                    "[, base_model=<base> for an adapter folder]).",
+                    type(err).__name__, err, fallback, exc_info=True,
+                )
         elif not self._after:
             self.record = self._during_record()
         if not state.is_world_process_zero or self.record is None:
