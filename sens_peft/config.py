@@ -72,8 +72,11 @@ class SensitivityConfig(_ConfigMixin):
         loss_tokens: ``"labels"`` scores the tokens the training labels score (response-only when the data
             masks the prompt); ``"full"`` scores every non-padding token.
         store_probe: Keep ``probe_samples`` token sequences of the training data in ``probe.safetensors``
-            for the cross-task (transferability) score. These are training text: turn off for private data
-            and pass probes at merge time instead.
+            for the cross-task (transferability) score. On by default because the paper's cross-task factor
+            needs each expert's own data at merge time, which the person merging often no longer has; a few
+            sequences next to the expert make ``sens="task+cross"`` work out of the box. These are training
+            text: :func:`sens_peft.hub.push_to_hub` warns when it uploads a probe (``include_probe=False``
+            leaves it out). Turn this off for private data and pass ``probes=`` at merge time instead.
         probe_samples: Number of probe sequences to keep.
         element_maps: Also store per-element importance maps (``element.<name>``) for trainable tensors
             (cheap for LoRA, large for full fine-tunes).
@@ -144,7 +147,10 @@ class MergeConfig(_ConfigMixin):
             module type (attention / MLP), or per projection.
         trim_by: TIES trimming by ``|delta|`` (``"magnitude"``) or by stored element importance
             (``"sensitivity"``, needs element maps).
-        seed: Seed of DARE's random drop (per module, derived from this and the tensor name).
+        seed: Seed of DARE's random drop (per module, derived from this and the tensor name). Same inputs and
+            seed give bit-identical files on CPU. The masks are drawn on the math device, so a CUDA merge
+            draws other masks than a CPU merge with the same seed; the same GPU, seed and software versions
+            reproduce their own result.
         output: ``"lora"`` (a new adapter) or ``"full"`` (merged weights).
         rank: Rank of the SVD-compressed LoRA output for TIES/DARE (default: max expert rank).
         dtype: Output dtype (default: the base's).
