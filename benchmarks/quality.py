@@ -615,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = toy.build_tokenizer()
     base = toy.pretrain_base(**json.loads(args.toy_overrides))
     base.eval()
+    # experts are cached per base: a changed toy (new digest) never reuses stale experts
+    args.workdir = args.workdir / Path(str(getattr(base, "name_or_path", "") or "base")).name
+    args.workdir.mkdir(parents=True, exist_ok=True)
     scorers = {"validation": ql.Scorer(tokenizer, toy.TASK_NAMES, "validation", args.val_n),
                "test": ql.Scorer(tokenizer, toy.TASK_NAMES, "test", args.test_n)}
     logger.info("base ready (%.0f s): %s", time.perf_counter() - start, getattr(base, "name_or_path", ""))
