@@ -90,6 +90,14 @@ class MergeReport:
 # shared helpers
 
 
+def _write_extra_files(folder: Path, files: Optional[dict[str, str]]) -> None:
+    """Write caller-provided text files (e.g. the CLI's recipe copy) inside the atomic output folder."""
+    for rel, text in (files or {}).items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise MergeError(f"extra file name {rel!r} must be a plain relative path inside the output folder")
+        (folder / rel).write_text(text)
+
+
 def _resolve_config(config: Optional[MergeConfig], config_kwargs: dict[str, Any]) -> MergeConfig:
     if config is None:
         return MergeConfig(**config_kwargs)
@@ -453,6 +461,7 @@ def merge_adapters(
     overwrite: bool = False,
     progress: Optional[bool] = None,
     allow_pickle: bool = False,
+    extra_files: Optional[dict[str, str]] = None,
     **config_kwargs,
 ) -> MergeReport:
     """Merge LoRA adapters, PEFT style, with Sens-Merging coefficients.
@@ -477,6 +486,8 @@ def merge_adapters(
         progress: Show a tqdm bar (default: when stderr is a terminal).
         allow_pickle: Accept adapter folders holding only ``adapter_model.bin`` (pickle; only for files you
             trust). By default such folders are refused.
+        extra_files: Text files (relative name → content) written into the output folder before the atomic
+            rename, e.g. the recipe that produced the merge.
         **config_kwargs: :class:`MergeConfig` fields (``method``, ``density``, ``sens``, ``output``, ``rank``...).
 
     Returns:
@@ -636,6 +647,7 @@ def merge_adapters(
                 library_name="peft" if cfg.output == "lora" else "transformers",
                 extra={"adapter_name": adapter_name if cfg.output == "lora" else None},
             )
+            _write_extra_files(tmp, extra_files)
         output_dir = Path(save_to).resolve()
         logger.info("wrote %s", output_dir)
 
@@ -830,6 +842,7 @@ def merge_models(
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: Optional[bool] = None,
+    extra_files: Optional[dict[str, str]] = None,
     prefetch: int = 2,
     **config_kwargs,
 ) -> MergeReport:
@@ -857,6 +870,8 @@ def merge_models(
         allow_pickle: Accept ``pytorch_model.bin`` checkpoints (pickle; only for files you trust).
         progress: Show a tqdm bar (default: when stderr is a terminal).
         prefetch: Read-ahead depth of the background reader, in tensors.
+        extra_files: Text files (relative name → content) written into the output folder before the atomic
+            rename, e.g. the recipe that produced the merge.
         **config_kwargs: :class:`MergeConfig` fields.
 
     Returns:
@@ -963,6 +978,7 @@ def merge_models(
             base_model=base_cfg.get("_name_or_path") or str(base), library_name="transformers",
             extra={"shards": files, "merged_tensors": merged_count, "copied_tensors": copied_count},
         )
+        _write_extra_files(tmp, extra_files)
         logger.info("output: %d shard(s) %s, %d tensors merged, %d copied, files copied from base: %s",
                     len(files), files, merged_count, copied_count, copied)
     base_src.close()

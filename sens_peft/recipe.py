@@ -233,15 +233,11 @@ def run_recipe(
         raise RecipeError("no output folder: set output.path in the recipe or pass --out")
     config = recipe.config if device is None else dataclasses.replace(recipe.config, device=device)
     paths = [e.path for e in recipe.experts]
+    # the recipe is written inside the merge's atomic output folder, so it is there iff the merge is
+    extra = {"sens_peft_recipe.yaml": yaml.safe_dump(recipe.source, sort_keys=False)}
     if recipe.expert_type == "full":
-        report = merge_models(recipe.base_model, paths, out, config=config, overwrite=overwrite)
-    else:
-        from transformers import AutoModelForCausalLM
+        return merge_models(recipe.base_model, paths, out, config=config, overwrite=overwrite, extra_files=extra)
+    from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(recipe.base_model)
-        report = merge_adapters(base, paths, config=config, save_to=out, overwrite=overwrite)
-    target = Path(out) / "sens_peft_recipe.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(recipe.source, sort_keys=False))
-    os.replace(tmp, target)
-    return report
+    base = AutoModelForCausalLM.from_pretrained(recipe.base_model)
+    return merge_adapters(base, paths, config=config, save_to=out, overwrite=overwrite, extra_files=extra)
