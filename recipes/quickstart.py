@@ -71,7 +71,7 @@ def load_base(args):
 
 def train_expert(base, tok, task: str, out: Path, args) -> float:
     """Fine-tune one LoRA expert with the sensitivity callback; save it (adapter + sidecars) to `out`."""
-    model = get_peft_model(base, toy.lora_config(), adapter_name=task)
+    model = get_peft_model(base, toy.lora_config())  # adapter "default": saved at the top of `out`
     trainer = Trainer(
         model=model,
         args=toy.training_args(out, steps=args.steps, lr=args.lr, seed=args.seed),

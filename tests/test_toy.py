@@ -18,17 +18,15 @@ def tok():
 
 # Independent reference answers, written without the task module's helpers.
 def _reference(task: str, x: str) -> str:
-    if task == "add":
-        left, right = x.split("+")
-        return str(sum(int(c) * 10**i for i, c in enumerate(reversed(left)))
-                   + sum(int(c) * 10**i for i, c in enumerate(reversed(right))))
+    if task == "inc":
+        return "".join("1234567890"["0123456789".index(c)] for c in x)
     if task == "reverse":
         return "".join(x[i] for i in range(len(x) - 1, -1, -1))
     if task == "sort":
         counts = {c: x.count(c) for c in set(x)}
         return "".join(c * counts[c] for c in string.ascii_lowercase if c in counts)
     if task == "cipher":
-        table = random.Random(1234).sample(string.ascii_lowercase, 26)
+        table = random.Random(1234).sample("abcdefgh", 8)
         return "".join(table[ord(c) - ord("a")] for c in x)
     raise AssertionError(task)
 
@@ -59,11 +57,12 @@ def test_splits_deterministic_and_disjoint(task):
 
 
 def test_task_examples_look_right():
-    x, y = toy.task_splits("add")["test"][0]
-    assert "+" in x and y.isdigit()
+    for x, y in toy.task_splits("inc")["test"][:50]:
+        assert len(x) == len(y) == toy.NUM_LEN and x.isdigit() and y.isdigit()
     for task in ("reverse", "sort", "cipher"):
         for x, y in toy.task_splits(task)["test"][:50]:
-            assert 3 <= len(x) <= 6 and len(y) == len(x) and x.isalpha()
+            assert len(x) == len(y) == toy.WORD_LEN and set(x + y) <= set(toy.WORD_ALPHABET)
+    assert toy.MAX_ANSWER_TOKENS >= max(len(y) for t in toy.TASK_NAMES for _, y in toy.task_splits(t)["test"]) + 1
 
 
 def test_tokenizer_round_trip(tok):
@@ -82,16 +81,24 @@ def test_tokenizer_round_trip(tok):
 
 
 def test_encode_example_masks_prompt(tok):
-    ex = toy.encode_example(tok, "add", "12+34", "46")
-    n_prompt = 1 + 1 + 5 + 1  # bos, tag, "12+34", "="
+    ex = toy.encode_example(tok, "inc", "1234", "2345")
+    n_prompt = 1 + 1 + 4 + 1  # bos, tag, "1234", "="
     assert ex["input_ids"][0] == tok.bos_token_id
     assert ex["labels"][:n_prompt] == [-100] * n_prompt
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
-    assert tok.decode(ex["input_ids"][n_prompt:-1]) == "46" and ex["input_ids"][-1] == tok.eos_token_id
+    assert tok.decode(ex["input_ids"][n_prompt:-1]) == "2345" and ex["input_ids"][-1] == tok.eos_token_id
+
+
+def test_sft_rows_match_examples(tok):
+    rows = toy.sft_rows("cipher", "train", tok, n=3)
+    for row, (x, y) in zip(rows, toy.task_splits("cipher")["train"]):
+        ex = toy.encode_example(tok, "cipher", x, y)
+        assert row["input_ids"] == ex["input_ids"]
+        assert row["completion_mask"] == [int(v != -100) for v in ex["labels"]] and sum(row["completion_mask"]) == 5
 
 
 def test_collator_pads_right(tok):
-    rows = [toy.encode_example(tok, "reverse", "abc", "cba"), toy.encode_example(tok, "add", "12+34", "46")]
+    rows = [toy.encode_example(tok, "reverse", "abc", "cba"), toy.encode_example(tok, "inc", "1234", "2345")]
     batch = toy.ToyCollator(tok.pad_token_id)(rows)
     n0 = len(rows[0]["input_ids"])
     assert batch["input_ids"].shape == (2, max(n0, len(rows[1]["input_ids"])))
@@ -130,8 +137,8 @@ def test_evaluate_oracle_and_wrong(tok):
     res = toy.evaluate(oracle, n=40, batch_size=16, tokenizer=tok)
     assert res == {t: 1.0 for t in toy.TASK_NAMES}
     assert oracle.calls == len(toy.TASK_NAMES) * 3  # 40 prompts in batches of 16
-    res = toy.evaluate(_Oracle(tok, wrong=True), ["add", "sort"], split="validation", n=20, tokenizer=tok)
-    assert res == {"add": 0.0, "sort": 0.0}
+    res = toy.evaluate(_Oracle(tok, wrong=True), ["inc", "sort"], split="validation", n=20, tokenizer=tok)
+    assert res == {"inc": 0.0, "sort": 0.0}
 
 
 def test_decode_answer_stops_at_eos(tok):
@@ -143,12 +150,12 @@ def test_decode_answer_stops_at_eos(tok):
 def test_evaluate_real_model_matches_unbatched(tok):
     # An untrained tiny Llama: batched left-padded greedy decoding must equal one-prompt-at-a-time decoding.
     model = toy.build_model(toy.ToySettings(num_hidden_layers=2, hidden_size=32, intermediate_size=64), tok)
-    inputs = [x for x, _ in toy.task_splits("add")["test"][:6]]
-    batched = toy.predict(model, "add", inputs, tokenizer=tok, batch_size=6)
-    single = [toy.predict(model, "add", [x], tokenizer=tok)[0] for x in inputs]
+    inputs = [x for x, _ in toy.task_splits("reverse")["test"][:6]]
+    batched = toy.predict(model, "reverse", inputs, tokenizer=tok, batch_size=6)
+    single = [toy.predict(model, "reverse", [x], tokenizer=tok)[0] for x in inputs]
     assert batched == single
-    res = toy.evaluate(model, ["add"], n=6, tokenizer=tok, loglik=True)
-    assert 0.0 <= res["add"] <= 1.0 and res["add/loglik"] < 0
+    res = toy.evaluate(model, ["reverse"], n=6, tokenizer=tok, loglik=True)
+    assert 0.0 <= res["reverse"] <= 1.0 and res["reverse/loglik"] < 0
 
 
 def test_normalized_accuracy():
@@ -170,8 +177,9 @@ def test_pretraining_rows_share(tok):
     rows = toy.pretraining_rows(tok, settings, 400)
     assert rows == toy.pretraining_rows(tok, settings, 400)
     tags = {tok.convert_tokens_to_ids(t.tag) for t in toy.TASKS.values()}
+    assert all(r[0] == tok.bos_token_id and r[-1] == tok.eos_token_id for r in rows)
     share = sum(r[1] in tags for r in rows) / len(rows)
     assert 0.4 < share < 0.6
-    test_inputs = {toy.TASKS["add"].prompt(x) for x, _ in toy.task_splits("add")["test"]}
+    test_inputs = {toy.TASKS["sort"].prompt(x) for x, _ in toy.task_splits("sort")["test"]}
     texts = {tok.decode(r[1:], skip_special_tokens=False).split("=")[0] + "=" for r in rows}
     assert not texts & test_inputs  # pre-training never sees test examples
