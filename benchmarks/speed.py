@@ -404,6 +404,14 @@ def run_child(cmd: list[str], log: Path, timeout: float) -> dict:
     return payload
 
 
+def _git_head() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
     try:
@@ -479,6 +487,9 @@ def main() -> None:
                         "(e.g. 4096,11008,4,32000 for 7B-like tensors)")
     parser.add_argument("--mergekit-python", default="/work/mk-venv/bin/python")
     parser.add_argument("--out", default=str(HERE / "results" / "speed.json"))
+    parser.add_argument("--skip", help="comma-separated substrings of job names to skip (e.g. '+Sens')")
+    parser.add_argument("--append", action="store_true", help="keep the jobs already in --out that this run "
+                        "does not re-measure")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--job-args", help=argparse.SUPPRESS)
@@ -523,13 +534,27 @@ def main() -> None:
         "load_start": os.getloadavg(),
         "jobs": {},
     }
+    if args.append and Path(args.out).exists():
+        # Keep jobs measured by an earlier run (e.g. split across sessions); re-measured ones are replaced.
+        old = json.loads(Path(args.out).read_text())
+        result["jobs"] = old.get("jobs", {})
+        for key in ("callback", "callback_error"):
+            if key in old:
+                result[key] = old[key]
+        result["earlier_runs"] = old.get("earlier_runs", []) + [
+            {k: old.get(k) for k in ("load_start", "load_end", "threads", "sens_peft_commit")}]
+    result["sens_peft_commit"] = _git_head()
     jobs = result["jobs"]
     me = [sys.executable, str(Path(__file__).resolve())]
     out_root = work / "out"
     common = {"base": str(base), "experts": [str(e) for e in experts], "shard_size": args.shard_size,
               "device": args.device}
 
+    skip = [x for x in (args.skip or "").split(",") if x]
+
     def measure(key: str, cmd_fn, repeat: int = 1) -> None:
+        if any(x in key for x in skip):
+            return
         best = None
         runs = []
         for rep in range(repeat):
