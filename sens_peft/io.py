@@ -13,7 +13,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -307,6 +308,11 @@ _ST_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+# float8 codes only where this torch has the dtypes (an unknown code would give a wrong element size for the
+# shard plan, which must match the tensors actually written).
+for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_code] = getattr(torch, _attr)
 
 
 def _st_dtype(code: str) -> torch.dtype:
@@ -347,15 +353,118 @@ def parse_size(size: Union[int, str]) -> int:
     return result
 
 
+def shard_file_name(index: int, count: int) -> str:
+    """Final file name of shard ``index`` (0-based) out of ``count``: ``model.safetensors`` for a single shard."""
+    return SAFE_SINGLE if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which output tensor goes into which shard file, decided before anything is written.
+
+    Built by :func:`plan_shards` from tensor names and output sizes only, so every process of a distributed merge
+    computes the same plan without talking to the others.
+
+    Attributes:
+        shards: Tensor names of each shard, in write order.
+        sizes: Bytes of each shard.
+    """
+
+    shards: tuple[tuple[str, ...], ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def files(self) -> list[str]:
+        return [shard_file_name(i, len(self.shards)) for i in range(len(self.shards))]
+
+    def weight_map(self) -> dict[str, str]:
+        """Tensor name → shard file, sorted by name (as in the index file)."""
+        files = self.files
+        return dict(sorted((name, files[i]) for i, names in enumerate(self.shards) for name in names))
+
+    def assign(self, world_size: int) -> list[list[int]]:
+        """Shard indices per rank, balanced by bytes.
+
+        Shards are taken in order and each goes to the rank with the fewest bytes so far (ties: the lowest
+        rank), which is round robin when the shards are equal in size. Deterministic in the plan alone.
+        """
+        if world_size < 1:
+            raise ValueError(f"world_size must be at least 1, got {world_size}")
+        loads = [0] * world_size
+        out: list[list[int]] = [[] for _ in range(world_size)]
+        for i, size in enumerate(self.sizes):
+            rank = min(range(world_size), key=lambda r: (loads[r], r))
+            out[rank].append(i)
+            loads[rank] += size
+        return out
+
+    def write_index(self, folder: PathLike) -> Optional[Path]:
+        """Write ``model.safetensors.index.json`` into ``folder`` (nothing for a single shard)."""
+        if len(self.shards) == 1:
+            return None
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map()}
+        path = Path(folder) / SAFE_INDEX
+        path.write_text(json.dumps(index, indent=2) + "\n")
+        return path
+
+
+def plan_shards(entries: Sequence[tuple[str, int]], max_shard_bytes: int) -> ShardPlan:
+    """Split ``(name, nbytes)`` entries, in order, into shards of at most ``max_shard_bytes``.
+
+    Greedy in order, like filling shards as tensors arrive: a shard is closed when the next tensor would push it
+    over the limit; a tensor larger than the limit gets a shard of its own.
+
+    Raises:
+        MergeError: no entries, or a name listed twice.
+    """
+    if not entries:
+        raise MergeError("no tensors were written")
+    names = [name for name, _ in entries]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise MergeError(f"tensor names are listed more than once: {dupes[:5]}")
+    shards: list[tuple[str, ...]] = []
+    sizes: list[int] = []
+    current: list[str] = []
+    current_bytes = 0
+    for name, nbytes in entries:
+        if current and current_bytes + nbytes > max_shard_bytes:
+            shards.append(tuple(current))
+            sizes.append(current_bytes)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += int(nbytes)
+    shards.append(tuple(current))
+    sizes.append(current_bytes)
+    return ShardPlan(tuple(shards), tuple(sizes))
+
+
 class ShardWriter:
     """Write tensors into safetensors shards of at most ``max_shard_bytes`` as they fill.
 
     Shards are written under temporary names and renamed to ``model-0000i-of-0000N.safetensors`` by
     :meth:`close`, which also writes ``model.safetensors.index.json``; a single shard becomes
     ``model.safetensors`` and no index is written. A tensor larger than the limit gets a shard of its own.
+
+    With ``plan`` (a :class:`ShardPlan`) the shard boundaries come from the plan instead, and the writer handles
+    only the shards listed in ``shard_ids`` (default: all): tensors must arrive in the plan's order, a shard is
+    written as soon as its last tensor arrives, :meth:`close` renames this writer's shards to their final names
+    and writes no index (:meth:`ShardPlan.write_index` does, once, for all writers of a distributed merge).
     """
 
-    def __init__(self, folder: PathLike, max_shard_bytes: int, metadata: Optional[dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        folder: PathLike,
+        max_shard_bytes: int,
+        metadata: Optional[dict[str, str]] = None,
+        *,
+        plan: Optional[ShardPlan] = None,
+        shard_ids: Optional[Sequence[int]] = None,
+    ) -> None:
         self.folder = Path(folder)
         self.max_shard_bytes = int(max_shard_bytes)
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -363,33 +472,90 @@ class ShardWriter:
         self._pending_bytes = 0
         self._written: list[tuple[str, list[str]]] = []  # (temporary file, names)
         self.total_bytes = 0
+        self.plan = plan
+        if plan is not None:
+            ids = list(range(len(plan.shards))) if shard_ids is None else [int(i) for i in shard_ids]
+            bad = [i for i in ids if not 0 <= i < len(plan.shards)]
+            if bad:
+                raise ValueError(f"shard ids {bad} are outside the plan's {len(plan.shards)} shards")
+            self._queue = ids  # shards still to fill, in order
+            self._done: list[int] = []
+        elif shard_ids is not None:
+            raise ValueError("shard_ids needs a plan")
+
+    def _planned_names(self) -> tuple[str, ...]:
+        return self.plan.shards[self._queue[0]] if self._queue else ()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
+        if self.plan is not None:
+            names = self._planned_names()
+            position = len(self._pending)
+            if position >= len(names) or names[position] != name:
+                expected = names[position] if position < len(names) else None
+                raise MergeError(
+                    f"internal error: tensor {name!r} arrived out of the shard plan's order (expected {expected!r})"
+                )
+            self._pending[name] = tensor.detach().to("cpu").contiguous()
+            self._pending_bytes += nbytes
+            self.total_bytes += nbytes
+            if len(self._pending) == len(names):
+                index = self._queue[0]
+                if self._pending_bytes != self.plan.sizes[index]:
+                    raise MergeError(
+                        f"internal error: shard {index + 1} holds {self._pending_bytes} bytes, the plan has "
+                        f"{self.plan.sizes[index]} (a tensor's output dtype differs from the planned one)"
+                    )
+                self._flush_as(index)
+                self._queue.pop(0)
+            return
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self.flush()
         self._pending[name] = tensor.detach().to("cpu").contiguous()
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        tmp_name = f".shard-{len(self._written):05d}.tmp"
+    def _flush_as(self, index: int) -> None:
+        tmp_name = f".shard-{index:05d}.tmp"
         self.write_shard(self._pending, self.folder / tmp_name)
         self._written.append((tmp_name, list(self._pending)))
-        logger.debug("wrote shard %d with %d tensors (%.1f MB)", len(self._written), len(self._pending),
+        if self.plan is not None:
+            self._done.append(index)
+        logger.debug("wrote shard %d with %d tensors (%.1f MB)", index + 1, len(self._pending),
                      self._pending_bytes / 1e6)
         self._pending = {}
         self._pending_bytes = 0
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        if self.plan is not None:
+            raise MergeError(
+                f"internal error: shard {self._queue[0] + 1} is incomplete ({len(self._pending)} of "
+                f"{len(self._planned_names())} tensors)"
+            )
+        self._flush_as(len(self._written))
 
     def write_shard(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
         """Write one shard (separate so tests can make it fail)."""
         save_file(tensors, str(path), metadata=self.metadata)
 
     def close(self) -> list[str]:
-        """Flush, rename the shards to their final names and write the index. Returns the shard file names."""
+        """Flush, rename the shards to their final names and write the index. Returns the shard file names.
+
+        With a plan: renames this writer's shards and returns their names; writes no index.
+        """
         self.flush()
+        if self.plan is not None:
+            if self._queue:
+                raise MergeError(f"internal error: shards {[i + 1 for i in self._queue]} of the plan were not "
+                                 "written")
+            files = self.plan.files
+            out = []
+            for (tmp_name, _), index in zip(self._written, self._done):
+                os.replace(self.folder / tmp_name, self.folder / files[index])
+                out.append(files[index])
+            return out
         count = len(self._written)
         if count == 0:
             raise MergeError("no tensors were written")
@@ -399,7 +565,7 @@ class ShardWriter:
         weight_map: dict[str, str] = {}
         files = []
         for i, (tmp_name, names) in enumerate(self._written):
-            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            final = shard_file_name(i, count)
             os.replace(self.folder / tmp_name, self.folder / final)
             files.append(final)
             for name in names:

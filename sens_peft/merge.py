@@ -14,6 +14,7 @@ take part, with their own coefficients (PEFT does the same).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -34,12 +35,14 @@ import torch
 from .config import MergeConfig
 from .io import (
     MergeError,
+    ShardPlan,
     ShardWriter,
     TensorSource,
     atomic_output_dir,
     check_config_compatible,
     copy_model_files,
     parse_size,
+    plan_shards,
     read_model_config,
 )
 from .lora import LoraModule, delta_weight, lora_modules, svd_factors
@@ -829,6 +832,214 @@ def _check_tensors(base: TensorSource, experts: list[TensorSource], names: list[
                 )
 
 
+# --------------------------------------------------------------------------------------------------------------
+# distributed merges (torchrun / accelerate launch)
+
+
+def _error_info(err: BaseException) -> tuple[bool, str, str]:
+    return isinstance(err, MergeError), type(err).__name__, str(err)
+
+
+def _remote_error(rank: int, info: tuple[bool, str, str]) -> BaseException:
+    """The error another rank reported, for the ranks that did not fail themselves."""
+    is_merge_error, type_name, message = info
+    if is_merge_error:
+        return MergeError(f"{message} (reported by rank {rank})")
+    return RuntimeError(f"merge failed on rank {rank}: {type_name}: {message}")
+
+
+class _Comm:
+    """The collectives a distributed merge needs, over a gloo group; with ``world_size == 1`` every method is a
+    plain local call (the single-process merge runs exactly as without it).
+
+    Args:
+        group: The process group (None: the default group).
+        rank: This process's rank in ``group``.
+        world_size: Number of processes in ``group``.
+        owns_group: Destroy ``group`` in :meth:`close` (a gloo group created for this merge).
+        owns_default: Destroy the default group in :meth:`close` (initialised from torchrun's variables).
+    """
+
+    def __init__(self, group=None, rank: int = 0, world_size: int = 1, *, owns_group: bool = False,
+                 owns_default: bool = False) -> None:
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self._owns_group = owns_group
+        self._owns_default = owns_default
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def open(cls, distributed: Union[bool, str, None], timeout_s: float) -> _Comm:
+        """Join (or create) the process group a distributed merge runs in.
+
+        ``False``/``None``: one process, whatever groups exist. ``"auto"``: the default group when one is
+        initialised with more than one process, else a gloo group from torchrun's ``WORLD_SIZE``/``RANK``/
+        ``MASTER_ADDR``/``MASTER_PORT`` when ``WORLD_SIZE > 1``, else one process. ``True``: like ``"auto"``,
+        but an error when the process was neither launched by torchrun nor joined a group.
+        """
+        if distributed is None or distributed is False:
+            return cls()
+        if distributed is not True and distributed != "auto":
+            raise MergeError(f"distributed must be True, False or 'auto', got {distributed!r}")
+        import datetime
+
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=float(timeout_s))
+        if dist.is_available() and dist.is_initialized():
+            if dist.get_world_size() == 1:
+                return cls()
+            # A gloo group of its own: the default group may be NCCL (no CPU collectives), and the merge's
+            # error exchange should time out on the merge's terms.
+            group = dist.new_group(backend="gloo", timeout=timeout)
+            return cls(group, dist.get_rank(group), dist.get_world_size(group), owns_group=True)
+        launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1) if launched else 1
+        if world > 1:
+            if not dist.is_available():
+                raise MergeError("WORLD_SIZE > 1 but torch.distributed is not available in this torch build")
+            dist.init_process_group(backend="gloo", timeout=timeout)
+            return cls(None, dist.get_rank(), dist.get_world_size(), owns_default=True)
+        if distributed is True and not launched:
+            raise MergeError(
+                "distributed=True, but no process group is initialised and WORLD_SIZE/RANK are not set: launch "
+                "with torchrun / accelerate launch, or call torch.distributed.init_process_group first"
+            )
+        return cls()
+
+    def close(self) -> None:
+        if not (self._owns_group or self._owns_default):
+            return
+        import torch.distributed as dist
+
+        try:
+            if self._owns_group:
+                dist.destroy_process_group(self.group)
+            elif dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception as err:  # never mask the merge's own result or error
+            logger.warning("could not destroy the merge's process group: %s", err)
+
+    def check(self, err: Optional[BaseException], counts: Sequence[int] = ()) -> list[int]:
+        """Every rank reports its error (or None) and counts; if any rank failed, every rank raises (its own
+        error, or the first failing rank's). Returns the counts summed over ranks."""
+        if not self.distributed:
+            if err is not None:
+                raise err
+            return list(counts)
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world_size
+        mine = (None if err is None else _error_info(err), [int(c) for c in counts])
+        dist.all_gather_object(gathered, mine, group=self.group)
+        if err is not None:
+            raise err
+        for rank, (info, _) in enumerate(gathered):
+            if info is not None:
+                raise _remote_error(rank, info)
+        return [sum(c[i] for _, c in gathered) for i in range(len(counts))]
+
+    @contextlib.contextmanager
+    def step(self):
+        """A block every rank runs; an error on any rank is raised on all of them at the end of the block."""
+        if not self.distributed:
+            yield
+            return
+        try:
+            yield
+        except BaseException as err:
+            self.check(err)
+            raise
+        self.check(None)
+
+    def root_call(self, fn):
+        """Run ``fn`` on rank 0 only and give its result (or its error) to every rank."""
+        if not self.distributed:
+            return fn()
+        import torch.distributed as dist
+
+        result, err = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except BaseException as e:
+                err = e
+        box = [(result, None if err is None else _error_info(err))]
+        # group rank 0 is global rank 0: the merge's groups span all processes in order
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        if err is not None:
+            raise err
+        result, info = box[0]
+        if info is not None:
+            raise _remote_error(0, info)
+        return result
+
+
+def _out_nbytes(src: TensorSource, name: str, out_dtype: Optional[torch.dtype]) -> int:
+    """Bytes of tensor ``name`` in the output: ``out_dtype`` for floating-point tensors, else the base dtype."""
+    dtype = src.dtype(name)
+    if out_dtype is not None and dtype.is_floating_point:
+        dtype = out_dtype
+    numel = 1
+    for s in src.shape(name):
+        numel *= int(s)
+    return numel * dtype.itemsize
+
+
+def _merge_shards(
+    folder: Path,
+    plan: ShardPlan,
+    shard_ids: list[int],
+    base: Path,
+    base_src: TensorSource,
+    expert_srcs: list[TensorSource],
+    names: list[str],
+    table,
+    records,
+    cfg: MergeConfig,
+    device: torch.device,
+    out_dtype: Optional[torch.dtype],
+    prefetch: int,
+    progress: Optional[bool],
+) -> tuple[int, int]:
+    """Merge and write the tensors of the plan's shards ``shard_ids`` into ``folder``. Returns (merged, copied)."""
+    tensor_names = [name for i in shard_ids for name in plan.shards[i]]
+    writer = ShardWriter(folder, max(plan.sizes), plan=plan, shard_ids=shard_ids)
+    merged_count = copied_count = 0
+    reader = _Prefetcher(tensor_names, base_src, expert_srcs, depth=prefetch)
+    try:
+        for name, base_t, expert_ts in _progress(reader, len(tensor_names), "merging tensors", progress):
+            dtype = out_dtype or base_t.dtype
+            check_finite(base_t, f"base ({base})", name, base_src.file_of(name))
+            for label, src, t in zip(names, expert_srcs, expert_ts):
+                check_finite(t, f"expert {label!r}", name, src.file_of(name))
+            if all(torch.equal(base_t, t) for t in expert_ts):
+                writer.add(name, base_t.to(dtype) if base_t.is_floating_point() else base_t)
+                copied_count += 1
+                continue
+            if not base_t.is_floating_point():
+                raise MergeError(f"tensor {name!r} is not floating point ({base_t.dtype}) and differs between "
+                                 "the base and an expert; it cannot be merged")
+            base_f = base_t.to(device=device, dtype=torch.float32)
+            deltas = [t.to(device=device, dtype=torch.float32) - base_f for t in expert_ts]
+            coeffs = table.for_name(name).to(device=device, dtype=torch.float32)
+            importance = _importance(records, name, list(range(len(names))), cfg)
+            if importance is not None:
+                importance = [m.to(device=device, dtype=torch.float32) for m in importance]
+            merged = base_f + _merge_one(cfg, deltas, coeffs, name, importance)
+            writer.add(name, merged.to(dtype).cpu())
+            merged_count += 1
+            del base_f, deltas, merged
+    finally:
+        reader.close()
+    writer.close()
+    return merged_count, copied_count
+
+
 def merge_models(
     base: PathLike,
     experts: Sequence[PathLike],
@@ -844,6 +1055,8 @@ def merge_models(
     progress: Optional[bool] = None,
     extra_files: Optional[dict[str, str]] = None,
     prefetch: int = 2,
+    distributed: Union[bool, str, None] = False,
+    distributed_timeout: float = 600.0,
     **config_kwargs,
 ) -> MergeReport:
     """Merge full fine-tunes of one base model, streamed one tensor at a time from disk to disk.
@@ -851,10 +1064,39 @@ def merge_models(
     Reads ``model.safetensors`` or a sharded ``model.safetensors.index.json`` from the base and every expert;
     a background thread reads the next ``prefetch`` tensors while the current one is merged (math in fp32 on
     ``config.device``: CUDA when available, else CPU). Tensors equal in every expert and the base are copied.
-    The output is written in the base's dtype (or ``dtype=``) into shards of at most ``max_shard_size`` as they
-    fill, with ``model.safetensors.index.json`` (one ``model.safetensors`` when it fits), plus the base's
+    The output is written in the base's dtype (or ``dtype=``) into shards of at most ``max_shard_size``, with
+    ``model.safetensors.index.json`` (one ``model.safetensors`` when it fits), plus the base's
     ``config.json``, ``generation_config.json`` and tokenizer files, ``README.md`` and ``merge_config.json``.
     The folder appears atomically: an error or interruption leaves no ``out_dir``.
+
+    Shard plan: before anything is merged, the output shards are planned from the tensor names (in the base's
+    file order), shapes and output dtypes alone: shards are filled in order and one is closed when the next
+    tensor would push it over ``max_shard_size`` (a larger tensor gets a shard of its own). The file names
+    follow from the number of shards. A single process writes every shard of the plan.
+
+    Distributed merges (``distributed=True`` or ``"auto"``, run under ``torchrun`` / ``accelerate launch``, every
+    process calling ``merge_models`` with the same arguments) produce the same bytes as one process:
+
+    * Process group: an initialised default group is used through a gloo group created for the merge (so an
+      NCCL default group works too); without one, a gloo group is initialised from torchrun's ``WORLD_SIZE``/
+      ``RANK``/``MASTER_ADDR``/``MASTER_PORT``. Groups created here are destroyed before returning. Both have
+      ``distributed_timeout`` seconds per collective. ``"auto"`` falls back to one process when neither exists
+      (or the world has one process); ``True`` then raises.
+    * Every rank computes the same shard plan (no communication) and writes only its shards: shards go, in
+      order, to the rank with the fewest bytes so far (round robin for equal shards). DARE's per-tensor seed
+      depends on (seed, tensor name) only, so a tensor's bytes do not depend on the rank that merges it.
+    * Validation (configs, tensor names and shapes, sidecars, explicit transferability, coefficients) runs on
+      every rank; if any rank fails, every rank raises (its own error, or a :class:`MergeError` / RuntimeError
+      naming the rank that failed). A computed transferability matrix (``sens`` with ``cross``, which loads
+      whole models) is computed on rank 0 only and broadcast.
+    * Rank 0 creates the temporary output folder and broadcasts its path (the output's parent must be on a
+      file system every rank sees). After writing, the ranks exchange an error flag and their tensor counts;
+      then rank 0 writes the index, the config/tokenizer copies, the card and ``extra_files`` and renames the
+      folder into place, and tells the other ranks whether that worked. On an error on any rank, rank 0 removes
+      the temporary folder after every rank has stopped writing, and every rank raises. A rank that dies
+      without raising (killed) leaves the others blocked until ``distributed_timeout`` (torchrun usually stops
+      them sooner); its temporary folder is removed by a later merge to the same output.
+    * With CUDA and no explicit device index, each rank uses ``cuda:<LOCAL_RANK>``.
 
     Args:
         base: Base model folder.
@@ -868,122 +1110,178 @@ def merge_models(
         max_shard_size: Output shard size (``"2GB"``, ``"500MB"``, or bytes).
         overwrite: Replace an existing ``out_dir``.
         allow_pickle: Accept ``pytorch_model.bin`` checkpoints (pickle; only for files you trust).
-        progress: Show a tqdm bar (default: when stderr is a terminal).
+        progress: Show a tqdm bar (default: when stderr is a terminal, and on rank 0 only).
         prefetch: Read-ahead depth of the background reader, in tensors.
         extra_files: Text files (relative name → content) written into the output folder before the atomic
             rename, e.g. the recipe that produced the merge.
+        distributed: ``False`` (default): one process does everything, whatever process groups exist.
+            ``True`` / ``"auto"``: split the shards across the processes of a torchrun / accelerate launch
+            (see above).
+        distributed_timeout: Seconds a collective of a distributed merge waits (for groups created here).
         **config_kwargs: :class:`MergeConfig` fields.
 
     Returns:
-        A :class:`MergeReport` (``model`` is None).
+        A :class:`MergeReport` (``model`` is None), the same on every rank; a distributed merge adds
+        ``details["world_size"]`` and ``details["rank_shards"]`` (the files this rank wrote).
 
     Raises:
         MergeError: no experts, incompatible configs (architecture, sizes, vocabulary), missing or differently
-            shaped tensors (naming expert, file, tensor and shapes), missing sidecars, unsafe ``out_dir``.
+            shaped tensors (naming expert, file, tensor and shapes), missing sidecars, unsafe ``out_dir``,
+            ``distributed=True`` outside a distributed launch.
     """
     start = time.perf_counter()
     cfg = _resolve_config(config, config_kwargs)
-    experts = [Path(e) for e in experts]
-    if not experts:
-        raise MergeError("no experts to merge: pass at least one expert folder")
-    base = Path(base)
-    resolved = [e.resolve() for e in experts]
-    dupes = sorted({str(e) for e in resolved if resolved.count(e) > 1})
-    if dupes:
-        raise MergeError(f"expert folders are listed more than once: {dupes}")
-    if base.resolve() in resolved:
-        raise MergeError(f"the base folder {base} is also listed as an expert")
-    if Path(out_dir).exists() and not overwrite:
-        raise MergeError(f"output folder {Path(out_dir).resolve()} already exists; pass overwrite=True to replace it")
-    names = _expert_names(experts)
-    out_dtype = _dtype(cfg.dtype)
-    device = _device(cfg)
+    comm = _Comm.open(distributed, distributed_timeout)
+    try:
+        return _merge_models(comm, start, cfg, base, experts, out_dir, sensitivities=sensitivities,
+                             transferability=transferability, probes=probes, max_shard_size=max_shard_size,
+                             overwrite=overwrite, allow_pickle=allow_pickle, progress=progress,
+                             extra_files=extra_files, prefetch=prefetch)
+    finally:
+        comm.close()
 
-    base_cfg = read_model_config(base, "base")
-    for name, folder in zip(names, experts):
-        check_config_compatible(base_cfg, read_model_config(folder, f"expert {name!r}"), f"expert {name!r} ({folder})",
-                                f"base ({base})")
-    base_src = TensorSource(base, allow_pickle=allow_pickle, label=f"base ({base})")
-    expert_srcs = [TensorSource(f, allow_pickle=allow_pickle, label=f"expert {n!r}") for n, f in zip(names, experts)]
-    _check_tensors(base_src, expert_srcs, names)
 
-    records = _load_records(sensitivities, list(experts), names, cfg)
-    if records is not None:
-        fingerprint = model_fingerprint(base_cfg)
-        for k, (name, record) in enumerate(zip(names, records)):
-            check_record_matches(record, f"expert {name!r}", _record_source(sensitivities, list(experts), k),
-                                 tensors=base_src.names(), fingerprint=fingerprint)
-    _, need_cross = _sens_parts(cfg)
-    transfer = None
-    if transferability is not None:
-        transfer = _check_transfer(transferability, len(names))
-    elif need_cross:
-        from transformers import AutoModelForCausalLM
+def _merge_models(
+    comm: _Comm,
+    start: float,
+    cfg: MergeConfig,
+    base: PathLike,
+    experts: Sequence[PathLike],
+    out_dir: PathLike,
+    *,
+    sensitivities,
+    transferability,
+    probes,
+    max_shard_size: Union[int, str],
+    overwrite: bool,
+    allow_pickle: bool,
+    progress: Optional[bool],
+    extra_files: Optional[dict[str, str]],
+    prefetch: int,
+) -> MergeReport:
+    with comm.step():
+        experts = [Path(e) for e in experts]
+        if not experts:
+            raise MergeError("no experts to merge: pass at least one expert folder")
+        base = Path(base)
+        resolved = [e.resolve() for e in experts]
+        dupes = sorted({str(e) for e in resolved if resolved.count(e) > 1})
+        if dupes:
+            raise MergeError(f"expert folders are listed more than once: {dupes}")
+        if base.resolve() in resolved:
+            raise MergeError(f"the base folder {base} is also listed as an expert")
+        if Path(out_dir).exists() and not overwrite:
+            raise MergeError(f"output folder {Path(out_dir).resolve()} already exists; pass overwrite=True to "
+                             "replace it")
+        names = _expert_names(experts)
+        out_dtype = _dtype(cfg.dtype)
+        device = _device(cfg)
+        if comm.distributed and device.type == "cuda" and device.index is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", comm.rank))
+            device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
 
-        from .transfer import transferability_for_models
+        base_cfg = read_model_config(base, "base")
+        for name, folder in zip(names, experts):
+            check_config_compatible(base_cfg, read_model_config(folder, f"expert {name!r}"),
+                                    f"expert {name!r} ({folder})", f"base ({base})")
+        base_src = TensorSource(base, allow_pickle=allow_pickle, label=f"base ({base})")
+        expert_srcs = [TensorSource(f, allow_pickle=allow_pickle, label=f"expert {n!r}")
+                       for n, f in zip(names, experts)]
+        _check_tensors(base_src, expert_srcs, names)
 
-        probe_sets = _load_probes(probes, list(experts), names, base_cfg.get("vocab_size"))
+        records = _load_records(sensitivities, list(experts), names, cfg)
+        if records is not None:
+            fingerprint = model_fingerprint(base_cfg)
+            for k, (name, record) in enumerate(zip(names, records)):
+                check_record_matches(record, f"expert {name!r}", _record_source(sensitivities, list(experts), k),
+                                     tensors=base_src.names(), fingerprint=fingerprint)
+        _, need_cross = _sens_parts(cfg)
+        transfer = None
+        if transferability is not None:
+            transfer = _check_transfer(transferability, len(names))
+    if transfer is None and need_cross:
+        def compute_transfer() -> torch.Tensor:
+            from transformers import AutoModelForCausalLM
 
-        def load_model(k: int) -> torch.nn.Module:
-            logger.info("loading expert %r for transferability", names[k])
-            return AutoModelForCausalLM.from_pretrained(str(experts[k]), dtype=torch.float32)
+            from .transfer import transferability_for_models
 
-        transfer = transferability_for_models(
-            load_model, len(names), probe_sets, alignment=cfg.alignment, device=device,
-            vocab_size=base_cfg.get("vocab_size"),
-        )
-        transfer = _check_transfer(transfer, len(names))
-        logger.info("transferability matrix:\n%s", transfer)
-    table = _coefficients(cfg, records, transfer, names)
+            probe_sets = _load_probes(probes, list(experts), names, base_cfg.get("vocab_size"))
 
-    tensor_names = base_src.names()
-    shard_bytes = parse_size(max_shard_size)
-    merged_count = copied_count = 0
-    with atomic_output_dir(out_dir, overwrite=overwrite, inputs=[base, *experts]) as tmp:
-        writer = ShardWriter(tmp, shard_bytes)
-        reader = _Prefetcher(tensor_names, base_src, expert_srcs, depth=prefetch)
-        try:
-            for name, base_t, expert_ts in _progress(reader, len(tensor_names), "merging tensors", progress):
-                dtype = out_dtype or base_t.dtype
-                check_finite(base_t, f"base ({base})", name, base_src.file_of(name))
-                for label, src, t in zip(names, expert_srcs, expert_ts):
-                    check_finite(t, f"expert {label!r}", name, src.file_of(name))
-                if all(torch.equal(base_t, t) for t in expert_ts):
-                    writer.add(name, base_t.to(dtype) if base_t.is_floating_point() else base_t)
-                    copied_count += 1
-                    continue
-                if not base_t.is_floating_point():
-                    raise MergeError(f"tensor {name!r} is not floating point ({base_t.dtype}) and differs between "
-                                     "the base and an expert; it cannot be merged")
-                base_f = base_t.to(device=device, dtype=torch.float32)
-                deltas = [t.to(device=device, dtype=torch.float32) - base_f for t in expert_ts]
-                coeffs = table.for_name(name).to(device=device, dtype=torch.float32)
-                importance = _importance(records, name, list(range(len(names))), cfg)
-                if importance is not None:
-                    importance = [m.to(device=device, dtype=torch.float32) for m in importance]
-                merged = base_f + _merge_one(cfg, deltas, coeffs, name, importance)
-                writer.add(name, merged.to(dtype).cpu())
-                merged_count += 1
-                del base_f, deltas, merged
-        finally:
-            reader.close()
-        files = writer.close()
-        copied = copy_model_files(base, tmp)
-        if out_dtype is not None and (tmp / "config.json").is_file():
-            _set_config_dtype(tmp / "config.json", out_dtype)
-        from .card import write_card
+            def load_model(k: int) -> torch.nn.Module:
+                logger.info("loading expert %r for transferability", names[k])
+                return AutoModelForCausalLM.from_pretrained(str(experts[k]), dtype=torch.float32)
 
-        write_card(
-            tmp, cfg.to_dict(), names, [str(e) for e in experts], table, kind="full",
-            base_model=base_cfg.get("_name_or_path") or str(base), library_name="transformers",
-            extra={"shards": files, "merged_tensors": merged_count, "copied_tensors": copied_count},
-        )
-        _write_extra_files(tmp, extra_files)
-        logger.info("output: %d shard(s) %s, %d tensors merged, %d copied, files copied from base: %s",
-                    len(files), files, merged_count, copied_count, copied)
-    base_src.close()
-    for src in expert_srcs:
-        src.close()
+            matrix = transferability_for_models(
+                load_model, len(names), probe_sets, alignment=cfg.alignment, device=device,
+                vocab_size=base_cfg.get("vocab_size"),
+            )
+            matrix = _check_transfer(matrix, len(names))
+            logger.info("transferability matrix:\n%s", matrix)
+            return matrix.cpu() if comm.distributed else matrix
+
+        # loads every expert model in turn: once, on rank 0
+        transfer = comm.root_call(compute_transfer)
+    with comm.step():
+        table = _coefficients(cfg, records, transfer, names)
+        tensor_names = base_src.names()
+        plan = plan_shards([(n, _out_nbytes(base_src, n, out_dtype)) for n in tensor_names],
+                           parse_size(max_shard_size))
+    files = plan.files
+    shard_ids = plan.assign(comm.world_size)[comm.rank]
+    if comm.rank != 0 and progress is None:
+        progress = False
+
+    finishing = False
+    final_err: Optional[BaseException] = None
+    try:
+        with contextlib.ExitStack() as stack:
+            tmp = Path(comm.root_call(lambda: stack.enter_context(
+                atomic_output_dir(out_dir, overwrite=overwrite, inputs=[base, *experts]))))
+            err: Optional[BaseException] = None
+            counts = (0, 0)
+            try:
+                if not tmp.is_dir():
+                    raise MergeError(
+                        f"rank {comm.rank} does not see the temporary output folder {tmp} that rank 0 created; a "
+                        "distributed merge needs the output's parent folder on a file system shared by all ranks"
+                    )
+                counts = _merge_shards(tmp, plan, shard_ids, base, base_src, expert_srcs, names, table, records,
+                                       cfg, device, out_dtype, prefetch, progress)
+            except BaseException as e:
+                err = e
+            # every rank has stopped writing once this returns; on an error rank 0 leaves the with and the
+            # temporary folder is removed
+            merged_count, copied_count = comm.check(err, counts)
+            finishing = True
+            if comm.rank == 0:
+                plan.write_index(tmp)
+                copied = copy_model_files(base, tmp)
+                if out_dtype is not None and (tmp / "config.json").is_file():
+                    _set_config_dtype(tmp / "config.json", out_dtype)
+                from .card import write_card
+
+                write_card(
+                    tmp, cfg.to_dict(), names, [str(e) for e in experts], table, kind="full",
+                    base_model=base_cfg.get("_name_or_path") or str(base), library_name="transformers",
+                    extra={"shards": files, "merged_tensors": merged_count, "copied_tensors": copied_count},
+                )
+                _write_extra_files(tmp, extra_files)
+                logger.info("output: %d shard(s) %s, %d tensors merged, %d copied, files copied from base: %s",
+                            len(files), files, merged_count, copied_count, copied)
+    except BaseException as e:
+        if not (finishing and comm.distributed):
+            raise
+        final_err = e
+    finally:
+        base_src.close()
+        for src in expert_srcs:
+            src.close()
+    if comm.distributed:
+        comm.check(final_err)  # rank 0's index, card and rename: the other ranks learn how they went
+    details: dict[str, Any] = {"shards": files, "merged_tensors": merged_count, "copied_tensors": copied_count,
+                               "device": str(device)}
+    if comm.distributed:
+        details.update(world_size=comm.world_size, rank_shards=[files[i] for i in shard_ids])
     return MergeReport(
         config=cfg,
         coefficients=table,
@@ -995,8 +1293,7 @@ def merge_models(
         transfer=transfer,
         model=None,
         sources=[str(e) for e in experts],
-        details={"shards": files, "merged_tensors": merged_count, "copied_tensors": copied_count,
-                 "device": str(device)},
+        details=details,
     )
 
 
