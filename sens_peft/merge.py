@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -848,6 +849,9 @@ def _remote_error(rank: int, info: tuple[bool, str, str]) -> BaseException:
     return RuntimeError(f"merge failed on rank {rank}: {type_name}: {message}")
 
 
+_GROUP_SERIAL = itertools.count()
+
+
 class _Comm:
     """The collectives a distributed merge needs, over a gloo group; with ``world_size == 1`` every method is a
     plain local call (the single-process merge runs exactly as without it).
@@ -902,7 +906,13 @@ class _Comm:
         if world > 1:
             if not dist.is_available():
                 raise MergeError("WORLD_SIZE > 1 but torch.distributed is not available in this torch build")
-            dist.init_process_group(backend="gloo", timeout=timeout)
+            # A fresh key prefix per merge: torchrun's agent store outlives the groups, and a re-created default
+            # group would otherwise find the previous one's rendezvous keys (and connect to dead peers). Every
+            # rank makes the same sequence of merge_models calls, so the counters agree.
+            store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+            prefix = f"sens_peft/merge_models/{next(_GROUP_SERIAL)}"
+            dist.init_process_group(backend="gloo", store=dist.PrefixStore(prefix, store), rank=rank,
+                                    world_size=world, timeout=timeout)
             return cls(None, dist.get_rank(), dist.get_world_size(), owns_default=True)
         if distributed is True and not launched:
             raise MergeError(
