@@ -26,6 +26,7 @@ LOSS_TOKENS = ("labels", "full")
 SENS_MODES = ("task+cross", "task", "cross", None)
 NORMALIZATIONS = ("mean1", "l2", "sum1", "zscore")
 ALIGNMENTS = ("neg_l2", "cosine", "neg_kl", "l2")
+TAU_NORMALIZATIONS = ("exp_z", "zscore", "sum1", "mean1")
 GRANULARITIES = ("layer", "module_type", "projection")
 OUTPUT_KINDS = ("lora", "full")
 MAJORITY_SIGN_METHODS = ("total", "frequency")
@@ -142,6 +143,9 @@ class MergeConfig(_ConfigMixin):
             ``None`` for the plain method.
         temperature: Softmax temperature ``T`` of ``c = K * softmax_k(alpha * tau / T)``.
         normalization: How per-layer scores become ``alpha`` within an expert.
+        tau_normalization: How the transferability row means become ``tau`` across experts (``exp_z``:
+            standardised then exponentiated, mean 1; ``sum1``: the third-party L1 reading; see
+            :mod:`sens_peft.coefficients`).
         alignment: Logit alignment score for the transferability matrix.
         granularity: Coefficient granularity: per transformer block (``"layer"``, the paper), per block and
             module type (attention / MLP), or per projection.
@@ -165,6 +169,7 @@ class MergeConfig(_ConfigMixin):
     sens: SensMode = "task+cross"
     temperature: float = 1.0
     normalization: Normalization = "mean1"
+    tau_normalization: str = "exp_z"
     alignment: Alignment = "cosine"
     granularity: Granularity = "layer"
     trim_by: str = "magnitude"
@@ -188,6 +193,7 @@ class MergeConfig(_ConfigMixin):
         _check_choice("sens", self.sens, SENS_MODES)
         _check_choice("normalization", self.normalization, NORMALIZATIONS)
         _check_choice("alignment", self.alignment, ALIGNMENTS)
+        _check_choice("tau_normalization", self.tau_normalization, TAU_NORMALIZATIONS)
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("trim_by", self.trim_by, TRIM_BY)
         _check_choice("output", self.output, OUTPUT_KINDS)

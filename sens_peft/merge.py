@@ -259,6 +259,7 @@ def _coefficients(config: MergeConfig, records, transfer, experts: list[str]):
         sens=config.sens,
         temperature=config.temperature,
         normalization=config.normalization,
+        tau_normalization=config.tau_normalization,
         granularity=config.granularity,
         weights=config.weights,
         scale=config.scale,

@@ -43,7 +43,7 @@ from .config import MergeConfig
 TOP_KEYS = {"base_model", "experts", "method", "parameters", "sens", "output", "device", "expert_type"}
 EXPERT_KEYS = {"path", "weight"}
 PARAMETER_KEYS = {"density", "scale", "majority_sign_method", "seed", "trim_by"}
-SENS_KEYS = {"mode", "temperature", "normalization", "alignment", "granularity"}
+SENS_KEYS = {"mode", "temperature", "normalization", "tau_normalization", "alignment", "granularity"}
 OUTPUT_KEYS = {"type", "path", "rank", "dtype"}
 
 
