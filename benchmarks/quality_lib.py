@@ -152,6 +152,7 @@ class SeedData:
     expert_scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> summary of own experts
     base_scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     train_seconds: float = 0.0
+    w0: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights of the adapted modules
 
 
 def _train_one(base, task: str, seed: int, folder: Path, steps: Optional[int], calib: int, tokenizer) -> float:
@@ -228,7 +229,9 @@ def prepare_seed(base, seed: int, workdir: Path, tasks: Sequence[str], tokenizer
             raise RuntimeError(f"module {module.name} is not adapted by every expert")
         deltas[module.weight_name] = [delta_weight(module, f, torch.device("cpu")) for f in factors]
 
-    data = SeedData(seed, list(tasks), peft, deltas, records, probes, transfer, train_seconds=train_seconds)
+    base_params = dict(base.named_parameters())
+    w0 = {n: base_params[n].detach().float().clone() for n in deltas}
+    data = SeedData(seed, list(tasks), peft, deltas, records, probes, transfer, train_seconds=train_seconds, w0=w0)
     ref_cache = root / "reference_scores.json"
     if ref_cache.exists():
         ref = json.loads(ref_cache.read_text())
@@ -283,6 +286,10 @@ def coefficient_fn(setting: dict[str, Any], data: SeedData):
         table = random_coefficients(num, groups, setting["T"], stable_int("ctrl", data.seed, setting["draw"]))
         vals = torch.stack(list(table.values()))
         return (lambda name: table[layer_group(name, gran)]), {"min": float(vals.min()), "max": float(vals.max())}
+    if kind == "onehot":  # one expert alone (the "pick a single expert" reference)
+        onehot = torch.zeros(num)
+        onehot[int(setting["expert"])] = 1.0
+        return (lambda name: onehot), {"min": 0.0, "max": 1.0}
     if kind == "sens":
         records = data.records[(setting.get("source", "theta"), setting.get("mode", "after"))]
         transfer = data.transfer[setting.get("alignment", "cosine")]
@@ -296,10 +303,29 @@ def coefficient_fn(setting: dict[str, Any], data: SeedData):
 
 
 def importance_maps(setting: dict[str, Any], data: SeedData, name: str) -> Optional[list[torch.Tensor]]:
+    """Per-element importance of each expert for one tensor.
+
+    ``theta`` / ``delta``: the stored maps mean |w ⊙ g| (w = W0 + ΔW_k or ΔW_k). ``grad``: mean |g| itself,
+    recovered exactly as the theta map ÷ |W0 + ΔW_k| (w is fixed during calibration). ``theta_perm``: the theta
+    maps with their entries shuffled within each tensor (same values, no alignment with the weights): the control
+    for per-element importance.
+    """
     src = setting.get("imp_source")
     if not src:
         return None
-    return [r.element_maps[name] for r in data.records[(src, "after")]]
+    if src in ("theta", "delta"):
+        return [r.element_maps[name] for r in data.records[(src, "after")]]
+    maps = [r.element_maps[name] for r in data.records[("theta", "after")]]
+    if src == "grad":
+        return [m / (data.w0[name] + d).abs().clamp_min(1e-6) for m, d in zip(maps, data.deltas[name])]
+    if src == "theta_perm":
+        out = []
+        for k, m in enumerate(maps):
+            gen = torch.Generator().manual_seed(stable_int("perm", data.seed, name, k))
+            flat = m.reshape(-1)
+            out.append(flat[torch.randperm(flat.numel(), generator=gen)].reshape(m.shape))
+        return out
+    raise ValueError(f"unknown importance source {src!r}")
 
 
 def merged_deltas(setting: dict[str, Any], data: SeedData) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
