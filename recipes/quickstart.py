@@ -5,11 +5,13 @@
     python recipes/quickstart.py --model meta-llama/Llama-3.2-1B --tasks ...   # see --model below
 
 Steps (each a few lines below):
-  1. a base model: the built-in tiny Llama, pre-trained once on generic text plus a little of every task and
-     cached (~/.cache/sens_peft/toy), so it already half-knows each task, like a real pre-trained LLM;
+  1. a base model: the built-in tiny Llama, pre-trained once on generic text plus every task restricted to
+     part of its input symbols, and cached (~/.cache/sens_peft/toy), so it already half-knows each task, like a
+     real pre-trained LLM; it is also saved to <output-dir>/base for recipes/merge_3_experts.yaml;
   2. one LoRA expert per task with `transformers.Trainer` + `SensitivityCallback(SensitivityConfig(task=...))`;
      `trainer.save_model(dir)` writes the adapter and the callback's sidecars (sensitivity + probe) next to it;
-  3. merge: TA, TIES, DARE-TIES, each plain (sens=None) and with Sens-Merging (sens="task+cross");
+  3. merge: averaging (TA, scale 1/K), then TA, TIES, DARE-TIES, each plain (sens=None) and with Sens-Merging
+     (sens="task+cross");
   4. a table of exact-match accuracy per task and normalised accuracy (merged acc / that task's expert acc);
      the best merged adapter is saved (`save_to=`) with its merge card.
 
@@ -44,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output-dir", default="runs/quickstart", help="experts, merged adapter, results.json")
     p.add_argument("--tasks", nargs="+", default=toy.TASK_NAMES, choices=toy.TASK_NAMES)
     p.add_argument("--steps", type=int, default=150, help="LoRA fine-tuning steps per expert")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-test", type=int, default=300, help="test examples per task")
     p.add_argument("--temperature", type=float, default=1.0, help="Sens-Merging softmax temperature T")
@@ -97,6 +99,8 @@ def main() -> None:
 
     # 1. base
     base, tok = load_base(args)
+    base.save_pretrained(out / "base")  # recipes/merge_3_experts.yaml points at <output-dir>/base
+    tok.save_pretrained(out / "base")
     rows = {"base": toy.evaluate(base, args.tasks, n=args.n_test, tokenizer=tok)}
     log.info("base ready (%.0f s): %s", time.perf_counter() - t0, _fmt(rows["base"]))
 
@@ -117,8 +121,10 @@ def main() -> None:
         rows[f"expert:{task}"] = toy.evaluate(model, args.tasks, n=args.n_test, tokenizer=tok)
 
     reports = {}
-    for label, fields in MERGES:
-        for sens in (None, "task+cross"):
+    # plain averaging (TA with scale 1/K) as the reference point of the table
+    merges = [("Avg", dict(method="task_arithmetic", scale=1.0 / len(args.tasks)))] + MERGES
+    for label, fields in merges:
+        for sens in ((None,) if label == "Avg" else (None, "task+cross")):
             name = label if sens is None else f"Sens-{label}"
             config = MergeConfig(sens=sens, temperature=args.temperature, seed=args.seed, **fields)
             report = merge_adapters(model, args.tasks, config=config, adapter_name=name.replace("-", "_"),

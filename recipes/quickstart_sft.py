@@ -31,7 +31,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output-dir", default="runs/quickstart_sft")
     p.add_argument("--tasks", nargs="+", default=toy.TASK_NAMES, choices=toy.TASK_NAMES)
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-test", type=int, default=300)
     p.add_argument("--cache-dir", default=None)

@@ -1,19 +1,22 @@
 """A built-in toy suite: a character tokenizer, a tiny Llama, synthetic tasks, training and evaluation.
 
 The suite is the project's scientific instrument: it must reproduce the regime in which merging real LLMs is
-meaningful, i.e. a base model that already half-knows every task and experts whose task vectors are small. A
-tiny model pre-trained only on generic strings and then fine-tuned hard gives task vectors so large that every
-merge collapses to ~0%, so :func:`pretrain_base` mixes a share of every task (train split only) into the
-generic pre-training corpus and stops early, leaving the base at roughly 10-50% per task; :func:`train_expert`
-then fine-tunes lightly (LoRA, a few hundred steps) to >= 90% on one task.
+meaningful, i.e. a base model that already half-knows every task and experts whose task vectors are small.
+Every task is a per-position symbol map over 4-symbol strings (``inc``: digit + 1 mod 10, ``cipher``: a letter
+substitution, ``rcipher``: rotate then another substitution, ``d2l``: digit -> letter table). :func:`pretrain_base`
+trains on generic text plus each task restricted to a fixed subset of its input symbols
+(``ToySettings.known``), so the base knows the format and the known map entries and fails on inputs with an
+unknown symbol: its accuracy is ~ ``(known / alphabet) ** 4`` per task (20-40% by default), graded by
+construction rather than a knife edge of pre-training steps. :func:`train_expert` then fine-tunes lightly (LoRA,
+~150 steps) on the full-alphabet train split to >= 90% on one task, learning only the missing entries.
 
 Everything is built in memory from fixed seeds (no downloads)::
 
     from sens_peft import toy
     tok = toy.build_tokenizer()
     base = toy.pretrain_base()                      # cached under ~/.cache/sens_peft/toy/<hash>
-    expert = toy.train_expert(base, "sort", steps=150, output_dir="out/sort")
-    print(toy.evaluate(expert, ["sort", "reverse"], n=100))
+    expert = toy.train_expert(base, "cipher", steps=150, output_dir="out/cipher")
+    print(toy.evaluate(expert, ["cipher", "inc"], n=100))
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-TOY_VERSION = "2"  # bump when the data, model or pre-training changes, so cached bases are not reused
+TOY_VERSION = "3"  # bump when the data, model or pre-training changes, so cached bases are not reused
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -54,8 +57,8 @@ class Task:
     """A synthetic task: a tag token and a generator of ``(input, answer)`` string pairs.
 
     Args:
-        name: Short name (``"sort"``).
-        tag: Tag token that prefixes every prompt (``"<sort>"``); one token of the toy vocabulary.
+        name: Short name (``"cipher"``).
+        tag: Tag token that prefixes every prompt (``"<map>"``); one token of the toy vocabulary.
         generate: ``rng -> (input, answer)``; must be deterministic given the ``random.Random`` state.
         solve: Independent reference solver ``input -> answer`` (used by tests and as a check).
         description: One line for tables and docs.
@@ -72,62 +75,97 @@ class Task:
         return f"{self.tag}{x}="
 
 
-# Task difficulty: short fixed-length strings over small alphabets keep the tasks learnable by
-# a ~1M-parameter model in a few hundred CPU steps while leaving thousands of distinct inputs per task.
+# Every task is a per-position symbol map over fixed-length strings. That makes accuracy graded by construction:
+# the base is pre-trained on each task restricted to a subset of the input symbols (see ``ToySettings.known``),
+# so it knows the format and the known map entries and fails exactly on inputs that contain an unknown symbol;
+# its test accuracy is ~ (known / alphabet) ** STR_LEN, and an expert only has to learn the missing entries
+# (a small task vector), as with a real pre-trained LLM.
+STR_LEN = 4
 WORD_ALPHABET = "abcdefgh"
-WORD_LEN = 4
-NUM_LEN = 4
+WORD_LEN = STR_LEN
+NUM_LEN = STR_LEN
 
 
 def _rand_word(rng: random.Random, lo: int, hi: int, alphabet: str = LETTERS) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
 
 
-def _gen_inc(rng: random.Random) -> tuple[str, str]:
-    x = "".join(rng.choice(DIGITS) for _ in range(NUM_LEN))
-    return x, _solve_inc(x)
+def _perm(alphabet: str, seed: int, image: str | None = None) -> dict[str, str]:
+    """A fixed map ``alphabet -> image`` (a permutation of ``image`` or of ``alphabet``) drawn from ``seed``."""
+    image = image if image is not None else alphabet
+    return dict(zip(alphabet, random.Random(seed).sample(image, len(alphabet))))
+
+
+CIPHER = _perm(WORD_ALPHABET, 1234)  # cipher: letter substitution sigma1
+RCIPHER = _perm(WORD_ALPHABET, 4321)  # rcipher: rotate left by one, then substitution sigma2
+D2L = _perm(DIGITS, 2024, image="ijklmnopqrst")  # d2l: digit -> letter table
 
 
 def _solve_inc(x: str) -> str:
     return "".join(str((int(c) + 1) % 10) for c in x)
 
 
-def _word(rng: random.Random) -> str:
-    return _rand_word(rng, WORD_LEN, WORD_LEN, WORD_ALPHABET)
+def _solve_cipher(x: str) -> str:
+    return "".join(CIPHER[c] for c in x)
 
 
-def _gen_reverse(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return w, w[::-1]
+def _solve_rcipher(x: str) -> str:
+    return "".join(RCIPHER[c] for c in x[1:] + x[:1])
 
 
-def _gen_sort(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return w, "".join(sorted(w))
+def _solve_d2l(x: str) -> str:
+    return "".join(D2L[c] for c in x)
 
 
-# A fixed substitution cipher (a permutation of the task alphabet drawn once from seed 1234).
-CIPHER = dict(zip(WORD_ALPHABET, random.Random(1234).sample(WORD_ALPHABET, len(WORD_ALPHABET))))
+def _generator(alphabet: str, solve: Callable[[str], str]) -> Callable[[random.Random], tuple[str, str]]:
+    def generate(rng: random.Random) -> tuple[str, str]:
+        x = "".join(rng.choice(alphabet) for _ in range(STR_LEN))
+        return x, solve(x)
+
+    return generate
 
 
-def _gen_cipher(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return w, "".join(CIPHER[c] for c in w)
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    tag: str
+    alphabet: str
+    solve: Callable[[str], str]
+    description: str
 
 
+_SPECS = (
+    _Spec("inc", "<inc>", DIGITS, _solve_inc, f"add 1 (mod 10) to each of {STR_LEN} digits"),
+    _Spec("cipher", "<map>", WORD_ALPHABET, _solve_cipher, f"fixed substitution of {STR_LEN} letters a-h"),
+    _Spec("rcipher", "<rot>", WORD_ALPHABET, _solve_rcipher,
+          f"rotate {STR_LEN} letters a-h left by one, then a second fixed substitution"),
+    _Spec("d2l", "<d2l>", DIGITS, _solve_d2l, f"map each of {STR_LEN} digits to a letter by a fixed table"),
+)
 TASKS: dict[str, Task] = {
-    t.name: t
-    for t in (
-        Task("inc", "<inc>", _gen_inc, _solve_inc, f"add 1 (mod 10) to each of {NUM_LEN} digits"),
-        Task("reverse", "<rev>", _gen_reverse, lambda x: x[::-1], f"reverse {WORD_LEN} letters"),
-        Task("sort", "<sort>", _gen_sort, lambda x: "".join(sorted(x)), f"sort {WORD_LEN} letters"),
-        Task("cipher", "<map>", _gen_cipher, lambda x: "".join(CIPHER[c] for c in x),
-             f"fixed letter substitution of {WORD_LEN} letters"),
-    )
+    s.name: Task(s.name, s.tag, _generator(s.alphabet, s.solve), s.solve, s.description) for s in _SPECS
 }
+TASK_ALPHABETS: dict[str, str] = {s.name: s.alphabet for s in _SPECS}
 TASK_NAMES: list[str] = list(TASKS)
 TAG_TOKENS = [t.tag for t in TASKS.values()] + ["<txt>"]
-MAX_ANSWER_TOKENS = max(WORD_LEN, NUM_LEN) + 1  # longest answer + EOS
+MAX_ANSWER_TOKENS = STR_LEN + 1  # answer + EOS
+
+
+def known_symbols(task: str, k: int) -> str:
+    """The ``k`` input symbols of ``task`` the base is pre-trained on (a fixed, per-task subset of its alphabet).
+
+    Args:
+        task: Task name.
+        k: How many symbols of the task's input alphabet are known (``len(alphabet)`` = all).
+
+    Returns:
+        The known symbols as a string, in alphabet order.
+    """
+    alphabet = TASK_ALPHABETS[get_task(task).name]
+    if not 0 < k <= len(alphabet):
+        raise ValueError(f"known_symbols({task!r}): k must be in 1..{len(alphabet)}, got {k}")
+    # A per-task order, so different tasks miss different symbols.
+    order = random.Random(_task_seed(task, 99)).sample(alphabet, len(alphabet))
+    return "".join(sorted(order[:k]))
 
 
 def vocabulary() -> list[str]:
@@ -138,7 +176,7 @@ def vocabulary() -> list[str]:
 def build_tokenizer():
     """A character-level ``PreTrainedTokenizerFast`` over :func:`vocabulary` (built in memory).
 
-    Every character is one token; tag tokens (``<sort>`` ...) and ``<pad>/<bos>/<eos>/<unk>`` are special
+    Every character is one token; tag tokens (``<map>`` ...) and ``<pad>/<bos>/<eos>/<unk>`` are special
     tokens. ``encode`` adds no BOS/EOS by itself (the dataset code adds them explicitly), and ``decode``
     joins characters without spaces.
 
@@ -337,9 +375,11 @@ class ToySettings:
         batch_size: Sequences per step.
         lr: Peak AdamW learning rate (cosine decay, 5% warm-up).
         task_share: Fraction of pre-training sequences drawn from the tasks' train splits; the rest is
-            generic text. With ``steps`` it sets how much of every task the base already knows.
-        task_weights: Relative share of each task within ``task_share`` (easy tasks get less, so that the
-            base lands at a similar partial accuracy on every task).
+            generic text.
+        task_weights: Relative share of each task within ``task_share``.
+        known: Per task, how many input symbols the base sees the task on (:func:`known_symbols`); only train
+            examples whose input uses known symbols alone enter pre-training, which sets the base's accuracy to
+            about ``(known / alphabet size) ** STR_LEN`` (not a knife-edge function of steps or shares).
         seed: Initialisation and data-order seed.
     """
 
@@ -348,12 +388,12 @@ class ToySettings:
     num_hidden_layers: int = 8
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 64
     lr: float = 3e-3
-    task_share: float = 0.68
-    task_weights: dict = dataclasses.field(
-        default_factory=lambda: {"inc": 4.4, "reverse": 2.5, "sort": 1.25, "cipher": 1.75})
+    task_share: float = 0.7
+    task_weights: dict = dataclasses.field(default_factory=lambda: {t: 1.0 for t in TASK_NAMES})
+    known: dict = dataclasses.field(default_factory=lambda: {"inc": 8, "cipher": 6, "rcipher": 6, "d2l": 7})
     seed: int = 0
 
     def digest(self) -> str:
@@ -402,10 +442,16 @@ def _generic_text(rng: random.Random) -> str:
     return "<txt>" + " ".join(parts)
 
 
+def restricted_train(task: str, k: int) -> list[tuple[str, str]]:
+    """Train-split examples of ``task`` whose input uses only the ``k`` :func:`known_symbols` of the task."""
+    known = set(known_symbols(task, k))
+    return [(x, y) for x, y in task_splits(task)["train"] if set(x) <= known]
+
+
 def pretraining_rows(tokenizer, settings: ToySettings, n: int) -> list[list[int]]:
-    """``n`` pre-training sequences (token ids): generic text plus ``task_share`` of task train examples."""
+    """``n`` pre-training sequences (token ids): generic text plus ``task_share`` of restricted task examples."""
     rng = random.Random(settings.seed + 7)
-    train = {t: task_splits(t)["train"] for t in TASK_NAMES}
+    train = {t: restricted_train(t, settings.known.get(t, len(TASK_ALPHABETS[t]))) for t in TASK_NAMES}
     rows = []
     names = [t for t in TASK_NAMES if settings.task_weights.get(t, 1.0) > 0]
     weights = [settings.task_weights.get(t, 1.0) for t in names]
@@ -443,8 +489,8 @@ def pretrain_base(
 ):
     """Pre-train (or load the cached) toy base model.
 
-    The base is trained with a plain AdamW loop on generic text plus ``task_share`` of task examples (full
-    next-token loss) and saved with its tokenizer under ``cache_dir/<hash of settings>``; a later call with the
+    The base is trained with a plain AdamW loop on generic text plus ``task_share`` of restricted task examples
+    (full next-token loss) and saved with its tokenizer under ``cache_dir/<hash of settings>``; a later call with the
     same settings loads it from there. ``model.name_or_path`` is that folder, so it can be passed as
     ``base=`` to :func:`sens_peft.merge_models`.
 
@@ -549,7 +595,7 @@ def train_expert(
     base,
     task: str,
     *,
-    steps: int = 200,
+    steps: int = 150,
     callbacks: Sequence[Any] | None = None,
     output_dir: str | os.PathLike = "toy_expert",
     lora: bool = True,
@@ -573,7 +619,7 @@ def train_expert(
         output_dir: Trainer output folder (also where ``save=True`` writes the expert).
         lora: LoRA (PEFT, ``r=lora_r`` on every linear layer) or full fine-tuning.
         seed: Trainer seed (init of LoRA A, data order).
-        lr: Learning rate (default 3e-3 for LoRA, 5e-4 for full fine-tuning).
+        lr: Learning rate (default 1e-3 for LoRA, 5e-4 for full fine-tuning).
         batch_size: Sequences per step.
         lora_r: LoRA rank (alpha = 2r).
         save: Call ``trainer.save_model(output_dir)`` at the end (callbacks then write their sidecars there).
@@ -592,7 +638,8 @@ def train_expert(
 
         torch.manual_seed(seed)
         model = get_peft_model(model, lora_config(r=lora_r, alpha=2 * lora_r))
-    lr = lr if lr is not None else (3e-3 if lora else 5e-4)
+    # 1e-3 keeps LoRA task vectors small (3e-3 made them destroy the other tasks, 5e-4 left d2l at ~60%).
+    lr = lr if lr is not None else (1e-3 if lora else 5e-4)
     args = training_args(output_dir, steps=steps, lr=lr, batch_size=batch_size, seed=seed, **training_kwargs)
     trainer = Trainer(model=model, args=args, train_dataset=task_dataset(task, "train", tokenizer),
                       data_collator=ToyCollator(tokenizer.pad_token_id), callbacks=list(callbacks or []))

@@ -16,18 +16,20 @@ def tok():
     return toy.build_tokenizer()
 
 
-# Independent reference answers, written without the task module's helpers.
+# Independent reference answers, written without the task module's helpers (tables rebuilt from their seeds).
 def _reference(task: str, x: str) -> str:
     if task == "inc":
         return "".join("1234567890"["0123456789".index(c)] for c in x)
-    if task == "reverse":
-        return "".join(x[i] for i in range(len(x) - 1, -1, -1))
-    if task == "sort":
-        counts = {c: x.count(c) for c in set(x)}
-        return "".join(c * counts[c] for c in string.ascii_lowercase if c in counts)
     if task == "cipher":
         table = random.Random(1234).sample("abcdefgh", 8)
         return "".join(table[ord(c) - ord("a")] for c in x)
+    if task == "rcipher":
+        table = random.Random(4321).sample("abcdefgh", 8)
+        rotated = [x[(i + 1) % len(x)] for i in range(len(x))]
+        return "".join(table[ord(c) - ord("a")] for c in rotated)
+    if task == "d2l":
+        table = random.Random(2024).sample("ijklmnopqrst", 10)
+        return "".join(table[int(c)] for c in x)
     raise AssertionError(task)
 
 
@@ -57,24 +59,53 @@ def test_splits_deterministic_and_disjoint(task):
 
 
 def test_task_examples_look_right():
-    for x, y in toy.task_splits("inc")["test"][:50]:
-        assert len(x) == len(y) == toy.NUM_LEN and x.isdigit() and y.isdigit()
-    for task in ("reverse", "sort", "cipher"):
-        for x, y in toy.task_splits(task)["test"][:50]:
-            assert len(x) == len(y) == toy.WORD_LEN and set(x + y) <= set(toy.WORD_ALPHABET)
+    letters = set(string.ascii_lowercase)
+    for task in toy.TASK_NAMES:
+        pairs = toy.task_splits(task)["test"]
+        alphabet = set(toy.TASK_ALPHABETS[task])
+        assert all(len(x) == len(y) == toy.STR_LEN and set(x) <= alphabet for x, y in pairs)
+        assert set(x for p in pairs for x in p[0]) == alphabet  # the test split uses the full alphabet
+        assert all(set(y) <= (set(string.digits) if task == "inc" else letters) for _, y in pairs)
     assert toy.MAX_ANSWER_TOKENS >= max(len(y) for t in toy.TASK_NAMES for _, y in toy.task_splits(t)["test"]) + 1
+    # the maps are bijections (so each unknown input symbol has its own, unseen output)
+    assert sorted(toy.CIPHER.values()) == sorted(toy.CIPHER) and sorted(toy.RCIPHER.values()) == sorted(toy.RCIPHER)
+    assert len(set(toy.D2L.values())) == 10
+
+
+def test_known_symbols_and_restricted_train():
+    settings = toy.ToySettings()
+    seen = set()
+    for task in toy.TASK_NAMES:
+        alphabet = toy.TASK_ALPHABETS[task]
+        k = settings.known[task]
+        known = toy.known_symbols(task, k)
+        assert len(known) == k < len(alphabet) and set(known) < set(alphabet)
+        assert known == toy.known_symbols(task, k)  # deterministic
+        assert toy.known_symbols(task, len(alphabet)) == "".join(sorted(alphabet))
+        seen.add((alphabet, known))
+        rows = toy.restricted_train(task, k)
+        train = toy.task_splits(task)["train"]
+        unknown = set(alphabet) - set(known)
+        assert rows and all(not set(x) & unknown for x, _ in rows)  # unknown symbols really excluded
+        expected = sum(all(c in known for c in x) for x, _ in train)
+        assert len(rows) == expected and set(rows) <= set(train)
+        # roughly (k / |alphabet|)^4 of uniformly drawn inputs are fully known
+        assert abs(len(rows) / len(train) - (k / len(alphabet)) ** toy.STR_LEN) < 0.05
+    assert len({known for _, known in seen}) == len(toy.TASK_NAMES)  # tasks miss different symbols
+    with pytest.raises(ValueError):
+        toy.known_symbols("inc", 11)
 
 
 def test_tokenizer_round_trip(tok):
     vocab = toy.vocabulary()
     assert len(tok) == len(vocab) and len(set(vocab)) == len(vocab)
     assert tok.convert_tokens_to_ids(vocab) == list(range(len(vocab)))
-    text = "<sort>hello world 123+45=,.:|>"
+    text = "<map>hello world 123+45=,.:|>"
     ids = tok.encode(text, add_special_tokens=False)
-    assert tok.convert_ids_to_tokens(ids)[:2] == ["<sort>", "h"]
-    assert len(ids) == len(text) - len("<sort>") + 1  # one token per character, one for the tag
+    assert tok.convert_ids_to_tokens(ids)[:2] == ["<map>", "h"]
+    assert len(ids) == len(text) - len("<map>") + 1  # one token per character, one for the tag
     assert tok.decode(ids) == text
-    assert tok.decode(ids, skip_special_tokens=True) == text[len("<sort>"):]
+    assert tok.decode(ids, skip_special_tokens=True) == text[len("<map>"):]
     assert tok.unk_token_id not in ids
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     assert tok.padding_side == "left"
@@ -98,7 +129,7 @@ def test_sft_rows_match_examples(tok):
 
 
 def test_collator_pads_right(tok):
-    rows = [toy.encode_example(tok, "reverse", "abc", "cba"), toy.encode_example(tok, "inc", "1234", "2345")]
+    rows = [toy.encode_example(tok, "cipher", "abc", "cba"), toy.encode_example(tok, "inc", "1234", "2345")]
     batch = toy.ToyCollator(tok.pad_token_id)(rows)
     n0 = len(rows[0]["input_ids"])
     assert batch["input_ids"].shape == (2, max(n0, len(rows[1]["input_ids"])))
@@ -137,8 +168,8 @@ def test_evaluate_oracle_and_wrong(tok):
     res = toy.evaluate(oracle, n=40, batch_size=16, tokenizer=tok)
     assert res == {t: 1.0 for t in toy.TASK_NAMES}
     assert oracle.calls == len(toy.TASK_NAMES) * 3  # 40 prompts in batches of 16
-    res = toy.evaluate(_Oracle(tok, wrong=True), ["inc", "sort"], split="validation", n=20, tokenizer=tok)
-    assert res == {"inc": 0.0, "sort": 0.0}
+    res = toy.evaluate(_Oracle(tok, wrong=True), ["inc", "rcipher"], split="validation", n=20, tokenizer=tok)
+    assert res == {"inc": 0.0, "rcipher": 0.0}
 
 
 def test_decode_answer_stops_at_eos(tok):
@@ -150,12 +181,12 @@ def test_decode_answer_stops_at_eos(tok):
 def test_evaluate_real_model_matches_unbatched(tok):
     # An untrained tiny Llama: batched left-padded greedy decoding must equal one-prompt-at-a-time decoding.
     model = toy.build_model(toy.ToySettings(num_hidden_layers=2, hidden_size=32, intermediate_size=64), tok)
-    inputs = [x for x, _ in toy.task_splits("reverse")["test"][:6]]
-    batched = toy.predict(model, "reverse", inputs, tokenizer=tok, batch_size=6)
-    single = [toy.predict(model, "reverse", [x], tokenizer=tok)[0] for x in inputs]
+    inputs = [x for x, _ in toy.task_splits("rcipher")["test"][:6]]
+    batched = toy.predict(model, "rcipher", inputs, tokenizer=tok, batch_size=6)
+    single = [toy.predict(model, "rcipher", [x], tokenizer=tok)[0] for x in inputs]
     assert batched == single
-    res = toy.evaluate(model, ["reverse"], n=6, tokenizer=tok, loglik=True)
-    assert 0.0 <= res["reverse"] <= 1.0 and res["reverse/loglik"] < 0
+    res = toy.evaluate(model, ["rcipher"], n=6, tokenizer=tok, loglik=True)
+    assert 0.0 <= res["rcipher"] <= 1.0 and res["rcipher/loglik"] < 0
 
 
 def test_normalized_accuracy():
@@ -180,6 +211,10 @@ def test_pretraining_rows_share(tok):
     assert all(r[0] == tok.bos_token_id and r[-1] == tok.eos_token_id for r in rows)
     share = sum(r[1] in tags for r in rows) / len(rows)
     assert 0.4 < share < 0.6
-    test_inputs = {toy.TASKS["sort"].prompt(x) for x, _ in toy.task_splits("sort")["test"]}
     texts = {tok.decode(r[1:], skip_special_tokens=False).split("=")[0] + "=" for r in rows}
-    assert not texts & test_inputs  # pre-training never sees test examples
+    for task in toy.TASK_NAMES:
+        test_inputs = {toy.TASKS[task].prompt(x) for x, _ in toy.task_splits(task)["test"]}
+        assert not texts & test_inputs  # pre-training never sees test examples
+        known = set(toy.known_symbols(task, settings.known[task]))
+        tagged = [t[len(toy.TASKS[task].tag):-1] for t in texts if t.startswith(toy.TASKS[task].tag)]
+        assert len(tagged) > 10 and all(set(x) <= known for x in tagged)  # ... nor any unknown input symbol
