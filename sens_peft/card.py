@@ -19,6 +19,7 @@ _METHOD_TEXT = {
     "ties": "TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint mean",
     "dare_linear": "DARE (Yu et al., 2024): random drop with rescale, then task arithmetic",
     "dare_ties": "DARE (Yu et al., 2024): random drop with rescale, then TIES sign election",
+    "importance": "Importance-weighted (Fisher-style) merge: Σ_k c_k I_k δ_k / mean_k I_k per element",
 }
 
 

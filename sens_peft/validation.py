@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .io import MergeError
+from .io import CONFIG_KEYS, MergeError
 
 logger = logging.getLogger(__name__)
 
@@ -31,19 +31,9 @@ PathLike = Union[str, os.PathLike]
 # Sidecar metadata key holding a JSON object of the base model's architecture and sizes (see model_fingerprint).
 FINGERPRINT_KEY = "base_fingerprint"
 
-# config fields that identify a base model's shape: two bases that differ in any of them cannot share adapters.
-FINGERPRINT_FIELDS = (
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-    "n_embd",
-    "n_layer",
-    "n_head",
-)
+# config fields that identify a base model's shape: two bases that differ in any of them cannot share adapters
+# (the merge's compatibility keys minus those that name a class or a tying choice rather than a shape).
+FINGERPRINT_FIELDS = tuple(k for k in CONFIG_KEYS if k not in ("architectures", "n_inner", "tie_word_embeddings"))
 
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B",
                   ".lora_magnitude_vector", ".weight", ".bias")
