@@ -47,6 +47,7 @@ from .io import (
     read_model_config,
 )
 from .lora import LoraModule, delta_weight, lora_modules, svd_factors
+from .methods import STREAMED_METHODS, merge_streamed
 from .validation import check_adapter_files, check_finite, check_record_matches, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -1001,6 +1002,14 @@ def _out_nbytes(src: TensorSource, name: str, out_dtype: Optional[torch.dtype]) 
     return numel * dtype.itemsize
 
 
+def _check_inputs(name: str, base: Path, base_src: TensorSource, base_t: torch.Tensor, names: list[str],
+                  expert_srcs: list[TensorSource], expert_ts: list[torch.Tensor]) -> None:
+    """MergeError naming the input (base or expert) and file of tensor ``name`` that holds a NaN/Inf."""
+    check_finite(base_t, f"base ({base})", name, base_src.file_of(name))
+    for label, src, t in zip(names, expert_srcs, expert_ts):
+        check_finite(t, f"expert {label!r}", name, src.file_of(name))
+
+
 def _merge_shards(
     folder: Path,
     plan: ShardPlan,
@@ -1021,20 +1030,39 @@ def _merge_shards(
     tensor_names = [name for i in shard_ids for name in plan.shards[i]]
     writer = ShardWriter(folder, max(plan.sizes), plan=plan, shard_ids=shard_ids)
     merged_count = copied_count = 0
+    extras = {k: v for k, v in (cfg.extra or {}).items() if k in _METHOD_EXTRAS}
+    streamed = cfg.method in STREAMED_METHODS and (cfg.method != "ties" or cfg.trim_by == "magnitude")
     reader = _Prefetcher(tensor_names, base_src, expert_srcs, depth=prefetch)
     try:
         for name, base_t, expert_ts in _progress(reader, len(tensor_names), "merging tensors", progress):
             dtype = out_dtype or base_t.dtype
-            check_finite(base_t, f"base ({base})", name, base_src.file_of(name))
-            for label, src, t in zip(names, expert_srcs, expert_ts):
-                check_finite(t, f"expert {label!r}", name, src.file_of(name))
+
+            # torch.equal stops at the first difference, so for merged tensors this costs next to nothing.
             if all(torch.equal(base_t, t) for t in expert_ts):
+                # Inf == Inf, so a copied tensor is checked here; NaN never compares equal and is caught below.
+                check_finite(base_t, f"base ({base})", name, base_src.file_of(name))
                 writer.add(name, base_t.to(dtype) if base_t.is_floating_point() else base_t)
                 copied_count += 1
                 continue
             if not base_t.is_floating_point():
                 raise MergeError(f"tensor {name!r} is not floating point ({base_t.dtype}) and differs between "
                                  "the base and an expert; it cannot be merged")
+            if streamed:
+                # The non-finite check rides on the merge's own passes; only when it trips are the inputs
+                # checked one by one, to name the broken one.
+                coeffs = table.for_name(name)
+                merged, finite = merge_streamed(
+                    cfg.method, base_t.to(device), [t.to(device) for t in expert_ts], coeffs,
+                    density=cfg.density, majority_sign_method=cfg.majority_sign_method, seed=cfg.seed, name=name,
+                    weighted_election=bool(extras.get("weighted_election", True)), out_dtype=dtype)
+                if not finite:
+                    # raises on a NaN/Inf input; a finite overflow is written as computed
+                    _check_inputs(name, base, base_src, base_t, names, expert_srcs, expert_ts)
+                writer.add(name, merged.cpu())
+                merged_count += 1
+                del merged
+                continue
+            _check_inputs(name, base, base_src, base_t, names, expert_srcs, expert_ts)
             base_f = base_t.to(device=device, dtype=torch.float32)
             deltas = [t.to(device=device, dtype=torch.float32) - base_f for t in expert_ts]
             coeffs = table.for_name(name).to(device=device, dtype=torch.float32)

@@ -42,6 +42,7 @@ __all__ = [
     "dare_mask",
     "get_method",
     "merge_deltas",
+    "merge_streamed",
     "register_method",
     "stable_seed",
 ]
@@ -438,3 +439,227 @@ def merge_deltas(method: str, deltas: Sequence[Tensor], coefficients: Tensor | S
     if scale != 1.0:
         combined = combined * scale
     return combined.to(first.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Streamed variant for full-model merges
+# --------------------------------------------------------------------------------------------------------
+
+#: Methods :func:`merge_streamed` implements (``ties`` with magnitude trimming only).
+STREAMED_METHODS = ("task_arithmetic", "dare_linear", "ties", "dare_ties")
+
+# Flat chunk processed at a time: a few fp32 buffers of this size stay in cache and bound the scratch memory,
+# whatever the tensor's size (a 65M-entry embedding is not materialised as K fp32 copies).
+DEFAULT_CHUNK = 1 << 20
+
+# fp32 bit patterns of |x| compare like the values (non-negative floats); NaN (0x7fc...) sorts above Inf.
+_INF_HI = 0x7F80
+
+
+def _dare_masks(numel: int, num: int, density: float, generator: torch.Generator | None,
+                device: torch.device) -> list[Tensor]:
+    """The ``num`` DARE keep-masks of :func:`dare_mask` as bool, drawn expert after expert from ``generator``.
+
+    On the CPU ``bernoulli_`` with an expanded fp32 probability draws one value per entry in order, exactly as
+    ``torch.bernoulli(full(density))`` does, without the fp32 probability tensor. Other devices keep the
+    reference draw.
+    """
+    masks = []
+    for _ in range(num):
+        if device.type == "cpu":
+            probs = torch.full((1,), float(density), dtype=torch.float32).expand(numel)
+            masks.append(torch.empty(numel, dtype=torch.bool).bernoulli_(probs, generator=generator))
+        else:
+            masks.append(dare_mask((numel,), density, generator, device).bool())
+    return masks
+
+
+def _chunks(numel: int, chunk: int):
+    for start in range(0, numel, chunk):
+        yield start, min(numel, start + chunk)
+
+
+def _trim_mask_streamed(expert: Tensor, base: Tensor, k: int, chunk: int, bufs: dict) -> tuple[Tensor, bool]:
+    """Keep-mask of the ``k`` largest ``|expert - base|`` entries (flat), computed chunk by chunk.
+
+    Exact selection by a two-level radix histogram on the fp32 bit patterns of ``|delta|`` (high then low 16
+    bits) instead of a full ``topk``; entries equal to the threshold are kept in index order until exactly ``k``
+    are kept. Returns the mask and whether every ``delta`` was finite.
+    """
+    numel = base.numel()
+    device = base.device
+    tmp, bits = bufs["tmp"], bufs["bits"]
+    hist = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+    for s, e in _chunks(numel, chunk):
+        n = e - s
+        torch.sub(expert[s:e], base[s:e], out=tmp[:n])
+        torch.bitwise_right_shift(tmp[:n].abs_().view(torch.int32), 16, out=bits[:n])
+        hist += torch.bincount(bits[:n], minlength=1 << 16)
+    finite = int(hist[_INF_HI:].sum()) == 0
+    # high 16 bits of the k-th largest: the first bin (from the top) where the count from above reaches k
+    from_top = hist.flip(0).cumsum(0)
+    hi_pos = int(torch.searchsorted(from_top, k))
+    hi = (1 << 16) - 1 - hi_pos
+    above_hi = int(from_top[hi_pos - 1]) if hi_pos > 0 else 0
+    lo_hist = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+    for s, e in _chunks(numel, chunk):
+        n = e - s
+        torch.sub(expert[s:e], base[s:e], out=tmp[:n])
+        ibits = tmp[:n].abs_().view(torch.int32)
+        sel = ibits[torch.bitwise_right_shift(ibits, 16) == hi]
+        if sel.numel():
+            lo_hist += torch.bincount(torch.bitwise_and(sel, 0xFFFF), minlength=1 << 16)
+    lo_from_top = lo_hist.flip(0).cumsum(0)
+    lo_pos = int(torch.searchsorted(lo_from_top, k - above_hi))
+    threshold = (hi << 16) | ((1 << 16) - 1 - lo_pos)
+    above = above_hi + (int(lo_from_top[lo_pos - 1]) if lo_pos > 0 else 0)
+    need = k - above  # entries equal to the threshold still to keep, first ones in index order
+    mask = torch.empty(numel, dtype=torch.bool, device=device)
+    for s, e in _chunks(numel, chunk):
+        n = e - s
+        torch.sub(expert[s:e], base[s:e], out=tmp[:n])
+        ibits = tmp[:n].abs_().view(torch.int32)
+        torch.gt(ibits, threshold, out=mask[s:e])
+        if need > 0:
+            eq = ibits == threshold
+            count = int(eq.sum())
+            if count <= need:
+                mask[s:e] |= eq
+                need -= count
+            else:
+                idx = eq.nonzero().reshape(-1)[:need]
+                mask[s:e][idx] = True
+                need = 0
+    return mask, finite
+
+
+def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coefficients: Tensor | Sequence[float],
+                   *, density: float = 1.0, majority_sign_method: str = "total", seed: int | None = 0,
+                   name: str = "", weighted_election: bool = True, out_dtype: torch.dtype | None = None,
+                   chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, bool]:
+    """``base + merge_deltas(method, [e - base for e in experts], coefficients, ...)`` without the deltas.
+
+    The same math as :func:`merge_deltas` (fp32, coefficients already including the global scale) for the
+    methods in :data:`STREAMED_METHODS`, computed chunk by chunk over the flattened tensor with in-place
+    accumulation into a few reused fp32 buffers: memory is the inputs, the output, ``K`` bool masks (TIES/DARE)
+    and a few chunks, whatever the tensor's size. Results agree with :func:`merge_deltas` to fp32 rounding (the
+    order of the per-expert sums is the same; ``add(alpha=c)`` may fuse a multiply-add). DARE masks are the
+    same draws from the same ``(seed, name)`` generator. TIES keeps exactly ``int(density * numel)`` entries per
+    expert like :func:`magnitude_trim_mask`; where entries tie at the threshold this keeps the first ones in
+    index order (``topk``'s choice among ties is unspecified).
+
+    Args:
+        method: One of :data:`STREAMED_METHODS`.
+        base: Base tensor (any float dtype).
+        experts: ``K`` expert tensors with the shape of ``base``, on its device.
+        coefficients: ``[K]`` per-expert scalars (including the global scale).
+        density, majority_sign_method, seed, name, weighted_election: As for :func:`merge_deltas`.
+        out_dtype: dtype of the result (default: the base's).
+        chunk: Entries processed at a time.
+
+    Returns:
+        ``(merged, finite)``: the merged tensor with the base's shape, and False when a non-finite value was seen
+        in a delta or the result (the caller finds and names the offending input).
+    """
+    if method not in STREAMED_METHODS:
+        raise ValueError(f"merge_streamed handles {list(STREAMED_METHODS)}, not {method!r}")
+    if majority_sign_method not in MAJORITY_SIGN_METHODS:
+        raise ValueError(f"merge_streamed: majority_sign_method={majority_sign_method!r} is not one of "
+                         f"{list(MAJORITY_SIGN_METHODS)}")
+    if not (0.0 < float(density) <= 1.0):
+        raise ValueError(f"merge_streamed: density must be in (0, 1], got {density!r}")
+    num = len(experts)
+    device = base.device
+    coeffs = [float(c) for c in torch.as_tensor(coefficients, dtype=torch.float64).reshape(-1).tolist()]
+    if len(coeffs) != num or num == 0:
+        raise ValueError(f"merge_streamed: got {len(coeffs)} coefficients for {num} experts")
+    shape = base.shape
+    numel = base.numel()
+    flat_base = base.reshape(-1)
+    flats = [e.reshape(-1) for e in experts]
+    for k, e in enumerate(flats):
+        if e.numel() != numel:
+            raise ValueError(f"merge_streamed: expert {k} of {name!r} has shape {tuple(experts[k].shape)}, "
+                             f"expected {tuple(shape)}")
+    out = torch.empty(numel, dtype=out_dtype or base.dtype, device=device)
+    chunk = max(1, min(int(chunk), numel))
+    f32 = dict(dtype=torch.float32, device=device)
+    base_f = torch.empty(chunk, **f32)
+    acc = torch.empty(chunk, **f32)
+    tmp = torch.empty(chunk, **f32)
+    check = torch.zeros((), **f32)
+
+    dare = method in ("dare_linear", "dare_ties") and density < 1.0
+    masks: list[Tensor | None] = [None] * num
+    finite = True
+    if dare:
+        masks = _dare_masks(numel, num, density, _generator(seed, name, device), device)
+    elif method == "ties" and density < 1.0:
+        bits = torch.empty(chunk, dtype=torch.int32, device=device)
+        k_keep = int(density * numel)
+        for k in range(num):
+            if k_keep == 0:
+                masks[k] = torch.zeros(numel, dtype=torch.bool, device=device)
+                continue
+            masks[k], ok = _trim_mask_streamed(flats[k], flat_base, k_keep, chunk, {"tmp": tmp, "bits": bits})
+            finite = finite and ok
+
+    if method in ("task_arithmetic", "dare_linear"):
+        for s, e in _chunks(numel, chunk):
+            n = e - s
+            bf, ac, tm = base_f[:n], acc[:n], tmp[:n]
+            bf.copy_(flat_base[s:e])
+            ac.zero_()
+            for k in range(num):
+                torch.sub(flats[k][s:e], bf, out=tm)
+                if masks[k] is not None:
+                    check += tm.sum()  # dropped entries must not hide a NaN/Inf
+                    tm.mul_(masks[k][s:e]).div_(density)
+                ac.add_(tm, alpha=coeffs[k])
+            bf.add_(ac)
+            check += bf.sum()
+            out[s:e].copy_(bf)
+        return out.reshape(shape), finite and bool(torch.isfinite(check))
+
+    # ties / dare_ties: per chunk, the K weighted (trimmed/dropped, scaled) deltas, the elected sign, then the
+    # disjoint mean over the entries that agree with it.
+    weighted = [torch.empty(chunk, **f32) for _ in range(num)]
+    voters = weighted if weighted_election else [torch.empty(chunk, **f32) for _ in range(num)]
+    count = torch.empty(chunk, **f32)
+    agree = torch.empty(chunk, dtype=torch.bool, device=device)
+    vsign = torch.empty(chunk, **f32)
+    for s, e in _chunks(numel, chunk):
+        n = e - s
+        bf, mass, cnt, ag, vs = base_f[:n], acc[:n], count[:n], agree[:n], vsign[:n]
+        bf.copy_(flat_base[s:e])
+        mass.zero_()
+        for k in range(num):
+            w = weighted[k][:n]
+            torch.sub(flats[k][s:e], bf, out=w)
+            if dare:
+                check += w.sum()
+                w.mul_(masks[k][s:e]).div_(density)
+            elif masks[k] is not None:
+                w.mul_(masks[k][s:e])
+            if not weighted_election:
+                voters[k][:n].copy_(w)
+            w.mul_(coeffs[k])
+            v = voters[k][:n]
+            if majority_sign_method == "total":
+                mass.add_(v)
+            else:
+                mass.add_(torch.sign(v, out=vs))
+        # elected sign: +1 where mass >= 0 (ties go to +1), else -1
+        sign = torch.where(mass >= 0, 1.0, -1.0)
+        total = mass  # reuse: the mass is no longer needed
+        total.zero_()
+        cnt.zero_()
+        for k in range(num):
+            torch.eq(torch.sign(voters[k][:n], out=vs), sign, out=ag)
+            total.addcmul_(weighted[k][:n], ag)
+            cnt.add_(ag)
+        total.div_(cnt.clamp_(min=1))
+        bf.add_(total)
+        check += bf.sum()
+        out[s:e].copy_(bf)
+    return out.reshape(shape), finite and bool(torch.isfinite(check))
