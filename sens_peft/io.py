@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import shutil
+import struct
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -182,6 +184,7 @@ class TensorSource:
         self.label = label
         self._handles: dict[str, Any] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self._ranges: dict[str, dict[str, tuple[int, int]]] = {}
         if not self.folder.is_dir():
             raise MergeError(f"{label}: folder {self.folder} does not exist")
         self.pickle = False
@@ -213,6 +216,8 @@ class TensorSource:
         missing = sorted(set(self.weight_map) - set(self._meta))
         if missing:
             raise MergeError(f"{label}: the index of {self.folder} lists tensors its shards lack: {missing[:5]}")
+        # The metadata is read; tensors are read with pread (see get), so the memory maps can go.
+        self._handles.clear()
 
     def _single(self, filename: str) -> None:
         for name in self._file_keys(filename):
@@ -277,14 +282,53 @@ class TensorSource:
     def file_of(self, name: str) -> Path:
         return self.folder / self.weight_map[name]
 
+    def _offsets(self, filename: str) -> dict[str, tuple[int, int]]:
+        """Absolute byte ranges of the tensors of a safetensors file, from its header (read once)."""
+        if filename not in self._ranges:
+            path = self.folder / filename
+            try:
+                with open(path, "rb") as fh:
+                    (size,) = struct.unpack("<Q", fh.read(8))
+                    header = json.loads(fh.read(size))
+                start = 8 + size
+                self._ranges[filename] = {
+                    name: (start + int(info["data_offsets"][0]), start + int(info["data_offsets"][1]))
+                    for name, info in header.items() if name != "__metadata__"
+                }
+            except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+                raise MergeError(f"{self.label}: cannot read the header of {path}: {err}") from err
+        return self._ranges[filename]
+
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor)."""
+        """Read one tensor (a fresh CPU tensor).
+
+        Safetensors data is read with ``pread`` into a fresh buffer rather than through a memory map, so a
+        streamed merge does not accumulate the touched pages of every input file in its resident memory.
+        """
         if name not in self.weight_map:
             raise MergeError(f"{self.label}: tensor {name!r} is not in {self.folder}")
         filename = self.weight_map[name]
         if filename.endswith(".bin"):
             return self._pickled_file(filename)[name].clone()
-        return self._handle(filename).get_tensor(name)
+        shape, dtype = self._meta[name]
+        start, end = self._offsets(filename)[name]
+        nbytes = end - start
+        if nbytes != _numel(shape) * dtype.itemsize or sys.byteorder != "little":
+            return self._handle(filename).get_tensor(name)  # let safetensors handle (or reject) the odd case
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            fd = os.open(self.folder / filename, os.O_RDONLY)
+            try:
+                view = memoryview(buf.numpy()).cast("B")
+                done = 0
+                while done < nbytes:
+                    got = os.preadv(fd, [view[done:]], start + done)
+                    if got <= 0:
+                        raise MergeError(f"{self.label}: {self.folder / filename} ended inside tensor {name!r}")
+                    done += got
+            finally:
+                os.close(fd)
+        return buf.view(dtype).reshape(shape)
 
     def total_bytes(self) -> int:
         return sum(
