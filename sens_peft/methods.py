@@ -457,20 +457,24 @@ _INF_HI = 0x7F80
 
 
 def _dare_masks(numel: int, num: int, density: float, generator: torch.Generator | None,
-                device: torch.device) -> list[Tensor]:
+                device: torch.device, chunk: int) -> list[Tensor]:
     """The ``num`` DARE keep-masks of :func:`dare_mask` as bool, drawn expert after expert from ``generator``.
 
-    On the CPU ``bernoulli_`` with an expanded fp32 probability draws one value per entry in order, exactly as
-    ``torch.bernoulli(full(density))`` does, without the fp32 probability tensor. Other devices keep the
-    reference draw.
+    On the CPU ``bernoulli`` with probability ``p`` draws one ``uniform_real_distribution<float>`` value per entry,
+    in order, and keeps it when it is below ``p``; ``uniform_`` draws the very same values (about 2.5x faster),
+    so ``rand < density`` is the same mask, and drawing it in chunks continues the same stream. Other devices
+    keep the reference draw.
     """
     masks = []
+    if device.type != "cpu":
+        return [dare_mask((numel,), density, generator, device).bool() for _ in range(num)]
+    buf = torch.empty(min(chunk, numel), dtype=torch.float32)
     for _ in range(num):
-        if device.type == "cpu":
-            probs = torch.full((1,), float(density), dtype=torch.float32).expand(numel)
-            masks.append(torch.empty(numel, dtype=torch.bool).bernoulli_(probs, generator=generator))
-        else:
-            masks.append(dare_mask((numel,), density, generator, device).bool())
+        mask = torch.empty(numel, dtype=torch.bool)
+        for s, e in _chunks(numel, chunk):
+            draw = buf[: e - s].uniform_(0.0, 1.0, generator=generator)
+            torch.lt(draw, float(density), out=mask[s:e])
+        masks.append(mask)
     return masks
 
 
@@ -505,16 +509,19 @@ def _trim_mask_streamed(expert: Tensor, base: Tensor, k: int, chunk: int, bufs: 
     for s, e in _chunks(numel, chunk):
         n = e - s
         torch.sub(expert[s:e], base[s:e], out=tmp[:n])
-        ibits = tmp[:n].abs_().view(torch.int32)
-        sel = ibits[torch.bitwise_right_shift(ibits, 16) == hi]
-        if sel.numel():
-            lo_hist += torch.bincount(torch.bitwise_and(sel, 0xFFFF), minlength=1 << 16)
+        # entries of the high bin map to 1..65536, the others to 0 or 65537 (dropped below)
+        rel = torch.sub(tmp[:n].abs_().view(torch.int32), (hi << 16) - 1, out=bits[:n]).clamp_(0, (1 << 16) + 1)
+        lo_hist += torch.bincount(rel, minlength=(1 << 16) + 2)[1:-1]
     lo_from_top = lo_hist.flip(0).cumsum(0)
     lo_pos = int(torch.searchsorted(lo_from_top, k - above_hi))
     threshold = (hi << 16) | ((1 << 16) - 1 - lo_pos)
     above = above_hi + (int(lo_from_top[lo_pos - 1]) if lo_pos > 0 else 0)
     need = k - above  # entries equal to the threshold still to keep, first ones in index order
+    at_threshold = int(lo_hist[threshold & 0xFFFF])
     mask = torch.empty(numel, dtype=torch.bool, device=device)
+    if need == at_threshold:  # every tied entry is kept: a plain >= threshold
+        threshold -= 1
+        need = 0
     for s, e in _chunks(numel, chunk):
         n = e - s
         torch.sub(expert[s:e], base[s:e], out=tmp[:n])
@@ -593,7 +600,7 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
     masks: list[Tensor | None] = [None] * num
     finite = True
     if dare:
-        masks = _dare_masks(numel, num, density, _generator(seed, name, device), device)
+        masks = _dare_masks(numel, num, density, _generator(seed, name, device), device, chunk)
     elif method == "ties" and density < 1.0:
         bits = torch.empty(chunk, dtype=torch.int32, device=device)
         k_keep = int(density * numel)

@@ -1,0 +1,57 @@
+"""methods.merge_streamed (the chunked full-model path of merge_models) against methods.merge_deltas."""
+
+import pytest
+import torch
+
+from sens_peft.methods import _trim_mask_streamed, magnitude_trim_mask, merge_deltas, merge_streamed
+
+
+def _inputs(shape, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen).to(dtype)
+    experts = [(base.float() + 0.01 * torch.randn(shape, generator=gen)).to(dtype) for _ in range(3)]
+    return base, experts
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "ties", "dare_ties"])
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.3])
+@pytest.mark.parametrize("sign", ["total", "frequency"])
+def test_matches_merge_deltas(method, density, sign):
+    base, experts = _inputs((37, 101), torch.float32)
+    coeffs = torch.tensor([0.9, -0.4, 1.3])
+    for weighted in (True, False):
+        ref = base + merge_deltas(method, [e - base for e in experts], coeffs, density=density, seed=3, name="w",
+                                  majority_sign_method=sign, weighted_election=weighted)
+        # chunk 1000 does not divide the 3737 entries: chunk borders and a short last chunk are exercised
+        out, finite = merge_streamed(method, base, experts, coeffs, density=density, seed=3, name="w",
+                                     majority_sign_method=sign, weighted_election=weighted, chunk=1000)
+        assert finite and out.shape == base.shape and out.dtype == base.dtype
+        if method in ("ties", "dare_ties"):
+            assert torch.equal(out, ref)  # same masks, same order of sums
+        else:
+            torch.testing.assert_close(out, ref, rtol=0, atol=5e-7)  # add(alpha=c) may fuse the multiply-add
+
+
+@pytest.mark.parametrize("density", [0.5, 0.3, 0.01])
+def test_trim_keeps_exactly_k_largest_with_ties(density):
+    base, experts = _inputs((3737,), torch.bfloat16, seed=1)  # bf16 deltas: many equal |delta|
+    delta = experts[0].float() - base.float()
+    k = int(density * delta.numel())
+    tmp, bits = torch.empty(1000), torch.empty(1000, dtype=torch.int32)
+    mask, finite = _trim_mask_streamed(experts[0], base, k, 1000, {"tmp": tmp, "bits": bits})
+    ref = magnitude_trim_mask(delta.abs(), density)
+    assert finite and int(mask.sum()) == k
+    # the same kept values (only which of equal |delta| entries is kept may differ from topk)
+    assert torch.equal(delta.abs()[mask].sort().values, delta.abs()[ref].sort().values)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "ties", "dare_ties"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_is_reported(method, bad):
+    base, experts = _inputs((50,), torch.float32)
+    experts[1] = experts[1].clone()
+    experts[1][7] = bad
+    assert not merge_streamed(method, base, experts, [1.0, 0.0, 1.0], density=0.5, chunk=16)[1]
+    base = base.clone()
+    base[3] = bad
+    assert not merge_streamed(method, base, _inputs((50,), torch.float32)[1], [1.0, 1.0, 1.0], density=0.5)[1]
