@@ -56,8 +56,8 @@ DEFAULT_READING = {"sens": "task+cross", "normalization": "mean1", "alignment": 
 
 FULL = {
     "lam": {"task_arithmetic": [0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0],
-            "ties": [0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5],
-            "dare_ties": [0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5]},
+            "ties": [0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5],
+            "dare_ties": [0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5]},
     "density": {"task_arithmetic": [1.0], "ties": [0.2, 0.4, 0.7], "dare_ties": [0.3, 0.5, 0.7]},
     "T": [0.3, 1.0, 3.0, 10.0],
     "T_abl": [0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
@@ -229,28 +229,31 @@ def run_seed(seed: int, args, grid, base, scorers, tokenizer) -> dict[str, Any]:
 
     # 5. beyond the paper
     ta_lams = grid["lam"]["task_arithmetic"]
-    add("Importance-TA (c=1, |dW*G| maps)",
+    add("Importance-TA (c=1, ΔW⊙G maps)",
         [{"coef": "plain", "method": "importance", "lam": lam, "imp_source": "delta"} for lam in ta_lams], "beyond")
-    add("Importance-TA (c=1, |theta*G| maps)",
+    add("Importance-TA (c=1, θ⊙G maps)",
         [{"coef": "plain", "method": "importance", "lam": lam, "imp_source": "theta"} for lam in ta_lams], "beyond")
-    add("Importance-TA (c=1, mean|G| maps)",
+    add("Importance-TA (c=1, mean abs G maps)",
         [{"coef": "plain", "method": "importance", "lam": lam, "imp_source": "grad"} for lam in ta_lams], "beyond")
-    add("Importance-TA (c=1, shuffled |theta*G| maps: control)",
+    add("Importance-TA (c=1, shuffled θ⊙G maps: control)",
         [{"coef": "plain", "method": "importance", "lam": lam, "imp_source": "theta_perm"} for lam in ta_lams],
         "beyond")
-    add("Sens-Importance-TA (|dW*G| maps)",
+    add("Sens-Importance-TA (ΔW⊙G maps)",
         [{**sens_setting("importance", lam, 1.0, T), "imp_source": "delta"} for T in grid["T"]
          for lam in local["TA"]], "beyond")
-    add("Sens-Importance-TA (|theta*G| maps)",
+    add("Sens-Importance-TA (θ⊙G maps)",
         [{**sens_setting("importance", lam, 1.0, T), "imp_source": "theta"} for T in grid["T"]
          for lam in local["TA"]], "beyond")
     dties = grid["density"]["ties"]
-    add("TIES trim_by=sensitivity (c=1)",
+    add("TIES trim_by=sensitivity (c=1, ΔW⊙G maps)",
         [{"coef": "plain", "method": "ties", "lam": lam, "density": d, "trim_by": "sensitivity",
           "imp_source": "delta"} for d in dties for lam in grid["lam"]["ties"]], "beyond")
-    add("TIES trim_by=sensitivity (c=1, |theta*G| maps)",
+    add("TIES trim_by=sensitivity (c=1, θ⊙G maps)",
         [{"coef": "plain", "method": "ties", "lam": lam, "density": d, "trim_by": "sensitivity",
           "imp_source": "theta"} for d in dties for lam in grid["lam"]["ties"]], "beyond")
+    add("TIES trim_by=sensitivity (c=1, shuffled θ⊙G maps: control)",
+        [{"coef": "plain", "method": "ties", "lam": lam, "density": d, "trim_by": "sensitivity",
+          "imp_source": "theta_perm"} for d in dties for lam in grid["lam"]["ties"]], "beyond")
     bp = best_plain["TIES"]
     add("Sens-TIES trim_by=sensitivity",
         [{**sens_setting("ties", lam, bp["density"], T), "trim_by": "sensitivity", "imp_source": "delta"}
@@ -458,6 +461,14 @@ def aggregate(results: list[dict[str, Any]], resamples: int) -> dict[str, Any]:
             comparisons[f"{name} - Control-{label}"] = ci(name, f"Control-{label}")
             if SINGLE in summary:
                 comparisons[f"{name} - {SINGLE}"] = ci(name, SINGLE)
+    shuffled = [n for n in names if "shuffled" in n and n.startswith("Importance")]
+    for name in [n for n in names if n.startswith(("Importance-TA", "Sens-Importance-TA")) and "shuffled" not in n]:
+        for other in shuffled + ([SINGLE] if SINGLE in summary else []):
+            comparisons[f"{name} - {other}"] = ci(name, other)
+    trim_ctrl = [n for n in names if "shuffled" in n and n.startswith("TIES trim")]
+    for name in [n for n in names if "trim_by=sensitivity" in n and "shuffled" not in n]:
+        for other in trim_ctrl + ([SINGLE] if SINGLE in summary else []):
+            comparisons[f"{name} - {other}"] = ci(name, other)
     for name in [n for n, s in summary.items() if s["family"] in ("beyond", "peft")]:
         ref = reference_of(name)
         comparisons[f"{name} - {ref}"] = ci(name, ref)
@@ -505,6 +516,27 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | {pm(v[label]['test_avg_norm'])} | {pm(v[s]['test_avg_norm'])} | "
                      f"{pm(v[c]['test_avg_norm'])} | {ci_str(comp[f'{s} - {label}'])} | "
                      f"{ci_str(comp[f'{s} - {c}'])} | {v[label]['budget']} / {v[s]['budget']} / {v[c]['budget']} |")
+    imp = [n for n in v if n.startswith(("Importance-TA", "Sens-Importance-TA")) and "shuffled" not in n]
+    imp_ctrl = [n for n in v if "shuffled" in n and n.startswith("Importance")]
+    trim = [n for n in v if "trim_by=sensitivity" in n and "shuffled" not in n]
+    trim_ctrl = [n for n in v if "shuffled" in n and n.startswith("TIES trim")]
+    if (imp and imp_ctrl) or (trim and trim_ctrl):
+        lines += ["", "## Per-element sensitivity (element maps) vs shuffled-map controls", "",
+                  "`importance`: Σ_k c_k I_k ΔW_k / mean_k I_k per element; `trim_by=sensitivity`: TIES keeps the "
+                  "top-density entries of I_k instead of |ΔW_k|. I_k = mean |w ⊙ g| from the expert's calibration "
+                  "pass (w = θ = W0 + ΔW, or ΔW). The controls shuffle each map's entries within its tensor (same "
+                  "values, no alignment with the weights) and get the same grid.", "",
+                  "| variant | test | val | − base method [95% CI] | − shuffled-map control [95% CI] | "
+                  "− single expert [95% CI] | budget | picked |", "|---|---|---|---|---|---|---|---|"]
+        for group, ctrl in ((imp, imp_ctrl), (trim, trim_ctrl)):
+            for name in group + ctrl:
+                ref = reference_of(name)
+                vs_ctrl = comp.get(f"{name} - {ctrl[0]}") if ctrl else None
+                vs_single = comp.get(f"{name} - {SINGLE}")
+                lines.append(f"| {name} | {pm(v[name]['test_avg_norm'])} | {pm(v[name]['val_avg_norm'])} | "
+                             f"{ci_str(comp[f'{name} - {ref}'])} (vs {ref}) | {ci_str(vs_ctrl) if vs_ctrl else '—'} | "
+                             f"{ci_str(vs_single) if vs_single else '—'} | {v[name]['budget']} | "
+                             f"{'; '.join(_short(s) for s in v[name]['settings'])} |")
     lines += ["", "## Sens modes per method", "", "| variant | test | val | − plain [95% CI] | − control [95% CI] | "
               "− single expert [95% CI] | val-picked settings per seed |", "|---|---|---|---|---|---|---|"]
     for label in METHODS:
