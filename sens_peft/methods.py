@@ -496,12 +496,13 @@ def _delta(out: Tensor, expert: Tensor, base: Tensor | None, base_f: Tensor) -> 
     return out.sub_(base_f)
 
 
-def _trim_mask_streamed(expert: Tensor, base: Tensor, k: int, chunk: int, bufs: dict) -> tuple[Tensor, bool]:
-    """Keep-mask of the ``k`` largest ``|expert - base|`` entries (flat), computed chunk by chunk.
+def _trim_threshold(expert: Tensor, base: Tensor, k: int, chunk: int, bufs: dict) -> tuple[int, int, bool]:
+    """Threshold of the ``k`` largest ``|expert - base|`` entries (flat), computed chunk by chunk.
 
     Exact selection by a two-level radix histogram on the fp32 bit patterns of ``|delta|`` (high then low 16
     bits) instead of a full ``topk``; entries equal to the threshold are kept in index order until exactly ``k``
-    are kept. Returns the mask and whether every ``delta`` was finite.
+    are kept (:func:`_trim_chunk`). Returns ``(threshold, need, finite)``: entries whose ``|delta|`` bit pattern is
+    above ``threshold`` are kept, plus the first ``need`` equal to it; ``finite`` is False if a delta was NaN/Inf.
     """
     numel = base.numel()
     device = base.device
@@ -531,25 +532,41 @@ def _trim_mask_streamed(expert: Tensor, base: Tensor, k: int, chunk: int, bufs: 
     above = above_hi + (int(lo_from_top[lo_pos - 1]) if lo_pos > 0 else 0)
     need = k - above  # entries equal to the threshold still to keep, first ones in index order
     at_threshold = int(lo_hist[threshold & 0xFFFF])
-    mask = torch.empty(numel, dtype=torch.bool, device=device)
     if need == at_threshold:  # every tied entry is kept: a plain >= threshold
         threshold -= 1
         need = 0
-    for s, e in _chunks(numel, chunk):
+    return threshold, need, finite
+
+
+def _trim_chunk(delta: Tensor, threshold: int, state: list[int], out: Tensor) -> Tensor:
+    """Bool keep-mask of one chunk of ``delta`` (fp32) for a threshold from :func:`_trim_threshold`.
+
+    ``state[0]`` is the number of entries equal to the threshold still to keep (first ones in index order);
+    chunks must come in order.
+    """
+    ibits = delta.abs().view(torch.int32)
+    torch.gt(ibits, threshold, out=out)
+    if state[0] > 0:
+        eq = ibits == threshold
+        count = int(eq.sum())
+        if count <= state[0]:
+            out |= eq
+            state[0] -= count
+        else:
+            out[eq.nonzero().reshape(-1)[: state[0]]] = True
+            state[0] = 0
+    return out
+
+
+def _trim_mask_streamed(expert: Tensor, base: Tensor, k: int, chunk: int, bufs: dict) -> tuple[Tensor, bool]:
+    """Keep-mask of the ``k`` largest ``|expert - base|`` entries (flat), as a whole bool tensor."""
+    threshold, need, finite = _trim_threshold(expert, base, k, chunk, bufs)
+    mask = torch.empty(base.numel(), dtype=torch.bool, device=base.device)
+    state = [need]
+    tmp = bufs["tmp"]
+    for s, e in _chunks(base.numel(), chunk):
         n = e - s
-        _delta(tmp[:n], expert[s:e], base[s:e], bufs["base"][:n])
-        ibits = tmp[:n].abs_().view(torch.int32)
-        torch.gt(ibits, threshold, out=mask[s:e])
-        if need > 0:
-            eq = ibits == threshold
-            count = int(eq.sum())
-            if count <= need:
-                mask[s:e] |= eq
-                need -= count
-            else:
-                idx = eq.nonzero().reshape(-1)[:need]
-                mask[s:e][idx] = True
-                need = 0
+        _trim_chunk(_delta(tmp[:n], expert[s:e], base[s:e], bufs["base"][:n]), threshold, state, mask[s:e])
     return mask, finite
 
 
@@ -561,8 +578,8 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
 
     The same math as :func:`merge_deltas` (fp32, coefficients already including the global scale) for the
     methods in :data:`STREAMED_METHODS`, computed chunk by chunk over the flattened tensor with in-place
-    accumulation into a few reused fp32 buffers: memory is the inputs, the output, ``K`` bool masks (TIES/DARE)
-    and a few chunks, whatever the tensor's size. Results agree with :func:`merge_deltas` to fp32 rounding (the
+    accumulation into a few reused fp32 buffers: memory is the inputs, the output, ``K`` bool masks (DARE) and a
+    few chunks, whatever the tensor's size. Results agree with :func:`merge_deltas` to fp32 rounding (the
     order of the per-expert sums is the same; ``add(alpha=c)`` may fuse a multiply-add). DARE masks are the
     same draws from the same ``(seed, name)`` generator. TIES keeps exactly ``int(density * numel)`` entries per
     expert like :func:`magnitude_trim_mask`; where entries tie at the threshold this keeps the first ones in
@@ -614,15 +631,17 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
     finite = True
     if dare:
         masks = _dare_masks(numel, num, density, _generator(seed, name, device), device, chunk)
-    elif method == "ties" and density < 1.0:
+    trims: list[tuple[int, list[int]] | None] = [None] * num
+    if method == "ties" and density < 1.0:
         bits = torch.empty(chunk, dtype=torch.int32, device=device)
         k_keep = int(density * numel)
         for k in range(num):
             if k_keep == 0:
-                masks[k] = torch.zeros(numel, dtype=torch.bool, device=device)
+                trims[k] = (torch.iinfo(torch.int32).max, [0])  # keeps nothing
                 continue
-            masks[k], ok = _trim_mask_streamed(flats[k], flat_base, k_keep, chunk,
-                                               {"tmp": tmp, "bits": bits, "base": base_f})
+            threshold, need, ok = _trim_threshold(flats[k], flat_base, k_keep, chunk,
+                                                  {"tmp": tmp, "bits": bits, "base": base_f})
+            trims[k] = (threshold, [need])
             finite = finite and ok
 
     if method in ("task_arithmetic", "dare_linear"):
@@ -647,11 +666,13 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
     weighted = [torch.empty(chunk, **f32) for _ in range(num)]
     voters = weighted if weighted_election else [torch.empty(chunk, **f32) for _ in range(num)]
     count = torch.empty(chunk, **f32)
-    agree = torch.empty(chunk, dtype=torch.bool, device=device)
-    vsign = torch.empty(chunk, **f32)
+    keep = torch.empty(chunk, dtype=torch.bool, device=device)
+    positive = torch.empty(chunk, dtype=torch.bool, device=device)
+    sign = torch.empty(chunk, **f32)
+    agree = torch.empty(chunk, **f32)
     for s, e in _chunks(numel, chunk):
         n = e - s
-        bf, mass, cnt, ag, vs = base_f[:n], acc[:n], count[:n], agree[:n], vsign[:n]
+        bf, mass, cnt, ag, sg = base_f[:n], acc[:n], count[:n], agree[:n], sign[:n]
         bf.copy_(flat_base[s:e])
         mass.zero_()
         for k in range(num):
@@ -660,24 +681,24 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
             if dare:
                 check += w.sum()
                 w.mul_(masks[k][s:e]).div_(density)
-            elif masks[k] is not None:
-                w.mul_(masks[k][s:e])
+            elif trims[k] is not None:
+                threshold, state = trims[k]
+                w.mul_(_trim_chunk(w, threshold, state, keep[:n]))
             if not weighted_election:
                 voters[k][:n].copy_(w)
             w.mul_(coeffs[k])
             v = voters[k][:n]
-            if majority_sign_method == "total":
-                mass.add_(v)
-            else:
-                mass.add_(torch.sign(v, out=vs))
+            mass.add_(v if majority_sign_method == "total" else torch.sign(v, out=ag))
         # elected sign: +1 where mass >= 0 (ties go to +1), else -1
-        sign = torch.where(mass >= 0, 1.0, -1.0)
+        torch.ge(mass, 0, out=positive[:n])
+        sg.copy_(positive[:n]).mul_(2.0).sub_(1.0)
         total = mass  # reuse: the mass is no longer needed
         total.zero_()
         cnt.zero_()
         for k in range(num):
-            torch.eq(torch.sign(voters[k][:n], out=vs), sign, out=ag)
-            total.addcmul_(weighted[k][:n], ag)
+            # sign(v) == elected  <=>  v * elected > 0 (zeros, i.e. trimmed/dropped entries, never agree)
+            torch.gt(torch.mul(voters[k][:n], sg, out=ag), 0, out=ag)
+            total.add_(weighted[k][:n].mul_(ag))
             cnt.add_(ag)
         total.div_(cnt.clamp_(min=1))
         bf.add_(total)
