@@ -767,21 +767,34 @@ _DONE = object()
 
 
 class _Prefetcher:
-    """Background reader: yields ``(name, base_tensor, [expert tensors])`` with a read-ahead of ``depth`` tensors."""
+    """Background reader: yields ``(name, base_tensor, [expert tensors])`` with a read-ahead of ``depth`` tensors.
 
-    def __init__(self, names: list[str], base: TensorSource, experts: list[TensorSource], depth: int = 2) -> None:
+    The read-ahead is also bounded in bytes (``max_bytes`` of tensors read but not yet taken, though always at
+    least one tensor), so a run of vocabulary-sized tensors does not hold ``depth`` copies of K+1 of them.
+    """
+
+    def __init__(self, names: list[str], base: TensorSource, experts: list[TensorSource], depth: int = 2,
+                 max_bytes: int = 256 * 2**20) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._names = names
         self._base = base
         self._experts = experts
+        self._max_bytes = max_bytes
+        self._queued = 0  # bytes read ahead and not yet taken by the consumer
+        self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="sens-peft-prefetch", daemon=True)
         self._thread.start()
 
-    def _put(self, item) -> bool:
+    def _nbytes(self, name: str) -> int:
+        return sum(_out_nbytes(src, name, None) for src in (self._base, *self._experts))
+
+    def _put(self, item, nbytes: int = 0) -> bool:
+        with self._cond:
+            self._queued += nbytes
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=0.1)
+                self._queue.put((item, nbytes), timeout=0.1)
                 return True
             except queue.Full:
                 continue
@@ -790,8 +803,14 @@ class _Prefetcher:
     def _run(self) -> None:
         try:
             for name in self._names:
+                nbytes = self._nbytes(name)
+                with self._cond:  # wait for room before reading, so the bound holds for what is in memory
+                    while self._queued and self._queued + nbytes > self._max_bytes and not self._stop.is_set():
+                        self._cond.wait(timeout=0.1)
+                if self._stop.is_set():
+                    return
                 item = (name, self._base.get(name), [e.get(name) for e in self._experts])
-                if not self._put(item):
+                if not self._put(item, nbytes):
                     return
             self._put(_DONE)
         except BaseException as err:  # handed to the consumer, which re-raises it
@@ -799,7 +818,10 @@ class _Prefetcher:
 
     def __iter__(self):
         while True:
-            item = self._queue.get()
+            item, nbytes = self._queue.get()
+            with self._cond:
+                self._queued -= nbytes
+                self._cond.notify_all()
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
