@@ -487,6 +487,45 @@ def plan_shards(entries: Sequence[tuple[str, int]], max_shard_bytes: int) -> Sha
     return ShardPlan(tuple(shards), tuple(sizes))
 
 
+_WRITTEN = object()
+
+# safetensors' dtype codes in the order its serializer sorts tensors by (descending), before the name.
+_DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+                "I64", "U64")
+_ST_CODES = {dtype: code for code, dtype in _ST_DTYPES.items() if code in _DTYPE_ORDER}
+
+
+def _safetensors_header(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict[str, str]
+                        ) -> tuple[bytes, dict[str, int]]:
+    """The header ``safetensors.torch.save_file`` writes for these tensors, and each tensor's absolute offset.
+
+    Same layout as the reference serializer (tensors by descending dtype code, then name; compact JSON; header
+    padded with spaces to a multiple of 8), so a streamed shard has the bytes save_file would produce.
+    """
+    order = sorted(specs, key=lambda n: (-_DTYPE_ORDER.index(_ST_CODES[specs[n][1]]), n))
+    entries: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    rel = {}
+    for name in order:
+        shape, dtype = specs[name]
+        size = _numel(shape) * dtype.itemsize
+        entries[name] = {"dtype": _ST_CODES[dtype], "shape": [int(x) for x in shape],
+                         "data_offsets": [offset, offset + size]}
+        rel[name] = offset
+        offset += size
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    return struct.pack("<Q", len(text)) + text, {name: start + off for name, off in rel.items()}
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
 class ShardWriter:
     """Write tensors into safetensors shards of at most ``max_shard_bytes`` as they fill.
 
@@ -508,8 +547,18 @@ class ShardWriter:
         *,
         plan: Optional[ShardPlan] = None,
         shard_ids: Optional[Sequence[int]] = None,
+        specs: Optional[dict[str, tuple[tuple[int, ...], torch.dtype]]] = None,
     ) -> None:
         self.folder = Path(folder)
+        # With a plan and every tensor's (shape, dtype) known up front, a shard's header is written when its first
+        # tensor arrives and each tensor goes straight to its offset: no shard is held in memory. A subclass that
+        # overrides (or patches) write_shard gets the buffered path (whole shards handed to write_shard).
+        self._specs = specs
+        self._stream: Optional[tuple[int, dict[str, int], Path]] = None  # (fd, offsets, temporary path)
+        self._streamed = (
+            plan is not None and specs is not None and type(self).write_shard is _DEFAULT_WRITE_SHARD
+            and sys.byteorder == "little" and all(dtype in _ST_CODES for _, dtype in specs.values())
+        )
         self.max_shard_bytes = int(max_shard_bytes)
         self.metadata = {"format": "pt", **(metadata or {})}
         self._pending: dict[str, torch.Tensor] = {}
@@ -540,7 +589,10 @@ class ShardWriter:
                 raise MergeError(
                     f"internal error: tensor {name!r} arrived out of the shard plan's order (expected {expected!r})"
                 )
-            self._pending[name] = tensor.detach().to("cpu").contiguous()
+            if self._streamed:
+                self._stream_add(name, names, tensor)
+            else:
+                self._pending[name] = tensor.detach().to("cpu").contiguous()
             self._pending_bytes += nbytes
             self.total_bytes += nbytes
             if len(self._pending) == len(names):
@@ -559,8 +611,40 @@ class ShardWriter:
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 
+    def abort(self) -> None:
+        """Close a shard being streamed (after an error; the caller removes the folder)."""
+        if self._stream is not None:
+            os.close(self._stream[0])
+            self._stream = None
+
+    def _stream_add(self, name: str, names: tuple[str, ...], tensor: torch.Tensor) -> None:
+        shape, dtype = self._specs[name]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise MergeError(f"internal error: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, the shard "
+                             f"plan expects {dtype} {list(shape)}")
+        if self._stream is None:
+            path = self.folder / f".shard-{self._queue[0]:05d}.tmp"
+            header, offsets = _safetensors_header({n: self._specs[n] for n in names}, self.metadata)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._stream = (fd, offsets, path)
+            _pwrite_all(fd, header, 0)
+        fd, offsets, _ = self._stream
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if data.numel():
+            _pwrite_all(fd, memoryview(data.numpy()), offsets[name])
+        self._pending[name] = _WRITTEN  # only the name is kept
+
     def _flush_as(self, index: int) -> None:
         tmp_name = f".shard-{index:05d}.tmp"
+        if self._stream is not None:
+            fd, _, path = self._stream
+            self._stream = None
+            os.close(fd)
+            self._written.append((path.name, list(self._pending)))
+            self._done.append(index)
+            self._pending = {}
+            self._pending_bytes = 0
+            return
         self.write_shard(self._pending, self.folder / tmp_name)
         self._written.append((tmp_name, list(self._pending)))
         if self.plan is not None:
@@ -617,6 +701,9 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return files
+
+
+_DEFAULT_WRITE_SHARD = ShardWriter.write_shard  # replaced (tests, subclasses) -> whole shards go through it
 
 
 # --------------------------------------------------------------------------------------------------------------

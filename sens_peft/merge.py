@@ -1050,7 +1050,11 @@ def _merge_shards(
 ) -> tuple[int, int]:
     """Merge and write the tensors of the plan's shards ``shard_ids`` into ``folder``. Returns (merged, copied)."""
     tensor_names = [name for i in shard_ids for name in plan.shards[i]]
-    writer = ShardWriter(folder, max(plan.sizes), plan=plan, shard_ids=shard_ids)
+    specs = {}
+    for name in tensor_names:
+        dtype = base_src.dtype(name)
+        specs[name] = (base_src.shape(name), out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
+    writer = ShardWriter(folder, max(plan.sizes), plan=plan, shard_ids=shard_ids, specs=specs)
     merged_count = copied_count = 0
     extras = {k: v for k, v in (cfg.extra or {}).items() if k in _METHOD_EXTRAS}
     streamed = cfg.method in STREAMED_METHODS and (cfg.method != "ties" or cfg.trim_by == "magnitude")
@@ -1095,6 +1099,9 @@ def _merge_shards(
             writer.add(name, merged.to(dtype).cpu())
             merged_count += 1
             del base_f, deltas, merged
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         reader.close()
     writer.close()

@@ -450,7 +450,7 @@ STREAMED_METHODS = ("task_arithmetic", "dare_linear", "ties", "dare_ties")
 
 # Flat chunk processed at a time: a few fp32 buffers of this size stay in cache and bound the scratch memory,
 # whatever the tensor's size (a 65M-entry embedding is not materialised as K fp32 copies).
-DEFAULT_CHUNK = 1 << 20
+DEFAULT_CHUNK = 1 << 18
 
 # fp32 bit patterns of |x| compare like the values (non-negative floats); NaN (0x7fc...) sorts above Inf.
 _INF_HI = 0x7F80

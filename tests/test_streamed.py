@@ -57,3 +57,25 @@ def test_non_finite_is_reported(method, bad):
     base = base.clone()
     base[3] = bad
     assert not merge_streamed(method, base, _inputs((50,), torch.float32)[1], [1.0, 1.0, 1.0], density=0.5)[1]
+
+
+def test_streamed_shards_have_save_file_bytes(tmp_path):
+    from sens_peft.io import ShardWriter, plan_shards
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(3, 5, generator=gen).bfloat16(), "a.weight": torch.randn(7, generator=gen),
+               "c": torch.arange(5), "z": torch.randn(2, 2, generator=gen).half(), "e": torch.tensor([True, False]),
+               "s": torch.tensor(2.0), "empty": torch.zeros(0, 3), "d": torch.randn(4, generator=gen).double(),
+               "u": torch.arange(3, dtype=torch.uint8), "i": torch.arange(3, dtype=torch.int32)}
+    for limit in (60, 10**6):  # several shards, and one shard with every dtype
+        plan = plan_shards([(n, t.numel() * t.element_size()) for n, t in tensors.items()], limit)
+        specs = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
+        files = {}
+        for mode, kw in (("streamed", {"specs": specs}), ("buffered", {})):
+            writer = ShardWriter(tmp_path / f"{mode}{limit}", limit, plan=plan, **kw)
+            (tmp_path / f"{mode}{limit}").mkdir()
+            assert writer._streamed == (mode == "streamed")
+            for name, tensor in tensors.items():
+                writer.add(name, tensor)
+            files[mode] = {f: (tmp_path / f"{mode}{limit}" / f).read_bytes() for f in writer.close()}
+        assert files["streamed"] == files["buffered"]
