@@ -254,6 +254,11 @@ def run_seed(seed: int, args, grid, base, scorers, tokenizer) -> dict[str, Any]:
     add("TIES trim_by=sensitivity (c=1, shuffled θ⊙G maps: control)",
         [{"coef": "plain", "method": "ties", "lam": lam, "density": d, "trim_by": "sensitivity",
           "imp_source": "theta_perm"} for d in dties for lam in grid["lam"]["ties"]], "beyond")
+    for label, src in (("TA trim_by=magnitude (c=1)", None), ("TA trim_by=sensitivity (c=1, θ⊙G maps)", "theta"),
+                       ("TA trim_by=sensitivity (c=1, shuffled θ⊙G maps: control)", "theta_perm")):
+        extra = {"trim_by": "sensitivity", "imp_source": src} if src else {"trim_by": "magnitude"}
+        add(label, [{"coef": "plain", "method": "trim_ta", "lam": lam, "density": d, **extra}
+                    for d in dties for lam in ta_lams], "beyond")
     bp = best_plain["TIES"]
     add("Sens-TIES trim_by=sensitivity",
         [{**sens_setting("ties", lam, bp["density"], T), "trim_by": "sensitivity", "imp_source": "delta"}
@@ -465,9 +470,9 @@ def aggregate(results: list[dict[str, Any]], resamples: int) -> dict[str, Any]:
     for name in [n for n in names if n.startswith(("Importance-TA", "Sens-Importance-TA")) and "shuffled" not in n]:
         for other in shuffled + ([SINGLE] if SINGLE in summary else []):
             comparisons[f"{name} - {other}"] = ci(name, other)
-    trim_ctrl = [n for n in names if "shuffled" in n and n.startswith("TIES trim")]
-    for name in [n for n in names if "trim_by=sensitivity" in n and "shuffled" not in n]:
-        for other in trim_ctrl + ([SINGLE] if SINGLE in summary else []):
+    for name in [n for n in names if "trim_by=" in n and "shuffled" not in n]:
+        ctrl = trim_control(name, names)
+        for other in ([ctrl] if ctrl else []) + ([SINGLE] if SINGLE in summary else []):
             comparisons[f"{name} - {other}"] = ci(name, other)
     for name in [n for n, s in summary.items() if s["family"] in ("beyond", "peft")]:
         ref = reference_of(name)
@@ -481,6 +486,13 @@ def sens_names(summary: dict[str, Any], label: str) -> list[str]:
     """The Sens variants of one base method (the three modes, plus the any-reading pick for TA)."""
     return [n for n, s in summary.items() if s["family"] in ("sens", "sens-any")
             and (n == f"Sens-{label}" or n.startswith((f"Sens-{label} [", f"Sens-{label} (")))]
+
+
+def trim_control(name: str, names) -> str | None:
+    """The shuffled-map control of a trim variant: same base method (first word), shuffled maps."""
+    prefix = name.split()[0].replace("Sens-", "")
+    found = [n for n in names if "shuffled" in n and n.startswith(f"{prefix} trim")]
+    return found[0] if found else None
 
 
 def reference_of(name: str) -> str:
@@ -518,8 +530,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{ci_str(comp[f'{s} - {c}'])} | {v[label]['budget']} / {v[s]['budget']} / {v[c]['budget']} |")
     imp = [n for n in v if n.startswith(("Importance-TA", "Sens-Importance-TA")) and "shuffled" not in n]
     imp_ctrl = [n for n in v if "shuffled" in n and n.startswith("Importance")]
-    trim = [n for n in v if "trim_by=sensitivity" in n and "shuffled" not in n]
-    trim_ctrl = [n for n in v if "shuffled" in n and n.startswith("TIES trim")]
+    trim = [n for n in v if "trim_by=" in n and "shuffled" not in n]
+    trim_ctrl = [n for n in v if "shuffled" in n and " trim" in n]
     if (imp and imp_ctrl) or (trim and trim_ctrl):
         lines += ["", "## Per-element sensitivity (element maps) vs shuffled-map controls", "",
                   "`importance`: Σ_k c_k I_k ΔW_k / mean_k I_k per element; `trim_by=sensitivity`: TIES keeps the "
@@ -531,7 +543,8 @@ def markdown(report: dict[str, Any]) -> str:
         for group, ctrl in ((imp, imp_ctrl), (trim, trim_ctrl)):
             for name in group + ctrl:
                 ref = reference_of(name)
-                vs_ctrl = comp.get(f"{name} - {ctrl[0]}") if ctrl else None
+                own_ctrl = trim_control(name, list(v)) if "trim" in name else (ctrl[0] if ctrl else None)
+                vs_ctrl = comp.get(f"{name} - {own_ctrl}") if own_ctrl else None
                 vs_single = comp.get(f"{name} - {SINGLE}")
                 lines.append(f"| {name} | {pm(v[name]['test_avg_norm'])} | {pm(v[name]['val_avg_norm'])} | "
                              f"{ci_str(comp[f'{name} - {ref}'])} (vs {ref}) | {ci_str(vs_ctrl) if vs_ctrl else '—'} | "

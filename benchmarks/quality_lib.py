@@ -29,7 +29,7 @@ import torch
 from sens_peft import toy
 from sens_peft.coefficients import compute_coefficients
 from sens_peft.groups import layer_group
-from sens_peft.methods import merge_deltas
+from sens_peft.methods import MergeMethod, magnitude_trim_mask, merge_deltas, register_method
 from sens_peft.store import (
     ProbeSet,
     SensitivityRecord,
@@ -45,6 +45,26 @@ ALIGNMENTS = ("cosine", "neg_l2", "neg_kl", "l2")
 # (weight_source, mode) pairs measured per expert; element maps are kept for theta/delta (|w ⊙ G| of the full
 # weight names, what merge.py's trim_by="sensitivity" and the importance method read for LoRA experts).
 SOURCES = (("theta", "after"), ("delta", "after"), ("adapter", "after"), ("adapter", "during"))
+
+
+class TrimmedTaskArithmetic(MergeMethod):
+    """Benchmark-only method: TIES's per-tensor trim (by |ΔW| or by importance), then a plain weighted sum.
+
+    The TA-side test of sensitivity-guided trimming: no sign election, no disjoint mean.
+    """
+
+    name = "trim_ta"
+    uses_density = True
+
+    def combine(self, stacked, coefficients, *, density, importance, trim_by, **_):
+        if density < 1.0:
+            scores = stacked.abs() if trim_by == "magnitude" else importance
+            keep = torch.stack([magnitude_trim_mask(scores[k], density) for k in range(stacked.shape[0])])
+            stacked = stacked * keep
+        return (stacked * coefficients.reshape(-1, *([1] * (stacked.dim() - 1)))).sum(dim=0)
+
+
+register_method(TrimmedTaskArithmetic)
 
 
 def stable_int(*parts: Any) -> int:
