@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 Mode = Literal["after", "during", "both"]
 WeightSource = Literal["auto", "theta", "delta", "adapter"]
@@ -31,6 +31,18 @@ GRANULARITIES = ("layer", "module_type", "projection")
 OUTPUT_KINDS = ("lora", "full")
 MAJORITY_SIGN_METHODS = ("total", "frequency")
 TRIM_BY = ("magnitude", "sensitivity")
+
+
+# "auto" element maps are kept when the scored tensors hold at most this many elements (256 MB in fp32): always
+# for LoRA experts of small and mid-size models, not for multi-billion-parameter full weights.
+ELEMENT_MAP_BUDGET = 2**26
+
+
+def wants_element_maps(setting: Any, numel: int) -> bool:
+    """Resolve ``SensitivityConfig.element_maps`` (True / False / ``"auto"``) for ``numel`` scored elements."""
+    if setting == "auto":
+        return numel <= ELEMENT_MAP_BUDGET
+    return bool(setting)
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -79,8 +91,11 @@ class SensitivityConfig(_ConfigMixin):
             text: :func:`sens_peft.hub.push_to_hub` warns when it uploads a probe (``include_probe=False``
             leaves it out). Turn this off for private data and pass ``probes=`` at merge time instead.
         probe_samples: Number of probe sequences to keep.
-        element_maps: Also store per-element importance maps (``element.<name>``) for trainable tensors
-            (cheap for LoRA, large for full fine-tunes).
+        element_maps: Also store per-element importance maps ``mean |w * g|`` (``element.<name>``, the shape of
+            each scored weight). They drive the default merge's sensitivity-guided TIES trimming, which beat
+            every coefficient reading on the quality benchmark (benchmarks/README.md). ``"auto"`` (default)
+            keeps them when the scored tensors hold at most ``ELEMENT_MAP_BUDGET`` (2**26) elements; ``True``
+            always (for a 7B model with LoRA on every projection that is the size of the model, in fp32).
         ema: Optional EMA factor for ``during`` mode (``None``: plain mean over steps).
         every_n_steps: In ``during`` mode, measure every n-th optimizer step.
         seed: Seed for picking calibration and probe examples.
@@ -95,7 +110,7 @@ class SensitivityConfig(_ConfigMixin):
     loss_tokens: LossTokens = "labels"
     store_probe: bool = True
     probe_samples: int = 16
-    element_maps: bool = False
+    element_maps: Union[bool, Literal["auto"]] = "auto"
     ema: Optional[float] = None
     every_n_steps: int = 1
     seed: int = 0
@@ -110,6 +125,8 @@ class SensitivityConfig(_ConfigMixin):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.probe_samples, int) or self.probe_samples < 0:
             raise ValueError(f"probe_samples must be a non-negative integer, got {self.probe_samples!r}")
+        if self.element_maps not in (True, False, "auto"):
+            raise ValueError(f"element_maps must be True, False or 'auto', got {self.element_maps!r}")
         if self.ema is not None and not (0.0 < float(self.ema) < 1.0):
             raise ValueError(f"ema must be in (0, 1) or None, got {self.ema!r}")
 

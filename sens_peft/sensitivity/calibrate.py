@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..config import SensitivityConfig
+from ..config import SensitivityConfig, wants_element_maps
 from ..groups import canonical_name
 from ..store import ProbeSet, SensitivityRecord, save_probe, save_sensitivity
 from ..validation import FINGERPRINT_KEY, model_fingerprint
@@ -429,12 +430,19 @@ class CalibrationPass:
             return None
         return set(params)
 
-    def element_shapes(self) -> dict[str, tuple[int, ...]]:
-        if not self.config.element_maps:
-            return {}
+    def _scored_shapes(self) -> dict[str, tuple[int, ...]]:
         if self.modules:
             return {m.name: tuple(m.base_weight.shape) for m in self.modules}
         return {n: tuple(p.shape) for n, p in self.params}
+
+    @property
+    def element_maps(self) -> bool:
+        """Whether this pass keeps per-element maps (resolves ``element_maps="auto"`` by size)."""
+        numel = sum(math.prod(shape) for shape in self._scored_shapes().values())
+        return wants_element_maps(self.config.element_maps, numel)
+
+    def element_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self._scored_shapes() if self.element_maps else {}
 
     def new_accumulator(self) -> SensitivityAccumulator:
         return SensitivityAccumulator(self.names, device=self.device, element_shapes=self.element_shapes())
@@ -473,7 +481,7 @@ class CalibrationPass:
         return handles
 
     def _make_forward_hook(self, index: int, info: LoraModuleInfo, scratch: _Scratch):
-        element = self.config.element_maps
+        element = self.element_maps
 
         def on_output_grad(x: Tensor, grad: Tensor) -> None:
             with torch.no_grad():
@@ -501,7 +509,7 @@ class CalibrationPass:
         return hook
 
     def _make_grad_hook(self, index: int, name: str, scratch: _Scratch):
-        element = self.config.element_maps
+        element = self.element_maps
 
         def hook(param: Tensor) -> None:
             with torch.no_grad():

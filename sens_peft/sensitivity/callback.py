@@ -370,7 +370,8 @@ class SensitivityCallback(TrainerCallback):
         if self._during:
             self._during_source = self.config.resolve_weight_source(self._expert_type, "during")
             element_shapes = None
-            if self.config.element_maps:
+            # "auto" maps are an after-pass feature: in during mode they cost a map-sized buffer all run long
+            if self.config.element_maps is True:
                 if self._backend == "fsdp":
                     logger.warning("element_maps are not supported in during mode under FSDP; skipped")
                 else:

@@ -1,0 +1,39 @@
+"""element_maps="auto": per-element |theta * G| maps are kept for small scored sets, dropped above the budget."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from sens_toys import TokenData, lora, tiny_llama  # noqa: E402
+
+import sens_peft.config as config_module  # noqa: E402
+from sens_peft.config import wants_element_maps  # noqa: E402
+from sens_peft.sensitivity.calibrate import compute_sensitivity  # noqa: E402
+
+
+def test_wants_element_maps():
+    assert wants_element_maps("auto", config_module.ELEMENT_MAP_BUDGET)
+    assert not wants_element_maps("auto", config_module.ELEMENT_MAP_BUDGET + 1)
+    assert wants_element_maps(True, 10**12) and not wants_element_maps(False, 1)
+
+
+def test_auto_maps_for_lora_theta(monkeypatch):
+    model = lora(tiny_llama(seed=0), init_random=True)
+    data = TokenData(n=4, length=10, seed=1)
+    rec = compute_sensitivity(model, data, calibration_samples=3)
+    assert set(rec.element_maps) == set(rec.tensor_names)  # one map per scored base weight
+    q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    emap = rec.element_maps["model.layers.0.self_attn.q_proj.weight"]
+    assert emap.shape == q.shape and (emap >= 0).all()
+    # the per-tensor score is the sum of the map (both are means over the samples)
+    idx = rec.tensor_names.index("model.layers.0.self_attn.q_proj.weight")
+    torch.testing.assert_close(emap.double().sum(), rec.tensor_scores[idx].double(), rtol=1e-4, atol=0)
+
+    import sens_peft.sensitivity.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "wants_element_maps", lambda setting, numel: setting is True)
+    assert compute_sensitivity(model, data, calibration_samples=3).element_maps == {}
