@@ -596,7 +596,9 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
 
     Returns:
         ``(merged, finite)``: the merged tensor with the base's shape, and False when a non-finite value was seen
-        in a delta or the result (the caller finds and names the offending input).
+        in a delta or the result, or could not be ruled out (TIES keeping nothing); the caller then checks the
+        inputs and names the offending one. A False can also come from a finite sum overflowing; the caller's
+        check then passes and the result stands.
     """
     if method not in STREAMED_METHODS:
         raise ValueError(f"merge_streamed handles {list(STREAMED_METHODS)}, not {method!r}")
@@ -638,6 +640,7 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
         for k in range(num):
             if k_keep == 0:
                 trims[k] = (torch.iinfo(torch.int32).max, [0])  # keeps nothing
+                finite = False  # nothing of the deltas is looked at: let the caller check the inputs
                 continue
             threshold, need, ok = _trim_threshold(flats[k], flat_base, k_keep, chunk,
                                                   {"tmp": tmp, "bits": bits, "base": base_f})
