@@ -1057,7 +1057,7 @@ def _merge_shards(
     writer = ShardWriter(folder, max(plan.sizes), plan=plan, shard_ids=shard_ids, specs=specs)
     merged_count = copied_count = 0
     extras = {k: v for k, v in (cfg.extra or {}).items() if k in _METHOD_EXTRAS}
-    streamed = cfg.method in STREAMED_METHODS and (cfg.method != "ties" or cfg.trim_by == "magnitude")
+    streamed = cfg.method in STREAMED_METHODS
     reader = _Prefetcher(tensor_names, base_src, expert_srcs, depth=prefetch)
     try:
         for name, base_t, expert_ts in _progress(reader, len(tensor_names), "merging tensors", progress):
@@ -1077,10 +1077,13 @@ def _merge_shards(
                 # The non-finite check rides on the merge's own passes; only when it trips are the inputs
                 # checked one by one, to name the broken one.
                 coeffs = table.for_name(name)
+                importance = _importance(records, name, list(range(len(names))), cfg) if cfg.method == "ties" \
+                    else None
                 merged, finite = merge_streamed(
                     cfg.method, base_t.to(device), [t.to(device) for t in expert_ts], coeffs,
                     density=cfg.density, majority_sign_method=cfg.majority_sign_method, seed=cfg.seed, name=name,
-                    weighted_election=bool(extras.get("weighted_election", True)), out_dtype=dtype)
+                    weighted_election=bool(extras.get("weighted_election", True)), out_dtype=dtype,
+                    importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude")
                 if not finite:
                     # raises on a NaN/Inf input; a finite overflow is written as computed
                     _check_inputs(name, base, base_src, base_t, names, expert_srcs, expert_ts)

@@ -445,7 +445,7 @@ def merge_deltas(method: str, deltas: Sequence[Tensor], coefficients: Tensor | S
 # Streamed variant for full-model merges
 # --------------------------------------------------------------------------------------------------------
 
-#: Methods :func:`merge_streamed` implements (``ties`` with magnitude trimming only).
+#: Methods :func:`merge_streamed` implements (``ties`` trimmed by magnitude or by importance maps).
 STREAMED_METHODS = ("task_arithmetic", "dare_linear", "ties", "dare_ties")
 
 # Flat chunk processed at a time: a few fp32 buffers of this size stay in cache and bound the scratch memory,
@@ -496,8 +496,18 @@ def _delta(out: Tensor, expert: Tensor, base: Tensor | None, base_f: Tensor) -> 
     return out.sub_(base_f)
 
 
-def _trim_threshold(expert: Tensor, base: Tensor, k: int, chunk: int, bufs: dict) -> tuple[int, int, bool]:
+def _scores(out: Tensor, expert: Tensor | None, base: Tensor, s: int, e: int, bufs: dict) -> Tensor:
+    """Trim scores of entries ``s:e``: ``|expert - base|``, or ``base`` itself (an importance map) without expert."""
+    if expert is None:
+        return out.copy_(base[s:e])
+    return _delta(out, expert[s:e], base[s:e], bufs["base"][: e - s])
+
+
+def _trim_threshold(expert: Tensor | None, base: Tensor, k: int, chunk: int, bufs: dict
+                    ) -> tuple[int, int, bool]:
     """Threshold of the ``k`` largest ``|expert - base|`` entries (flat), computed chunk by chunk.
+
+    With ``expert=None``, ``base`` holds the (non-negative) scores themselves, e.g. an importance map.
 
     Exact selection by a two-level radix histogram on the fp32 bit patterns of ``|delta|`` (high then low 16
     bits) instead of a full ``topk``; entries equal to the threshold are kept in index order until exactly ``k``
@@ -510,7 +520,7 @@ def _trim_threshold(expert: Tensor, base: Tensor, k: int, chunk: int, bufs: dict
     hist = torch.zeros(1 << 16, dtype=torch.int64, device=device)
     for s, e in _chunks(numel, chunk):
         n = e - s
-        _delta(tmp[:n], expert[s:e], base[s:e], bufs["base"][:n])
+        _scores(tmp[:n], expert, base, s, e, bufs)
         torch.bitwise_right_shift(tmp[:n].abs_().view(torch.int32), 16, out=bits[:n])
         hist += torch.bincount(bits[:n], minlength=1 << 16)
     finite = int(hist[_INF_HI:].sum()) == 0
@@ -522,7 +532,7 @@ def _trim_threshold(expert: Tensor, base: Tensor, k: int, chunk: int, bufs: dict
     lo_hist = torch.zeros(1 << 16, dtype=torch.int64, device=device)
     for s, e in _chunks(numel, chunk):
         n = e - s
-        _delta(tmp[:n], expert[s:e], base[s:e], bufs["base"][:n])
+        _scores(tmp[:n], expert, base, s, e, bufs)
         # entries of the high bin map to 1..65536, the others to 0 or 65537 (dropped below)
         rel = torch.sub(tmp[:n].abs_().view(torch.int32), (hi << 16) - 1, out=bits[:n]).clamp_(0, (1 << 16) + 1)
         lo_hist += torch.bincount(rel, minlength=(1 << 16) + 2)[1:-1]
@@ -573,6 +583,7 @@ def _trim_mask_streamed(expert: Tensor, base: Tensor, k: int, chunk: int, bufs: 
 def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coefficients: Tensor | Sequence[float],
                    *, density: float = 1.0, majority_sign_method: str = "total", seed: int | None = 0,
                    name: str = "", weighted_election: bool = True, out_dtype: torch.dtype | None = None,
+                   importance: Sequence[Tensor] | None = None, trim_by: str = "magnitude",
                    chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, bool]:
     """``base + merge_deltas(method, [e - base for e in experts], coefficients, ...)`` without the deltas.
 
@@ -590,7 +601,8 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
         base: Base tensor (any float dtype).
         experts: ``K`` expert tensors with the shape of ``base``, on its device.
         coefficients: ``[K]`` per-expert scalars (including the global scale).
-        density, majority_sign_method, seed, name, weighted_election: As for :func:`merge_deltas`.
+        density, majority_sign_method, seed, name, weighted_election, importance, trim_by: As for
+            :func:`merge_deltas` (``importance`` is used only by ``ties`` with ``trim_by="sensitivity"``).
         out_dtype: dtype of the result (default: the base's).
         chunk: Entries processed at a time.
 
@@ -633,6 +645,22 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
     finite = True
     if dare:
         masks = _dare_masks(numel, num, density, _generator(seed, name, device), device, chunk)
+    if trim_by not in TRIM_BY:
+        raise ValueError(f"merge_streamed: trim_by={trim_by!r} is not one of {list(TRIM_BY)}")
+    by_importance = method == "ties" and trim_by == "sensitivity" and density < 1.0
+    imps: list[Tensor] = []
+    if by_importance:
+        if importance is None or len(importance) != num:
+            raise ValueError(f"merge_streamed{f' for tensor {name!r}' if name else ''}: trim_by='sensitivity' "
+                             f"needs {num} importance maps, got {0 if importance is None else len(importance)}")
+        for k, item in enumerate(importance):
+            if item.numel() != numel:
+                raise ValueError(f"merge_streamed: importance map {k} of {name!r} has shape {tuple(item.shape)}, "
+                                 f"expected {tuple(shape)}")
+            imp = item.reshape(-1).to(device=device, dtype=torch.float32)
+            if bool((imp < 0).any()):
+                raise ValueError(f"merge_streamed for tensor {name!r}: importance maps must be non-negative")
+            imps.append(imp)
     trims: list[tuple[int, list[int]] | None] = [None] * num
     if method == "ties" and density < 1.0:
         bits = torch.empty(chunk, dtype=torch.int32, device=device)
@@ -642,10 +670,13 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
                 trims[k] = (torch.iinfo(torch.int32).max, [0])  # keeps nothing
                 finite = False  # nothing of the deltas is looked at: let the caller check the inputs
                 continue
-            threshold, need, ok = _trim_threshold(flats[k], flat_base, k_keep, chunk,
-                                                  {"tmp": tmp, "bits": bits, "base": base_f})
+            if by_importance:  # the deltas' finiteness is then checked in the merge pass
+                threshold, need, _ = _trim_threshold(None, imps[k], k_keep, chunk, {"tmp": tmp, "bits": bits})
+            else:
+                threshold, need, ok = _trim_threshold(flats[k], flat_base, k_keep, chunk,
+                                                      {"tmp": tmp, "bits": bits, "base": base_f})
+                finite = finite and ok
             trims[k] = (threshold, [need])
-            finite = finite and ok
 
     if method in ("task_arithmetic", "dare_linear"):
         for s, e in _chunks(numel, chunk):
@@ -686,7 +717,9 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
                 w.mul_(masks[k][s:e]).div_(density)
             elif trims[k] is not None:
                 threshold, state = trims[k]
-                w.mul_(_trim_chunk(w, threshold, state, keep[:n]))
+                if by_importance:
+                    check += w.sum()  # trimmed entries must not hide a NaN/Inf
+                w.mul_(_trim_chunk(imps[k][s:e] if by_importance else w, threshold, state, keep[:n]))
             if not weighted_election:
                 voters[k][:n].copy_(w)
             w.mul_(coeffs[k])

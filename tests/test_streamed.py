@@ -79,3 +79,21 @@ def test_streamed_shards_have_save_file_bytes(tmp_path):
                 writer.add(name, tensor)
             files[mode] = {f: (tmp_path / f"{mode}{limit}" / f).read_bytes() for f in writer.close()}
         assert files["streamed"] == files["buffered"]
+
+
+@pytest.mark.parametrize("density", [0.5, 0.2])
+def test_ties_trim_by_sensitivity_matches_merge_deltas(density):
+    base, experts = _inputs((37, 101), torch.float32, seed=2)
+    gen = torch.Generator().manual_seed(5)
+    imp = [torch.rand((37, 101), generator=gen) for _ in experts]  # continuous: no ties at the threshold
+    coeffs = torch.tensor([1.0, 0.5, 2.0])
+    ref = base + merge_deltas("ties", [e - base for e in experts], coeffs, density=density, importance=imp,
+                              trim_by="sensitivity")
+    out, finite = merge_streamed("ties", base, experts, coeffs, density=density, importance=imp,
+                                 trim_by="sensitivity", chunk=1000)
+    assert finite and torch.equal(out, ref)
+    with pytest.raises(ValueError, match="non-negative"):
+        merge_streamed("ties", base, experts, coeffs, density=density, trim_by="sensitivity",
+                       importance=[-m for m in imp])
+    with pytest.raises(ValueError, match="importance maps"):
+        merge_streamed("ties", base, experts, coeffs, density=density, trim_by="sensitivity")
