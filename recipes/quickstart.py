@@ -10,8 +10,9 @@ Steps (each a few lines below):
      real pre-trained LLM; it is also saved to <output-dir>/base for recipes/merge_3_experts.yaml;
   2. one LoRA expert per task with `transformers.Trainer` + `SensitivityCallback(SensitivityConfig(task=...))`;
      `trainer.save_model(dir)` writes the adapter and the callback's sidecars (sensitivity + probe) next to it;
-  3. merge: averaging (TA, scale 1/K), then TA, TIES, DARE-TIES, each plain (sens=None) and with Sens-Merging
-     (sens="task+cross");
+  3. merge: averaging (TA, scale 1/K), then TA, TIES, DARE-TIES, each plain (sens=None) and with the paper's
+     Sens-Merging coefficients (sens="task+cross"), and the library default `MergeConfig()`: TIES whose trim keeps
+     each expert's most sensitive entries (the per-element maps in the sidecars; see benchmarks/README.md);
   4. a table of exact-match accuracy per task and normalised accuracy (merged acc / that task's expert acc);
      the best merged adapter is saved (`save_to=`) with its merge card.
 
@@ -34,11 +35,13 @@ from sens_peft import MergeConfig, SensitivityCallback, SensitivityConfig, merge
 
 log = logging.getLogger("quickstart")
 
-MERGES = [  # (label, MergeConfig fields); the Sens variant of each is added below
+MERGES = [  # (label, MergeConfig fields) of the plain methods; the Sens variant of each is added below
     ("TA", dict(method="task_arithmetic", scale=0.7)),
-    ("TIES", dict(method="ties", density=0.5, scale=1.0)),
+    ("TIES", dict(method="ties", density=0.5, scale=1.0, trim_by="magnitude")),
     ("DARE-TIES", dict(method="dare_ties", density=0.5, scale=1.0)),
 ]
+# the paper's layer-wise coefficients, in the reading of DESIGN.md §5 (alpha mean 1, tau standardised)
+PAPER_SENS = dict(sens="task+cross", normalization="mean1", tau_normalization="exp_z")
 
 
 def parse_args() -> argparse.Namespace:
@@ -123,16 +126,21 @@ def main() -> None:
     reports = {}
     # plain averaging (TA with scale 1/K) as the reference point of the table
     merges = [("Avg", dict(method="task_arithmetic", scale=1.0 / len(args.tasks)))] + MERGES
+    runs = []
     for label, fields in merges:
-        for sens in ((None,) if label == "Avg" else (None, "task+cross")):
-            name = label if sens is None else f"Sens-{label}"
-            config = MergeConfig(sens=sens, temperature=args.temperature, seed=args.seed, **fields)
-            report = merge_adapters(model, args.tasks, config=config, adapter_name=name.replace("-", "_"),
-                                    sensitivities=dirs, probes=dirs)
-            model.set_adapter(report.adapter_name)
-            rows[name] = toy.evaluate(model, args.tasks, n=args.n_test, tokenizer=tok)
-            reports[name] = report
-            log.info("%-14s merged in %.2f s: %s", name, report.seconds, _fmt(rows[name]))
+        runs.append((label, MergeConfig(seed=args.seed, **fields)))
+        if label != "Avg":
+            runs.append((f"Sens-{label}", MergeConfig(seed=args.seed, temperature=args.temperature,
+                                                      **fields, **PAPER_SENS)))
+    # the library's default: TIES that keeps each expert's most *sensitive* entries (element maps of the sidecars)
+    runs.append(("SensTrim-TIES", MergeConfig(seed=args.seed)))
+    for name, config in runs:
+        report = merge_adapters(model, args.tasks, config=config, adapter_name=name.replace("-", "_"),
+                                sensitivities=dirs, probes=dirs)
+        model.set_adapter(report.adapter_name)
+        rows[name] = toy.evaluate(model, args.tasks, n=args.n_test, tokenizer=tok)
+        reports[name] = report
+        log.info("%-14s merged in %.2f s: %s", name, report.seconds, _fmt(rows[name]))
 
     # 4. results
     norm = {name: toy.normalized_accuracy(acc, expert_acc) for name, acc in rows.items()}

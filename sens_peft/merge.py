@@ -111,6 +111,37 @@ def _resolve_config(config: Optional[MergeConfig], config_kwargs: dict[str, Any]
     return dataclasses.replace(config, **config_kwargs) if config_kwargs else config
 
 
+def _has_element_maps(item) -> bool:
+    """Whether a sidecar (record or path/folder) holds per-element maps, without loading its tensors."""
+    from safetensors import safe_open
+
+    from .store import SENSITIVITY_FILE, SensitivityRecord
+
+    if isinstance(item, SensitivityRecord):
+        return bool(item.element_maps)
+    path = Path(item)
+    path = path / SENSITIVITY_FILE if path.is_dir() else path
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return any(key.startswith("element.") for key in handle.keys())
+    except Exception:  # an unreadable sidecar is reported by the real load, with its file name
+        return False
+
+
+def _resolve_trim(cfg: MergeConfig, sensitivities, folders: Sequence[Optional[PathLike]]) -> MergeConfig:
+    """Turn ``trim_by="auto"`` into ``"sensitivity"`` (TIES, every expert has element maps) or ``"magnitude"``."""
+    if cfg.trim_by != "auto":
+        return cfg
+    sources = list(sensitivities) if sensitivities is not None else list(folders)
+    use = cfg.method == "ties" and bool(sources) and all(s is not None and _has_element_maps(s) for s in sources)
+    if cfg.method == "ties":
+        logger.info("trim_by='auto': TIES trims by %s", "the experts' sensitivity maps" if use else
+                    "magnitude (not every expert has element maps in its sensitivity.safetensors)")
+    return dataclasses.replace(cfg, trim_by="sensitivity" if use else "magnitude")
+
+
 def _device(config: MergeConfig) -> torch.device:
     if config.device:
         return torch.device(config.device)
@@ -538,6 +569,7 @@ def merge_adapters(
         if out.exists() and not overwrite:
             raise MergeError(f"output folder {out.resolve()} already exists; pass overwrite=True to replace it")
     peft_model, names, folders = _prepare_peft_model(model, adapters, allow_pickle=allow_pickle)
+    cfg = _resolve_trim(cfg, sensitivities, folders)
     if adapter_name in peft_model.peft_config:
         raise MergeError(f"an adapter named {adapter_name!r} already exists in the model; pick another adapter_name")
     for name in names:
@@ -1260,6 +1292,7 @@ def _merge_models(
                        for n, f in zip(names, experts)]
         _check_tensors(base_src, expert_srcs, names)
 
+        cfg = _resolve_trim(cfg, sensitivities, list(experts))
         records = _load_records(sensitivities, list(experts), names, cfg)
         if records is not None:
             fingerprint = model_fingerprint(base_cfg)

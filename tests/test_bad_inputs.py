@@ -334,14 +334,15 @@ def test_one_expert_merges_to_weight_times_expert(world, tmp_path):
     """One expert with sens: K·softmax over one expert is 1, so c == weight and the merge is weight × expert."""
     from safetensors.torch import load_file as load
 
-    report = merge_models(world["base"], [world["full_s0"]], tmp_path / "one", sens="task", weights=[0.5], **KW)
+    report = merge_models(world["base"], [world["full_s0"]], tmp_path / "one", method="task_arithmetic", sens="task",
+                          weights=[0.5], **KW)
     assert torch.equal(report.coefficients.values, torch.full_like(report.coefficients.values, 0.5))
     base, exp = load(str(world["base"] / "model.safetensors")), load(str(world["full0"] / "model.safetensors"))
     out = load(str(tmp_path / "one" / "model.safetensors"))
     for name, b in base.items():
         torch.testing.assert_close(out[name], b + 0.5 * (exp[name] - b), rtol=0, atol=1e-6, msg=name)
     # LoRA, sens="task+cross": transferability of one expert is defined (c == 1)
-    rep = merge_adapters(tiny_llama(seed=0), [world["s0"]], sens="task+cross", **KW)
+    rep = merge_adapters(tiny_llama(seed=0), [world["s0"]], method="task_arithmetic", sens="task+cross", **KW)
     assert torch.equal(rep.coefficients.values, torch.ones_like(rep.coefficients.values))
 
 
@@ -350,7 +351,8 @@ def test_rank_pattern_adapter_merges_exactly(world):
     from helpers import adapted_modules, lora_delta
     from peft import PeftModel
 
-    report = merge_adapters(tiny_llama(seed=0), [world["lora_rank_pattern"]], sens=None, **KW)
+    report = merge_adapters(tiny_llama(seed=0), [world["lora_rank_pattern"]], method="task_arithmetic", sens=None,
+                            **KW)
     model = report.model
     ref = PeftModel.from_pretrained(tiny_llama(seed=0), str(world["lora_rank_pattern"]))
     assert model.peft_config["lora_rank_pattern"].rank_pattern == {"v_proj": 2}

@@ -37,3 +37,37 @@ def test_auto_maps_for_lora_theta(monkeypatch):
 
     monkeypatch.setattr(calibrate, "wants_element_maps", lambda setting, numel: setting is True)
     assert compute_sensitivity(model, data, calibration_samples=3).element_maps == {}
+
+
+def test_default_merge_trims_by_sensitivity_when_maps_exist(tmp_path):
+    from safetensors.torch import load_file
+
+    from sens_peft import merge_adapters
+
+    folders = []
+    for i in range(2):
+        model = lora(tiny_llama(seed=0), init_random=True)
+        torch.manual_seed(10 + i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn_like(p) * 0.2)
+        folder = tmp_path / f"e{i}"
+        model.save_pretrained(folder)
+        compute_sensitivity(model, TokenData(n=4, length=10, seed=i), calibration_samples=3, save_to=folder)
+        folders.append(folder)
+
+    auto = merge_adapters(tiny_llama(seed=0), folders, save_to=tmp_path / "auto", device="cpu")
+    assert (auto.config.method, auto.config.trim_by, auto.config.sens) == ("ties", "sensitivity", None)
+    merge_adapters(tiny_llama(seed=0), folders, trim_by="sensitivity", save_to=tmp_path / "explicit",
+                   device="cpu")
+    merge_adapters(tiny_llama(seed=0), folders, trim_by="magnitude", save_to=tmp_path / "magnitude",
+                   device="cpu")
+    a, b, c = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("auto", "explicit", "magnitude"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.allclose(a[k], c[k]) for k in a)  # the sensitivity trim keeps other entries
+
+    # an expert without element maps: "auto" falls back to the magnitude trim
+    (folders[1] / "sensitivity.safetensors").unlink()
+    fallback = merge_adapters(tiny_llama(seed=0), folders, device="cpu")
+    assert fallback.config.trim_by == "magnitude"

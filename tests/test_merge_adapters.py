@@ -118,7 +118,8 @@ def test_dare_ties_against_peft(adapter_dirs):
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_single_expert_weight_one_is_identity(adapter_dirs, expert, method):
     model = _loaded(adapter_dirs, [expert])
-    merge_adapters(model, [expert], method=method, sens=None, adapter_name="one", device="cpu", progress=False)
+    merge_adapters(model, [expert], method=method, density=1.0, sens=None, adapter_name="one", device="cpu",
+                   progress=False)
     assert model.peft_config["one"].lora_alpha == model.peft_config["one"].r
     for module in adapted_modules(model, expert):
         assert _rel(lora_delta(model, "one", module), lora_delta(model, expert, module)) <= 1e-6, module
@@ -130,8 +131,10 @@ def test_single_expert_identity_gpt2_fan_in_fan_out(tmp_path):
     folder = make_lora_adapter(tiny_gpt2, tmp_path / "gpt", r=4, alpha=32, seed=5, use_rslora=True,
                                target_modules=("c_attn", "c_fc"), fan_in_fan_out=True)
     model = PeftModel.from_pretrained(tiny_gpt2(), str(folder), adapter_name="gpt")
-    merge_adapters(model, ["gpt"], sens=None, adapter_name="one", device="cpu", progress=False)
-    merge_adapters(model, ["gpt"], method="ties", sens=None, adapter_name="one_svd", device="cpu", progress=False)
+    merge_adapters(model, ["gpt"], method="task_arithmetic", sens=None, adapter_name="one", device="cpu",
+                   progress=False)
+    merge_adapters(model, ["gpt"], method="ties", density=1.0, sens=None, adapter_name="one_svd", device="cpu",
+                   progress=False)
     modules = adapted_modules(model, "gpt")
     assert len(modules) == 4
     expected = {m: lora_delta(model, "gpt", m) for m in modules}
@@ -141,7 +144,7 @@ def test_single_expert_identity_gpt2_fan_in_fan_out(tmp_path):
     # output="full": the base Conv1D weights ([in, out] layout) gain exactly ΔW
     base_before = {m: tiny_gpt2().get_submodule(m).weight.detach().double() for m in modules}
     full = merge_adapters(PeftModel.from_pretrained(tiny_gpt2(), str(folder), adapter_name="gpt"), ["gpt"],
-                          sens=None, output="full", device="cpu", progress=False).model
+                          method="task_arithmetic", sens=None, output="full", device="cpu", progress=False).model
     for module in modules:
         got = full.get_submodule(module).weight.detach().double()
         assert _rel(got - base_before[module], expected[module]) <= 1e-5, module
@@ -152,7 +155,7 @@ def test_union_of_targets_save_and_reload(adapter_dirs, tmp_path):
 
     names, weights = ["math", "mlp"], [1.0, 0.5]
     model = _loaded(adapter_dirs, names)
-    report = merge_adapters(model, names, sens=None, weights=weights, adapter_name="merged",
+    report = merge_adapters(model, names, method="task_arithmetic", sens=None, weights=weights, adapter_name="merged",
                             save_to=tmp_path / "out", device="cpu", progress=False)
     modules = adapted_modules(model, "merged")
     assert set(modules) == set(adapted_modules(model, "math")) | set(adapted_modules(model, "mlp"))
@@ -182,7 +185,7 @@ def test_from_folders_full_output_saved(adapter_dirs, tmp_path):
     ref_model = _loaded(adapter_dirs, ["math", "qa"])
     expected = {m: _reference(ref_model, ["math", "qa"], [0.6, 0.4], m)
                 for m in set(adapted_modules(ref_model, "math")) | set(adapted_modules(ref_model, "qa"))}
-    report = merge_adapters(_base(), folders, sens=None, weights=[0.6, 0.4], output="full",
+    report = merge_adapters(_base(), folders, method="task_arithmetic", sens=None, weights=[0.6, 0.4], output="full",
                             save_to=tmp_path / "full", device="cpu", progress=False)
     assert report.experts == ["math", "qa"] and report.adapter_name is None
     base = _base()
@@ -251,8 +254,9 @@ def sens_dirs(adapter_dirs, tmp_path_factory):
 def test_sens_coefficients_map_to_modules(adapter_dirs, sens_dirs, sens):
     """Each module's merged ΔW is Σ_k c_k[group of the module] ΔW_k with the report's table, and the layers
     really get different coefficients."""
-    report = merge_adapters(_base(), [sens_dirs[n] for n in NAMES], sens=sens, temperature=0.5,
-                            device="cpu", progress=False)
+    report = merge_adapters(_base(), [sens_dirs[n] for n in NAMES], method="task_arithmetic", sens=sens,
+                            temperature=0.5, normalization="mean1", tau_normalization="exp_z", device="cpu",
+                            progress=False)
     table, model = report.coefficients, report.model
     assert table.experts == NAMES
     c0, c1 = table.for_group("layers.0"), table.for_group("layers.1")

@@ -155,7 +155,8 @@ def test_dtype_preserved_and_overridden(models, tmp_path):
     from transformers import AutoModelForCausalLM
 
     experts = [models["bf16_0"], models["bf16_1"]]
-    merge_models(models["base_bf16"], experts, tmp_path / "bf16", sens=None, device="cpu", progress=False)
+    merge_models(models["base_bf16"], experts, tmp_path / "bf16", method="task_arithmetic", sens=None, device="cpu",
+                 progress=False)
     out = read_state(tmp_path / "bf16")
     assert {t.dtype for t in out.values()} == {torch.bfloat16}
     base = read_state(models["base_bf16"])
@@ -231,8 +232,9 @@ def test_sens_task_cross_full_experts(models, tmp_path):
         shutil.copytree(models[f"e{k}"], folder)
         write_sidecars(folder, scores, probe_seed=k)
         experts.append(folder)
-    report = merge_models(models["base"], experts, tmp_path / "out", sens="task+cross", temperature=0.5,
-                          device="cpu", progress=False)
+    report = merge_models(models["base"], experts, tmp_path / "out", method="task_arithmetic", sens="task+cross",
+                          temperature=0.5, normalization="mean1", tau_normalization="exp_z", device="cpu",
+                          progress=False)
     assert report.transfer is not None and tuple(report.transfer.shape) == (3, 3)
     table = report.coefficients
     assert not torch.allclose(table.for_group("layers.0"), table.for_group("layers.1"))

@@ -121,7 +121,8 @@ def test_fast_path_equals_merge_adapters_full(tiny_seed, method, density):
     assert spread["max"] > 1.01 * 0.7 or spread["min"] < 0.99 * 0.7 or spread["max"] > 1.01  # c is not uniform
     peft = copy.deepcopy(data.peft)
     report = merge_adapters(peft, data.tasks, method=method, density=density, scale=0.7, sens="task+cross",
-                            temperature=1.0, output="full", sensitivities=data.records[("theta", "after")],
+                            temperature=1.0, normalization="mean1", tau_normalization="exp_z", trim_by="magnitude",
+                            output="full", sensitivities=data.records[("theta", "after")],
                             transferability=data.transfer["cosine"], seed=0, device="cpu")
     params, w0 = dict(report.model.named_parameters()), dict(base.named_parameters())
     for name, d in merged.items():
