@@ -131,15 +131,17 @@ def _has_element_maps(item) -> bool:
 
 
 def _resolve_trim(cfg: MergeConfig, sensitivities, folders: Sequence[Optional[PathLike]]) -> MergeConfig:
-    """Turn ``trim_by="auto"`` into ``"sensitivity"`` (TIES, every expert has element maps) or ``"magnitude"``."""
+    """Resolve the automatic settings: ``trim_by="auto"`` becomes ``"sensitivity"`` (TIES, every expert has element
+    maps) or ``"magnitude"``, then ``scale=None`` becomes its default for that method and trim."""
     if cfg.trim_by != "auto":
-        return cfg
+        return dataclasses.replace(cfg, scale=cfg.resolved_scale())
     sources = list(sensitivities) if sensitivities is not None else list(folders)
     use = cfg.method == "ties" and bool(sources) and all(s is not None and _has_element_maps(s) for s in sources)
     if cfg.method == "ties":
         logger.info("trim_by='auto': TIES trims by %s", "the experts' sensitivity maps" if use else
                     "magnitude (not every expert has element maps in its sensitivity.safetensors)")
-    return dataclasses.replace(cfg, trim_by="sensitivity" if use else "magnitude")
+    cfg = dataclasses.replace(cfg, trim_by="sensitivity" if use else "magnitude")
+    return dataclasses.replace(cfg, scale=cfg.resolved_scale())
 
 
 def _device(config: MergeConfig) -> torch.device:
@@ -294,7 +296,7 @@ def _coefficients(config: MergeConfig, records, transfer, experts: list[str]):
         tau_normalization=config.tau_normalization,
         granularity=config.granularity,
         weights=config.weights,
-        scale=config.scale,
+        scale=config.resolved_scale(),
     )
     try:
         logger.info("merge coefficients (%s, sens=%s): %s", config.method, config.sens, table.summary())

@@ -59,6 +59,7 @@ def test_default_merge_trims_by_sensitivity_when_maps_exist(tmp_path):
 
     auto = merge_adapters(tiny_llama(seed=0), folders, save_to=tmp_path / "auto", device="cpu")
     assert (auto.config.method, auto.config.trim_by, auto.config.sens) == ("ties", "sensitivity", None)
+    assert auto.config.scale == 1.5  # the sensitivity trim's default lambda
     merge_adapters(tiny_llama(seed=0), folders, trim_by="sensitivity", save_to=tmp_path / "explicit",
                    device="cpu")
     merge_adapters(tiny_llama(seed=0), folders, trim_by="magnitude", save_to=tmp_path / "magnitude",
@@ -70,4 +71,4 @@ def test_default_merge_trims_by_sensitivity_when_maps_exist(tmp_path):
     # an expert without element maps: "auto" falls back to the magnitude trim
     (folders[1] / "sensitivity.safetensors").unlink()
     fallback = merge_adapters(tiny_llama(seed=0), folders, device="cpu")
-    assert fallback.config.trim_by == "magnitude"
+    assert fallback.config.trim_by == "magnitude" and fallback.config.scale == 1.0
