@@ -94,7 +94,7 @@ def train_expert(base, tok, task: str, out: Path, args) -> float:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "peft", "sens_peft.merge", "sens_peft.transfer"):
+    for noisy in ("transformers", "peft", "sens_peft.merge", "sens_peft.transfer", "sens_peft.coefficients"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     out = Path(args.output_dir)
     t0 = time.perf_counter()
@@ -150,8 +150,8 @@ def main() -> None:
     print("\nNormalised accuracy (merged acc / own expert's acc)")
     print(toy.format_table({k: v for k, v in norm.items() if not k.startswith("expert:")}, args.tasks))
     best = max(reports, key=lambda k: norm[k]["avg"])
-    print(f"\nSens-Merging coefficients of {best}:" if best.startswith("Sens") else "")
-    if best.startswith("Sens"):
+    if reports[best].config.sens is not None:
+        print(f"\nSens-Merging coefficients of {best}:")
         print(reports[best].coefficients)
     merge_adapters(model, args.tasks, config=reports[best].config, adapter_name="best",
                    sensitivities=dirs, probes=dirs, save_to=out / "merged", overwrite=True)
