@@ -194,81 +194,63 @@ def _sens_parts(config: MergeConfig) -> tuple[bool, bool]:
     return sens in ("task", "task+cross"), sens in ("cross", "task+cross")
 
 
+def _load_sidecars(items, folders: list[Optional[Path]], experts: list[str], *, kind: str, filename: str,
+                   load, passthrough: type, pass_hint: str, missing_hint: str) -> list:
+    """One sidecar per expert: from explicit ``items`` (objects or paths) or from each expert's folder."""
+    from .store import SidecarError
+
+    if items is not None:
+        items = list(items)
+        if len(items) != len(experts):
+            raise MergeError(f"{kind} has {len(items)} entries for {len(experts)} experts {experts}")
+        paths = [None] * len(items)
+    else:
+        items, paths = [None] * len(experts), []
+        for name, folder in zip(experts, folders):
+            if folder is None:
+                raise MergeError(f"expert {name!r} was given as a loaded adapter name, so its {filename} is unknown; "
+                                 f"{pass_hint}")
+            path = folder / filename
+            if not path.is_file():
+                raise MergeError(f"expert {name!r}: {path} is missing; {missing_hint}")
+            paths.append(path)
+    out = []
+    for name, item, path in zip(experts, items, paths):
+        try:
+            out.append(item if isinstance(item, passthrough) else load(item if path is None else path))
+        except SidecarError as err:
+            raise MergeError(f"expert {name!r}: {err}") from err
+    return out
+
+
 def _load_records(
     sensitivities, folders: list[Optional[Path]], experts: list[str], config: MergeConfig
 ) -> Optional[list]:
-    from .store import SENSITIVITY_FILE, SensitivityRecord, SidecarError, load_sensitivity
+    from .store import SENSITIVITY_FILE, SensitivityRecord, load_sensitivity
 
     need_task, _ = _sens_parts(config)
     if sensitivities is None and not (need_task or config.trim_by == "sensitivity"):
         return None
-    if sensitivities is not None:
-        sensitivities = list(sensitivities)
-        if len(sensitivities) != len(experts):
-            raise MergeError(f"sensitivities has {len(sensitivities)} entries for {len(experts)} experts {experts}")
-        out = []
-        for name, item in zip(experts, sensitivities):
-            if isinstance(item, SensitivityRecord):
-                out.append(item)
-            else:
-                try:
-                    out.append(load_sensitivity(item))
-                except SidecarError as err:
-                    raise MergeError(f"expert {name!r}: {err}") from err
-        return out
-    out = []
-    for name, folder in zip(experts, folders):
-        if folder is None:
-            raise MergeError(
-                f"expert {name!r} was given as a loaded adapter name, so its folder (and {SENSITIVITY_FILE}) is "
-                f"unknown; pass sensitivities=[...] (records or paths), or sens=None for the plain method"
-            )
-        path = folder / SENSITIVITY_FILE
-        if not path.is_file():
-            raise MergeError(
-                f"expert {name!r}: {path} is missing, and sens={config.sens!r} needs it. Train the expert with "
-                "SensitivityCallback or run compute_sensitivity(...) on it, pass sensitivities=[...], or use "
-                "sens=None for the plain method"
-            )
-        try:
-            out.append(load_sensitivity(path))
-        except SidecarError as err:
-            raise MergeError(f"expert {name!r}: {err}") from err
-    return out
+    need = f"sens={config.sens!r}" if need_task else "trim_by='sensitivity'"
+    return _load_sidecars(
+        sensitivities, folders, experts, kind="sensitivities", filename=SENSITIVITY_FILE, load=load_sensitivity,
+        passthrough=SensitivityRecord,
+        pass_hint="pass sensitivities=[...] (records or paths), or sens=None for the plain method",
+        missing_hint=f"{need} needs it. Train the expert with SensitivityCallback or run compute_sensitivity(...) on "
+                     "it, pass sensitivities=[...], or use sens=None for the plain method",
+    )
 
 
 def _load_probes(probes, folders: list[Optional[Path]], experts: list[str], vocab_size: Optional[int]) -> list:
-    from .store import PROBE_FILE, ProbeSet, SidecarError, load_probe
+    from .store import PROBE_FILE, ProbeSet, load_probe
 
-    if probes is not None:
-        probes = list(probes)
-        if len(probes) != len(experts):
-            raise MergeError(f"probes has {len(probes)} entries for {len(experts)} experts {experts}")
-        out = []
-        for name, item in zip(experts, probes):
-            try:
-                out.append(item if isinstance(item, ProbeSet) else load_probe(item, vocab_size=vocab_size))
-            except SidecarError as err:
-                raise MergeError(f"expert {name!r}: {err}") from err
-        return out
-    out = []
-    for name, folder in zip(experts, folders):
-        if folder is None:
-            raise MergeError(
-                f"expert {name!r} was given as a loaded adapter name, so its {PROBE_FILE} is unknown; pass "
-                "probes=[...] or transferability=<K×K tensor>, or use sens='task' / sens=None"
-            )
-        path = folder / PROBE_FILE
-        if not path.is_file():
-            raise MergeError(
-                f"expert {name!r}: {path} is missing; the cross-task factor (sens includes 'cross') needs each "
-                "expert's probe set. Pass probes=[...] or transferability=<K×K tensor>, or use sens='task'"
-            )
-        try:
-            out.append(load_probe(path, vocab_size=vocab_size))
-        except SidecarError as err:
-            raise MergeError(f"expert {name!r}: {err}") from err
-    return out
+    return _load_sidecars(
+        probes, folders, experts, kind="probes", filename=PROBE_FILE,
+        load=lambda item: load_probe(item, vocab_size=vocab_size), passthrough=ProbeSet,
+        pass_hint="pass probes=[...] or transferability=<K×K tensor>, or use sens='task' / sens=None",
+        missing_hint="the cross-task factor (sens includes 'cross') needs each expert's probe set. Pass "
+                     "probes=[...] or transferability=<K×K tensor>, or use sens='task'",
+    )
 
 
 def _check_transfer(transfer, k: int) -> torch.Tensor:
