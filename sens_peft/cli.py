@@ -81,14 +81,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(describe_expert(directory))
     if len(args.dirs) > 1:
         table = _task_table(args.dirs, args.temperature, args.normalization, args.granularity)
-        print("\nTask-specific coefficients a merge would use (sens='task'; the cross-task factor needs the "
+        print(f"\nTask-specific coefficients a merge with sens='task' would use (normalization={args.normalization}, "
+              f"T={args.temperature:g}; the default merge uses no coefficients, and the cross-task factor needs the "
               "models and is computed at merge time):")
         print(table)
     return 0
 
 
 def plot_coefficients(dirs: Sequence[str], output: str, temperature: float = 1.0,
-                      normalization: str = "mean1", granularity: str = "layer") -> tuple[int, int]:
+                      normalization: str = "l2", granularity: str = "layer") -> tuple[int, int]:
     """Draw heatmaps of alpha (per layer, per expert) and the resulting coefficients into ``output``.
 
     Returns:
@@ -150,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_coefficient_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T")
-        p.add_argument("--normalization", default="mean1", choices=["mean1", "l2", "sum1", "zscore"])
+        p.add_argument("--normalization", default="l2", choices=["mean1", "l2", "sum1", "zscore"],
+                       help="alpha normalisation (default: the library default, l2)")
         p.add_argument("--granularity", default="layer", choices=["layer", "module_type", "projection"])
 
     p = sub.add_parser("inspect", help="show what is stored with experts",
