@@ -17,14 +17,15 @@ import json
 import math
 import os
 import shutil
-import struct
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+from sens_peft.io import ShardWriter, parse_size  # noqa: F401  (parse_size: used by speed.py)
+from sens_peft.io import plan_shards as _library_plan
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -85,95 +86,39 @@ LORA_SHAPE = ModelShape(hidden=1024, intermediate=2816, layers=8, heads=16, kv_h
 LORA_SMALL_SHAPE = ModelShape(hidden=128, intermediate=352, layers=2, heads=4, kv_heads=4, vocab=1000)
 
 
-def parse_size(size: str | int) -> int:
-    """'500MB' → 500_000_000 (decimal units, like transformers' convert_file_size_to_int)."""
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for suffix, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if s.endswith(suffix):
-            return int(float(s[: -len(suffix)]) * mult)
-    return int(s)
-
-
 def _seed(*parts: object) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
+def _sizes(entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> list[tuple[str, int]]:
+    return [(name, math.prod(shape) * dtype.itemsize) for name, shape, dtype in entries]
+
+
 def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int) -> list[list[int]]:
-    """Group tensor indices into shards the way save_pretrained does (greedy, in order)."""
-    shards: list[list[int]] = [[]]
-    size = 0
-    for idx, (_, shape, dtype) in enumerate(entries):
-        nbytes = math.prod(shape) * dtype.itemsize
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(idx)
-        size += nbytes
-    return shards
+    """Tensor indices per shard, grouped as ``merge_models`` groups its output (``sens_peft.io.plan_shards``)."""
+    position = {name: i for i, (name, _, _) in enumerate(entries)}
+    return [[position[n] for n in shard] for shard in _library_plan(_sizes(entries), max_bytes).shards]
 
 
 class StreamedShardWriter:
-    """Writes a sharded safetensors checkpoint tensor by tensor: headers are known up front (names, shapes and
-    dtypes are fixed), so no shard is ever held in memory. Tensors must be written in the planned order."""
+    """The library's planned :class:`sens_peft.io.ShardWriter` (headers known up front, each tensor written at its
+    offset, no shard held in memory) behind the benchmark's interface: write tensors in ``order``, then ``close``."""
 
-    def __init__(self, out_dir: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int,
-                 prefix: str = "model"):
+    def __init__(self, out_dir: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.entries = entries
-        self.shards = plan_shards(entries, max_bytes)
-        n = len(self.shards)
-        self.files = [f"{prefix}.safetensors"] if n == 1 else [
-            f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
-        ]
-        self.order = [idx for shard in self.shards for idx in shard]
-        self.pos = 0
-        self.shard_no = -1
-        self.handle = None
-        self.weight_map: dict[str, str] = {}
-        self.total = 0
-
-    def _open_next(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-        self.shard_no += 1
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for idx in self.shards[self.shard_no]:
-            name, shape, dtype = self.entries[idx]
-            nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            self.weight_map[name] = self.files[self.shard_no]
-            self.total += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.handle = open(self.out_dir / self.files[self.shard_no], "wb")  # noqa: SIM115
-        self.handle.write(struct.pack("<Q", len(raw)))
-        self.handle.write(raw)
-        self.remaining = len(self.shards[self.shard_no])
+        self.plan = _library_plan(_sizes(entries), max_bytes)
+        position = {name: i for i, (name, _, _) in enumerate(entries)}
+        self.order = [position[n] for shard in self.plan.shards for n in shard]
+        specs = {name: (tuple(shape), dtype) for name, shape, dtype in entries}
+        self._writer = ShardWriter(self.out_dir, max_bytes, plan=self.plan, specs=specs)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        idx = self.order[self.pos]
-        exp_name, shape, dtype = self.entries[idx]
-        if name != exp_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise ValueError(f"expected {exp_name} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        if self.handle is None or self.remaining == 0:
-            self._open_next()
-        self.handle.write(tensor.contiguous().view(torch.uint8).numpy().data)
-        self.remaining -= 1
-        self.pos += 1
+        self._writer.add(name, tensor)
 
     def close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
-        if len(self.files) > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
-            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        self._writer.close()
+        self.plan.write_index(self.out_dir)
 
 
 def input_files(folder: Path) -> list[Path]:
