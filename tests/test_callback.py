@@ -8,27 +8,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from sens_toys import TokenData, lora, tiny_llama  # noqa: E402
+from sens_toys import TokenData, lora, tiny_llama, train_args  # noqa: E402
 
 from sens_peft.sensitivity.callback import STATE_FILE, SensitivityCallback  # noqa: E402
 from sens_peft.sensitivity.distributed import UnsupportedSetupError  # noqa: E402
 from sens_peft.store import load_probe, load_sensitivity  # noqa: E402
 
 
-def _args(out, **kw):
-    base = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-                lr_scheduler_type="constant", save_strategy="no", report_to="none", use_cpu=True,
-                disable_tqdm=True, logging_steps=1000, seed=0, dataloader_pin_memory=False)
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
 def _train(out, cb, *, model=None, data=None, resume=None, extra_callbacks=(), **kw):
     model = model if model is not None else lora(tiny_llama(seed=0), init_random=False)
-    trainer = Trainer(model=model, args=_args(out, **kw), train_dataset=data or TokenData(),
+    trainer = Trainer(model=model, args=train_args(out, **kw), train_dataset=data or TokenData(),
                       callbacks=[cb, *extra_callbacks])
     trainer.train(resume_from_checkpoint=resume)
     return trainer

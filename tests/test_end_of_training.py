@@ -8,23 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from sens_toys import TokenData, lora, tiny_llama  # noqa: E402
+from sens_toys import TokenData, lora, tiny_llama, train_args  # noqa: E402
 
 from sens_peft import MergeOnTrainEnd, SensitivityCallback, merge_adapters, merge_models  # noqa: E402
 from sens_peft.io import MergeError  # noqa: E402
 
 
-def _args(out):
-    return TrainingArguments(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
-                             logging_steps=1000, seed=0, dataloader_pin_memory=False)
-
-
 def _train(out, model, callbacks, seed):
-    trainer = Trainer(model=model, args=_args(out), train_dataset=TokenData(seed=seed), callbacks=callbacks)
+    trainer = Trainer(model=model, args=train_args(out, max_steps=3, lr_scheduler_type="linear"),
+                      train_dataset=TokenData(seed=seed), callbacks=callbacks)
     trainer.train()
     return trainer
 

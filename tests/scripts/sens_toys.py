@@ -39,3 +39,14 @@ class TokenData(torch.utils.data.Dataset):
         labels = ids.clone()
         labels[:3] = -100
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def train_args(out, **overrides):
+    """CPU-friendly, deterministic `TrainingArguments` for the tiny test runs (no checkpoints, logging or tqdm)."""
+    from transformers import TrainingArguments
+
+    kw = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+              lr_scheduler_type="constant", save_strategy="no", report_to="none", use_cpu=True,
+              disable_tqdm=True, logging_steps=1000, seed=0, dataloader_pin_memory=False)
+    kw.update(overrides)
+    return TrainingArguments(**kw)
