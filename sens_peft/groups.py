@@ -53,12 +53,6 @@ def module_name(name: str) -> str:
     return name
 
 
-def block_index(name: str) -> int | None:
-    """Index of the transformer block a name belongs to, or None."""
-    match = _BLOCK_RE.search(name)
-    return int(match.group(1)) if match else None
-
-
 def layer_group(name: str, granularity: str = "layer") -> str:
     """The coefficient group of a parameter or module name.
 

@@ -279,11 +279,3 @@ def load_probe(path: PathLike, vocab_size: Optional[int] = None) -> ProbeSet:
             f"{file}: tensor 'input_ids' has token id {int(ids.max())}, outside the model's vocabulary of {vocab_size}"
         )
     return ProbeSet(tensors["input_ids"].long(), tensors["attention_mask"].long(), tensors["labels"].long(), metadata)
-
-
-def has_sensitivity(path: PathLike) -> bool:
-    return (Path(path) / SENSITIVITY_FILE).is_file()
-
-
-def has_probe(path: PathLike) -> bool:
-    return (Path(path) / PROBE_FILE).is_file()
