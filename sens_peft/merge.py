@@ -35,6 +35,8 @@ import torch
 
 from .config import MergeConfig
 from .io import (
+    BackgroundWriter,
+    BufferPool,
     MergeError,
     ShardPlan,
     ShardWriter,
@@ -790,7 +792,9 @@ class _Prefetcher:
     """
 
     def __init__(self, names: list[str], base: TensorSource, experts: list[TensorSource], depth: int = 2,
-                 max_bytes: int = 256 * 2**20) -> None:
+                 max_bytes: int = 256 * 2**20, pool: Optional[BufferPool] = None, mapped: bool = True) -> None:
+        self.pool = pool
+        self.mapped = mapped
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._names = names
@@ -825,7 +829,8 @@ class _Prefetcher:
                         self._cond.wait(timeout=0.1)
                 if self._stop.is_set():
                     return
-                item = (name, self._base.get(name), [e.get(name) for e in self._experts])
+                item = (name, self._base.get(name, self.pool, mapped=self.mapped),
+                        [e.get(name, self.pool, mapped=self.mapped) for e in self._experts])
                 if not self._put(item, nbytes):
                     return
             self._put(_DONE)
@@ -844,9 +849,17 @@ class _Prefetcher:
                 raise item
             yield item
 
+    def recycle(self, *tensors: torch.Tensor) -> None:
+        """Hand the buffers of tensors the consumer is done with back to the pool (no other view may remain)."""
+        if self.pool is not None:
+            for tensor in tensors:
+                self.pool.give(tensor)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        if self.pool is not None:
+            self.pool.clear()
 
 
 def _check_tensors(base: TensorSource, experts: list[TensorSource], names: list[str]) -> None:
@@ -1074,7 +1087,19 @@ def _merge_shards(
     merged_count = copied_count = 0
     extras = {k: v for k, v in (cfg.extra or {}).items() if k in _METHOD_EXTRAS}
     streamed = cfg.method in STREAMED_METHODS
-    reader = _Prefetcher(tensor_names, base_src, expert_srcs, depth=prefetch)
+    # Buffers are recycled, and writes moved to a thread of their own, only when the writer writes each tensor as it
+    # comes (a writer that gathers whole shards keeps references to them).
+    pool = BufferPool() if writer.streams else None
+    sink = BackgroundWriter(writer, pool) if writer.streams else None
+
+    def emit(name: str, tensor: torch.Tensor, done: tuple[torch.Tensor, ...] = ()) -> None:
+        """Write ``tensor``; the buffers of ``done`` go back to the pool once it is written."""
+        if sink is None:
+            writer.add(name, tensor)
+        else:
+            sink.add(name, tensor, done)
+
+    reader = _Prefetcher(tensor_names, base_src, expert_srcs, depth=prefetch, pool=pool)
     try:
         for name, base_t, expert_ts in _progress(reader, len(tensor_names), "merging tensors", progress):
             dtype = out_dtype or base_t.dtype
@@ -1083,7 +1108,13 @@ def _merge_shards(
             if all(torch.equal(base_t, t) for t in expert_ts):
                 # Inf == Inf, so a copied tensor is checked here; NaN never compares equal and is caught below.
                 check_finite(base_t, f"base ({base})", name, base_src.file_of(name))
-                writer.add(name, base_t.to(dtype) if base_t.is_floating_point() else base_t)
+                reader.recycle(*expert_ts)
+                written = base_t.to(dtype) if base_t.is_floating_point() else base_t
+                if written is base_t:
+                    emit(name, base_t, (base_t,))
+                else:
+                    reader.recycle(base_t)
+                    emit(name, written)
                 copied_count += 1
                 continue
             if not base_t.is_floating_point():
@@ -1095,17 +1126,21 @@ def _merge_shards(
                 coeffs = table.for_name(name)
                 importance = _importance(records, name, list(range(len(names))), cfg) if cfg.method == "ties" \
                     else None
+                out = None
+                if pool is not None and device.type == "cpu":
+                    out = pool.take(base_t.numel() * dtype.itemsize).view(dtype).view(base_t.shape)
                 merged, finite = merge_streamed(
                     cfg.method, base_t.to(device), [t.to(device) for t in expert_ts], coeffs,
                     density=cfg.density, majority_sign_method=cfg.majority_sign_method, seed=cfg.seed, name=name,
                     weighted_election=bool(extras.get("weighted_election", True)), out_dtype=dtype,
-                    importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude")
+                    importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude", out=out)
                 if not finite:
                     # raises on a NaN/Inf input; a finite overflow is written as computed
                     _check_inputs(name, base, base_src, base_t, names, expert_srcs, expert_ts)
-                writer.add(name, merged.cpu())
+                reader.recycle(base_t, *expert_ts)
+                emit(name, merged.cpu(), (merged,) if out is not None else ())
                 merged_count += 1
-                del merged
+                del merged, out
                 continue
             _check_inputs(name, base, base_src, base_t, names, expert_srcs, expert_ts)
             base_f = base_t.to(device=device, dtype=torch.float32)
@@ -1115,15 +1150,22 @@ def _merge_shards(
             if importance is not None:
                 importance = [m.to(device=device, dtype=torch.float32) for m in importance]
             merged = base_f + _merge_one(cfg, deltas, coeffs, name, importance)
-            writer.add(name, merged.to(dtype).cpu())
+            reader.recycle(base_t, *expert_ts)
+            emit(name, merged.to(dtype).cpu())
             merged_count += 1
             del base_f, deltas, merged
     except BaseException:
-        writer.abort()
+        if sink is not None:
+            sink.abort()
+        else:
+            writer.abort()
         raise
     finally:
         reader.close()
-    writer.close()
+    if sink is not None:
+        sink.close()
+    else:
+        writer.close()
     return merged_count, copied_count
 
 

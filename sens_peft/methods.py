@@ -26,6 +26,8 @@ positive.
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -584,7 +586,7 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
                    *, density: float = 1.0, majority_sign_method: str = "total", seed: int | None = 0,
                    name: str = "", weighted_election: bool = True, out_dtype: torch.dtype | None = None,
                    importance: Sequence[Tensor] | None = None, trim_by: str = "magnitude",
-                   chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, bool]:
+                   chunk: int = DEFAULT_CHUNK, out: Tensor | None = None) -> tuple[Tensor, bool]:
     """``base + merge_deltas(method, [e - base for e in experts], coefficients, ...)`` without the deltas.
 
     The same math as :func:`merge_deltas` (fp32, coefficients already including the global scale) for the
@@ -605,6 +607,7 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
             :func:`merge_deltas` (``importance`` is used only by ``ties`` with ``trim_by="sensitivity"``).
         out_dtype: dtype of the result (default: the base's).
         chunk: Entries processed at a time.
+        out: Optional preallocated result (``out_dtype``, the base's number of entries, contiguous, on its device).
 
     Returns:
         ``(merged, finite)``: the merged tensor with the base's shape, and False when a non-finite value was seen
@@ -632,7 +635,14 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
         if e.numel() != numel:
             raise ValueError(f"merge_streamed: expert {k} of {name!r} has shape {tuple(experts[k].shape)}, "
                              f"expected {tuple(shape)}")
-    out = torch.empty(numel, dtype=out_dtype or base.dtype, device=device)
+    if out is None:
+        out = torch.empty(numel, dtype=out_dtype or base.dtype, device=device)
+    else:
+        if out.numel() != numel or out.dtype != (out_dtype or base.dtype) or out.device != device \
+                or not out.is_contiguous():
+            raise ValueError(f"merge_streamed: out is {out.dtype} {tuple(out.shape)} on {out.device}, expected "
+                             f"{out_dtype or base.dtype} with {numel} contiguous entries on {device}")
+        out = out.reshape(-1)
     chunk = max(1, min(int(chunk), numel))
     f32 = dict(dtype=torch.float32, device=device)
     base_f = torch.empty(chunk, **f32)
@@ -678,7 +688,21 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
                 finite = finite and ok
             trims[k] = (threshold, [need])
 
-    if method in ("task_arithmetic", "dare_linear"):
+    if method == "task_arithmetic":
+        # base + sum_k c_k (e_k - base) == (1 - sum_k c_k) base + sum_k c_k e_k: no delta is formed, one pass
+        # per input (a bf16->fp32 copy and a multiply-add), the same fp32 math up to rounding
+        base_weight = 1.0 - math.fsum(coeffs)
+        for s, e in _chunks(numel, chunk):
+            n = e - s
+            ac, tm = acc[:n], tmp[:n]
+            ac.copy_(flat_base[s:e]).mul_(base_weight)
+            for k in range(num):
+                ac.add_(tm.copy_(flats[k][s:e]), alpha=coeffs[k])
+            check += ac.sum()
+            out[s:e].copy_(ac)
+        return out.reshape(shape), finite and bool(torch.isfinite(check))
+
+    if method == "dare_linear":
         for s, e in _chunks(numel, chunk):
             n = e - s
             bf, ac, tm = base_f[:n], acc[:n], tmp[:n]
