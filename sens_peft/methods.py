@@ -30,7 +30,7 @@ import math
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -456,23 +456,25 @@ DEFAULT_CHUNK = 1 << 18
 
 # fp32 bit patterns of |x| compare like the values (non-negative floats); NaN (0x7fc...) sorts above Inf.
 _INF_HI = 0x7F80
+_INF_BITS = 0x7F800000
 
 
 def _dare_masks(numel: int, num: int, density: float, generator: torch.Generator | None,
                 device: torch.device, chunk: int) -> list[Tensor]:
-    """The ``num`` DARE keep-masks of :func:`dare_mask` as bool, drawn expert after expert from ``generator``.
+    """The ``num`` DARE keep-masks of :func:`dare_mask` as int8 0/1, drawn expert after expert from ``generator``.
 
     On the CPU ``bernoulli`` with probability ``p`` draws one ``uniform_real_distribution<float>`` value per entry,
     in order, and keeps it when it is below ``p``; ``uniform_`` draws the very same values (about 2.5x faster),
     so ``rand < density`` is the same mask, and drawing it in chunks continues the same stream. Other devices
-    keep the reference draw.
+    keep the reference draw. int8 rather than bool: one byte either way, and comparisons into int8 are several
+    times faster on the CPU.
     """
     masks = []
     if device.type != "cpu":
-        return [dare_mask((numel,), density, generator, device).bool() for _ in range(num)]
+        return [dare_mask((numel,), density, generator, device).to(torch.int8) for _ in range(num)]
     buf = torch.empty(min(chunk, numel), dtype=torch.float32)
     for _ in range(num):
-        mask = torch.empty(numel, dtype=torch.bool)
+        mask = torch.empty(numel, dtype=torch.int8)
         for s, e in _chunks(numel, chunk):
             draw = buf[: e - s].uniform_(0.0, 1.0, generator=generator)
             torch.lt(draw, float(density), out=mask[s:e])
@@ -550,23 +552,159 @@ def _trim_threshold(expert: Tensor | None, base: Tensor, k: int, chunk: int, buf
     return threshold, need, finite
 
 
-def _trim_chunk(delta: Tensor, threshold: int, state: list[int], out: Tensor) -> Tensor:
-    """Bool keep-mask of one chunk of ``delta`` (fp32) for a threshold from :func:`_trim_threshold`.
+# Sampled selection (see _sampled_thresholds): tensors below _SAMPLE_MIN_NUMEL use the radix selection; the band
+# is _BAND_SIGMAS standard deviations of the sample rank wide on each side (a miss is never wrong, only slower).
+_SAMPLE_MIN_NUMEL = 1 << 20
+_SAMPLE_MAX = 1 << 17
+_BAND_SIGMAS = 5.0
+_INT32_MAX = (1 << 31) - 1
 
-    ``state[0]`` is the number of entries equal to the threshold still to keep (first ones in index order);
-    chunks must come in order.
+
+def _bits(value: int) -> float:
+    """The fp32 number whose bit pattern is ``value`` (scores compare faster as floats than as integers)."""
+    return float(torch.tensor(value, dtype=torch.int32).view(torch.float32))
+
+
+def _plan_band(sample: Tensor, k: int, numel: int) -> tuple[str, int, int]:
+    """How to find the ``k``-th largest of ``numel`` non-negative scores, from the bit patterns of a uniform random
+    sample of them: ``("tie", v, v)`` when the sample puts it inside a run of equal values ``v`` (bf16 deltas have
+    many), else ``("band", hi, lo)`` with ``lo < hi`` bracketing it with near certainty."""
+    m = sample.numel()
+    p = k / numel
+    rank = p * m  # expected (fractional) rank of the k-th largest in the sample, from the top
+    margin = int(_BAND_SIGMAS * math.sqrt(m * p * (1.0 - p))) + 8
+    at = min(m - 1, max(0, int(rank)))
+    hi_at = int(math.floor(rank)) - margin
+    lo_at = int(math.ceil(rank)) + margin
+
+    def from_top(i: int) -> int:  # the (i+1)-th largest sample value
+        return int(torch.kthvalue(sample, m - i).values)
+
+    hi = from_top(hi_at) if hi_at >= 0 else _INT32_MAX
+    lo = from_top(lo_at) if lo_at < m else -1
+    value = from_top(at)
+    if value in (hi, lo):
+        return "tie", value, value
+    return "band", hi, lo
+
+
+def _threshold_from_counts(k: int, above: int, at_least: int) -> tuple[int, int] | None:
+    """``(need, all_tied_kept)`` for a threshold value with ``above`` scores strictly above it and ``at_least`` at or
+    above it; None when the ``k``-th largest is not that value."""
+    if not above < k <= at_least:
+        return None
+    return k - above, int(k == at_least)
+
+
+def _sampled_thresholds(scores: Callable[[int, int, int, Tensor], Tensor],
+                        sample: Callable[[int, Tensor], Tensor], num: int, numel: int, k: int, chunk: int,
+                        device: torch.device) -> tuple[list[tuple[int, int] | None], bool]:
+    """Thresholds of the ``k`` largest scores of each of ``num`` score tensors, in one pass over them.
+
+    A uniform random sample of each tensor's scores locates its ``k``-th largest: either inside a run of equal
+    values ``v`` (then one pass counts the scores above and at ``v``), or inside a narrow band ``(lo, hi)`` (then
+    one pass counts the scores at or above ``hi`` and gathers the few inside, and the threshold is selected among
+    those). This is exact: where the sample misled (chance about 1e-6 per tensor) the entry is None and the caller
+    falls back to the radix selection. The sample comes from a generator seeded by ``numel``: deterministic.
+
+    Args:
+        scores: ``scores(j, s, e, out)`` writes the non-negative fp32 scores ``s:e`` of tensor ``j`` into ``out``
+            (or returns them from elsewhere) and returns them; called for each ``j`` in order, chunk by chunk.
+        sample: ``sample(j, index)`` returns the fp32 scores of tensor ``j`` at the flat positions ``index``.
+
+    Returns:
+        (per tensor ``(threshold, need)`` as :func:`_trim_threshold` gives them, or None; ``finite``: False if a
+        score was NaN/Inf).
     """
-    ibits = delta.abs().view(torch.int32)
-    torch.gt(ibits, threshold, out=out)
-    if state[0] > 0:
-        eq = ibits == threshold
-        count = int(eq.sum())
-        if count <= state[0]:
-            out |= eq
-            state[0] -= count
-        else:
-            out[eq.nonzero().reshape(-1)[: state[0]]] = True
-            state[0] = 0
+    m = min(_SAMPLE_MAX, numel // 16)
+    gen = torch.Generator().manual_seed(numel)
+    # one position drawn uniformly in each of m equal strata: a uniform sample (of lower variance than a plain
+    # one, so the binomial band is conservative), already in increasing order
+    stride = numel // m
+    index = (torch.arange(m, dtype=torch.int64) * stride).add_(torch.randint(0, stride, (m,), generator=gen))
+    index = index.to(device)
+    plans = [_plan_band(sample(j, index).abs().view(torch.int32), k, numel) for j in range(num)]
+    floats = [(_bits(hi), _bits(lo) if lo >= 0 else -1.0) for _, hi, lo in plans]
+    # gathering stops past ~8x the expected band (+ a chunk): a band this much wider than planned is a miss anyway
+    cap = 8 * int(2 * (_BAND_SIGMAS * math.sqrt(m * 0.25) + 8) / m * numel) + chunk
+    upper = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(num)]  # >= hi (band), > v (tie)
+    lower = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(num)]  # >= v (tie)
+    inside: list[list[Tensor] | None] = [[] for _ in range(num)]
+    gathered = [0] * num
+    top = torch.zeros((), dtype=torch.int32, device=device)
+    buf = torch.empty(chunk, dtype=torch.float32, device=device)
+    mask = torch.empty(chunk, dtype=torch.float32, device=device)
+    over = torch.empty(chunk, dtype=torch.int8, device=device)
+    within = torch.empty(chunk, dtype=torch.int8, device=device)
+    for s, e in _chunks(numel, chunk):
+        n = e - s
+        for j in range(num):
+            values = scores(j, s, e, buf[:n])
+            top = torch.maximum(top, values.view(torch.int32).max())
+            mode, _, _ = plans[j]
+            hi, lo = floats[j]
+            # comparisons into fp32 (to count) or int8 (to select) are several times faster than into bool here
+            if mode == "tie":
+                upper[j] += torch.gt(values, hi, out=mask[:n]).sum()
+                lower[j] += torch.ge(values, hi, out=mask[:n]).sum()
+                continue
+            torch.ge(values, hi, out=over[:n])
+            upper[j] += over[:n].sum(dtype=torch.int32)
+            if inside[j] is None:
+                continue
+            band = torch.gt(values, lo, out=within[:n]).sub_(over[:n]).view(torch.bool)
+            picked = values.view(torch.int32)[band]
+            gathered[j] += picked.numel()
+            if gathered[j] > cap:
+                inside[j] = None
+            else:
+                inside[j].append(picked)
+    finite = int(top) < _INF_BITS
+    results: list[tuple[int, int] | None] = []
+    for j in range(num):
+        mode, hi, lo = plans[j]
+        if mode == "tie":
+            counted = _threshold_from_counts(k, int(upper[j]), int(lower[j]))
+            if counted is None:
+                results.append(None)
+            else:
+                need, all_kept = counted
+                results.append((hi - 1, 0) if all_kept else (hi, need))
+            continue
+        if inside[j] is None:
+            results.append(None)
+            continue
+        band = torch.cat(inside[j]).cpu() if inside[j] else torch.empty(0, dtype=torch.int32)
+        wanted = k - int(upper[j])  # rank of the k-th largest among the band's entries, from the top
+        if not 0 < wanted <= band.numel():
+            results.append(None)
+            continue
+        threshold = int(torch.kthvalue(band, band.numel() - wanted + 1).values)
+        need = wanted - int((band > threshold).sum())
+        results.append((threshold - 1, 0) if need == int((band == threshold).sum()) else (threshold, need))
+    return results, finite
+
+
+def _threshold_float(threshold: int) -> float:
+    """The float to compare scores with (``score > it``) for a bit-pattern threshold of :func:`_trim_threshold`."""
+    if threshold < 0:  # "keep every score >= 0"
+        return -1.0
+    return _bits(threshold)
+
+
+def _keep_chunk(scores: Tensor, threshold_f: float, threshold: int, state: list[int], out: Tensor) -> Tensor:
+    """fp32 0/1 keep-mask of one chunk of non-negative fp32 ``scores`` for a threshold from :func:`_trim_threshold`
+    (its float from :func:`_threshold_float`): scores above it, plus the first ``state[0]`` equal to it in index
+    order (``state[0]`` is decreased as they are found; chunks must come in order)."""
+    torch.gt(scores, threshold_f, out=out)
+    if state[0] > 0:  # entries equal to the threshold are kept in index order until ``need`` are
+        tied = torch.eq(scores, threshold_f, out=torch.empty_like(out))
+        count = int(tied.sum())
+        if count > state[0]:  # only the first state[0] of them: running count of ties <= state[0]
+            tied.mul_(tied.cumsum(0).le_(state[0]))
+            count = state[0]
+        out.add_(tied)
+        state[0] -= count
     return out
 
 
@@ -576,9 +714,11 @@ def _trim_mask_streamed(expert: Tensor, base: Tensor, k: int, chunk: int, bufs: 
     mask = torch.empty(base.numel(), dtype=torch.bool, device=base.device)
     state = [need]
     tmp = bufs["tmp"]
+    keep = torch.empty_like(tmp)
     for s, e in _chunks(base.numel(), chunk):
         n = e - s
-        _trim_chunk(_delta(tmp[:n], expert[s:e], base[s:e], bufs["base"][:n]), threshold, state, mask[s:e])
+        scores = _delta(tmp[:n], expert[s:e], base[s:e], bufs["base"][:n]).abs_()
+        mask[s:e] = _keep_chunk(scores, _threshold_float(threshold), threshold, state, keep[:n]) > 0
     return mask, finite
 
 
@@ -671,22 +811,45 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
             if bool((imp < 0).any()):
                 raise ValueError(f"merge_streamed for tensor {name!r}: importance maps must be non-negative")
             imps.append(imp)
-    trims: list[tuple[int, list[int]] | None] = [None] * num
+    trims: list[tuple[float, int, list[int]] | None] = [None] * num
     if method == "ties" and density < 1.0:
-        bits = torch.empty(chunk, dtype=torch.int32, device=device)
         k_keep = int(density * numel)
-        for k in range(num):
-            if k_keep == 0:
-                trims[k] = (torch.iinfo(torch.int32).max, [0])  # keeps nothing
-                finite = False  # nothing of the deltas is looked at: let the caller check the inputs
-                continue
-            if by_importance:  # the deltas' finiteness is then checked in the merge pass
-                threshold, need, _ = _trim_threshold(None, imps[k], k_keep, chunk, {"tmp": tmp, "bits": bits})
+        found: list[tuple[int, int] | None] = [None] * num
+        if k_keep == 0:
+            found = [(_INT32_MAX, 0)] * num  # keeps nothing
+            finite = False  # nothing of the deltas is looked at: let the caller check the inputs
+        elif numel >= _SAMPLE_MIN_NUMEL:
+            if by_importance:
+                found, _ = _sampled_thresholds(lambda j, s, e, buf: imps[j][s:e],
+                                               lambda j, idx: imps[j].index_select(0, idx),
+                                               num, numel, k_keep, chunk, device)
             else:
-                threshold, need, ok = _trim_threshold(flats[k], flat_base, k_keep, chunk,
-                                                      {"tmp": tmp, "bits": bits, "base": base_f})
+                def delta_scores(j: int, s: int, e: int, buf: Tensor) -> Tensor:
+                    if j == 0:
+                        base_f[: e - s].copy_(flat_base[s:e])
+                    return _delta(buf, flats[j][s:e], None, base_f[: e - s]).abs_()
+
+                sampled_base: list[Tensor] = []
+
+                def delta_sample(j: int, idx: Tensor) -> Tensor:
+                    if not sampled_base:
+                        sampled_base.append(flat_base.index_select(0, idx).float())
+                    return flats[j].index_select(0, idx).float().sub_(sampled_base[0])
+
+                found, ok = _sampled_thresholds(delta_scores, delta_sample, num, numel, k_keep, chunk, device)
                 finite = finite and ok
-            trims[k] = (threshold, [need])
+        bits = torch.empty(chunk, dtype=torch.int32, device=device)
+        for k in range(num):
+            if found[k] is None:  # small tensor, or the sample's band missed: exact radix selection
+                if by_importance:  # the deltas' finiteness is then checked in the merge pass
+                    threshold, need, _ = _trim_threshold(None, imps[k], k_keep, chunk, {"tmp": tmp, "bits": bits})
+                else:
+                    threshold, need, ok = _trim_threshold(flats[k], flat_base, k_keep, chunk,
+                                                          {"tmp": tmp, "bits": bits, "base": base_f})
+                    finite = finite and ok
+                found[k] = (threshold, need)
+            threshold, need = found[k]
+            trims[k] = (_threshold_float(threshold), threshold, [need])
 
     if method == "task_arithmetic":
         # base + sum_k c_k (e_k - base) == (1 - sum_k c_k) base + sum_k c_k e_k: no delta is formed, one pass
@@ -720,17 +883,17 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
         return out.reshape(shape), finite and bool(torch.isfinite(check))
 
     # ties / dare_ties: per chunk, the K weighted (trimmed/dropped, scaled) deltas, the elected sign, then the
-    # disjoint mean over the entries that agree with it.
+    # disjoint mean over the entries that agree with it. Masks are fp32 0/1: on the CPU, comparisons into and
+    # products with bool tensors are several times slower than with fp32 ones.
     weighted = [torch.empty(chunk, **f32) for _ in range(num)]
     voters = weighted if weighted_election else [torch.empty(chunk, **f32) for _ in range(num)]
     count = torch.empty(chunk, **f32)
-    keep = torch.empty(chunk, dtype=torch.bool, device=device)
-    positive = torch.empty(chunk, dtype=torch.bool, device=device)
+    keep = torch.empty(chunk, **f32)
     sign = torch.empty(chunk, **f32)
     agree = torch.empty(chunk, **f32)
     for s, e in _chunks(numel, chunk):
         n = e - s
-        bf, mass, cnt, ag, sg = base_f[:n], acc[:n], count[:n], agree[:n], sign[:n]
+        bf, mass, cnt, ag, sg, kp = base_f[:n], acc[:n], count[:n], agree[:n], sign[:n], keep[:n]
         bf.copy_(flat_base[s:e])
         mass.zero_()
         for k in range(num):
@@ -738,30 +901,31 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
             _delta(w, flats[k][s:e], None, bf)
             if dare:
                 check += w.sum()
-                w.mul_(masks[k][s:e]).div_(density)
+                w.mul_(kp.copy_(masks[k][s:e])).div_(density)
             elif trims[k] is not None:
-                threshold, state = trims[k]
+                threshold_f, threshold, state = trims[k]
                 if by_importance:
                     check += w.sum()  # trimmed entries must not hide a NaN/Inf
-                w.mul_(_trim_chunk(imps[k][s:e] if by_importance else w, threshold, state, keep[:n]))
+                    scores = imps[k][s:e]
+                else:
+                    scores = torch.abs(w, out=ag)
+                w.mul_(_keep_chunk(scores, threshold_f, threshold, state, kp))
             if not weighted_election:
                 voters[k][:n].copy_(w)
             w.mul_(coeffs[k])
             v = voters[k][:n]
             mass.add_(v if majority_sign_method == "total" else torch.sign(v, out=ag))
         # elected sign: +1 where mass >= 0 (ties go to +1), else -1
-        torch.ge(mass, 0, out=positive[:n])
-        sg.copy_(positive[:n]).mul_(2.0).sub_(1.0)
+        torch.ge(mass, 0, out=sg).mul_(2.0).sub_(1.0)
         total = mass  # reuse: the mass is no longer needed
         total.zero_()
         cnt.zero_()
         for k in range(num):
             # sign(v) == elected  <=>  v * elected > 0 (zeros, i.e. trimmed/dropped entries, never agree)
             torch.gt(torch.mul(voters[k][:n], sg, out=ag), 0, out=ag)
-            total.add_(weighted[k][:n].mul_(ag))
+            total.addcmul_(weighted[k][:n], ag)
             cnt.add_(ag)
-        total.div_(cnt.clamp_(min=1))
-        bf.add_(total)
+        bf.addcdiv_(total, cnt.clamp_(min=1))  # base + total / count, rounded as the two steps would be
         check += bf.sum()
         out[s:e].copy_(bf)
     return out.reshape(shape), finite and bool(torch.isfinite(check))

@@ -97,3 +97,64 @@ def test_ties_trim_by_sensitivity_matches_merge_deltas(density):
                        importance=[-m for m in imp])
     with pytest.raises(ValueError, match="importance maps"):
         merge_streamed("ties", base, experts, coeffs, density=density, trim_by="sensitivity")
+
+
+def _score_cases():
+    gen = torch.Generator().manual_seed(5)
+    n = (1 << 20) + 4099  # above the sampling size limit, not a multiple of the chunk
+    base = torch.randn(n, generator=gen)
+    yield "fp32", base, base + 0.01 * torch.randn(n, generator=gen)
+    b16 = base.bfloat16()
+    yield "bf16-ties", b16, (b16.float() + 0.002 * torch.randn(n, generator=gen)).bfloat16()
+    few = base.clone()
+    few[::3] += 0.5  # one big run of equal |delta|, the rest exactly zero
+    yield "runs", base, few
+    yield "zeros", base, base.clone()
+    heavy = base + torch.distributions.StudentT(1.0).sample((n,)) * 1e-3
+    yield "heavy-tail", base, heavy
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16-ties", "runs", "zeros", "heavy-tail"])
+@pytest.mark.parametrize("density", [0.5, 0.2, 0.01, 0.97])
+def test_sampled_threshold_equals_radix(case, density):
+    """The one-pass sampled selection gives the radix selection's (threshold, need), whatever the ties."""
+    from sens_peft.methods import _sampled_thresholds, _trim_threshold
+
+    base, expert = next((b, e) for name, b, e in _score_cases() if name == case)
+    numel, chunk = base.numel(), 1 << 16
+    k = int(density * numel)
+    bufs = {"tmp": torch.empty(chunk), "bits": torch.empty(chunk, dtype=torch.int32), "base": torch.empty(chunk)}
+    ref = _trim_threshold(expert, base, k, chunk, bufs)[:2]
+    base_f = torch.empty(chunk)
+
+    def scores(j, s, e, buf):
+        base_f[: e - s].copy_(base[s:e])
+        return buf.copy_(expert[s:e]).sub_(base_f[: e - s]).abs_()
+
+    got, finite = _sampled_thresholds(scores, lambda j, idx: expert[idx].float() - base[idx].float(), 1, numel,
+                                      k, chunk, torch.device("cpu"))
+    assert finite
+    assert got[0] == ref  # the sample never misled on these inputs, so the fast path was the one tested
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_tensor_matches_merge_deltas(method, dtype, monkeypatch):
+    """Above the sampling limit (one-pass threshold) the merge equals the radix selection's bit for bit, and
+    merge_deltas up to which of the entries tied at the threshold are kept (topk's choice among ties is
+    unspecified; a million fp32 deltas have a few)."""
+    import sens_peft.methods as methods
+
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(1 << 20, generator=gen).to(dtype)
+    experts = [(base.float() + 0.003 * torch.randn(base.shape, generator=gen)).to(dtype) for _ in range(3)]
+    coeffs = torch.tensor([0.7, 1.1, -0.3])
+    fast, finite = merge_streamed(method, base, experts, coeffs, density=0.3, seed=1, name="big")
+    assert finite
+    if dtype == torch.float32:
+        ref = base + merge_deltas(method, [e - base for e in experts], coeffs, density=0.3, seed=1, name="big")
+        assert int((fast != ref).sum()) <= (0 if method == "dare_ties" else 20)
+    monkeypatch.setattr(methods, "_SAMPLE_MIN_NUMEL", 1 << 40)
+    slow, _ = merge_streamed(method, base, experts, coeffs, density=0.3, seed=1, name="big")
+    assert torch.equal(slow.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       fast.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
