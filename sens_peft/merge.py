@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -26,7 +27,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -49,7 +50,7 @@ from .io import (
     read_model_config,
 )
 from .lora import LoraModule, delta_weight, lora_modules, svd_factors
-from .methods import STREAMED_METHODS, merge_streamed
+from .methods import DARE_METHODS, STREAMED_METHODS, dare_masks, merge_streamed, trim_thresholds
 from .validation import check_adapter_files, check_finite, check_record_matches, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -785,16 +786,23 @@ _DONE = object()
 
 
 class _Prefetcher:
-    """Background reader: yields ``(name, base_tensor, [expert tensors])`` with a read-ahead of ``depth`` tensors.
+    """Background reader: yields ``(name, base_tensor, [expert tensors], prepared)`` with a read-ahead of ``depth``
+    tensors (``prepared`` is what ``prepare`` returned for the tensor, or None).
 
     The read-ahead is also bounded in bytes (``max_bytes`` of tensors read but not yet taken, though always at
     least one tensor), so a run of vocabulary-sized tensors does not hold ``depth`` copies of K+1 of them.
     """
 
     def __init__(self, names: list[str], base: TensorSource, experts: list[TensorSource], depth: int = 2,
-                 max_bytes: int = 256 * 2**20, pool: Optional[BufferPool] = None, mapped: bool = True) -> None:
+                 max_bytes: int = 128 * 2**20, pool: Optional[BufferPool] = None, mapped: bool = True,
+                 prepare: Optional[Callable[[str, torch.Tensor, list[torch.Tensor]], Any]] = None,
+                 prepare_bytes: Optional[Callable[[int], int]] = None) -> None:
         self.pool = pool
         self.mapped = mapped
+        # work done ahead on the reader's thread for each tensor (drawing DARE masks, selecting TIES thresholds):
+        # prepare(name, base, experts); prepare_bytes(numel) is what its result holds in memory
+        self._prepare = prepare
+        self._prepare_bytes = prepare_bytes
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._names = names
@@ -807,7 +815,8 @@ class _Prefetcher:
         self._thread.start()
 
     def _nbytes(self, name: str) -> int:
-        return sum(_out_nbytes(src, name, None) for src in (self._base, *self._experts))
+        extra = self._prepare_bytes(_numel_of(self._base, name)) if self._prepare_bytes is not None else 0
+        return extra + sum(_out_nbytes(src, name, None) for src in (self._base, *self._experts))
 
     def _put(self, item, nbytes: int = 0) -> bool:
         with self._cond:
@@ -829,8 +838,12 @@ class _Prefetcher:
                         self._cond.wait(timeout=0.1)
                 if self._stop.is_set():
                     return
-                item = (name, self._base.get(name, self.pool, mapped=self.mapped),
-                        [e.get(name, self.pool, mapped=self.mapped) for e in self._experts])
+                base_t = self._base.get(name, self.pool, mapped=self.mapped)
+                experts = [e.get(name, self.pool, mapped=self.mapped) for e in self._experts]
+                ready = None
+                if self._prepare is not None and base_t.is_floating_point():
+                    ready = self._prepare(name, base_t, experts)
+                item = (name, base_t, experts, ready)
                 if not self._put(item, nbytes):
                     return
             self._put(_DONE)
@@ -1042,6 +1055,10 @@ class _Comm:
         return result
 
 
+def _numel_of(src: TensorSource, name: str) -> int:
+    return math.prod(src.shape(name))
+
+
 def _out_nbytes(src: TensorSource, name: str, out_dtype: Optional[torch.dtype]) -> int:
     """Bytes of tensor ``name`` in the output: ``out_dtype`` for floating-point tensors, else the base dtype."""
     dtype = src.dtype(name)
@@ -1099,9 +1116,26 @@ def _merge_shards(
         else:
             sink.add(name, tensor, done)
 
-    reader = _Prefetcher(tensor_names, base_src, expert_srcs, depth=prefetch, pool=pool)
+    prepare = prepare_bytes = None
+    if streamed and device.type == "cpu" and cfg.density < 1.0 and cfg.method in (*DARE_METHODS, "ties"):
+        # The slowest step of a DARE merge on the CPU is drawing the masks (one Mersenne-Twister draw per entry and
+        # expert), of a TIES merge selecting the trim thresholds; done on the reader's thread, it overlaps with the
+        # merge of the previous tensor (both release the GIL inside torch).
+        def prepare(name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor]) -> Optional[dict]:
+            if all(torch.equal(base_t, t) for t in expert_ts):
+                return None  # copied, not merged
+            if cfg.method == "ties":
+                maps = _importance(records, name, list(range(len(names))), cfg)
+                return {"thresholds": trim_thresholds(base_t, expert_ts, cfg.density, importance=maps, name=name)}
+            return {"dare_masks": dare_masks(base_t.numel(), len(expert_ts), cfg.density, cfg.seed, name)}
+
+        def prepare_bytes(numel: int) -> int:
+            return numel * len(expert_srcs) if cfg.method in DARE_METHODS else 0
+
+    reader = _Prefetcher(tensor_names, base_src, expert_srcs, depth=prefetch, pool=pool, prepare=prepare,
+                         prepare_bytes=prepare_bytes)
     try:
-        for name, base_t, expert_ts in _progress(reader, len(tensor_names), "merging tensors", progress):
+        for name, base_t, expert_ts, ready in _progress(reader, len(tensor_names), "merging tensors", progress):
             dtype = out_dtype or base_t.dtype
 
             # torch.equal stops at the first difference, so for merged tensors this costs next to nothing.
@@ -1133,7 +1167,8 @@ def _merge_shards(
                     cfg.method, base_t.to(device), [t.to(device) for t in expert_ts], coeffs,
                     density=cfg.density, majority_sign_method=cfg.majority_sign_method, seed=cfg.seed, name=name,
                     weighted_election=bool(extras.get("weighted_election", True)), out_dtype=dtype,
-                    importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude", out=out)
+                    importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude", out=out,
+                    **(ready or {}))
                 if not finite:
                     # raises on a NaN/Inf input; a finite overflow is written as computed
                     _check_inputs(name, base, base_src, base_t, names, expert_srcs, expert_ts)

@@ -42,11 +42,13 @@ __all__ = [
     "MergeMethod",
     "available_methods",
     "dare_mask",
+    "dare_masks",
     "get_method",
     "merge_deltas",
     "merge_streamed",
     "register_method",
     "stable_seed",
+    "trim_thresholds",
 ]
 
 MAJORITY_SIGN_METHODS = ("total", "frequency")
@@ -449,6 +451,7 @@ def merge_deltas(method: str, deltas: Sequence[Tensor], coefficients: Tensor | S
 
 #: Methods :func:`merge_streamed` implements (``ties`` trimmed by magnitude or by importance maps).
 STREAMED_METHODS = ("task_arithmetic", "dare_linear", "ties", "dare_ties")
+DARE_METHODS = ("dare_linear", "dare_ties")
 
 # Flat chunk processed at a time: a few fp32 buffers of this size stay in cache and bound the scratch memory,
 # whatever the tensor's size (a 65M-entry embedding is not materialised as K fp32 copies).
@@ -480,6 +483,17 @@ def _dare_masks(numel: int, num: int, density: float, generator: torch.Generator
             torch.lt(draw, float(density), out=mask[s:e])
         masks.append(mask)
     return masks
+
+
+def dare_masks(numel: int, num: int, density: float, seed: int | None, name: str,
+               device: torch.device | str = "cpu", chunk: int = DEFAULT_CHUNK) -> list[Tensor]:
+    """The ``num`` DARE keep-masks (int8 0/1, flat) that :func:`merge_streamed` draws for tensor ``name``.
+
+    Drawing them is a merge's slowest step on the CPU; computing them ahead (e.g. on another thread) and passing
+    them as ``merge_streamed(..., dare_masks=...)`` gives the same result.
+    """
+    device = torch.device(device)
+    return _dare_masks(numel, num, density, _generator(seed, name, device), device, chunk)
 
 
 def _chunks(numel: int, chunk: int):
@@ -722,11 +736,95 @@ def _trim_mask_streamed(expert: Tensor, base: Tensor, k: int, chunk: int, bufs: 
     return mask, finite
 
 
+def _importance_maps(importance: Sequence[Tensor] | None, num: int, shape: torch.Size, name: str,
+                     device: torch.device) -> list[Tensor]:
+    """Flat fp32 importance maps on ``device``, checked: ``num`` of them, of ``shape``'s size, non-negative."""
+    if importance is None or len(importance) != num:
+        raise ValueError(f"merge_streamed{f' for tensor {name!r}' if name else ''}: trim_by='sensitivity' "
+                         f"needs {num} importance maps, got {0 if importance is None else len(importance)}")
+    numel = math.prod(shape)
+    imps = []
+    for k, item in enumerate(importance):
+        if item.numel() != numel:
+            raise ValueError(f"merge_streamed: importance map {k} of {name!r} has shape {tuple(item.shape)}, "
+                             f"expected {tuple(shape)}")
+        imp = item.reshape(-1).to(device=device, dtype=torch.float32)
+        if bool((imp < 0).any()):
+            raise ValueError(f"merge_streamed for tensor {name!r}: importance maps must be non-negative")
+        imps.append(imp)
+    return imps
+
+
+def trim_thresholds(base: Tensor, experts: Sequence[Tensor], density: float, *,
+                    importance: Sequence[Tensor] | None = None, name: str = "",
+                    chunk: int = DEFAULT_CHUNK) -> tuple[list[tuple[int, int]], bool]:
+    """The TIES trim of each expert as ``merge_streamed(method="ties")`` computes it, ahead of the merge.
+
+    Each expert keeps exactly ``int(density * numel)`` entries: those whose score (``|expert - base|``, or the
+    expert's ``importance`` map when given) is above a threshold, plus the first ones (in index order) equal to
+    it. Selecting the threshold takes most of a TIES merge's time on the CPU; computing it ahead (e.g. on another
+    thread) and passing it as ``merge_streamed(..., thresholds=...)`` gives the same result.
+
+    Returns:
+        ``([(threshold, need)] per expert, finite)``: the threshold as the fp32 bit pattern of the score, the number
+        of entries equal to it to keep, and False if a delta was NaN/Inf (or could not be looked at).
+    """
+    num = len(experts)
+    numel = base.numel()
+    device = base.device
+    chunk = max(1, min(int(chunk), numel))
+    k_keep = int(density * numel)
+    if k_keep == 0:
+        # keeps nothing; nothing of the deltas is looked at, so finiteness is left to the caller's check
+        return [(_INT32_MAX, 0)] * num, False
+    flat_base = base.reshape(-1)
+    flats = [e.reshape(-1) for e in experts]
+    imps = None
+    if importance is not None:
+        imps = _importance_maps(importance, num, base.shape, name, device)
+    f32 = dict(dtype=torch.float32, device=device)
+    base_f, tmp = torch.empty(chunk, **f32), torch.empty(chunk, **f32)
+    found: list[tuple[int, int] | None] = [None] * num
+    finite = True
+    if numel >= _SAMPLE_MIN_NUMEL:
+        if imps is not None:
+            found, _ = _sampled_thresholds(lambda j, s, e, buf: imps[j][s:e],
+                                           lambda j, idx: imps[j].index_select(0, idx),
+                                           num, numel, k_keep, chunk, device)
+        else:
+            def delta_scores(j: int, s: int, e: int, buf: Tensor) -> Tensor:
+                if j == 0:
+                    base_f[: e - s].copy_(flat_base[s:e])
+                return _delta(buf, flats[j][s:e], None, base_f[: e - s]).abs_()
+
+            sampled_base: list[Tensor] = []
+
+            def delta_sample(j: int, idx: Tensor) -> Tensor:
+                if not sampled_base:
+                    sampled_base.append(flat_base.index_select(0, idx).float())
+                return flats[j].index_select(0, idx).float().sub_(sampled_base[0])
+
+            found, finite = _sampled_thresholds(delta_scores, delta_sample, num, numel, k_keep, chunk, device)
+    bits = torch.empty(chunk, dtype=torch.int32, device=device)
+    for k in range(num):
+        if found[k] is None:  # small tensor, or the sample's band missed: exact radix selection
+            if imps is not None:  # the deltas' finiteness is then checked in the merge pass
+                threshold, need, _ = _trim_threshold(None, imps[k], k_keep, chunk, {"tmp": tmp, "bits": bits})
+            else:
+                threshold, need, ok = _trim_threshold(flats[k], flat_base, k_keep, chunk,
+                                                      {"tmp": tmp, "bits": bits, "base": base_f})
+                finite = finite and ok
+            found[k] = (threshold, need)
+    return found, finite  # type: ignore[return-value]
+
+
 def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coefficients: Tensor | Sequence[float],
                    *, density: float = 1.0, majority_sign_method: str = "total", seed: int | None = 0,
                    name: str = "", weighted_election: bool = True, out_dtype: torch.dtype | None = None,
                    importance: Sequence[Tensor] | None = None, trim_by: str = "magnitude",
-                   chunk: int = DEFAULT_CHUNK, out: Tensor | None = None) -> tuple[Tensor, bool]:
+                   chunk: int = DEFAULT_CHUNK, out: Tensor | None = None,
+                   dare_masks: Sequence[Tensor] | None = None,
+                   thresholds: tuple[list[tuple[int, int]], bool] | None = None) -> tuple[Tensor, bool]:
     """``base + merge_deltas(method, [e - base for e in experts], coefficients, ...)`` without the deltas.
 
     The same math as :func:`merge_deltas` (fp32, coefficients already including the global scale) for the
@@ -748,6 +846,8 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
         out_dtype: dtype of the result (default: the base's).
         chunk: Entries processed at a time.
         out: Optional preallocated result (``out_dtype``, the base's number of entries, contiguous, on its device).
+        dare_masks: The DARE masks drawn ahead with :func:`dare_masks` (same ``density``, ``seed``, ``name``).
+        thresholds: The TIES trim computed ahead with :func:`trim_thresholds` (same inputs and ``density``).
 
     Returns:
         ``(merged, finite)``: the merged tensor with the base's shape, and False when a non-finite value was seen
@@ -793,62 +893,26 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
     dare = method in ("dare_linear", "dare_ties") and density < 1.0
     masks: list[Tensor | None] = [None] * num
     finite = True
-    if dare:
+    if dare and dare_masks is not None:
+        if len(dare_masks) != num or any(m.numel() != numel or m.device != device for m in dare_masks):
+            raise ValueError(f"merge_streamed: dare_masks must be {num} masks of {numel} entries on {device}")
+        masks = list(dare_masks)
+    elif dare:
         masks = _dare_masks(numel, num, density, _generator(seed, name, device), device, chunk)
     if trim_by not in TRIM_BY:
         raise ValueError(f"merge_streamed: trim_by={trim_by!r} is not one of {list(TRIM_BY)}")
     by_importance = method == "ties" and trim_by == "sensitivity" and density < 1.0
-    imps: list[Tensor] = []
-    if by_importance:
-        if importance is None or len(importance) != num:
-            raise ValueError(f"merge_streamed{f' for tensor {name!r}' if name else ''}: trim_by='sensitivity' "
-                             f"needs {num} importance maps, got {0 if importance is None else len(importance)}")
-        for k, item in enumerate(importance):
-            if item.numel() != numel:
-                raise ValueError(f"merge_streamed: importance map {k} of {name!r} has shape {tuple(item.shape)}, "
-                                 f"expected {tuple(shape)}")
-            imp = item.reshape(-1).to(device=device, dtype=torch.float32)
-            if bool((imp < 0).any()):
-                raise ValueError(f"merge_streamed for tensor {name!r}: importance maps must be non-negative")
-            imps.append(imp)
+    imps = _importance_maps(importance, num, shape, name, device) if by_importance else []
     trims: list[tuple[float, int, list[int]] | None] = [None] * num
     if method == "ties" and density < 1.0:
-        k_keep = int(density * numel)
-        found: list[tuple[int, int] | None] = [None] * num
-        if k_keep == 0:
-            found = [(_INT32_MAX, 0)] * num  # keeps nothing
-            finite = False  # nothing of the deltas is looked at: let the caller check the inputs
-        elif numel >= _SAMPLE_MIN_NUMEL:
-            if by_importance:
-                found, _ = _sampled_thresholds(lambda j, s, e, buf: imps[j][s:e],
-                                               lambda j, idx: imps[j].index_select(0, idx),
-                                               num, numel, k_keep, chunk, device)
-            else:
-                def delta_scores(j: int, s: int, e: int, buf: Tensor) -> Tensor:
-                    if j == 0:
-                        base_f[: e - s].copy_(flat_base[s:e])
-                    return _delta(buf, flats[j][s:e], None, base_f[: e - s]).abs_()
-
-                sampled_base: list[Tensor] = []
-
-                def delta_sample(j: int, idx: Tensor) -> Tensor:
-                    if not sampled_base:
-                        sampled_base.append(flat_base.index_select(0, idx).float())
-                    return flats[j].index_select(0, idx).float().sub_(sampled_base[0])
-
-                found, ok = _sampled_thresholds(delta_scores, delta_sample, num, numel, k_keep, chunk, device)
-                finite = finite and ok
-        bits = torch.empty(chunk, dtype=torch.int32, device=device)
-        for k in range(num):
-            if found[k] is None:  # small tensor, or the sample's band missed: exact radix selection
-                if by_importance:  # the deltas' finiteness is then checked in the merge pass
-                    threshold, need, _ = _trim_threshold(None, imps[k], k_keep, chunk, {"tmp": tmp, "bits": bits})
-                else:
-                    threshold, need, ok = _trim_threshold(flats[k], flat_base, k_keep, chunk,
-                                                          {"tmp": tmp, "bits": bits, "base": base_f})
-                    finite = finite and ok
-                found[k] = (threshold, need)
-            threshold, need = found[k]
+        if thresholds is None:
+            thresholds = trim_thresholds(base, experts, density, importance=imps if by_importance else None,
+                                         chunk=chunk)
+        found, ok = thresholds
+        if len(found) != num:
+            raise ValueError(f"merge_streamed: thresholds for {len(found)} experts, expected {num}")
+        finite = finite and ok
+        for k, (threshold, need) in enumerate(found):
             trims[k] = (_threshold_float(threshold), threshold, [need])
 
     if method == "task_arithmetic":
