@@ -816,7 +816,7 @@ class BackgroundWriter:
 
         self.writer = writer
         self.pool = pool
-        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="sens-peft-writer", daemon=True)
         self._thread.start()

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -725,6 +726,17 @@ def _merge_module(module: LoraModule, idx, names, coeffs, records, cfg, device) 
     importance = _importance(records, module.weight_name, idx, cfg)
     if importance is not None:
         importance = [m.to(device=device, dtype=torch.float32) for m in importance]
+    if cfg.method in STREAMED_METHODS:
+        # the chunked path with a zero base: the same math as merge_deltas (same DARE masks, the same kept
+        # entries), without topk over the stacked deltas
+        extras = {k: v for k, v in (cfg.extra or {}).items() if k in _METHOD_EXTRAS}
+        zero = torch.zeros_like(deltas[0])
+        merged, _ = merge_streamed(
+            cfg.method, zero, deltas, coeffs.to(device), density=cfg.density,
+            majority_sign_method=cfg.majority_sign_method, seed=cfg.seed, name=module.weight_name,
+            weighted_election=bool(extras.get("weighted_election", True)), out_dtype=torch.float32,
+            importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude")
+        return merged
     return _merge_one(cfg, deltas, coeffs.to(device), module.weight_name, importance)
 
 
@@ -803,6 +815,9 @@ class _Prefetcher:
         # prepare(name, base, experts); prepare_bytes(numel) is what its result holds in memory
         self._prepare = prepare
         self._prepare_bytes = prepare_bytes
+        # Two workers: the tensors' preparations are independent (each has its own generator), so while the
+        # consumer merges one tensor, the next two are prepared side by side.
+        self._workers = ThreadPoolExecutor(2, thread_name_prefix="sens-peft-prepare") if prepare else None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._names = names
@@ -841,8 +856,8 @@ class _Prefetcher:
                 base_t = self._base.get(name, self.pool, mapped=self.mapped)
                 experts = [e.get(name, self.pool, mapped=self.mapped) for e in self._experts]
                 ready = None
-                if self._prepare is not None and base_t.is_floating_point():
-                    ready = self._prepare(name, base_t, experts)
+                if self._workers is not None and base_t.is_floating_point():
+                    ready = self._workers.submit(self._prepare, name, base_t, experts)
                 item = (name, base_t, experts, ready)
                 if not self._put(item, nbytes):
                     return
@@ -860,7 +875,8 @@ class _Prefetcher:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            name, base_t, experts, ready = item
+            yield name, base_t, experts, ready.result() if isinstance(ready, Future) else ready
 
     def recycle(self, *tensors: torch.Tensor) -> None:
         """Hand the buffers of tensors the consumer is done with back to the pool (no other view may remain)."""
@@ -871,6 +887,8 @@ class _Prefetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        if self._workers is not None:
+            self._workers.shutdown(wait=True, cancel_futures=True)
         if self.pool is not None:
             self.pool.clear()
 

@@ -26,10 +26,9 @@ positive.
 
 from __future__ import annotations
 
-import math
-
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 

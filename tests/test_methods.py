@@ -315,3 +315,35 @@ def test_dare_keep_rate():
     kept = (out != 0).float().mean().item()
     assert abs(kept - 0.3) < 0.01
     assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / 0.3))
+
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48), (33, 33)])
+@pytest.mark.parametrize("rank", [4, 20, 40])
+@pytest.mark.parametrize("true_rank", [3, None])
+def test_svd_factors_is_best_rank_r(shape, rank, true_rank):
+    """svd_factors (Gram route below GRAM_MAX_DIM, thin SVD above) gives B @ A = the best rank-r approximation
+    (float64 SVD reference), A with orthonormal rows for the nonzero singular values, zero padding past min dim."""
+    import sens_peft.lora as lora
+
+    gen = torch.Generator().manual_seed(shape[0] * 7 + rank)
+    if true_rank is None:
+        x = torch.randn(shape, generator=gen)
+    else:
+        x = torch.randn(shape[0], true_rank, generator=gen) @ torch.randn(true_rank, shape[1], generator=gen)
+    U, S, Vh = torch.linalg.svd(x.double(), full_matrices=False)
+    k = min(rank, S.numel())
+    best = (U[:, :k] * S[:k]) @ Vh[:k]
+    for gram_max in (lora.GRAM_MAX_DIM, 0):  # the Gram route, then the thin-SVD route
+        old = lora.GRAM_MAX_DIM
+        lora.GRAM_MAX_DIM = gram_max
+        try:
+            A, B = lora.svd_factors(x, rank)
+        finally:
+            lora.GRAM_MAX_DIM = old
+        assert A.shape == (rank, shape[1]) and B.shape == (shape[0], rank) and A.dtype == torch.float32
+        # float64 Gram: 1e-6; float32 SVD: its subspace error grows as eps / (relative gap of sigma_r, sigma_r+1)
+        assert ((B.double() @ A.double()) - best).norm() <= (1e-6 if gram_max else 1e-4) * best.norm()
+        nonzero = int((S[:k] > 1e-6 * S[0]).sum())
+        gram = A[:nonzero].double() @ A[:nonzero].double().T
+        assert torch.allclose(gram, torch.eye(nonzero, dtype=torch.float64), atol=1e-5)
+        assert not A[min(shape):].any() and not B[:, min(shape):].any()
