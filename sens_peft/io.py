@@ -184,7 +184,7 @@ class BufferPool:
     kept up to ``max_idle_bytes`` (the least recently returned size goes first). Thread-safe.
     """
 
-    def __init__(self, max_idle_bytes: int = 256 * 2**20) -> None:
+    def __init__(self, max_idle_bytes: int = 64 * 2**20) -> None:
         self.max_idle_bytes = int(max_idle_bytes)
         self._free: dict[int, list[torch.Tensor]] = {}
         self._idle = 0

@@ -51,7 +51,14 @@ from .io import (
     read_model_config,
 )
 from .lora import LoraModule, delta_weight, lora_modules, svd_factors
-from .methods import DARE_METHODS, STREAMED_METHODS, dare_masks, merge_streamed, trim_thresholds
+from .methods import (
+    DARE_METHODS,
+    DEFAULT_CHUNK,
+    STREAMED_METHODS,
+    dare_masks,
+    merge_streamed,
+    trim_thresholds,
+)
 from .validation import check_adapter_files, check_finite, check_record_matches, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -735,7 +742,8 @@ def _merge_module(module: LoraModule, idx, names, coeffs, records, cfg, device) 
             cfg.method, zero, deltas, coeffs.to(device), density=cfg.density,
             majority_sign_method=cfg.majority_sign_method, seed=cfg.seed, name=module.weight_name,
             weighted_election=bool(extras.get("weighted_election", True)), out_dtype=torch.float32,
-            importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude")
+            importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude",
+            chunk=_chunk_for(device))
         return merged
     return _merge_one(cfg, deltas, coeffs.to(device), module.weight_name, importance)
 
@@ -798,15 +806,17 @@ _DONE = object()
 
 
 class _Prefetcher:
-    """Background reader: yields ``(name, base_tensor, [expert tensors], prepared)`` with a read-ahead of ``depth``
-    tensors (``prepared`` is what ``prepare`` returned for the tensor, or None).
+    """Background reader: yields ``[name, base_tensor, [expert tensors], prepared]`` with a read-ahead of ``depth``
+    tensors (``prepared`` is what ``prepare`` returned for the tensor, or None). The consumer should clear each
+    list when done with it, so that the tensors go at once.
 
-    The read-ahead is also bounded in bytes (``max_bytes`` of tensors read but not yet taken, though always at
-    least one tensor), so a run of vocabulary-sized tensors does not hold ``depth`` copies of K+1 of them.
+    Memory is bounded in bytes too: the tensors read and not yet finished by the consumer (the one it is merging
+    included, until it asks for the next) stay within ``max_bytes``, except that one tensor alone may exceed it; so
+    a vocabulary-sized tensor is read only once the consumer is done with everything before it.
     """
 
     def __init__(self, names: list[str], base: TensorSource, experts: list[TensorSource], depth: int = 2,
-                 max_bytes: int = 128 * 2**20, pool: Optional[BufferPool] = None, mapped: bool = True,
+                 max_bytes: int = 512 * 2**20, pool: Optional[BufferPool] = None, mapped: bool = True,
                  prepare: Optional[Callable[[str, torch.Tensor, list[torch.Tensor]], Any]] = None,
                  prepare_bytes: Optional[Callable[[int], int]] = None) -> None:
         self.pool = pool
@@ -824,7 +834,7 @@ class _Prefetcher:
         self._base = base
         self._experts = experts
         self._max_bytes = max_bytes
-        self._queued = 0  # bytes read ahead and not yet taken by the consumer
+        self._queued = 0  # bytes read and not yet finished by the consumer
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="sens-peft-prefetch", daemon=True)
         self._thread.start()
@@ -868,15 +878,20 @@ class _Prefetcher:
     def __iter__(self):
         while True:
             item, nbytes = self._queue.get()
-            with self._cond:
-                self._queued -= nbytes
-                self._cond.notify_all()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            name, base_t, experts, ready = item
-            yield name, base_t, experts, ready.result() if isinstance(ready, Future) else ready
+            try:
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                name, base_t, experts, ready = item
+                # a list, so that the consumer can drop every reference (tqdm's included) by clearing it
+                entry = [name, base_t, experts, ready.result() if isinstance(ready, Future) else ready]
+                item = base_t = experts = ready = None
+                yield entry
+            finally:  # the consumer is done with this tensor (it asked for the next one, or stopped)
+                with self._cond:
+                    self._queued -= nbytes
+                    self._cond.notify_all()
 
     def recycle(self, *tensors: torch.Tensor) -> None:
         """Hand the buffers of tensors the consumer is done with back to the pool (no other view may remain)."""
@@ -1073,6 +1088,12 @@ class _Comm:
         return result
 
 
+def _chunk_for(device: torch.device) -> int:
+    """Entries per chunk of the streamed merge: cache-sized on the CPU; on an accelerator, large enough that a
+    chunk's ~50 element-wise kernels are not dominated by their launch cost."""
+    return DEFAULT_CHUNK if device.type == "cpu" else 1 << 24
+
+
 def _numel_of(src: TensorSource, name: str) -> int:
     return math.prod(src.shape(name))
 
@@ -1148,65 +1169,70 @@ def _merge_shards(
             return {"dare_masks": dare_masks(base_t.numel(), len(expert_ts), cfg.density, cfg.seed, name)}
 
         def prepare_bytes(numel: int) -> int:
-            return numel * len(expert_srcs) if cfg.method in DARE_METHODS else 0
+            return (numel + 7) // 8 * len(expert_srcs) if cfg.method in DARE_METHODS else 0  # packed masks
 
     reader = _Prefetcher(tensor_names, base_src, expert_srcs, depth=prefetch, pool=pool, prepare=prepare,
                          prepare_bytes=prepare_bytes)
-    try:
-        for name, base_t, expert_ts, ready in _progress(reader, len(tensor_names), "merging tensors", progress):
-            dtype = out_dtype or base_t.dtype
+    def merge_tensor(name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor], ready) -> bool:
+        """Merge (or copy) one tensor and queue it for writing; True if merged, False if copied."""
+        dtype = out_dtype or base_t.dtype
 
-            # torch.equal stops at the first difference, so for merged tensors this costs next to nothing.
-            if all(torch.equal(base_t, t) for t in expert_ts):
-                # Inf == Inf, so a copied tensor is checked here; NaN never compares equal and is caught below.
-                check_finite(base_t, f"base ({base})", name, base_src.file_of(name))
-                reader.recycle(*expert_ts)
-                written = base_t.to(dtype) if base_t.is_floating_point() else base_t
-                if written is base_t:
-                    emit(name, base_t, (base_t,))
-                else:
-                    reader.recycle(base_t)
-                    emit(name, written)
-                copied_count += 1
-                continue
-            if not base_t.is_floating_point():
-                raise MergeError(f"tensor {name!r} is not floating point ({base_t.dtype}) and differs between "
-                                 "the base and an expert; it cannot be merged")
-            if streamed:
-                # The non-finite check rides on the merge's own passes; only when it trips are the inputs
-                # checked one by one, to name the broken one.
-                coeffs = table.for_name(name)
-                importance = _importance(records, name, list(range(len(names))), cfg) if cfg.method == "ties" \
-                    else None
-                out = None
-                if pool is not None and device.type == "cpu":
-                    out = pool.take(base_t.numel() * dtype.itemsize).view(dtype).view(base_t.shape)
-                merged, finite = merge_streamed(
-                    cfg.method, base_t.to(device), [t.to(device) for t in expert_ts], coeffs,
-                    density=cfg.density, majority_sign_method=cfg.majority_sign_method, seed=cfg.seed, name=name,
-                    weighted_election=bool(extras.get("weighted_election", True)), out_dtype=dtype,
-                    importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude", out=out,
-                    **(ready or {}))
-                if not finite:
-                    # raises on a NaN/Inf input; a finite overflow is written as computed
-                    _check_inputs(name, base, base_src, base_t, names, expert_srcs, expert_ts)
-                reader.recycle(base_t, *expert_ts)
-                emit(name, merged.cpu(), (merged,) if out is not None else ())
-                merged_count += 1
-                del merged, out
-                continue
-            _check_inputs(name, base, base_src, base_t, names, expert_srcs, expert_ts)
-            base_f = base_t.to(device=device, dtype=torch.float32)
-            deltas = [t.to(device=device, dtype=torch.float32) - base_f for t in expert_ts]
-            coeffs = table.for_name(name).to(device=device, dtype=torch.float32)
-            importance = _importance(records, name, list(range(len(names))), cfg)
-            if importance is not None:
-                importance = [m.to(device=device, dtype=torch.float32) for m in importance]
-            merged = base_f + _merge_one(cfg, deltas, coeffs, name, importance)
+        # torch.equal stops at the first difference, so for merged tensors this costs next to nothing.
+        if all(torch.equal(base_t, t) for t in expert_ts):
+            # Inf == Inf, so a copied tensor is checked here; NaN never compares equal and is caught below.
+            check_finite(base_t, f"base ({base})", name, base_src.file_of(name))
+            reader.recycle(*expert_ts)
+            written = base_t.to(dtype) if base_t.is_floating_point() else base_t
+            if written is base_t:
+                emit(name, base_t, (base_t,))
+            else:
+                reader.recycle(base_t)
+                emit(name, written)
+            return False
+        if not base_t.is_floating_point():
+            raise MergeError(f"tensor {name!r} is not floating point ({base_t.dtype}) and differs between "
+                             "the base and an expert; it cannot be merged")
+        if streamed:
+            # The non-finite check rides on the merge's own passes; only when it trips are the inputs
+            # checked one by one, to name the broken one.
+            coeffs = table.for_name(name)
+            importance = _importance(records, name, list(range(len(names))), cfg) if cfg.method == "ties" \
+                else None
+            out = None
+            if pool is not None and device.type == "cpu":
+                out = pool.take(base_t.numel() * dtype.itemsize).view(dtype).view(base_t.shape)
+            merged, finite = merge_streamed(
+                cfg.method, base_t.to(device), [t.to(device) for t in expert_ts], coeffs,
+                density=cfg.density, majority_sign_method=cfg.majority_sign_method, seed=cfg.seed, name=name,
+                weighted_election=bool(extras.get("weighted_election", True)), out_dtype=dtype,
+                importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude", out=out,
+                chunk=_chunk_for(device), **(ready or {}))
+            if not finite:
+                # raises on a NaN/Inf input; a finite overflow is written as computed
+                _check_inputs(name, base, base_src, base_t, names, expert_srcs, expert_ts)
             reader.recycle(base_t, *expert_ts)
-            emit(name, merged.to(dtype).cpu())
-            merged_count += 1
-            del base_f, deltas, merged
+            emit(name, merged.cpu(), (merged,) if out is not None else ())
+            return True
+        _check_inputs(name, base, base_src, base_t, names, expert_srcs, expert_ts)
+        base_f = base_t.to(device=device, dtype=torch.float32)
+        deltas = [t.to(device=device, dtype=torch.float32) - base_f for t in expert_ts]
+        coeffs = table.for_name(name).to(device=device, dtype=torch.float32)
+        importance = _importance(records, name, list(range(len(names))), cfg)
+        if importance is not None:
+            importance = [m.to(device=device, dtype=torch.float32) for m in importance]
+        merged = base_f + _merge_one(cfg, deltas, coeffs, name, importance)
+        reader.recycle(base_t, *expert_ts)
+        emit(name, merged.to(dtype).cpu())
+        return True
+
+    try:
+        for item in _progress(reader, len(tensor_names), "merging tensors", progress):
+            if merge_tensor(*item):
+                merged_count += 1
+            else:
+                copied_count += 1
+            # the tensors go now, not when the next item arrives (the reader counts them as finished then)
+            item.clear()
     except BaseException:
         if sink is not None:
             sink.abort()

@@ -461,32 +461,75 @@ _INF_HI = 0x7F80
 _INF_BITS = 0x7F800000
 
 
+# Bit packing of 0/1 masks, 8 entries per byte (entry i of a group -> bit i): multiplying 8 bytes of 0/1 (one
+# int64) by _PACK gathers them into its top byte without carries.
+_PACK = 0x0102040810204080
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """uint8 ``[ceil(n / 8)]`` holding the flat 0/1 ``mask`` (any integer or bool dtype) 8 entries per byte."""
+    flat = mask.reshape(-1).to(torch.int8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    words = flat.view(torch.int64)
+    return torch.bitwise_right_shift(words * _PACK, 56).bitwise_and_(0xFF).to(torch.uint8)
+
+
+_UNPACK: dict[torch.device, Tensor] = {}
+
+
+def _unpack_table(device: torch.device) -> Tensor:
+    """int64 ``[256]``: entry ``b`` has byte ``i`` equal to bit ``i`` of ``b`` (a byte of 8 mask entries)."""
+    if device not in _UNPACK:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # [256, 8]
+        _UNPACK[device] = bits.to(torch.uint8).contiguous().view(torch.int64).reshape(256).to(device)
+    return _UNPACK[device]
+
+
+def unpack_bits(packed: Tensor, numel: int, out: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """Entries ``0:numel`` of a :func:`pack_bits` mask as 0/1 into ``out`` (any dtype; fp32 masks multiply fastest).
+
+    A table lookup per byte (an int64 multiply per byte is not vectorised on x86). ``scratch`` is an optional
+    int64 buffer of at least ``2 * len(packed)`` entries.
+    """
+    words = packed.numel()
+    if scratch is None:
+        scratch = torch.empty(2 * words, dtype=torch.int64, device=packed.device)
+    index, lanes = scratch[:words], scratch[words: 2 * words]
+    torch.index_select(_unpack_table(packed.device), 0, index.copy_(packed), out=lanes)
+    return out.copy_(lanes.view(torch.uint8)[:numel])
+
+
 def _dare_masks(numel: int, num: int, density: float, generator: torch.Generator | None,
                 device: torch.device, chunk: int) -> list[Tensor]:
-    """The ``num`` DARE keep-masks of :func:`dare_mask` as int8 0/1, drawn expert after expert from ``generator``.
+    """The ``num`` DARE keep-masks of :func:`dare_mask`, bit-packed (:func:`pack_bits`), drawn expert after expert
+    from ``generator``.
 
     On the CPU ``bernoulli`` with probability ``p`` draws one ``uniform_real_distribution<float>`` value per entry,
     in order, and keeps it when it is below ``p``; ``uniform_`` draws the very same values (about 2.5x faster),
     so ``rand < density`` is the same mask, and drawing it in chunks continues the same stream. Other devices
-    keep the reference draw. int8 rather than bool: one byte either way, and comparisons into int8 are several
-    times faster on the CPU.
+    keep the reference draw. Packed, the K masks of a vocabulary-sized tensor take 25 MB instead of 200 MB.
     """
-    masks = []
     if device.type != "cpu":
-        return [dare_mask((numel,), density, generator, device).to(torch.int8) for _ in range(num)]
+        return [pack_bits(dare_mask((numel,), density, generator, device)) for _ in range(num)]
+    chunk = max(8, chunk - chunk % 8)  # chunk borders fall on byte borders of the packed mask
     buf = torch.empty(min(chunk, numel), dtype=torch.float32)
+    keep = torch.empty(min(chunk, numel), dtype=torch.int8)
+    masks = []
     for _ in range(num):
-        mask = torch.empty(numel, dtype=torch.int8)
+        packed = torch.empty((numel + 7) // 8, dtype=torch.uint8)
         for s, e in _chunks(numel, chunk):
             draw = buf[: e - s].uniform_(0.0, 1.0, generator=generator)
-            torch.lt(draw, float(density), out=mask[s:e])
-        masks.append(mask)
+            packed[s // 8: (e + 7) // 8] = pack_bits(torch.lt(draw, float(density), out=keep[: e - s]))
+        masks.append(packed)
     return masks
 
 
 def dare_masks(numel: int, num: int, density: float, seed: int | None, name: str,
                device: torch.device | str = "cpu", chunk: int = DEFAULT_CHUNK) -> list[Tensor]:
-    """The ``num`` DARE keep-masks (int8 0/1, flat) that :func:`merge_streamed` draws for tensor ``name``.
+    """The ``num`` DARE keep-masks (bit-packed, see :func:`pack_bits`) that :func:`merge_streamed` draws for
+    tensor ``name``.
 
     Drawing them is a merge's slowest step on the CPU; computing them ahead (e.g. on another thread) and passing
     them as ``merge_streamed(..., dare_masks=...)`` gives the same result.
@@ -882,19 +925,24 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
             raise ValueError(f"merge_streamed: out is {out.dtype} {tuple(out.shape)} on {out.device}, expected "
                              f"{out_dtype or base.dtype} with {numel} contiguous entries on {device}")
         out = out.reshape(-1)
+    dare = method in ("dare_linear", "dare_ties") and density < 1.0
     chunk = max(1, min(int(chunk), numel))
+    if dare:
+        chunk = max(8, chunk - chunk % 8)  # chunk borders on byte borders of the packed masks
     f32 = dict(dtype=torch.float32, device=device)
     base_f = torch.empty(chunk, **f32)
     acc = torch.empty(chunk, **f32)
     tmp = torch.empty(chunk, **f32)
+    keep = torch.empty(chunk, **f32)
+    lanes = torch.empty(2 * (chunk // 8 + 1), dtype=torch.int64, device=device)
     check = torch.zeros((), **f32)
 
-    dare = method in ("dare_linear", "dare_ties") and density < 1.0
     masks: list[Tensor | None] = [None] * num
     finite = True
     if dare and dare_masks is not None:
-        if len(dare_masks) != num or any(m.numel() != numel or m.device != device for m in dare_masks):
-            raise ValueError(f"merge_streamed: dare_masks must be {num} masks of {numel} entries on {device}")
+        if len(dare_masks) != num or any(m.numel() != (numel + 7) // 8 or m.device != device for m in dare_masks):
+            raise ValueError(f"merge_streamed: dare_masks must be {num} packed masks of {numel} entries on "
+                             f"{device}")
         masks = list(dare_masks)
     elif dare:
         masks = _dare_masks(numel, num, density, _generator(seed, name, device), device, chunk)
@@ -931,14 +979,14 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
     if method == "dare_linear":
         for s, e in _chunks(numel, chunk):
             n = e - s
-            bf, ac, tm = base_f[:n], acc[:n], tmp[:n]
+            bf, ac, tm, kp = base_f[:n], acc[:n], tmp[:n], keep[:n]
             bf.copy_(flat_base[s:e])
             ac.zero_()
             for k in range(num):
                 _delta(tm, flats[k][s:e], None, bf)
                 if masks[k] is not None:
                     check += tm.sum()  # dropped entries must not hide a NaN/Inf
-                    tm.mul_(masks[k][s:e]).div_(density)
+                    tm.mul_(unpack_bits(masks[k][s // 8: (e + 7) // 8], n, kp, lanes)).div_(density)
                 ac.add_(tm, alpha=coeffs[k])
             bf.add_(ac)
             check += bf.sum()
@@ -951,7 +999,6 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
     weighted = [torch.empty(chunk, **f32) for _ in range(num)]
     voters = weighted if weighted_election else [torch.empty(chunk, **f32) for _ in range(num)]
     count = torch.empty(chunk, **f32)
-    keep = torch.empty(chunk, **f32)
     sign = torch.empty(chunk, **f32)
     agree = torch.empty(chunk, **f32)
     for s, e in _chunks(numel, chunk):
@@ -964,7 +1011,7 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
             _delta(w, flats[k][s:e], None, bf)
             if dare:
                 check += w.sum()
-                w.mul_(kp.copy_(masks[k][s:e])).div_(density)
+                w.mul_(unpack_bits(masks[k][s // 8: (e + 7) // 8], n, kp, lanes)).div_(density)
             elif trims[k] is not None:
                 threshold_f, threshold, state = trims[k]
                 if by_importance:

@@ -158,3 +158,20 @@ def test_large_tensor_matches_merge_deltas(method, dtype, monkeypatch):
     slow, _ = merge_streamed(method, base, experts, coeffs, density=0.3, seed=1, name="big")
     assert torch.equal(slow.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        fast.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
+def test_pack_bits_round_trip(n):
+    from sens_peft.methods import pack_bits, unpack_bits
+
+    gen = torch.Generator().manual_seed(n)
+    mask = torch.rand(n, generator=gen) < 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    # bit i of byte j is entry 8j + i
+    assert [int(packed[j]) >> i & 1 for j in range(packed.numel()) for i in range(8)][:n] == mask.int().tolist()
+    out = torch.empty(n)
+    assert torch.equal(unpack_bits(packed, n, out), mask.float())
+    for k in (1, 3):  # slices on byte borders unpack their own entries
+        if 8 * k < n:
+            assert torch.equal(unpack_bits(packed[k:], n - 8 * k, torch.empty(n - 8 * k)), mask[8 * k:].float())
