@@ -1270,8 +1270,10 @@ def merge_models(
     """Merge full fine-tunes of one base model, streamed one tensor at a time from disk to disk.
 
     Reads ``model.safetensors`` or a sharded ``model.safetensors.index.json`` from the base and every expert;
-    a background thread reads the next ``prefetch`` tensors while the current one is merged (math in fp32 on
-    ``config.device``: CUDA when available, else CPU). Tensors equal in every expert and the base are copied.
+    a background thread reads (memory-maps) the next ``prefetch`` tensors while the current one is merged (math
+    in fp32 on ``config.device``: CUDA when available, else CPU), two workers prepare the next tensors' TIES
+    thresholds or DARE masks on the CPU, and a writer thread writes merged tensors as they come. At most 512 MB
+    of input tensors are in flight (a larger tensor alone). Tensors equal in every expert and the base are copied.
     The output is written in the base's dtype (or ``dtype=``) into shards of at most ``max_shard_size``, with
     ``model.safetensors.index.json`` (one ``model.safetensors`` when it fits), plus the base's
     ``config.json``, ``generation_config.json`` and tokenizer files, ``README.md`` and ``merge_config.json``.
