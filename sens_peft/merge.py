@@ -821,7 +821,7 @@ class _Prefetcher:
                  prepare_bytes: Optional[Callable[[int], int]] = None) -> None:
         self.pool = pool
         self.mapped = mapped
-        # work done ahead on the reader's thread for each tensor (drawing DARE masks, selecting TIES thresholds):
+        # work done ahead for each tensor (drawing DARE masks, selecting TIES thresholds), on worker threads:
         # prepare(name, base, experts); prepare_bytes(numel) is what its result holds in memory
         self._prepare = prepare
         self._prepare_bytes = prepare_bytes
@@ -1158,8 +1158,8 @@ def _merge_shards(
     prepare = prepare_bytes = None
     if streamed and device.type == "cpu" and cfg.density < 1.0 and cfg.method in (*DARE_METHODS, "ties"):
         # The slowest step of a DARE merge on the CPU is drawing the masks (one Mersenne-Twister draw per entry and
-        # expert), of a TIES merge selecting the trim thresholds; done on the reader's thread, it overlaps with the
-        # merge of the previous tensor (both release the GIL inside torch).
+        # expert), of a TIES merge selecting the trim thresholds; done by the reader's two workers, it overlaps with
+        # the merge of the tensor before (torch releases the GIL inside its ops).
         def prepare(name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor]) -> Optional[dict]:
             if all(torch.equal(base_t, t) for t in expert_ts):
                 return None  # copied, not merged
