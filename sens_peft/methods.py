@@ -1005,7 +1005,6 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
         n = e - s
         bf, mass, cnt, ag, sg, kp = base_f[:n], acc[:n], count[:n], agree[:n], sign[:n], keep[:n]
         bf.copy_(flat_base[s:e])
-        mass.zero_()
         for k in range(num):
             w = weighted[k][:n]
             _delta(w, flats[k][s:e], None, bf)
@@ -1024,17 +1023,21 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
                 voters[k][:n].copy_(w)
             w.mul_(coeffs[k])
             v = voters[k][:n]
-            mass.add_(v if majority_sign_method == "total" else torch.sign(v, out=ag))
+            vote = v if majority_sign_method == "total" else torch.sign(v, out=ag)
+            # the first expert's vote is copied rather than added to zeros: one pass less, the same sums
+            mass.copy_(vote) if k == 0 else mass.add_(vote)
         # elected sign: +1 where mass >= 0 (ties go to +1), else -1
         torch.ge(mass, 0, out=sg).mul_(2.0).sub_(1.0)
         total = mass  # reuse: the mass is no longer needed
-        total.zero_()
-        cnt.zero_()
         for k in range(num):
             # sign(v) == elected  <=>  v * elected > 0 (zeros, i.e. trimmed/dropped entries, never agree)
             torch.gt(torch.mul(voters[k][:n], sg, out=ag), 0, out=ag)
-            total.addcmul_(weighted[k][:n], ag)
-            cnt.add_(ag)
+            if k == 0:
+                torch.mul(weighted[0][:n], ag, out=total)
+                cnt.copy_(ag)
+            else:
+                total.addcmul_(weighted[k][:n], ag)
+                cnt.add_(ag)
         bf.addcdiv_(total, cnt.clamp_(min=1))  # base + total / count, rounded as the two steps would be
         check += bf.sum()
         out[s:e].copy_(bf)
