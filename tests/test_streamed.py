@@ -115,7 +115,7 @@ def _score_cases():
 
 
 @pytest.mark.parametrize("case", ["fp32", "bf16-ties", "runs", "zeros", "heavy-tail"])
-@pytest.mark.parametrize("density", [0.5, 0.2, 0.01, 0.97])
+@pytest.mark.parametrize("density", [0.5, 0.2, 0.01, 0.97, 0.0003, 0.9997])
 def test_sampled_threshold_equals_radix(case, density):
     """The one-pass sampled selection gives the radix selection's (threshold, need), whatever the ties."""
     from sens_peft.methods import _sampled_thresholds, _trim_threshold
