@@ -12,6 +12,7 @@ import json
 import logging
 import mmap
 import os
+import queue
 import re
 import shutil
 import struct
@@ -812,8 +813,6 @@ class BackgroundWriter:
     """
 
     def __init__(self, writer: ShardWriter, pool: Optional[BufferPool] = None, depth: int = 2) -> None:
-        import queue
-
         self.writer = writer
         self.pool = pool
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
