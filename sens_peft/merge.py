@@ -325,6 +325,7 @@ def _merge_one(config: MergeConfig, deltas, coeffs: torch.Tensor, name: str, imp
         majority_sign_method=config.majority_sign_method,
         scale=1.0,  # the table's coefficients already include config.scale
         seed=config.seed,
+        dare_rng=config.dare_rng,
         name=name,
         importance=importance,
         trim_by=config.trim_by,
@@ -740,7 +741,8 @@ def _merge_module(module: LoraModule, idx, names, coeffs, records, cfg, device) 
         zero = torch.zeros_like(deltas[0])
         merged, _ = merge_streamed(
             cfg.method, zero, deltas, coeffs.to(device), density=cfg.density,
-            majority_sign_method=cfg.majority_sign_method, seed=cfg.seed, name=module.weight_name,
+            majority_sign_method=cfg.majority_sign_method, seed=cfg.seed, dare_rng=cfg.dare_rng,
+            name=module.weight_name,
             weighted_election=bool(extras.get("weighted_election", True)), out_dtype=torch.float32,
             importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude",
             chunk=_chunk_for(device))
@@ -1157,16 +1159,17 @@ def _merge_shards(
 
     prepare = prepare_bytes = None
     if streamed and device.type == "cpu" and cfg.density < 1.0 and cfg.method in (*DARE_METHODS, "ties"):
-        # The slowest step of a DARE merge on the CPU is drawing the masks (one Mersenne-Twister draw per entry and
-        # expert), of a TIES merge selecting the trim thresholds; done by the reader's two workers, it overlaps with
-        # the merge of the tensor before (torch releases the GIL inside its ops).
+        # The slowest step of a DARE merge on the CPU is drawing the masks (a hash or a Mersenne-Twister draw per
+        # entry and expert), of a TIES merge selecting the trim thresholds; done by the reader's two workers, it
+        # overlaps with the merge of the tensor before (torch releases the GIL inside its ops).
         def prepare(name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor]) -> Optional[dict]:
             if all(torch.equal(base_t, t) for t in expert_ts):
                 return None  # copied, not merged
             if cfg.method == "ties":
                 maps = _importance(records, name, list(range(len(names))), cfg)
                 return {"thresholds": trim_thresholds(base_t, expert_ts, cfg.density, importance=maps, name=name)}
-            return {"dare_masks": dare_masks(base_t.numel(), len(expert_ts), cfg.density, cfg.seed, name)}
+            return {"dare_masks": dare_masks(base_t.numel(), len(expert_ts), cfg.density, cfg.seed, name,
+                                             dare_rng=cfg.dare_rng)}
 
         def prepare_bytes(numel: int) -> int:
             return (numel + 7) // 8 * len(expert_srcs) if cfg.method in DARE_METHODS else 0  # packed masks
@@ -1203,7 +1206,8 @@ def _merge_shards(
                 out = pool.take(base_t.numel() * dtype.itemsize).view(dtype).view(base_t.shape)
             merged, finite = merge_streamed(
                 cfg.method, base_t.to(device), [t.to(device) for t in expert_ts], coeffs,
-                density=cfg.density, majority_sign_method=cfg.majority_sign_method, seed=cfg.seed, name=name,
+                density=cfg.density, majority_sign_method=cfg.majority_sign_method, seed=cfg.seed,
+                dare_rng=cfg.dare_rng, name=name,
                 weighted_election=bool(extras.get("weighted_election", True)), out_dtype=dtype,
                 importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude", out=out,
                 chunk=_chunk_for(device), **(ready or {}))

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MergeMethod",
     "available_methods",
+    "DARE_RNGS",
+    "counter_keep",
+    "dare_keep_mask",
     "dare_mask",
     "dare_masks",
     "get_method",
@@ -105,6 +108,108 @@ def dare_mask(shape: torch.Size | Sequence[int], density: float, generator: torc
     """
     probs = torch.full(tuple(shape), float(density), dtype=torch.float32, device=device)
     return torch.bernoulli(probs, generator=generator)
+
+
+#: How DARE draws its keep-masks. ``"counter"`` (default): a hash of ``(seed, tensor name, expert, position)``;
+#: the same masks on every device and for any chunking, computable for any slice of a tensor (so a streamed
+#: merge draws only the chunk it is merging), about 2x cheaper on the CPU than a Mersenne-Twister draw.
+#: ``"torch"``: ``torch.bernoulli`` from a ``torch.Generator`` seeded per tensor: the masks of PEFT's
+#: ``dare_linear``/``dare_ties`` at the same generator state, but device-dependent (CPU and CUDA streams differ).
+DARE_RNGS = ("counter", "torch")
+
+# The counter hash: positions are split into blocks of 2**24 with their own keys, so the int32 counter never
+# wraps, whatever the tensor's size. "lowbias32" (C. Wellons' xorshift-multiply hash) of counter + key1, with a
+# second key mixed in between its rounds so that different keys do not give shifted copies of one sequence.
+# Only the comparison of the result with a threshold is used; its last xorshift (which changes the low half
+# only) is left out.
+_COUNTER_BLOCK = 1 << 24
+_WEYL = 0x9E3779B9 - (1 << 32)  # as a signed int32
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x846CA68B - (1 << 32)  # as a signed int32
+_ARANGE: dict[torch.device, Tensor] = {}
+
+
+def _signed32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _counter_keys(seed: int, name: str, expert: int, block: int) -> tuple[int, int]:
+    digest = hashlib.blake2b(f"{int(seed)}\x00{name}\x00{expert}\x00{block}".encode(), digest_size=8).digest()
+    return _signed32(int.from_bytes(digest[:4], "little")), _signed32(int.from_bytes(digest[4:], "little"))
+
+
+def _keep_threshold(density: float) -> int:
+    """Keep an entry when the int32 reading of its hash is below this (i.e. the hash with its top bit flipped,
+    read unsigned, below ``density * 2**32``): probability ``density`` up to 2**-32."""
+    return min(int(round(float(density) * 2.0 ** 32)), (1 << 32) - 1) - (1 << 31)
+
+
+def _arange32(n: int, device: torch.device) -> Tensor:
+    cached = _ARANGE.get(device)
+    if cached is None or cached.numel() < n:
+        cached = torch.arange(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _ARANGE[device] = cached
+    return cached[:n]
+
+
+def counter_keep(out: Tensor, start: int, density: float, seed: int, name: str, expert: int,
+                 scratch: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The ``"counter"`` DARE keep-mask of entries ``start : start + out.numel()`` of expert ``expert``'s delta of
+    tensor ``name`` (flat, row-major), as 0/1 into ``out`` (any dtype; fp32 multiplies fastest).
+
+    Entry ``i`` is kept when a 32-bit hash of ``(seed, name, expert, i)`` falls below ``density * 2**32``: a
+    Bernoulli(``density``) draw per entry, independent across entries, experts and tensors for any practical
+    purpose, and a pure function of those four values: any slice of a mask can be drawn on its own, on any
+    device, with the same result.
+
+    Args:
+        out: Contiguous 1-D tensor receiving the mask.
+        start: Flat position of ``out[0]`` in the tensor.
+        density: Keep probability in (0, 1).
+        seed, name, expert: What the mask is a function of (``seed`` any integer).
+        scratch: Optional two int32 buffers of at least ``out.numel()`` entries on ``out``'s device.
+
+    Returns:
+        ``out``.
+    """
+    n = out.numel()
+    device = out.device
+    if scratch is None:
+        scratch = (torch.empty(n, dtype=torch.int32, device=device), torch.empty(n, dtype=torch.int32, device=device))
+    threshold = _keep_threshold(density)
+    pos, end = int(start), int(start) + n
+    while pos < end:
+        block, offset = divmod(pos, _COUNTER_BLOCK)
+        m = min(end - pos, _COUNTER_BLOCK - offset)
+        key1, key2 = _counter_keys(seed, name, expert, block)
+        x, t = scratch[0][:m], scratch[1][:m]
+        # a Weyl step first: consecutive counters differ in many bits before the rounds (without it, neighbours'
+        # keeps correlated measurably, ~3e-4)
+        torch.add(_arange32(m, device), _signed32(offset + key1), out=x).mul_(_WEYL)
+        for shift, mul, key in ((16, _MUL1, key2), (15, _MUL2, None)):
+            # x ^= x >>> shift (int32 shifts are arithmetic: mask the sign copies off), then x *= mul
+            torch.bitwise_right_shift(x, shift, out=t)
+            x.bitwise_xor_(t.bitwise_and_((1 << (32 - shift)) - 1)).mul_(mul)
+            if key is not None:
+                x.bitwise_xor_(key)
+        torch.lt(x, threshold, out=out[pos - start: pos - start + m])
+        pos += m
+    return out
+
+
+def dare_keep_mask(shape: torch.Size | Sequence[int], density: float, seed: int, name: str, expert: int,
+                   device: torch.device | str = "cpu", chunk: int = 1 << 20) -> Tensor:
+    """The whole ``"counter"`` DARE keep-mask (fp32 0/1) of expert ``expert``'s delta of tensor ``name``; see
+    :func:`counter_keep`. Drawn ``chunk`` entries at a time (the scratch memory stays small)."""
+    device = torch.device(device)
+    numel = math.prod(shape)
+    mask = torch.empty(numel, dtype=torch.float32, device=device)
+    size = max(1, min(int(chunk), numel))
+    scratch = (torch.empty(size, dtype=torch.int32, device=device), torch.empty(size, dtype=torch.int32, device=device))
+    for s, e in _chunks(numel, size):
+        counter_keep(mask[s:e], s, density, seed, name, expert, scratch)
+    return mask.reshape(tuple(shape))
 
 
 def magnitude_trim_mask(scores: Tensor, density: float) -> Tensor:
@@ -178,7 +283,9 @@ class MergeMethod:
 
     ``combine`` receives the deltas already stacked into one fp32/fp64 tensor ``[K, ...]`` and the
     coefficients ``[K]`` in the same dtype and device, and returns the combined ``[...]`` tensor *before*
-    the global scale (which :func:`merge_deltas` applies).
+    the global scale (which :func:`merge_deltas` applies). A method with ``random = True`` gets
+    ``draw_keep(k)``, expert ``k``'s DARE keep-mask (0/1, the shape of one delta; call it for k = 0, 1, ... in
+    order), else None.
     """
 
     name: ClassVar[str] = ""
@@ -187,7 +294,7 @@ class MergeMethod:
     random: ClassVar[bool] = False
 
     def combine(self, stacked: Tensor, coefficients: Tensor, *, density: float, majority_sign_method: str,
-                generator: torch.Generator | None, importance: Tensor | None, trim_by: str,
+                draw_keep: Callable[[int], Tensor] | None, importance: Tensor | None, trim_by: str,
                 weighted_election: bool) -> Tensor:
         raise NotImplementedError
 
@@ -285,16 +392,27 @@ class Ties(MergeMethod):
         return _ties_combine(stacked, coefficients, majority_sign_method, weighted_election)
 
 
-def _dare(stacked: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
-    if density >= 1.0:
+def _dare(stacked: Tensor, density: float, draw_keep: Callable[[int], Tensor] | None) -> Tensor:
+    if density >= 1.0 or draw_keep is None:
         return stacked  # nothing dropped; no draw, like PEFT's prune()
-    # One draw per expert, in expert order, from the same generator: this is the stream PEFT consumes when
-    # the global RNG is seeded, so the masks coincide with PEFT's for fp32 inputs.
-    out = []
-    for k in range(stacked.shape[0]):
-        mask = dare_mask(stacked.shape[1:], density, generator, stacked.device).to(stacked.dtype)
-        out.append(stacked[k] * mask / density)
-    return torch.stack(out)
+    # expert after expert: with the "torch" generator this is the stream PEFT consumes when the global RNG is
+    # seeded, so the masks coincide with PEFT's for fp32 inputs
+    return torch.stack([stacked[k] * draw_keep(k).to(stacked.dtype) / density for k in range(stacked.shape[0])])
+
+
+def _resolve_seed(seed: int | None) -> int:
+    """``seed``, or for None one drawn from torch's global RNG (so ``torch.manual_seed`` still governs it)."""
+    return int(seed) if seed is not None else int(torch.randint(0, 1 << 62, (1,)).item())
+
+
+def _keep_drawer(dare_rng: str, seed: int | None, name: str, shape: torch.Size, density: float,
+                 device: torch.device) -> Callable[[int], Tensor]:
+    """``draw(k)``: expert ``k``'s whole DARE keep-mask (fp32 0/1, ``shape``); call it for k = 0, 1, ... in order."""
+    if dare_rng == "torch":
+        generator = _generator(seed, name, device)
+        return lambda k: dare_mask(shape, density, generator, device)
+    key = _resolve_seed(seed)
+    return lambda k: dare_keep_mask(shape, density, key, name, k, device)
 
 
 @register_method
@@ -305,8 +423,8 @@ class DareLinear(MergeMethod):
     uses_density = True
     random = True
 
-    def combine(self, stacked, coefficients, *, density, generator, **_):
-        return TaskArithmetic().combine(_dare(stacked, density, generator), coefficients)
+    def combine(self, stacked, coefficients, *, density, draw_keep, **_):
+        return TaskArithmetic().combine(_dare(stacked, density, draw_keep), coefficients)
 
 
 @register_method
@@ -318,9 +436,9 @@ class DareTies(MergeMethod):
     uses_sign = True
     random = True
 
-    def combine(self, stacked, coefficients, *, density, majority_sign_method, generator, weighted_election,
+    def combine(self, stacked, coefficients, *, density, majority_sign_method, draw_keep, weighted_election,
                 **_):
-        return _ties_combine(_dare(stacked, density, generator), coefficients, majority_sign_method,
+        return _ties_combine(_dare(stacked, density, draw_keep), coefficients, majority_sign_method,
                              weighted_election)
 
 
@@ -357,7 +475,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def merge_deltas(method: str, deltas: Sequence[Tensor], coefficients: Tensor | Sequence[float], *,
                  density: float = 1.0, majority_sign_method: str = "total", scale: float = 1.0,
                  seed: int | None = 0, name: str = "", importance: Sequence[Tensor] | None = None,
-                 trim_by: str = "magnitude", weighted_election: bool = True) -> Tensor:
+                 trim_by: str = "magnitude", weighted_election: bool = True, dare_rng: str = "counter") -> Tensor:
     """Merge the task vectors of one tensor.
 
     Args:
@@ -367,15 +485,18 @@ def merge_deltas(method: str, deltas: Sequence[Tensor], coefficients: Tensor | S
         density: Fraction kept by TIES trimming / DARE's keep probability, in (0, 1].
         majority_sign_method: ``"total"`` or ``"frequency"`` (TIES / DARE-TIES sign election).
         scale: Global coefficient ``lambda`` applied to the combined delta.
-        seed: DARE seed. The generator is seeded with :func:`stable_seed` of ``(seed, name)`` on the
-            deltas' device, so each tensor's masks are reproducible and independent of merge order. ``None``
-            draws from torch's global RNG instead (PEFT's behaviour).
+        seed: DARE seed: each tensor's masks are a function of ``(seed, name)`` (and the expert's index), so they
+            are reproducible and independent of merge order. ``None`` takes them from torch's global RNG
+            instead (PEFT's behaviour).
         name: Tensor name (seeds DARE; used in error messages).
         importance: Optional ``K`` non-negative element maps with the deltas' shape: the weights of the
             ``importance`` method, and the trim scores of ``ties`` with ``trim_by="sensitivity"``.
         trim_by: ``"magnitude"`` (``|delta|``) or ``"sensitivity"`` (``importance``) for TIES trimming.
         weighted_election: Elect TIES signs on the coefficient-scaled deltas (default) or, as PEFT does,
             on the unscaled ones.
+        dare_rng: How DARE draws its masks (:data:`DARE_RNGS`): ``"counter"`` (default; the same masks on every
+            device, see :func:`counter_keep`) or ``"torch"`` (``torch.bernoulli`` from a generator seeded with
+            :func:`stable_seed` of ``(seed, name)`` on the deltas' device: PEFT's masks at that generator state).
 
     Returns:
         The merged delta, ``scale * combined``, with the shape and dtype of ``deltas[0]``, on its device.
@@ -408,6 +529,8 @@ def merge_deltas(method: str, deltas: Sequence[Tensor], coefficients: Tensor | S
                          f"{list(MAJORITY_SIGN_METHODS)}")
     if trim_by not in TRIM_BY:
         raise ValueError(f"merge_deltas{where}: trim_by={trim_by!r} is not one of {list(TRIM_BY)}")
+    if dare_rng not in DARE_RNGS:
+        raise ValueError(f"merge_deltas{where}: dare_rng={dare_rng!r} is not one of {list(DARE_RNGS)}")
 
     dtype = _compute_dtype(first.dtype)
     device = first.device
@@ -435,9 +558,10 @@ def merge_deltas(method: str, deltas: Sequence[Tensor], coefficients: Tensor | S
                          "(element maps stored with the experts' sensitivity)")
 
     stacked = torch.stack([delta.to(dtype) for delta in deltas])
-    generator = _generator(seed, name, device) if impl.random and density < 1.0 else None
+    draw_keep = _keep_drawer(dare_rng, seed, name, first.shape, density, device) \
+        if impl.random and density < 1.0 else None
     combined = impl.combine(stacked, coeffs, density=float(density), majority_sign_method=majority_sign_method,
-                            generator=generator, importance=imp, trim_by=trim_by,
+                            draw_keep=draw_keep, importance=imp, trim_by=trim_by,
                             weighted_election=weighted_election)
     if scale != 1.0:
         combined = combined * scale
@@ -501,41 +625,53 @@ def unpack_bits(packed: Tensor, numel: int, out: Tensor, scratch: Tensor | None 
     return out.copy_(lanes.view(torch.uint8)[:numel])
 
 
-def _dare_masks(numel: int, num: int, density: float, generator: torch.Generator | None,
+def _dare_masks(numel: int, num: int, density: float, dare_rng: str, seed: int | None, name: str,
                 device: torch.device, chunk: int) -> list[Tensor]:
-    """The ``num`` DARE keep-masks of :func:`dare_mask`, bit-packed (:func:`pack_bits`), drawn expert after expert
-    from ``generator``.
+    """The ``num`` DARE keep-masks that :func:`merge_deltas` draws with ``dare_rng``, bit-packed
+    (:func:`pack_bits`). Packed, the K masks of a vocabulary-sized tensor take 25 MB instead of 200 MB.
 
-    On the CPU ``bernoulli`` with probability ``p`` draws one ``uniform_real_distribution<float>`` value per entry,
-    in order, and keeps it when it is below ``p``; ``uniform_`` draws the very same values (about 2.5x faster),
-    so ``rand < density`` is the same mask, and drawing it in chunks continues the same stream. Other devices
-    keep the reference draw. Packed, the K masks of a vocabulary-sized tensor take 25 MB instead of 200 MB.
+    ``"torch"`` on the CPU: ``bernoulli`` with probability ``p`` draws one ``uniform_real_distribution<float>``
+    value per entry, in order, and keeps it when it is below ``p``; ``uniform_`` draws the very same values
+    (about 2.5x faster), so ``rand < density`` is the same mask, and drawing it in chunks continues the same
+    stream. Other devices keep the reference draw.
     """
-    if device.type != "cpu":
+    generator = _generator(seed, name, device) if dare_rng == "torch" else None
+    if dare_rng == "torch" and device.type != "cpu":
         return [pack_bits(dare_mask((numel,), density, generator, device)) for _ in range(num)]
-    chunk = max(8, chunk - chunk % 8)  # chunk borders fall on byte borders of the packed mask
-    buf = torch.empty(min(chunk, numel), dtype=torch.float32)
-    keep = torch.empty(min(chunk, numel), dtype=torch.int8)
+    key = _resolve_seed(seed)
+    chunk = max(8, min(chunk, numel) - min(chunk, numel) % 8)  # chunk borders on byte borders of the packed mask
+    keep = torch.empty(chunk, dtype=torch.int8, device=device)
+    if generator is not None:
+        draws = torch.empty(chunk, dtype=torch.float32, device=device)
+    else:
+        scratch = (torch.empty(chunk, dtype=torch.int32, device=device),
+                   torch.empty(chunk, dtype=torch.int32, device=device))
     masks = []
-    for _ in range(num):
-        packed = torch.empty((numel + 7) // 8, dtype=torch.uint8)
+    for k in range(num):
+        packed = torch.empty((numel + 7) // 8, dtype=torch.uint8, device=device)
         for s, e in _chunks(numel, chunk):
-            draw = buf[: e - s].uniform_(0.0, 1.0, generator=generator)
-            packed[s // 8: (e + 7) // 8] = pack_bits(torch.lt(draw, float(density), out=keep[: e - s]))
+            if generator is not None:
+                kept = torch.lt(draws[: e - s].uniform_(0.0, 1.0, generator=generator), float(density),
+                                out=keep[: e - s])
+            else:
+                kept = counter_keep(keep[: e - s], s, density, key, name, k, scratch)
+            packed[s // 8: (e + 7) // 8] = pack_bits(kept)
         masks.append(packed)
     return masks
 
 
 def dare_masks(numel: int, num: int, density: float, seed: int | None, name: str,
-               device: torch.device | str = "cpu", chunk: int = DEFAULT_CHUNK) -> list[Tensor]:
+               device: torch.device | str = "cpu", chunk: int = DEFAULT_CHUNK,
+               dare_rng: str = "counter") -> list[Tensor]:
     """The ``num`` DARE keep-masks (bit-packed, see :func:`pack_bits`) that :func:`merge_streamed` draws for
     tensor ``name``.
 
-    Drawing them is a merge's slowest step on the CPU; computing them ahead (e.g. on another thread) and passing
-    them as ``merge_streamed(..., dare_masks=...)`` gives the same result.
+    Drawing them is the slowest step of a DARE merge on the CPU; computing them ahead (e.g. on another thread)
+    and passing them as ``merge_streamed(..., dare_masks=...)`` gives the same result.
     """
-    device = torch.device(device)
-    return _dare_masks(numel, num, density, _generator(seed, name, device), device, chunk)
+    if dare_rng not in DARE_RNGS:
+        raise ValueError(f"dare_masks: dare_rng={dare_rng!r} is not one of {list(DARE_RNGS)}")
+    return _dare_masks(numel, num, density, dare_rng, seed, name, torch.device(device), chunk)
 
 
 def _chunks(numel: int, chunk: int):
@@ -670,7 +806,8 @@ def _sampled_thresholds(scores: Callable[[int, int, int, Tensor], Tensor],
 
     Returns:
         (per tensor ``(threshold, need)`` as :func:`_trim_threshold` gives them, or None; ``finite``: False if a
-        score was NaN/Inf).
+        score was NaN/Inf; per tensor with ``need > 0`` the number of scores equal to the threshold in each chunk,
+        else None).
     """
     m = min(_SAMPLE_MAX, numel // 16)
     gen = torch.Generator().manual_seed(numel)
@@ -686,6 +823,7 @@ def _sampled_thresholds(scores: Callable[[int, int, int, Tensor], Tensor],
     upper = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(num)]  # >= hi (band), > v (tie)
     lower = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(num)]  # >= v (tie)
     inside: list[list[Tensor] | None] = [[] for _ in range(num)]
+    tied: list[list[Tensor]] = [[] for _ in range(num)]  # per chunk: scores == v (tie)
     gathered = [0] * num
     top = torch.zeros((), dtype=torch.int32, device=device)
     buf = torch.empty(chunk, dtype=torch.float32, device=device)
@@ -701,8 +839,11 @@ def _sampled_thresholds(scores: Callable[[int, int, int, Tensor], Tensor],
             hi, lo = floats[j]
             # comparisons into fp32 (to count) or int8 (to select) are several times faster than into bool here
             if mode == "tie":
-                upper[j] += torch.gt(values, hi, out=mask[:n]).sum()
-                lower[j] += torch.ge(values, hi, out=mask[:n]).sum()
+                above = torch.gt(values, hi, out=mask[:n]).sum()
+                at_least = torch.ge(values, hi, out=mask[:n]).sum()
+                upper[j] += above
+                lower[j] += at_least
+                tied[j].append(at_least - above)
                 continue
             torch.ge(values, hi, out=over[:n])
             upper[j] += over[:n].sum(dtype=torch.int32)
@@ -717,6 +858,7 @@ def _sampled_thresholds(scores: Callable[[int, int, int, Tensor], Tensor],
                 inside[j].append(picked)
     finite = int(top) < _INF_BITS
     results: list[tuple[int, int] | None] = []
+    ties: list[Tensor | None] = [None] * num
     for j in range(num):
         mode, hi, lo = plans[j]
         if mode == "tie":
@@ -726,6 +868,8 @@ def _sampled_thresholds(scores: Callable[[int, int, int, Tensor], Tensor],
             else:
                 need, all_kept = counted
                 results.append((hi - 1, 0) if all_kept else (hi, need))
+                if not all_kept:
+                    ties[j] = torch.stack(tied[j]).to(torch.int64).cpu()
             continue
         if inside[j] is None:
             results.append(None)
@@ -737,44 +881,90 @@ def _sampled_thresholds(scores: Callable[[int, int, int, Tensor], Tensor],
             continue
         threshold = int(torch.kthvalue(band, band.numel() - wanted + 1).values)
         need = wanted - int((band > threshold).sum())
-        results.append((threshold - 1, 0) if need == int((band == threshold).sum()) else (threshold, need))
-    return results, finite
+        if need == int((band == threshold).sum()):
+            results.append((threshold - 1, 0))
+        else:
+            results.append((threshold, need))
+            ties[j] = torch.stack([(picked == threshold).sum() for picked in inside[j]]).to(torch.int64).cpu()
+    return results, finite, ties
 
 
 def _threshold_float(threshold: int) -> float:
     """The float to compare scores with (``score > it``) for a bit-pattern threshold of :func:`_trim_threshold`."""
     if threshold < 0:  # "keep every score >= 0"
         return -1.0
+    if threshold >= _INF_BITS:  # keep nothing (NaN bit patterns would compare false either way)
+        return math.inf
     return _bits(threshold)
 
 
-def _keep_chunk(scores: Tensor, threshold_f: float, threshold: int, state: list[int], out: Tensor) -> Tensor:
-    """fp32 0/1 keep-mask of one chunk of non-negative fp32 ``scores`` for a threshold from :func:`_trim_threshold`
-    (its float from :func:`_threshold_float`): scores above it, plus the first ``state[0]`` equal to it in index
-    order (``state[0]`` is decreased as they are found; chunks must come in order)."""
-    torch.gt(scores, threshold_f, out=out)
-    if state[0] > 0:  # entries equal to the threshold are kept in index order until ``need`` are
-        tied = torch.eq(scores, threshold_f, out=torch.empty_like(out))
-        count = int(tied.sum())
-        if count > state[0]:  # only the first state[0] of them: running count of ties <= state[0]
-            tied.mul_(tied.cumsum(0).le_(state[0]))
-            count = state[0]
-        out.add_(tied)
-        state[0] -= count
+def _tie_end(scores: Callable[[int, int], Tensor], numel: int, chunk: int, threshold: int, need: int,
+             tie_counts: Tensor | None) -> int:
+    """The flat position just after the ``need``-th score (in index order) equal to the fp32 bit pattern
+    ``threshold``: 0 when ``need`` is 0. ``scores(s, e)`` gives the scores of entries ``s:e``; ``tie_counts``
+    (the number of ties in each ``chunk``, from the counting pass) saves scanning for the chunk that holds it."""
+    if need <= 0:
+        return 0
+    value = _bits(threshold)
+    if tie_counts is None:  # count chunk by chunk until the need-th tie
+        before = 0
+        for s, e in _chunks(numel, chunk):
+            here = int(torch.eq(scores(s, e), value).sum())
+            if before + here >= need:
+                break
+            before += here
+    else:
+        cumulative = tie_counts.cumsum(0)
+        c = int(torch.searchsorted(cumulative, need))  # first chunk where the running count reaches need
+        before = int(cumulative[c - 1]) if c > 0 else 0
+        s, e = c * chunk, min(numel, (c + 1) * chunk)
+    positions = torch.nonzero(torch.eq(scores(s, e), value)).reshape(-1)
+    return s + int(positions[need - before - 1]) + 1
+
+
+def _keep_chunk(scores: Tensor, trim: tuple[float, float, int], s: int, out: Tensor) -> Tensor:
+    """fp32 0/1 keep-mask of the non-negative fp32 ``scores`` of entries ``s : s + len(scores)`` for a trim
+    ``(above, at_least, tie_end)`` (see :func:`_trim_floats`): scores above the threshold, and before position
+    ``tie_end`` the scores equal to it too."""
+    above, at_least, tie_end = trim
+    m = min(max(tie_end - s, 0), scores.numel())
+    if m:
+        torch.gt(scores[:m], at_least, out=out[:m])
+    if m < scores.numel():
+        torch.gt(scores[m:], above, out=out[m:])
     return out
 
 
-def _trim_mask_streamed(expert: Tensor, base: Tensor, k: int, chunk: int, bufs: dict) -> tuple[Tensor, bool]:
-    """Keep-mask of the ``k`` largest ``|expert - base|`` entries (flat), as a whole bool tensor."""
-    threshold, need, finite = _trim_threshold(expert, base, k, chunk, bufs)
+def _shrink_chunk(values: Tensor, trim: tuple[float, float, int], s: int) -> Tensor:
+    """Zero, in place, the entries of ``values`` (entries ``s : s + len(values)``) that a trim by ``|values|``
+    drops (see :func:`_keep_chunk`); ``hardshrink`` does the comparison and the product in one pass, and keeps
+    NaN."""
+    above, at_least, tie_end = trim
+    m = min(max(tie_end - s, 0), values.numel())
+    for part, bound in ((values[:m], at_least), (values[m:], above)):
+        if part.numel() and bound >= 0:  # a negative bound keeps everything
+            torch.hardshrink(part, bound, out=part)
+    return values
+
+
+def _trim_floats(threshold: int, tie_end: int) -> tuple[float, float, int]:
+    """``(above, at_least, tie_end)`` floats for a trim of :func:`trim_thresholds`: an entry is kept when its score
+    is ``> above``, or ``> at_least`` (i.e. ``>= above``) before position ``tie_end``."""
+    return _threshold_float(threshold), _threshold_float(threshold - 1), tie_end
+
+
+def _trim_mask_streamed(expert: Tensor, base: Tensor, density: float, chunk: int) -> tuple[Tensor, bool]:
+    """Keep-mask of the ``int(density * numel)`` largest ``|expert - base|`` entries (flat), as a whole bool
+    tensor, from :func:`trim_thresholds` as the streamed merge uses it."""
+    (trim,), finite = trim_thresholds(base, [expert], density, chunk=chunk)
+    floats = _trim_floats(*trim)
     mask = torch.empty(base.numel(), dtype=torch.bool, device=base.device)
-    state = [need]
-    tmp = bufs["tmp"]
-    keep = torch.empty_like(tmp)
+    tmp, base_f, keep = (torch.empty(chunk, device=base.device) for _ in range(3))
+    flat_e, flat_b = expert.reshape(-1), base.reshape(-1)
     for s, e in _chunks(base.numel(), chunk):
         n = e - s
-        scores = _delta(tmp[:n], expert[s:e], base[s:e], bufs["base"][:n]).abs_()
-        mask[s:e] = _keep_chunk(scores, _threshold_float(threshold), threshold, state, keep[:n]) > 0
+        scores = _delta(tmp[:n], flat_e[s:e], flat_b[s:e], base_f[:n]).abs_()
+        mask[s:e] = _keep_chunk(scores, floats, s, keep[:n]) > 0
     return mask, finite
 
 
@@ -808,8 +998,9 @@ def trim_thresholds(base: Tensor, experts: Sequence[Tensor], density: float, *,
     thread) and passing it as ``merge_streamed(..., thresholds=...)`` gives the same result.
 
     Returns:
-        ``([(threshold, need)] per expert, finite)``: the threshold as the fp32 bit pattern of the score, the number
-        of entries equal to it to keep, and False if a delta was NaN/Inf (or could not be looked at).
+        ``([(threshold, tie_end)] per expert, finite)``: the threshold as the fp32 bit pattern of the score, the
+        flat position before which the entries equal to it are kept (after it they are dropped), and False if a
+        delta was NaN/Inf (or could not be looked at).
     """
     num = len(experts)
     numel = base.numel()
@@ -827,10 +1018,11 @@ def trim_thresholds(base: Tensor, experts: Sequence[Tensor], density: float, *,
     f32 = dict(dtype=torch.float32, device=device)
     base_f, tmp = torch.empty(chunk, **f32), torch.empty(chunk, **f32)
     found: list[tuple[int, int] | None] = [None] * num
+    ties: list[Tensor | None] = [None] * num
     finite = True
     if numel >= _SAMPLE_MIN_NUMEL:
         if imps is not None:
-            found, _ = _sampled_thresholds(lambda j, s, e, buf: imps[j][s:e],
+            found, _, ties = _sampled_thresholds(lambda j, s, e, buf: imps[j][s:e],
                                            lambda j, idx: imps[j].index_select(0, idx),
                                            num, numel, k_keep, chunk, device)
         else:
@@ -846,7 +1038,8 @@ def trim_thresholds(base: Tensor, experts: Sequence[Tensor], density: float, *,
                     sampled_base.append(flat_base.index_select(0, idx).float())
                 return flats[j].index_select(0, idx).float().sub_(sampled_base[0])
 
-            found, finite = _sampled_thresholds(delta_scores, delta_sample, num, numel, k_keep, chunk, device)
+            found, finite, ties = _sampled_thresholds(delta_scores, delta_sample, num, numel, k_keep, chunk,
+                                                      device)
     bits = torch.empty(chunk, dtype=torch.int32, device=device)
     for k in range(num):
         if found[k] is None:  # small tensor, or the sample's band missed: exact radix selection
@@ -857,7 +1050,15 @@ def trim_thresholds(base: Tensor, experts: Sequence[Tensor], density: float, *,
                                                       {"tmp": tmp, "bits": bits, "base": base_f})
                 finite = finite and ok
             found[k] = (threshold, need)
-    return found, finite  # type: ignore[return-value]
+
+    def scores_of(k: int) -> Callable[[int, int], Tensor]:
+        if imps is not None:
+            return lambda s, e: imps[k][s:e]
+        return lambda s, e: _delta(tmp[: e - s], flats[k][s:e], flat_base[s:e], base_f[: e - s]).abs_()
+
+    trims = [(threshold, _tie_end(scores_of(k), numel, chunk, threshold, need, ties[k]))
+             for k, (threshold, need) in enumerate(found)]  # type: ignore[misc]
+    return trims, finite
 
 
 def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coefficients: Tensor | Sequence[float],
@@ -866,15 +1067,17 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
                    importance: Sequence[Tensor] | None = None, trim_by: str = "magnitude",
                    chunk: int = DEFAULT_CHUNK, out: Tensor | None = None,
                    dare_masks: Sequence[Tensor] | None = None,
-                   thresholds: tuple[list[tuple[int, int]], bool] | None = None) -> tuple[Tensor, bool]:
+                   thresholds: tuple[list[tuple[int, int]], bool] | None = None,
+                   dare_rng: str = "counter") -> tuple[Tensor, bool]:
     """``base + merge_deltas(method, [e - base for e in experts], coefficients, ...)`` without the deltas.
 
     The same math as :func:`merge_deltas` (fp32, coefficients already including the global scale) for the
     methods in :data:`STREAMED_METHODS`, computed chunk by chunk over the flattened tensor with in-place
-    accumulation into a few reused fp32 buffers: memory is the inputs, the output, ``K`` bool masks (DARE) and a
-    few chunks, whatever the tensor's size. Results agree with :func:`merge_deltas` to fp32 rounding (the
-    order of the per-expert sums is the same; ``add(alpha=c)`` may fuse a multiply-add). DARE masks are the
-    same draws from the same ``(seed, name)`` generator. TIES keeps exactly ``int(density * numel)`` entries per
+    accumulation into a few reused fp32 buffers: memory is the inputs, the output and a few chunks (plus ``K``
+    bit-packed masks for DARE with ``dare_rng="torch"`` or ``dare_masks``), whatever the tensor's size. Results agree with
+    :func:`merge_deltas` to fp32 rounding (the order of the per-expert sums is the same; ``add(alpha=c)`` may
+    fuse a multiply-add). DARE masks are the same as :func:`merge_deltas` draws for the same ``dare_rng``,
+    ``seed`` and ``name``; with ``"counter"`` each chunk's masks are drawn as the chunk is merged. TIES keeps exactly ``int(density * numel)`` entries per
     expert like :func:`magnitude_trim_mask`; where entries tie at the threshold this keeps the first ones in
     index order (``topk``'s choice among ties is unspecified).
 
@@ -888,8 +1091,10 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
         out_dtype: dtype of the result (default: the base's).
         chunk: Entries processed at a time.
         out: Optional preallocated result (``out_dtype``, the base's number of entries, contiguous, on its device).
-        dare_masks: The DARE masks drawn ahead with :func:`dare_masks` (same ``density``, ``seed``, ``name``).
+        dare_masks: The DARE masks drawn ahead with :func:`dare_masks` (same ``density``, ``seed``, ``name``,
+            ``dare_rng``).
         thresholds: The TIES trim computed ahead with :func:`trim_thresholds` (same inputs and ``density``).
+        dare_rng: How DARE draws its masks (:data:`DARE_RNGS`), as for :func:`merge_deltas`.
 
     Returns:
         ``(merged, finite)``: the merged tensor with the base's shape, and False when a non-finite value was seen
@@ -937,20 +1142,34 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
     lanes = torch.empty(2 * (chunk // 8 + 1), dtype=torch.int64, device=device)
     check = torch.zeros((), **f32)
 
+    if dare_rng not in DARE_RNGS:
+        raise ValueError(f"merge_streamed: dare_rng={dare_rng!r} is not one of {list(DARE_RNGS)}")
     masks: list[Tensor | None] = [None] * num
     finite = True
-    if dare and dare_masks is not None:
+    counter = dare and dare_rng == "counter" and dare_masks is None  # drawn chunk by chunk below
+    if counter:
+        key = _resolve_seed(seed)
+        counter_scratch = (torch.empty(chunk, dtype=torch.int32, device=device),
+                           torch.empty(chunk, dtype=torch.int32, device=device))
+    elif dare and dare_masks is not None:
         if len(dare_masks) != num or any(m.numel() != (numel + 7) // 8 or m.device != device for m in dare_masks):
             raise ValueError(f"merge_streamed: dare_masks must be {num} packed masks of {numel} entries on "
                              f"{device}")
         masks = list(dare_masks)
     elif dare:
-        masks = _dare_masks(numel, num, density, _generator(seed, name, device), device, chunk)
+        masks = _dare_masks(numel, num, density, dare_rng, seed, name, device, chunk)
+
+    def keep_of(k: int, s: int, e: int, into: Tensor) -> Tensor:
+        """Expert ``k``'s DARE keep-mask of entries ``s:e`` as fp32 0/1 in ``into``."""
+        if counter:
+            return counter_keep(into, s, density, key, name, k, counter_scratch)
+        return unpack_bits(masks[k][s // 8: (e + 7) // 8], e - s, into, lanes)
+
     if trim_by not in TRIM_BY:
         raise ValueError(f"merge_streamed: trim_by={trim_by!r} is not one of {list(TRIM_BY)}")
     by_importance = method == "ties" and trim_by == "sensitivity" and density < 1.0
     imps = _importance_maps(importance, num, shape, name, device) if by_importance else []
-    trims: list[tuple[float, int, list[int]] | None] = [None] * num
+    trims: list[tuple[float, float, int] | None] = [None] * num
     if method == "ties" and density < 1.0:
         if thresholds is None:
             thresholds = trim_thresholds(base, experts, density, importance=imps if by_importance else None,
@@ -959,8 +1178,8 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
         if len(found) != num:
             raise ValueError(f"merge_streamed: thresholds for {len(found)} experts, expected {num}")
         finite = finite and ok
-        for k, (threshold, need) in enumerate(found):
-            trims[k] = (_threshold_float(threshold), threshold, [need])
+        for k, (threshold, tie_end) in enumerate(found):
+            trims[k] = _trim_floats(threshold, tie_end)
 
     if method == "task_arithmetic":
         # base + sum_k c_k (e_k - base) == (1 - sum_k c_k) base + sum_k c_k e_k: no delta is formed, one pass
@@ -984,60 +1203,75 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
             ac.zero_()
             for k in range(num):
                 _delta(tm, flats[k][s:e], None, bf)
-                if masks[k] is not None:
+                if dare:
                     check += tm.sum()  # dropped entries must not hide a NaN/Inf
-                    tm.mul_(unpack_bits(masks[k][s // 8: (e + 7) // 8], n, kp, lanes)).div_(density)
+                    tm.mul_(keep_of(k, s, e, kp)).div_(density)
                 ac.add_(tm, alpha=coeffs[k])
             bf.add_(ac)
             check += bf.sum()
             out[s:e].copy_(bf)
         return out.reshape(shape), finite and bool(torch.isfinite(check))
 
-    # ties / dare_ties: per chunk, the K weighted (trimmed/dropped, scaled) deltas, the elected sign, then the
-    # disjoint mean over the entries that agree with it. Masks are fp32 0/1: on the CPU, comparisons into and
-    # products with bool tensors are several times slower than with fp32 ones.
-    weighted = [torch.empty(chunk, **f32) for _ in range(num)]
-    voters = weighted if weighted_election else [torch.empty(chunk, **f32) for _ in range(num)]
+    # ties / dare_ties: per chunk, the K kept (trimmed/dropped) deltas, the elected sign, then the disjoint mean
+    # over the entries that agree with it. The deltas are kept unscaled and each coefficient enters through the
+    # ``value`` of an ``addcmul``, which rounds like the separate product and sum of merge_deltas (``add`` with
+    # ``alpha`` fuses a multiply-add and would not); sign(c * d) = sign(c) * sign(d) gives the scaled votes' signs.
+    # Masks are fp32 0/1: on the CPU, comparisons into and products with bool tensors are several times slower.
+    kept = [torch.empty(chunk, **f32) for _ in range(num)]
+    ones = torch.ones(chunk, **f32)
     count = torch.empty(chunk, **f32)
     sign = torch.empty(chunk, **f32)
     agree = torch.empty(chunk, **f32)
+    # the sign each expert's vote has relative to its delta, and the weight of its vote
+    vote_sign = [(c > 0) - (c < 0) if weighted_election else 1 for c in coeffs]
+    vote_weight = coeffs if weighted_election else [1.0] * num
     for s, e in _chunks(numel, chunk):
         n = e - s
-        bf, mass, cnt, ag, sg, kp = base_f[:n], acc[:n], count[:n], agree[:n], sign[:n], keep[:n]
+        bf, mass, cnt, ag, sg, kp, one = base_f[:n], acc[:n], count[:n], agree[:n], sign[:n], keep[:n], ones[:n]
         bf.copy_(flat_base[s:e])
         for k in range(num):
-            w = weighted[k][:n]
-            _delta(w, flats[k][s:e], None, bf)
+            d = kept[k][:n]
+            _delta(d, flats[k][s:e], None, bf)
             if dare:
-                check += w.sum()
-                w.mul_(unpack_bits(masks[k][s // 8: (e + 7) // 8], n, kp, lanes)).div_(density)
+                check += d.sum()  # dropped entries must not hide a NaN/Inf
+                d.mul_(keep_of(k, s, e, kp)).div_(density)
             elif trims[k] is not None:
-                threshold_f, threshold, state = trims[k]
                 if by_importance:
-                    check += w.sum()  # trimmed entries must not hide a NaN/Inf
-                    scores = imps[k][s:e]
+                    check += d.sum()  # trimmed entries must not hide a NaN/Inf
+                    d.mul_(_keep_chunk(imps[k][s:e], trims[k], s, kp))
                 else:
-                    scores = torch.abs(w, out=ag)
-                w.mul_(_keep_chunk(scores, threshold_f, threshold, state, kp))
-            if not weighted_election:
-                voters[k][:n].copy_(w)
-            w.mul_(coeffs[k])
-            v = voters[k][:n]
-            vote = v if majority_sign_method == "total" else torch.sign(v, out=ag)
-            # the first expert's vote is copied rather than added to zeros: one pass less, the same sums
-            mass.copy_(vote) if k == 0 else mass.add_(vote)
+                    _shrink_chunk(d, trims[k], s)
+            if majority_sign_method == "total":
+                if k == 0:
+                    torch.mul(d, vote_weight[0], out=mass)
+                else:
+                    mass.addcmul_(d, one, value=vote_weight[k])
+            else:
+                vote = torch.sign(d, out=ag)
+                if k == 0:
+                    torch.mul(vote, vote_sign[0], out=mass)
+                else:
+                    mass.add_(vote, alpha=vote_sign[k])  # +-1 or 0 times a sign: exact
         # elected sign: +1 where mass >= 0 (ties go to +1), else -1
         torch.ge(mass, 0, out=sg).mul_(2.0).sub_(1.0)
         total = mass  # reuse: the mass is no longer needed
+        first = True
         for k in range(num):
-            # sign(v) == elected  <=>  v * elected > 0 (zeros, i.e. trimmed/dropped entries, never agree)
-            torch.gt(torch.mul(voters[k][:n], sg, out=ag), 0, out=ag)
-            if k == 0:
-                torch.mul(weighted[0][:n], ag, out=total)
+            if vote_sign[k] == 0:
+                continue  # a zero coefficient: its votes are zeros, which never agree
+            # sign(vote) == elected  <=>  vote * elected > 0 (zeros, i.e. trimmed/dropped entries, never agree)
+            torch.mul(kept[k][:n], sg, out=ag)
+            (torch.gt if vote_sign[k] > 0 else torch.lt)(ag, 0, out=ag)
+            if first:
+                torch.mul(kept[k][:n], ag, out=total).mul_(coeffs[k])  # (d * a) * c == (d * c) * a for a in {0, 1}
                 cnt.copy_(ag)
+                first = False
             else:
-                total.addcmul_(weighted[k][:n], ag)
+                total.addcmul_(kept[k][:n], ag, value=coeffs[k])
                 cnt.add_(ag)
+        if first:  # every coefficient is zero: nothing agrees
+            total.zero_()
+            cnt.zero_()
         bf.addcdiv_(total, cnt.clamp_(min=1))  # base + total / count, rounded as the two steps would be
         check += bf.sum()
         out[s:e].copy_(bf)

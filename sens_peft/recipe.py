@@ -12,6 +12,7 @@ A recipe, in the spirit of mergekit's YAML::
       density: 0.5
       scale: 1.0
       seed: 0
+      dare_rng: counter              # DARE masks: counter (default, same on CPU/GPU) | torch (PEFT's draws)
     sens:                            # Sens-Merging settings; `sens: null` for the plain method
       mode: task+cross
       temperature: 1.0
@@ -42,7 +43,7 @@ from .config import MergeConfig
 
 TOP_KEYS = {"base_model", "experts", "method", "parameters", "sens", "output", "device", "expert_type"}
 EXPERT_KEYS = {"path", "weight"}
-PARAMETER_KEYS = {"density", "scale", "majority_sign_method", "seed", "trim_by"}
+PARAMETER_KEYS = {"density", "scale", "majority_sign_method", "seed", "trim_by", "dare_rng"}
 SENS_KEYS = {"mode", "temperature", "normalization", "tau_normalization", "alignment", "granularity"}
 OUTPUT_KEYS = {"type", "path", "rank", "dtype"}
 

@@ -94,7 +94,7 @@ def test_dare_ties_against_peft(adapter_dirs):
     (torch.manual_seed(stable_seed(seed, name))) makes PEFT's own merge_utils.dare_ties equal to ours."""
     from peft.utils.merge_utils import dare_ties
 
-    from sens_peft.methods import stable_seed
+    from sens_peft.methods import merge_deltas, stable_seed
 
     model = _loaded(adapter_dirs)
     merge_adapters(model, NAMES, method="dare_ties", density=1.0, sens=None, weights=WEIGHTS, rank=32,
@@ -102,16 +102,25 @@ def test_dare_ties_against_peft(adapter_dirs):
     model.add_weighted_adapter(NAMES, WEIGHTS, "peft1", combination_type="dare_ties_svd", density=1.0,
                                svd_rank=32)
     merge_adapters(model, NAMES, method="dare_ties", density=0.5, seed=7, sens=None, weights=WEIGHTS, rank=32,
-                   adapter_name="ours5", device="cpu", extra={"weighted_election": False}, progress=False)
+                   adapter_name="ours5", device="cpu", extra={"weighted_election": False}, progress=False,
+                   dare_rng="torch")
+    # the default "counter" masks: the in-memory merge_deltas with the same seed draws the same
+    merge_adapters(model, NAMES, method="dare_ties", density=0.5, seed=7, sens=None, weights=WEIGHTS, rank=32,
+                   adapter_name="ours6", device="cpu", extra={"weighted_election": False}, progress=False)
     for module in adapted_modules(model, "ours1"):
         assert _rel(lora_delta(model, "ours1", module), lora_delta(model, "peft1", module)) <= 1e-5, module
         present = [(n, w) for n, w in zip(NAMES, WEIGHTS) if module in adapted_modules(model, n)]
         deltas = [lora_delta(model, n, module).float() for n, _ in present]
+        weights = torch.tensor([w for _, w in present])
         torch.manual_seed(stable_seed(7, f"{module}.weight"))
-        ref = dare_ties(deltas, torch.tensor([w for _, w in present]), 0.5, "total")
+        ref = dare_ties(deltas, weights, 0.5, "total")
         ours = lora_delta(model, "ours5", module)
         assert _rel(ours, ref) <= 1e-5, module
         assert _rel(ours, lora_delta(model, "ours1", module)) > 0.05  # the drop really happened
+        ref = merge_deltas("dare_ties", deltas, weights, density=0.5, seed=7, name=f"{module}.weight",
+                           weighted_election=False)
+        assert _rel(lora_delta(model, "ours6", module), ref) <= 1e-5, module
+        assert _rel(lora_delta(model, "ours6", module), ours) > 0.05  # other masks than the "torch" draws
 
 
 @pytest.mark.parametrize("expert", ["math", "code", "qa"])

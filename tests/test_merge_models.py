@@ -63,22 +63,27 @@ def _disjoint(stacked, coeffs):
     return (weighted * agree).sum(0) / agree.sum(0).clamp_min(1)
 
 
-def _dare_ties_ref(deltas, coeffs, density, seed, name):
-    from sens_peft.methods import stable_seed
+def _dare_ties_ref(deltas, coeffs, density, seed, name, rng):
+    from sens_peft.methods import dare_keep_mask, stable_seed
 
     gen = torch.Generator().manual_seed(stable_seed(seed, name))
     masked = []
-    for d in deltas:
-        mask = torch.bernoulli(torch.full(d.shape, density, dtype=torch.float32), generator=gen).double()
+    for k, d in enumerate(deltas):
+        if rng == "torch":
+            mask = torch.bernoulli(torch.full(d.shape, density, dtype=torch.float32), generator=gen).double()
+        else:  # the hash itself is checked against a pure-Python reference in test_dare_rng.py
+            mask = dare_keep_mask(d.shape, density, seed, name, k).double()
         masked.append(d * mask / density)
     return _disjoint(torch.stack(masked), coeffs)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_ties-torch"])
 def test_matches_float64_reference(models, tmp_path, method):
+    method, _, rng = method.partition("-")
     weights = WEIGHTS if method == "task_arithmetic" else [1.0, 1.0, 1.0]
     report = merge_models(models["base"], _experts(models), tmp_path / "out", method=method, density=0.5, seed=3,
-                          weights=weights, scale=0.9, sens=None, device="cpu", progress=False)
+                          weights=weights, scale=0.9, sens=None, device="cpu", progress=False,
+                          dare_rng=rng or "counter")
     base, experts = _states(models)
     out = read_state(tmp_path / "out")
     assert set(out) == set(base)
@@ -93,7 +98,7 @@ def test_matches_float64_reference(models, tmp_path, method):
         elif method == "ties":
             ref = b + _ties_ref(deltas, coeffs, 0.5)
         else:
-            ref = b + _dare_ties_ref(deltas, coeffs, 0.5, 3, name)
+            ref = b + _dare_ties_ref(deltas, coeffs, 0.5, 3, name, rng or "counter")
         torch.testing.assert_close(out[name].double(), ref, rtol=1e-5, atol=1e-6, msg=name)
     assert report.details["copied_tensors"] == sum("norm" in n for n in base)
     assert report.details["merged_tensors"] == sum("norm" not in n for n in base)

@@ -9,6 +9,7 @@ from peft.utils import merge_utils
 from sens_peft.methods import (
     MergeMethod,
     available_methods,
+    dare_keep_mask,
     dare_mask,
     get_method,
     merge_deltas,
@@ -94,21 +95,26 @@ def test_ties_trim_by_sensitivity():
         merge_deltas("ties", [d1, d2], T([1.0, 1.0]), density=0.5, trim_by="sensitivity")
 
 
-def test_dare_hand_with_known_mask():
+@pytest.mark.parametrize("rng", ["counter", "torch"])
+def test_dare_hand_with_known_mask(rng):
     deltas = _deltas(2, (4, 4), seed=3)
     density, seed, name = 0.6, 11, "model.layers.0.mlp.up_proj.weight"
-    gen = torch.Generator().manual_seed(stable_seed(seed, name))
-    masks = [dare_mask((4, 4), density, gen) for _ in range(2)]
+    if rng == "torch":
+        gen = torch.Generator().manual_seed(stable_seed(seed, name))
+        masks = [dare_mask((4, 4), density, gen) for _ in range(2)]
+    else:
+        masks = [dare_keep_mask((4, 4), density, seed, name, k) for k in range(2)]
+    assert all(0 < int(m.sum()) < 16 for m in masks)  # something dropped, something kept
     c = T([0.7, 1.3])
     expected = sum(c[k] * deltas[k] * masks[k] / density for k in range(2)) * 2.0
-    out = merge_deltas("dare_linear", deltas, c, density=density, seed=seed, name=name, scale=2.0)
+    out = merge_deltas("dare_linear", deltas, c, density=density, seed=seed, name=name, scale=2.0, dare_rng=rng)
     assert torch.allclose(out, expected, atol=1e-6)
     # dare_ties: sign election on the scaled, dropped deltas, disjoint mean
     dropped = torch.stack([c[k] * deltas[k] * masks[k] / density for k in range(2)])
     sign = torch.where(dropped.sum(0) >= 0, 1.0, -1.0)
     agree = dropped.sign() == sign
     expected = (dropped * agree).sum(0) / agree.sum(0).clamp(min=1)
-    out = merge_deltas("dare_ties", deltas, c, density=density, seed=seed, name=name)
+    out = merge_deltas("dare_ties", deltas, c, density=density, seed=seed, name=name, dare_rng=rng)
     assert torch.allclose(out, expected, atol=1e-6)
 
 
@@ -220,22 +226,24 @@ class _nullcontext:
 @pytest.mark.parametrize("seed, name", [(0, "a.weight"), (42, "model.layers.1.self_attn.v_proj.weight")])
 @pytest.mark.parametrize("density", [0.3, 0.7])
 def test_dare_equals_peft_with_same_generator_state(seed, name, density):
-    """Seeding torch's global RNG with stable_seed(seed, name) makes PEFT draw our masks, bit for bit."""
+    """With dare_rng="torch", seeding torch's global RNG with stable_seed(seed, name) makes PEFT draw our masks,
+    bit for bit."""
     deltas, w = _deltas(3, (9, 11), seed=5), T([0.5, 1.0, 1.5])
     torch.manual_seed(stable_seed(seed, name))
     theirs = merge_utils.dare_linear(deltas, w, density)
-    ours = merge_deltas("dare_linear", deltas, w, density=density, seed=seed, name=name)
+    ours = merge_deltas("dare_linear", deltas, w, density=density, seed=seed, name=name, dare_rng="torch")
     assert torch.equal(ours, theirs)
     torch.manual_seed(stable_seed(seed, name))
     theirs = merge_utils.dare_ties(deltas, w, density, "total")
-    ours = merge_deltas("dare_ties", deltas, w, density=density, seed=seed, name=name, weighted_election=False)
+    ours = merge_deltas("dare_ties", deltas, w, density=density, seed=seed, name=name, weighted_election=False,
+                        dare_rng="torch")
     assert torch.equal(ours, theirs)
     # seed=None uses the global RNG, exactly like PEFT
     torch.manual_seed(123)
     theirs = merge_utils.dare_ties(deltas, w, density, "frequency")
     torch.manual_seed(123)
     ours = merge_deltas("dare_ties", deltas, w, density=density, seed=None, majority_sign_method="frequency",
-                        weighted_election=False)
+                        weighted_election=False, dare_rng="torch")
     assert torch.equal(ours, theirs)
 
 
@@ -276,16 +284,24 @@ def test_permutation_invariance(method):
     assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("rng", ["counter", "torch"])
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
-def test_dare_reproducible_and_name_dependent(method):
+def test_dare_reproducible_and_name_dependent(method, rng):
     deltas, c = _deltas(2, (32, 32)), T([1.0, 1.0])
-    a = merge_deltas(method, deltas, c, density=0.5, seed=3, name="w1")
+    kw = dict(density=0.5, dare_rng=rng)
+    a = merge_deltas(method, deltas, c, seed=3, name="w1", **kw)
     torch.manual_seed(999)  # the global RNG must not matter
     torch.rand(10)
-    b = merge_deltas(method, deltas, c, density=0.5, seed=3, name="w1")
+    b = merge_deltas(method, deltas, c, seed=3, name="w1", **kw)
     assert torch.equal(a, b)
-    assert not torch.equal(a, merge_deltas(method, deltas, c, density=0.5, seed=3, name="w2"))
-    assert not torch.equal(a, merge_deltas(method, deltas, c, density=0.5, seed=4, name="w1"))
+    assert not torch.equal(a, merge_deltas(method, deltas, c, seed=3, name="w2", **kw))
+    assert not torch.equal(a, merge_deltas(method, deltas, c, seed=4, name="w1", **kw))
+    # seed=None: from the global RNG, so torch.manual_seed reproduces it
+    torch.manual_seed(5)
+    x = merge_deltas(method, deltas, c, seed=None, name="w1", **kw)
+    torch.manual_seed(5)
+    assert torch.equal(x, merge_deltas(method, deltas, c, seed=None, name="w1", **kw))
+    assert not torch.equal(x, merge_deltas(method, deltas, c, seed=None, name="w1", **kw))
 
 
 def test_dare_mask_independent_of_dtype():
@@ -309,9 +325,10 @@ def test_stable_seed_is_fixed():
     assert stable_seed(7, "w") == expected
 
 
-def test_dare_keep_rate():
+@pytest.mark.parametrize("rng", ["counter", "torch"])
+def test_dare_keep_rate(rng):
     d = [torch.ones(200, 200)]
-    out = merge_deltas("dare_linear", d, T([1.0]), density=0.3, name="big")
+    out = merge_deltas("dare_linear", d, T([1.0]), density=0.3, name="big", dare_rng=rng)
     kept = (out != 0).float().mean().item()
     assert abs(kept - 0.3) < 0.01
     assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / 0.3))

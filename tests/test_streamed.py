@@ -16,9 +16,10 @@ def _inputs(shape, dtype, seed=0):
 @pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "ties", "dare_ties"])
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.3])
 @pytest.mark.parametrize("sign", ["total", "frequency"])
-def test_matches_merge_deltas(method, density, sign):
+@pytest.mark.parametrize("coeffs", [[0.9, -0.4, 1.3], [0.0, 1.2, 0.7], [0.0, 0.0, 0.0]])
+def test_matches_merge_deltas(method, density, sign, coeffs):
     base, experts = _inputs((37, 101), torch.float32)
-    coeffs = torch.tensor([0.9, -0.4, 1.3])
+    coeffs = torch.tensor(coeffs)
     for weighted in (True, False):
         ref = base + merge_deltas(method, [e - base for e in experts], coeffs, density=density, seed=3, name="w",
                                   majority_sign_method=sign, weighted_election=weighted)
@@ -38,9 +39,7 @@ def test_trim_keeps_exactly_k_largest_with_ties(density):
     base[::7] = (base[::7].float() * 1e-3).bfloat16()  # deltas not exact in bf16: the trim must subtract in fp32
     delta = experts[0].float() - base.float()
     k = int(density * delta.numel())
-    tmp, bits = torch.empty(1000), torch.empty(1000, dtype=torch.int32)
-    bufs = {"tmp": tmp, "bits": bits, "base": torch.empty(1000)}
-    mask, finite = _trim_mask_streamed(experts[0], base, k, 1000, bufs)
+    mask, finite = _trim_mask_streamed(experts[0], base, density, 1000)
     ref = magnitude_trim_mask(delta.abs(), density)
     assert finite and int(mask.sum()) == k
     # the same kept values (only which of equal |delta| entries is kept may differ from topk)
@@ -131,7 +130,7 @@ def test_sampled_threshold_equals_radix(case, density):
         base_f[: e - s].copy_(base[s:e])
         return buf.copy_(expert[s:e]).sub_(base_f[: e - s]).abs_()
 
-    got, finite = _sampled_thresholds(scores, lambda j, idx: expert[idx].float() - base[idx].float(), 1, numel,
+    got, finite, _ = _sampled_thresholds(scores, lambda j, idx: expert[idx].float() - base[idx].float(), 1, numel,
                                       k, chunk, torch.device("cpu"))
     assert finite
     assert got[0] == ref  # the sample never misled on these inputs, so the fast path was the one tested
@@ -175,3 +174,26 @@ def test_pack_bits_round_trip(n):
     for k in (1, 3):  # slices on byte borders unpack their own entries
         if 8 * k < n:
             assert torch.equal(unpack_bits(packed[k:], n - 8 * k, torch.empty(n - 8 * k)), mask[8 * k:].float())
+
+
+@pytest.mark.parametrize("case", ["bf16-ties", "runs", "fp32"])
+@pytest.mark.parametrize("density", [0.5, 0.2, 0.97])
+@pytest.mark.parametrize("sampled", [True, False])
+def test_trim_keeps_first_ties_in_index_order(case, density, sampled, monkeypatch):
+    """Exactly k kept; the kept entries are everything above the threshold and, of the entries equal to it, a
+    prefix in index order: the one-pass (per-chunk tie counts) and the radix (scan) paths give the same mask."""
+    import sens_peft.methods as methods
+
+    if not sampled:
+        monkeypatch.setattr(methods, "_SAMPLE_MIN_NUMEL", 1 << 40)
+    base, expert = next((b, e) for name, b, e in _score_cases() if name == case)
+    scores = (expert.float() - base.float()).abs()
+    k = int(density * scores.numel())
+    mask, finite = _trim_mask_streamed(expert, base, density, 1 << 16)
+    assert finite and int(mask.sum()) == k
+    threshold = scores[mask].min()
+    assert bool((scores[~mask] <= threshold).all()) and bool(mask[scores > threshold].all())
+    tied = torch.nonzero(scores == threshold).reshape(-1)
+    kept = mask[tied]
+    assert 0 < int(kept.sum()) <= tied.numel()
+    assert bool(kept[: int(kept.sum())].all())  # a prefix of the ties, in index order
