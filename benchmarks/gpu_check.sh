@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One prepared GPU check (≤ 10 minutes on one CUDA machine):
 #   1. install the package (torch already present, else torch==2.13.0),
-#   2. speed benchmark at a 7B-like tensor shape (hidden 4096, intermediate 11008, 4 layers, vocab 32000:
+#   2. DARE "counter" masks and TA/TIES/DARE-TIES merges of one tensor on CUDA against the CPU (bit equality
+#      is printed, not asserted: CUDA kernels may fuse multiply-adds differently),
+#   3. speed benchmark at a 7B-like tensor shape (hidden 4096, intermediate 11008, 4 layers, vocab 32000:
 #      1.07B parameters, 2.1 GB per model in bf16) with merge_models(device="cuda"): floor + TA/TIES/DARE-TIES,
 #      plain and Sens,
-#   3. the quick start (recipes/quickstart.py) on the GPU,
-#   4. a short table.
+#   4. the quick start (recipes/quickstart.py) on the GPU,
+#   5. a short table.
 # Results go to $OUT (the device tool's output folder) or /tmp/sens_peft_gpu.
 # Usage: bash benchmarks/gpu_check.sh            (LAYERS=2 bash ... for a shorter run)
 set -uo pipefail
@@ -32,6 +34,25 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 print("transformers", transformers.__version__, "peft", peft.__version__, "sens_peft", sens_peft.__version__)
 assert torch.cuda.is_available(), "CUDA not available"
+EOF
+
+echo "== DARE 'counter' masks and streamed merges: CUDA = CPU"
+python - <<'EOF' 2>&1 | tee "$OUT/device_equality.log"
+import torch
+from sens_peft.methods import dare_keep_mask, merge_streamed
+for shape, name in (((4096, 4096), "model.layers.0.mlp.up_proj.weight"), ((3, 1 << 23), "big")):
+    cpu = dare_keep_mask(shape, 0.3, 7, name, 2)
+    gpu = dare_keep_mask(shape, 0.3, 7, name, 2, device="cuda").cpu()
+    print("counter mask", shape, "CUDA == CPU:", torch.equal(cpu, gpu), "kept", float(cpu.mean()))
+g = torch.Generator().manual_seed(0)
+base = torch.randn(1 << 22, generator=g).bfloat16()
+experts = [(base.float() + 0.01 * torch.randn(base.shape, generator=g)).bfloat16() for _ in range(3)]
+for method in ("task_arithmetic", "ties", "dare_ties"):
+    a, _ = merge_streamed(method, base, experts, [0.5, 0.8, 1.1], density=0.4, name="w")
+    b, _ = merge_streamed(method, base.cuda(), [e.cuda() for e in experts], [0.5, 0.8, 1.1], density=0.4,
+                          name="w", chunk=1 << 24)
+    b = b.cpu()
+    print(method, "CUDA == CPU:", torch.equal(a, b), "differing entries:", int((a != b).sum()))
 EOF
 
 echo "== speed benchmark, 7B-like tensors, device=cuda (budget 420 s)"

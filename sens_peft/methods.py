@@ -118,10 +118,11 @@ def dare_mask(shape: torch.Size | Sequence[int], density: float, generator: torc
 DARE_RNGS = ("counter", "torch")
 
 # The counter hash: positions are split into blocks of 2**24 with their own keys, so the int32 counter never
-# wraps, whatever the tensor's size. "lowbias32" (C. Wellons' xorshift-multiply hash) of counter + key1, with a
-# second key mixed in between its rounds so that different keys do not give shifted copies of one sequence.
-# Only the comparison of the result with a threshold is used; its last xorshift (which changes the low half
-# only) is left out.
+# wraps, whatever the tensor's size. (counter + key1) times a Weyl constant, then the two xorshift-multiply
+# rounds of "lowbias32" (C. Wellons' hash) with a second key mixed in between them, so that different keys do
+# not give shifted copies of one sequence. Only a comparison of the result's high bits with a threshold is
+# used, so lowbias32's last xorshift (which changes the low half only) is left out. All in int32 torch ops,
+# whose multiplications wrap the same way on every device.
 _COUNTER_BLOCK = 1 << 24
 _WEYL = 0x9E3779B9 - (1 << 32)  # as a signed int32
 _MUL1 = 0x7FEB352D
