@@ -636,22 +636,23 @@ def _dare_masks(numel: int, num: int, density: float, dare_rng: str, seed: int |
     (about 2.5x faster), so ``rand < density`` is the same mask, and drawing it in chunks continues the same
     stream. Other devices keep the reference draw.
     """
-    generator = _generator(seed, name, device) if dare_rng == "torch" else None
-    if dare_rng == "torch" and device.type != "cpu":
+    use_torch = dare_rng == "torch"
+    generator = _generator(seed, name, device) if use_torch else None  # None with seed=None: the global RNG
+    if use_torch and device.type != "cpu":
         return [pack_bits(dare_mask((numel,), density, generator, device)) for _ in range(num)]
-    key = _resolve_seed(seed)
     chunk = max(8, min(chunk, numel) - min(chunk, numel) % 8)  # chunk borders on byte borders of the packed mask
     keep = torch.empty(chunk, dtype=torch.int8, device=device)
-    if generator is not None:
+    if use_torch:
         draws = torch.empty(chunk, dtype=torch.float32, device=device)
     else:
+        key = _resolve_seed(seed)
         scratch = (torch.empty(chunk, dtype=torch.int32, device=device),
                    torch.empty(chunk, dtype=torch.int32, device=device))
     masks = []
     for k in range(num):
         packed = torch.empty((numel + 7) // 8, dtype=torch.uint8, device=device)
         for s, e in _chunks(numel, chunk):
-            if generator is not None:
+            if use_torch:
                 kept = torch.lt(draws[: e - s].uniform_(0.0, 1.0, generator=generator), float(density),
                                 out=keep[: e - s])
             else:

@@ -101,3 +101,21 @@ def test_dare_rng_is_validated():
         merge_deltas("dare_linear", [torch.ones(3)], [1.0], density=0.5, dare_rng="mt")
     with pytest.raises(ValueError, match="dare_rng"):
         merge_streamed("dare_linear", torch.zeros(3), [torch.ones(3)], [1.0], density=0.5, dare_rng="mt")
+
+
+@pytest.mark.parametrize("rng", ["counter", "torch"])
+def test_seed_none_follows_the_global_rng_in_every_path(rng):
+    """seed=None: the masks come from torch's global RNG, so torch.manual_seed reproduces them, and the streamed
+    path (masks drawn ahead or not) draws what merge_deltas draws."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(2000, generator=gen)
+    experts = [base + 0.01 * torch.randn(2000, generator=gen) for _ in range(2)]
+    kw = dict(density=0.5, seed=None, name="t", dare_rng=rng)
+    torch.manual_seed(3)
+    ref = base + merge_deltas("dare_ties", [e - base for e in experts], [1.0, 0.7], **kw)
+    torch.manual_seed(3)
+    inline, _ = merge_streamed("dare_ties", base, experts, [1.0, 0.7], **kw)
+    torch.manual_seed(3)
+    ahead, _ = merge_streamed("dare_ties", base, experts, [1.0, 0.7], dare_masks=dare_masks(2000, 2, 0.5, None, "t",
+                                                                                            dare_rng=rng), **kw)
+    assert torch.equal(inline, ref) and torch.equal(ahead, ref)
