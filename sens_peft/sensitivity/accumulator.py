@@ -101,7 +101,9 @@ class SensitivityAccumulator:
             ok = ok & torch.isfinite(signed64).all()
         if elements:
             for value in elements.values():
-                ok = ok & torch.isfinite(value).all()
+                # a finite sum has no NaN/Inf term (an overflowing sum of finite terms is rejected too: harmless),
+                # and summing does not allocate a bool copy of the map like isfinite().all()
+                ok = ok & torch.isfinite(value.sum())
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         self.abs_sum.add_(torch.where(ok, abs64, zero))
         if signed_scores is not None:
@@ -110,11 +112,20 @@ class SensitivityAccumulator:
             beta = float(self.ema)
             self.ema_abs.copy_(torch.where(ok, beta * self.ema_abs + (1.0 - beta) * abs64, self.ema_abs))
         if elements:
+            # On the CPU the gate is a plain branch (reading ``ok`` costs nothing there, while ``where`` is a slow
+            # kernel); on accelerators ``where`` keeps the step free of a host sync.
+            on_cpu = self.device.type == "cpu"
+            take = bool(ok) if on_cpu else True
             for name, value in elements.items():
                 acc = self.elements.get(name)
                 if acc is None:
                     raise KeyError(f"SensitivityAccumulator: no element map registered for {name!r}")
-                acc.add_(torch.where(ok, value.detach().to(acc.device, torch.float32), 0.0))
+                value = value.detach().to(acc.device, torch.float32)
+                if on_cpu:
+                    if take:
+                        acc.add_(value)
+                else:
+                    acc.add_(torch.where(ok, value, 0.0))
         self.count.add_(ok.to(torch.int64))
         self.seen.add_(1)
         self.samples.add_(torch.where(ok, torch.as_tensor(samples, dtype=torch.float64, device=self.device), zero))

@@ -514,11 +514,12 @@ class CalibrationPass:
         def hook(param: Tensor) -> None:
             with torch.no_grad():
                 w = self._weight_for(name, param)
-                a, s = est.taylor_scores([w], [param.grad])
+                if element:
+                    a, s, (scratch.elements[name],) = est.taylor_scores_and_maps([w], [param.grad])
+                else:
+                    a, s = est.taylor_scores([w], [param.grad])
                 scratch.abs[index] += a[0].to(scratch.abs.dtype)
                 scratch.signed[index] += s[0].to(scratch.signed.dtype)
-                if element:
-                    scratch.elements[name] = est.taylor_element_maps([w], [param.grad])[0]
                 scratch.fired[index] += 1
             param.grad = None  # scored: free it now so peak memory stays one tensor's gradient
 

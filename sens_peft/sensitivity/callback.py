@@ -516,7 +516,11 @@ class SensitivityCallback(TrainerCallback):
             gs = [grads[i] for i in present]
         gs = [local_view(g) for g in gs]
         ws = self._weights(params, names)
-        abs_part, signed_part = est.taylor_scores(ws, gs)
+        maps = None
+        if acc.element_shapes:
+            abs_part, signed_part, maps = est.taylor_scores_and_maps(ws, gs)
+        else:
+            abs_part, signed_part = est.taylor_scores(ws, gs)
         if len(present) != len(grads):
             idx = torch.tensor(present, device=abs_part.device)
             full_abs = abs_part.new_zeros(len(grads)).index_copy_(0, idx, abs_part)
@@ -525,9 +529,7 @@ class SensitivityCallback(TrainerCallback):
         if self._backend == "fsdp":
             vec = all_reduce_sum(torch.cat([abs_part, signed_part]))
             abs_part, signed_part = vec[: len(grads)], vec[len(grads) :]
-        elements = None
-        if acc.element_shapes:
-            elements = dict(zip(names, est.taylor_element_maps(ws, gs)))
+        elements = dict(zip(names, maps)) if maps is not None else None
         acc.update(abs_part, signed_part, elements=elements, samples=float(self._samples_per_step()))
 
     def _samples_per_step(self) -> int:

@@ -28,6 +28,7 @@ __all__ = [
     "compute_dtype",
     "taylor_scores",
     "taylor_element_maps",
+    "taylor_scores_and_maps",
     "linear_weight_grad",
     "lora_delta_weight",
     "lora_full_weight",
@@ -85,27 +86,54 @@ def taylor_scores(
             raise ValueError(f"taylor_scores: tensor {i} has weight shape {list(w.shape)} but grad {list(g.shape)}")
     dtype = compute_dtype(*weights, *grads)
     abs_parts: list[Tensor] = []
-    pos_parts: list[Tensor] = []
+    signed_parts: list[Tensor] = []
     for lo, hi in _chunks([w.numel() for w in weights], chunk_numel):
-        ws = [w.detach().to(dtype) for w in weights[lo:hi]]
-        gs = [g.detach().to(dtype) for g in grads[lo:hi]]
-        prods = torch._foreach_mul(ws, gs)
-        abs_parts.extend(torch._foreach_norm(prods, 1))
-        if signed:
-            # sum(w*g) = 2 * sum(max(w*g, 0)) - sum|w*g|: two more foreach calls instead of one sum per tensor.
-            torch._foreach_clamp_min_(prods, 0.0)
-            pos_parts.extend(torch._foreach_norm(prods, 1))
-        del prods
-    abs_scores = torch.stack(abs_parts).to(dtype)
-    if not signed:
-        return abs_scores, None
-    return abs_scores, 2.0 * torch.stack(pos_parts).to(dtype) - abs_scores
+        a, sg, _ = _product_sums(weights[lo:hi], grads[lo:hi], dtype, signed)
+        abs_parts.append(a)
+        if sg is not None:
+            signed_parts.append(sg)
+    abs_scores = torch.cat(abs_parts)
+    return abs_scores, (torch.cat(signed_parts) if signed else None)
+
+
+def _product_sums(weights: Sequence[Tensor], grads: Sequence[Tensor], dtype: torch.dtype, signed: bool
+                  ) -> tuple[Tensor, Optional[Tensor], list[Tensor]]:
+    """Per-tensor ``sum |w * g|`` (and ``sum w * g``) and the ``|w * g|`` maps, from one product per tensor: the
+    product is summed (signed), made absolute in place, summed again. Plain ``sum`` is cascaded: on 5M-entry fp32
+    tensors it stayed within 1e-7 of a float64 reference where ``_foreach_norm(p, 1)`` was 3e-3 off."""
+    maps = torch._foreach_mul([w.detach().to(dtype) for w in weights], [g.detach().to(dtype) for g in grads])
+    signed_scores = torch.stack([m.sum() for m in maps]) if signed else None
+    torch._foreach_abs_(maps)
+    return torch.stack([m.sum() for m in maps]), signed_scores, maps
 
 
 def taylor_element_maps(weights: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
     """Per-element ``|w * g|`` maps in the math dtype (for per-element importance; opt-in, memory heavy)."""
     dtype = compute_dtype(*weights, *grads)
     return [(w.detach().to(dtype) * g.detach().to(dtype)).abs() for w, g in zip(weights, grads)]
+
+
+def taylor_scores_and_maps(weights: Sequence[Tensor], grads: Sequence[Tensor]
+                           ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """:func:`taylor_scores` (abs and signed) and :func:`taylor_element_maps` from one product per tensor.
+
+    Computing the two separately forms ``w * g`` twice; here one product per tensor gives both (four passes over
+    the model instead of six). The per-tensor sums are those of the maps, so a finite ``abs_scores`` entry also
+    certifies its map finite.
+
+    Returns:
+        ``(abs_scores, signed_scores, maps)`` as the two functions return them.
+    """
+    if len(weights) != len(grads):
+        raise ValueError(f"taylor_scores_and_maps: got {len(weights)} weights but {len(grads)} gradients")
+    for i, (w, g) in enumerate(zip(weights, grads)):
+        if w.shape != g.shape:
+            raise ValueError(f"taylor_scores_and_maps: tensor {i} has weight shape {list(w.shape)} but grad "
+                             f"{list(g.shape)}")
+    if not weights:
+        return torch.zeros(0), torch.zeros(0), []
+    abs_scores, signed_scores, maps = _product_sums(weights, grads, compute_dtype(*weights, *grads), True)
+    return abs_scores, signed_scores, maps  # type: ignore[return-value]
 
 
 def linear_weight_grad(inputs: Tensor, output_grad: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
