@@ -64,7 +64,7 @@ def taylor_scores(
     signed: bool = True,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """Per-tensor ``sum |w * g|`` and ``sum w * g`` with a handful of foreach kernels.
+    """Per-tensor ``sum |w * g|`` and ``sum w * g``: one foreach product per batch of tensors, then cascaded sums.
 
     Args:
         weights: The ``w`` tensors (any float dtype; same shapes as ``grads``).
