@@ -36,7 +36,7 @@ def test_valid_recipe(tmp_path, experts):
         "base_model": "base",
         "experts": [{"path": "math", "weight": 0.7}, "code"],
         "method": "ties",
-        "parameters": {"density": 0.4, "scale": 1.2, "seed": 3},
+        "parameters": {"density": 0.4, "scale": 1.2, "seed": 3, "dare_rng": "torch"},
         "sens": {"mode": "task", "temperature": 2, "alignment": "neg_l2"},
         "output": {"type": "lora", "path": "out", "rank": 8},
     })
@@ -45,6 +45,7 @@ def test_valid_recipe(tmp_path, experts):
     assert [e.path for e in recipe.experts] == [str(a), str(b)]
     assert recipe.config.weights == [0.7, 1.0]
     assert (recipe.config.method, recipe.config.density, recipe.config.scale, recipe.config.seed) == ("ties", 0.4, 1.2, 3)
+    assert recipe.config.dare_rng == "torch"
     assert (recipe.config.sens, recipe.config.temperature, recipe.config.alignment) == ("task", 2.0, "neg_l2")
     assert recipe.config.rank == 8 and recipe.output_path == str(tmp_path / "out")
     assert recipe.expert_type == "lora"
@@ -69,6 +70,7 @@ def test_full_experts_default_to_full_output(tmp_path):
         ({"sens": {"temp": 1}}, r"sens: unknown key\(s\) \['temp'\]"),
         ({"parameters": {"density": "half"}}, r"parameters.density must be a number"),
         ({"parameters": {"density": 1.5}}, r"density must be in \(0, 1\]"),
+        ({"parameters": {"dare_rng": "philox"}}, r"dare_rng"),
         ({"sens": {"temperature": 0}}, r"temperature must be > 0"),
         ({"method": "slerp"}, r"unknown merge method 'slerp'"),
         ({"experts": []}, r"'experts' must be a non-empty list"),
