@@ -77,7 +77,8 @@ def render_card(record: dict[str, Any], coefficients: Any, *, library_name: str)
         f"- Sensitivity scaling: `{sens}`" + (
             f" (temperature {cfg.get('temperature')}, normalization {cfg.get('normalization')}, "
             f"alignment {cfg.get('alignment')}, granularity {cfg.get('granularity')})" if sens else ""),
-        f"- Scale λ: {cfg.get('scale')}, density: {cfg.get('density')}, seed: {cfg.get('seed')}",
+        f"- Scale λ: {cfg.get('scale')}, density: {cfg.get('density')}, seed: {cfg.get('seed')}"
+        + (f" (DARE masks: `{cfg.get('dare_rng')}`)" if "dare" in str(method) and cfg.get("dare_rng") else ""),
         f"- Output: {record['kind']}",
         "",
         "## Experts",

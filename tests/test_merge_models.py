@@ -107,6 +107,7 @@ def test_matches_float64_reference(models, tmp_path, method):
         assert (tmp_path / "out" / name).is_file(), name
     card = (tmp_path / "out" / "README.md").read_text()
     assert "library_name: transformers" in card and f"- {method}" in card
+    assert (f"(DARE masks: `{rng or 'counter'}`)" in card) == (method == "dare_ties")
 
 
 def test_sharded_input_and_output_identical(models, tmp_path):
