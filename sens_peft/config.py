@@ -182,7 +182,8 @@ class MergeConfig(_ConfigMixin):
         seed: Seed of DARE's random drop (per tensor, derived from this and the tensor name). Same inputs and
             seed give bit-identical files on CPU.
         dare_rng: How DARE draws its keep-masks. ``"counter"`` (default): a hash of (seed, tensor name, expert,
-            position), the same masks on CPU and GPU and about 2x cheaper to draw on the CPU than a Mersenne
+            position), device-independent by construction (int32 arithmetic; compared on a GPU only by
+            benchmarks/gpu_check.sh, not yet run) and 2-3x cheaper to draw on the CPU than a Mersenne
             Twister. ``"torch"``: ``torch.bernoulli`` from a ``torch.Generator`` seeded per tensor, the masks
             PEFT's ``dare_linear``/``dare_ties`` draw at the same generator state; those are drawn on the math
             device, so a CUDA merge draws other masks than a CPU merge with the same seed.

@@ -111,8 +111,9 @@ def dare_mask(shape: torch.Size | Sequence[int], density: float, generator: torc
 
 
 #: How DARE draws its keep-masks. ``"counter"`` (default): a hash of ``(seed, tensor name, expert, position)``;
-#: the same masks on every device and for any chunking, computable for any slice of a tensor (so a streamed
-#: merge draws only the chunk it is merging), about 2x cheaper on the CPU than a Mersenne-Twister draw.
+#: the same masks for any chunking and, by construction, on every device (not yet run on a GPU); any slice of a
+#: tensor's mask can be drawn alone (a streamed merge draws only the chunk it is merging); 2-3x cheaper on the CPU
+#: than a Mersenne-Twister draw.
 #: ``"torch"``: ``torch.bernoulli`` from a ``torch.Generator`` seeded per tensor: the masks of PEFT's
 #: ``dare_linear``/``dare_ties`` at the same generator state, but device-dependent (CPU and CUDA streams differ).
 DARE_RNGS = ("counter", "torch")

@@ -111,21 +111,16 @@ class SensitivityAccumulator:
         if self.ema_abs is not None:
             beta = float(self.ema)
             self.ema_abs.copy_(torch.where(ok, beta * self.ema_abs + (1.0 - beta) * abs64, self.ema_abs))
-        if elements:
-            # On the CPU the gate is a plain branch (reading ``ok`` costs nothing there, while ``where`` is a slow
-            # kernel); on accelerators ``where`` keeps the step free of a host sync.
-            on_cpu = self.device.type == "cpu"
-            take = bool(ok) if on_cpu else True
+        # On the CPU the gate is a plain branch (reading ``ok`` costs nothing there, while ``where`` is a slow
+        # kernel); on accelerators ``where`` keeps the step free of a host sync.
+        gate_on_device = self.device.type != "cpu"
+        if elements and (gate_on_device or bool(ok)):
             for name, value in elements.items():
                 acc = self.elements.get(name)
                 if acc is None:
                     raise KeyError(f"SensitivityAccumulator: no element map registered for {name!r}")
                 value = value.detach().to(acc.device, torch.float32)
-                if on_cpu:
-                    if take:
-                        acc.add_(value)
-                else:
-                    acc.add_(torch.where(ok, value, 0.0))
+                acc.add_(torch.where(ok, value, 0.0) if gate_on_device else value)
         self.count.add_(ok.to(torch.int64))
         self.seen.add_(1)
         self.samples.add_(torch.where(ok, torch.as_tensor(samples, dtype=torch.float64, device=self.device), zero))
