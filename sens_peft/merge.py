@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -28,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -55,6 +56,7 @@ from .methods import (
     DARE_METHODS,
     DEFAULT_CHUNK,
     STREAMED_METHODS,
+    _resolve_seed,
     dare_masks,
     merge_streamed,
     trim_thresholds,
@@ -805,12 +807,18 @@ def _save_adapter(peft_model, adapter_name: str, folder: Path, modules_to_save: 
 
 
 _DONE = object()
+# The input bytes the reader may hold ahead of the merge (see _Prefetcher).
+_READ_AHEAD_BYTES = 512 * 2**20
 
 
 class _Prefetcher:
-    """Background reader: yields ``[name, base_tensor, [expert tensors], prepared]`` with a read-ahead of ``depth``
-    tensors (``prepared`` is what ``prepare`` returned for the tensor, or None). The consumer should clear each
-    list when done with it, so that the tensors go at once.
+    """Background reader: yields ``[name, base_tensor, [expert tensors], prepared, alone]`` with a read-ahead of
+    ``depth`` tensors. ``prepare(name, base, experts, parts)`` returns the jobs (zero-argument callables, about
+    ``parts`` of them) that prepare a tensor, or None; they run on two worker threads and ``prepared`` is the list
+    of their results (None without jobs). ``alone`` is True for a tensor that little else can overlap with (what
+    fits in memory beside it is under a quarter of its size, e.g. it is the last one, or the next one does not fit),
+    so its preparation and merge are worth splitting (``parts`` is 2 for it).
+    The consumer should clear each list when done with it, so that the tensors go at once.
 
     Memory is bounded in bytes too: the tensors read and not yet finished by the consumer (the one it is merging
     included, until it asks for the next) stay within ``max_bytes``, except that one tensor alone may exceed it; so
@@ -818,13 +826,14 @@ class _Prefetcher:
     """
 
     def __init__(self, names: list[str], base: TensorSource, experts: list[TensorSource], depth: int = 2,
-                 max_bytes: int = 512 * 2**20, pool: Optional[BufferPool] = None, mapped: bool = True,
-                 prepare: Optional[Callable[[str, torch.Tensor, list[torch.Tensor]], Any]] = None,
+                 max_bytes: int = _READ_AHEAD_BYTES, pool: Optional[BufferPool] = None, mapped: bool = True,
+                 prepare: Optional[Callable[[str, torch.Tensor, list[torch.Tensor], int],
+                                            Optional[list[Callable[[], Any]]]]] = None,
                  prepare_bytes: Optional[Callable[[int], int]] = None) -> None:
         self.pool = pool
         self.mapped = mapped
-        # work done ahead for each tensor (drawing DARE masks, selecting TIES thresholds), on worker threads:
-        # prepare(name, base, experts); prepare_bytes(numel) is what its result holds in memory
+        # work done ahead for each tensor (drawing DARE masks, selecting TIES thresholds), on worker threads;
+        # prepare_bytes(numel) is what its results hold in memory
         self._prepare = prepare
         self._prepare_bytes = prepare_bytes
         # Two workers: the tensors' preparations are independent (each has its own generator), so while the
@@ -845,6 +854,17 @@ class _Prefetcher:
         extra = self._prepare_bytes(_numel_of(self._base, name)) if self._prepare_bytes is not None else 0
         return extra + sum(_out_nbytes(src, name, None) for src in (self._base, *self._experts))
 
+    def _alone(self, sizes: list[int], i: int) -> bool:
+        """Whether what can be read while tensor ``i`` is in flight (the tensors after it, up to the first that
+        does not fit beside it) is under a quarter of its size: too little to overlap with its work."""
+        room = self._max_bytes - sizes[i]
+        beside = 0
+        for size in sizes[i + 1:]:
+            if beside + size > room:
+                break
+            beside += size
+        return beside * 4 < sizes[i]
+
     def _put(self, item, nbytes: int = 0) -> bool:
         with self._cond:
             self._queued += nbytes
@@ -858,8 +878,9 @@ class _Prefetcher:
 
     def _run(self) -> None:
         try:
-            for name in self._names:
-                nbytes = self._nbytes(name)
+            sizes = [self._nbytes(name) for name in self._names]
+            for i, name in enumerate(self._names):
+                nbytes = sizes[i]
                 with self._cond:  # wait for room before reading, so the bound holds for what is in memory
                     while self._queued and self._queued + nbytes > self._max_bytes and not self._stop.is_set():
                         self._cond.wait(timeout=0.1)
@@ -867,10 +888,13 @@ class _Prefetcher:
                     return
                 base_t = self._base.get(name, self.pool, mapped=self.mapped)
                 experts = [e.get(name, self.pool, mapped=self.mapped) for e in self._experts]
+                alone = self._alone(sizes, i)
                 ready = None
                 if self._workers is not None and base_t.is_floating_point():
-                    ready = self._workers.submit(self._prepare, name, base_t, experts)
-                item = (name, base_t, experts, ready)
+                    jobs = self._prepare(name, base_t, experts, 2 if alone else 1)
+                    if jobs:
+                        ready = [self._workers.submit(job) for job in jobs]
+                item = (name, base_t, experts, ready, alone)
                 if not self._put(item, nbytes):
                     return
             self._put(_DONE)
@@ -885,9 +909,9 @@ class _Prefetcher:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                name, base_t, experts, ready = item
+                name, base_t, experts, ready, alone = item
                 # a list, so that the consumer can drop every reference (tqdm's included) by clearing it
-                entry = [name, base_t, experts, ready.result() if isinstance(ready, Future) else ready]
+                entry = [name, base_t, experts, None if ready is None else [f.result() for f in ready], alone]
                 item = base_t = experts = ready = None
                 yield entry
             finally:  # the consumer is done with this tensor (it asked for the next one, or stopped)
@@ -1090,6 +1114,12 @@ class _Comm:
         return result
 
 
+def _expert_groups(num: int, parts: int) -> list[list[int]]:
+    """``range(num)`` in at most ``parts`` consecutive groups of near-equal size (in order)."""
+    size = -(-num // max(1, min(parts, num)))
+    return [list(range(i, min(num, i + size))) for i in range(0, num, size)]
+
+
 def _chunk_for(device: torch.device) -> int:
     """Entries per chunk of the streamed merge: cache-sized on the CPU; on an accelerator, large enough that a
     chunk's ~50 element-wise kernels are not dominated by their launch cost."""
@@ -1161,22 +1191,46 @@ def _merge_shards(
     if streamed and device.type == "cpu" and cfg.density < 1.0 and cfg.method in (*DARE_METHODS, "ties"):
         # The slowest step of a DARE merge on the CPU is drawing the masks (a hash or a Mersenne-Twister draw per
         # entry and expert), of a TIES merge selecting the trim thresholds; done by the reader's two workers, it
-        # overlaps with the merge of the tensor before (torch releases the GIL inside its ops).
-        def prepare(name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor]) -> Optional[dict]:
+        # overlaps with the merge of the tensor before (torch releases the GIL inside its ops). Each expert's
+        # thresholds or counter masks depend on nothing else, so a tensor that nothing overlaps with (one read
+        # alone) is prepared in `parts` groups of experts side by side.
+        def prepare(name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor], parts: int
+                    ) -> Optional[list[Callable[[], Any]]]:
             if all(torch.equal(base_t, t) for t in expert_ts):
                 return None  # copied, not merged
+            num = len(expert_ts)
             if cfg.method == "ties":
                 maps = _importance(records, name, list(range(len(names))), cfg)
-                return {"thresholds": trim_thresholds(base_t, expert_ts, cfg.density, importance=maps, name=name)}
-            return {"dare_masks": dare_masks(base_t.numel(), len(expert_ts), cfg.density, cfg.seed, name,
-                                             dare_rng=cfg.dare_rng)}
+                return [functools.partial(trim_thresholds, base_t, [expert_ts[k] for k in group], cfg.density,
+                                          importance=None if maps is None else [maps[k] for k in group], name=name)
+                        for group in _expert_groups(num, parts)]
+            if cfg.dare_rng != "counter":  # one generator stream for all the experts: one job
+                return [functools.partial(dare_masks, base_t.numel(), num, cfg.density, cfg.seed, name,
+                                          dare_rng=cfg.dare_rng)]
+            seed = _resolve_seed(cfg.seed)  # one key for every group, also when the seed is None
+            return [functools.partial(dare_masks, base_t.numel(), num, cfg.density, seed, name,
+                                      dare_rng=cfg.dare_rng, experts=group)
+                    for group in _expert_groups(num, parts)]
 
         def prepare_bytes(numel: int) -> int:
             return (numel + 7) // 8 * len(expert_srcs) if cfg.method in DARE_METHODS else 0  # packed masks
 
-    reader = _Prefetcher(tensor_names, base_src, expert_srcs, depth=prefetch, pool=pool, prepare=prepare,
-                         prepare_bytes=prepare_bytes)
-    def merge_tensor(name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor], ready) -> bool:
+    def prepared(results: Optional[list]) -> dict:
+        """merge_streamed's keyword arguments from the results of a tensor's preparation jobs (in expert order)."""
+        if results is None:
+            return {}
+        if cfg.method == "ties":
+            return {"thresholds": ([trim for found, _ in results for trim in found],
+                                   all(finite for _, finite in results))}
+        return {"dare_masks": [mask for masks in results for mask in masks]}
+
+    # A tensor that nothing overlaps with (see _Prefetcher) is merged in two halves on two threads.
+    helper = ThreadPoolExecutor(1, thread_name_prefix="sens-peft-merge") if streamed and device.type == "cpu" \
+        else None
+
+    reader = _Prefetcher(tensor_names, base_src, expert_srcs, depth=prefetch, max_bytes=_READ_AHEAD_BYTES,
+                         pool=pool, prepare=prepare, prepare_bytes=prepare_bytes)
+    def merge_tensor(name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor], ready, alone: bool) -> bool:
         """Merge (or copy) one tensor and queue it for writing; True if merged, False if copied."""
         dtype = out_dtype or base_t.dtype
 
@@ -1204,13 +1258,28 @@ def _merge_shards(
             out = None
             if pool is not None and device.type == "cpu":
                 out = pool.take(base_t.numel() * dtype.itemsize).view(dtype).view(base_t.shape)
-            merged, finite = merge_streamed(
-                cfg.method, base_t.to(device), [t.to(device) for t in expert_ts], coeffs,
+            kwargs = dict(
                 density=cfg.density, majority_sign_method=cfg.majority_sign_method, seed=cfg.seed,
                 dare_rng=cfg.dare_rng, name=name,
                 weighted_election=bool(extras.get("weighted_election", True)), out_dtype=dtype,
-                importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude", out=out,
-                chunk=_chunk_for(device), **(ready or {}))
+                importance=importance, trim_by=cfg.trim_by if importance is not None else "magnitude",
+                chunk=_chunk_for(device), **prepared(ready))
+            inputs = (cfg.method, base_t.to(device), [t.to(device) for t in expert_ts], coeffs)
+            numel = base_t.numel()
+            # halves on chunk borders; TIES halves need the thresholds selected ahead (else both would select them)
+            if helper is not None and alone and numel >= 2 * DEFAULT_CHUNK and not (
+                    cfg.method == "ties" and cfg.density < 1.0 and "thresholds" not in kwargs):
+                if out is None:
+                    out = torch.empty(base_t.shape, dtype=dtype)
+                mid = numel // 2 // DEFAULT_CHUNK * DEFAULT_CHUNK
+                second = helper.submit(merge_streamed, *inputs, out=out, span=(mid, numel), **kwargs)
+                try:
+                    merged, finite = merge_streamed(*inputs, out=out, span=(0, mid), **kwargs)
+                finally:  # never leave the helper writing into a buffer that is about to be recycled
+                    wait([second])
+                finite = second.result()[1] and finite
+            else:
+                merged, finite = merge_streamed(*inputs, out=out, **kwargs)
             if not finite:
                 # raises on a NaN/Inf input; a finite overflow is written as computed
                 _check_inputs(name, base, base_src, base_t, names, expert_srcs, expert_ts)
@@ -1245,6 +1314,8 @@ def _merge_shards(
         raise
     finally:
         reader.close()
+        if helper is not None:
+            helper.shutdown(wait=True)
     if sink is not None:
         sink.close()
     else:

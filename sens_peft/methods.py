@@ -628,16 +628,21 @@ def unpack_bits(packed: Tensor, numel: int, out: Tensor, scratch: Tensor | None 
 
 
 def _dare_masks(numel: int, num: int, density: float, dare_rng: str, seed: int | None, name: str,
-                device: torch.device, chunk: int) -> list[Tensor]:
+                device: torch.device, chunk: int, experts: Sequence[int] | None = None) -> list[Tensor]:
     """The ``num`` DARE keep-masks that :func:`merge_deltas` draws with ``dare_rng``, bit-packed
     (:func:`pack_bits`). Packed, the K masks of a vocabulary-sized tensor take 25 MB instead of 200 MB.
 
     ``"torch"`` on the CPU: ``bernoulli`` with probability ``p`` draws one ``uniform_real_distribution<float>``
     value per entry, in order, and keeps it when it is below ``p``; ``uniform_`` draws the very same values
     (about 2.5x faster), so ``rand < density`` is the same mask, and drawing it in chunks continues the same
-    stream. Other devices keep the reference draw.
+    stream. Other devices keep the reference draw. ``experts`` (``"counter"`` only): the masks of these experts
+    alone, in this order.
     """
     use_torch = dare_rng == "torch"
+    if experts is None:
+        experts = range(num)
+    elif use_torch:
+        raise ValueError("dare_masks: experts= needs dare_rng='counter' (the 'torch' masks are one stream)")
     generator = _generator(seed, name, device) if use_torch else None  # None with seed=None: the global RNG
     if use_torch and device.type != "cpu":
         return [pack_bits(dare_mask((numel,), density, generator, device)) for _ in range(num)]
@@ -650,7 +655,7 @@ def _dare_masks(numel: int, num: int, density: float, dare_rng: str, seed: int |
         scratch = (torch.empty(chunk, dtype=torch.int32, device=device),
                    torch.empty(chunk, dtype=torch.int32, device=device))
     masks = []
-    for k in range(num):
+    for k in experts:
         packed = torch.empty((numel + 7) // 8, dtype=torch.uint8, device=device)
         for s, e in _chunks(numel, chunk):
             if use_torch:
@@ -665,21 +670,25 @@ def _dare_masks(numel: int, num: int, density: float, dare_rng: str, seed: int |
 
 def dare_masks(numel: int, num: int, density: float, seed: int | None, name: str,
                device: torch.device | str = "cpu", chunk: int = DEFAULT_CHUNK,
-               dare_rng: str = "counter") -> list[Tensor]:
+               dare_rng: str = "counter", experts: Sequence[int] | None = None) -> list[Tensor]:
     """The ``num`` DARE keep-masks (bit-packed, see :func:`pack_bits`) that :func:`merge_streamed` draws for
     tensor ``name``.
 
     Drawing them is the slowest step of a DARE merge on the CPU; computing them ahead (e.g. on another thread)
-    and passing them as ``merge_streamed(..., dare_masks=...)`` gives the same result.
+    and passing them as ``merge_streamed(..., dare_masks=...)`` gives the same result. With ``dare_rng="counter"``
+    each expert's mask depends on nothing else: ``experts`` (indices into ``range(num)``) draws only those, so
+    the masks of one tensor can be drawn on several threads (give them one integer ``seed``).
     """
     if dare_rng not in DARE_RNGS:
         raise ValueError(f"dare_masks: dare_rng={dare_rng!r} is not one of {list(DARE_RNGS)}")
-    return _dare_masks(numel, num, density, dare_rng, seed, name, torch.device(device), chunk)
+    if experts is not None and any(not 0 <= int(k) < num for k in experts):
+        raise ValueError(f"dare_masks: experts={list(experts)} must be indices below num={num}")
+    return _dare_masks(numel, num, density, dare_rng, seed, name, torch.device(device), chunk, experts)
 
 
-def _chunks(numel: int, chunk: int):
-    for start in range(0, numel, chunk):
-        yield start, min(numel, start + chunk)
+def _chunks(numel: int, chunk: int, start: int = 0):
+    for s in range(start, numel, chunk):
+        yield s, min(numel, s + chunk)
 
 
 def _delta(out: Tensor, expert: Tensor, base: Tensor | None, base_f: Tensor) -> Tensor:
@@ -1073,7 +1082,7 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
                    chunk: int = DEFAULT_CHUNK, out: Tensor | None = None,
                    dare_masks: Sequence[Tensor] | None = None,
                    thresholds: tuple[list[tuple[int, int]], bool] | None = None,
-                   dare_rng: str = "counter") -> tuple[Tensor, bool]:
+                   dare_rng: str = "counter", span: tuple[int, int] | None = None) -> tuple[Tensor, bool]:
     """``base + merge_deltas(method, [e - base for e in experts], coefficients, ...)`` without the deltas.
 
     The same math as :func:`merge_deltas` (fp32, coefficients already including the global scale) for the
@@ -1100,6 +1109,11 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
             ``dare_rng``).
         thresholds: The TIES trim computed ahead with :func:`trim_thresholds` (same inputs and ``density``).
         dare_rng: How DARE draws its masks (:data:`DARE_RNGS`), as for :func:`merge_deltas`.
+        span: ``(start, stop)``: merge only the flat entries ``start:stop`` into ``out`` (``start`` a multiple
+            of 8), leaving the others as they are. Every entry's result depends only on the inputs, the
+            coefficients, the trim/masks and its position, so merging the spans of a partition (e.g. on two
+            threads, into one ``out``) gives the same tensor as one call. Pass TIES ``thresholds`` then, or each
+            span selects them again.
 
     Returns:
         ``(merged, finite)``: the merged tensor with the base's shape, and False when a non-finite value was seen
@@ -1136,6 +1150,10 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
                              f"{out_dtype or base.dtype} with {numel} contiguous entries on {device}")
         out = out.reshape(-1)
     dare = method in ("dare_linear", "dare_ties") and density < 1.0
+    first, stop = (0, numel) if span is None else (int(span[0]), int(span[1]))
+    if not (0 <= first <= stop <= numel and first % 8 == 0):
+        raise ValueError(f"merge_streamed: span={span!r} must be (start, stop) with 0 <= start <= stop <= "
+                         f"{numel} and start a multiple of 8")
     chunk = max(1, min(int(chunk), numel))
     if dare:
         chunk = max(8, chunk - chunk % 8)  # chunk borders on byte borders of the packed masks
@@ -1190,7 +1208,7 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
         # base + sum_k c_k (e_k - base) == (1 - sum_k c_k) base + sum_k c_k e_k: no delta is formed, one pass
         # per input (a bf16->fp32 copy and a multiply-add), the same fp32 math up to rounding
         base_weight = 1.0 - math.fsum(coeffs)
-        for s, e in _chunks(numel, chunk):
+        for s, e in _chunks(stop, chunk, first):
             n = e - s
             ac, tm = acc[:n], tmp[:n]
             ac.copy_(flat_base[s:e]).mul_(base_weight)
@@ -1201,7 +1219,7 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
         return out.reshape(shape), finite and bool(torch.isfinite(check))
 
     if method == "dare_linear":
-        for s, e in _chunks(numel, chunk):
+        for s, e in _chunks(stop, chunk, first):
             n = e - s
             bf, ac, tm, kp = base_f[:n], acc[:n], tmp[:n], keep[:n]
             bf.copy_(flat_base[s:e])
@@ -1230,7 +1248,7 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
     # the sign each expert's vote has relative to its delta, and the weight of its vote
     vote_sign = [(c > 0) - (c < 0) if weighted_election else 1 for c in coeffs]
     vote_weight = coeffs if weighted_election else [1.0] * num
-    for s, e in _chunks(numel, chunk):
+    for s, e in _chunks(stop, chunk, first):
         n = e - s
         bf, mass, cnt, ag, sg, kp, one = base_f[:n], acc[:n], count[:n], agree[:n], sign[:n], keep[:n], ones[:n]
         bf.copy_(flat_base[s:e])

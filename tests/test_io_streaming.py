@@ -150,7 +150,7 @@ def test_reader_keeps_in_flight_bytes_within_the_bound(tmp_path):
     try:
         bound = 2 * 4 * 250  # two sources x 250 entries
         reader = smerge._Prefetcher(list(tensors), base, [expert], depth=8, max_bytes=bound)
-        for name, b, experts, _ in reader:
+        for name, b, experts, *_ in reader:
             time.sleep(0.02)  # a slow consumer: the reader runs ahead as far as the bound allows
             assert torch.equal(b, tensors[name]) and torch.equal(experts[0], tensors[name])
             with lock:
@@ -178,3 +178,45 @@ def test_mapped_reads_release_the_file_mappings(models, tmp_path):
     inputs = [str(Path(p).resolve()) for p in inputs]
     assert not [line for line in maps.read_text().splitlines() if any(p in line for p in inputs)]
     assert load_file(str(next((tmp_path / "ties").glob("*.safetensors"))))
+
+
+@pytest.mark.parametrize("method,seed", [("task_arithmetic", 0), ("ties", 0), ("dare_ties", 0), ("dare_ties", None),
+                                         ("dare_linear", 0)])
+def test_tensors_read_alone_are_split_over_two_threads_with_the_same_output(models, tmp_path, monkeypatch, method,
+                                                                            seed):
+    """A tensor too large to be read along with others is prepared in groups of experts and merged in two halves
+    on two threads; the output is byte-identical to the merge that does neither."""
+    kw = dict(method=method, density=0.5 if method != "task_arithmetic" else 1.0, seed=seed, sens=None,
+              device="cpu", progress=False, max_shard_size="30KB")
+    torch.manual_seed(7)  # seed=None: the DARE keys come from the global RNG, one per tensor, in tensor order
+    merge_models(models["base"], models["experts"], tmp_path / "whole", **kw)
+
+    spans, groups = [], []
+    original_merge, original_trim, original_masks = smerge.merge_streamed, smerge.trim_thresholds, smerge.dare_masks
+
+    def merge_spy(*args, **kwargs):
+        spans.append((kwargs.get("span"), args[1].numel()))
+        return original_merge(*args, **kwargs)
+
+    def trim_spy(base, experts, *args, **kwargs):
+        groups.append(len(experts))
+        return original_trim(base, experts, *args, **kwargs)
+
+    def masks_spy(*args, experts=None, **kwargs):
+        groups.append(None if experts is None else len(experts))
+        return original_masks(*args, experts=experts, **kwargs)
+
+    monkeypatch.setattr(smerge, "merge_streamed", merge_spy)
+    monkeypatch.setattr(smerge, "trim_thresholds", trim_spy)
+    monkeypatch.setattr(smerge, "dare_masks", masks_spy)
+    monkeypatch.setattr(smerge, "_READ_AHEAD_BYTES", 1)  # every tensor is read alone
+    monkeypatch.setattr(smerge, "DEFAULT_CHUNK", 256)  # and the small ones are still split in chunks
+    torch.manual_seed(7)
+    merge_models(models["base"], models["experts"], tmp_path / "split", **kw)
+
+    assert hash_tree(tmp_path / "split") == hash_tree(tmp_path / "whole")
+    halves = [(span, numel) for span, numel in spans if span is not None]
+    assert halves and all(span[1] == numel or span[0] == 0 for span, numel in halves)
+    assert {span for span, _ in halves if span[0] == 0} and {span for span, _ in halves if span[0] > 0}
+    if method != "task_arithmetic":
+        assert groups and set(groups) == {2, 1}  # 3 experts in groups [0, 1] and [2]

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from sens_peft.methods import _trim_mask_streamed, magnitude_trim_mask, merge_deltas, merge_streamed
+from sens_peft.methods import (
+    _trim_mask_streamed,
+    dare_masks,
+    magnitude_trim_mask,
+    merge_deltas,
+    merge_streamed,
+    trim_thresholds,
+)
 
 
 def _inputs(shape, dtype, seed=0):
@@ -197,3 +204,51 @@ def test_trim_keeps_first_ties_in_index_order(case, density, sampled, monkeypatc
     kept = mask[tied]
     assert 0 < int(kept.sum()) <= tied.numel()
     assert bool(kept[: int(kept.sum())].all())  # a prefix of the ties, in index order
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "ties", "dare_ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spans_of_a_partition_give_the_whole_merge(method, dtype):
+    """Merging the spans of a partition into one ``out`` gives the one-call tensor bit for bit, whatever the span
+    borders (multiples of 8, not of the chunk), with thresholds selected ahead or masks drawn inline or ahead."""
+    base, experts = _inputs((61, 97), dtype, seed=2)
+    coeffs = [0.9, -0.4, 1.3]
+    kw = dict(density=0.4, seed=5, name="w", chunk=1000)
+    ahead = {}
+    if method == "ties":
+        ahead = {"thresholds": trim_thresholds(base, experts, 0.4)}
+    whole, _ = merge_streamed(method, base, experts, coeffs, **kw, **ahead)
+    variants = [ahead]
+    if method.startswith("dare"):
+        variants.append({"dare_masks": dare_masks(base.numel(), 3, 0.4, 5, "w")})
+    for extra in variants:
+        out = torch.full_like(base, float("nan"))  # an entry no span writes would stay NaN
+        finite = True
+        for span in [(0, 1608), (1608, 1616), (1616, 4000), (4000, base.numel())]:
+            _, ok = merge_streamed(method, base, experts, coeffs, **kw, **extra, out=out, span=span)
+            finite = finite and ok
+        assert finite and torch.equal(out, whole)
+
+
+def test_span_is_validated():
+    base, experts = _inputs((100,), torch.float32)
+    for span in [(4, 50), (0, 101), (60, 50), (-8, 50)]:
+        with pytest.raises(ValueError, match="span"):
+            merge_streamed("ties", base, experts, [1.0, 1.0, 1.0], density=0.5, span=span)
+
+
+def test_thresholds_and_masks_of_expert_groups_equal_those_of_all_experts():
+    """Each expert's trim and counter mask depend on nothing else: groups of experts give the same values."""
+    base, experts = _inputs((2 ** 21,), torch.bfloat16, seed=4)  # above the sampled selection's minimum size
+    found, finite = trim_thresholds(base, experts, 0.3)
+    first, ok1 = trim_thresholds(base, experts[:2], 0.3)
+    last, ok2 = trim_thresholds(base, experts[2:], 0.3)
+    assert first + last == found and finite and ok1 and ok2
+    masks = dare_masks(5000, 3, 0.3, 11, "w")
+    for group in ([0, 1], [2], [2, 0]):
+        got = dare_masks(5000, 3, 0.3, 11, "w", experts=group)
+        assert all(torch.equal(g, masks[k]) for g, k in zip(got, group))
+    with pytest.raises(ValueError, match="counter"):
+        dare_masks(5000, 3, 0.3, 11, "w", dare_rng="torch", experts=[0])
+    with pytest.raises(ValueError, match="indices"):
+        dare_masks(5000, 3, 0.3, 11, "w", experts=[3])
