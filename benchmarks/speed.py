@@ -2,7 +2,8 @@
 
     python benchmarks/speed.py                 # full size: base + 3 experts of a 541M-parameter Llama shape
     python benchmarks/speed.py --small         # smoke run, tens of MB
-    python benchmarks/speed.py --only floor,sens   # subsets: floor, sens, mergekit, adapters, callback
+    python benchmarks/speed.py --only floor,sens   # subsets: floor, sens, mergekit, adapters, callback, paired
+    python benchmarks/speed.py --only paired --repeat 5   # floor and merge back to back: per-pair ratios
 
 Every measured job runs in a fresh subprocess; its peak RSS is that child's own ``ru_maxrss`` (from
 ``os.wait4``), so one job's memory never contaminates another's. Times are measured inside the child around
@@ -17,6 +18,11 @@ for page-cache memory the VM has never used.
 
 I/O floor: every input tensor read once and an output of the merged size written, two ways (``pread`` into
 recycled buffers; memory map + one read of every byte); the faster is the floor of the table.
+
+Paired ratios (``--only paired``): this VM's write speed drifts over minutes, so the floor of the table (measured
+once, before the merges) can be far from the floor at the time of a merge. Each of ``--repeat`` rounds runs the two
+floors and then each merge back to back, and the ratio of that round is the merge over the faster of its floors;
+the median over rounds is reported.
 
 Synthetic inputs (``make_synthetic.py``): base + K=3 full experts (base + N(0, 0.002²) deltas) in bf16,
 sharded at 500 MB like ``save_pretrained(max_shard_size="500MB")``, each expert with a synthetic
@@ -492,7 +498,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/sens_peft_speed")
     parser.add_argument("--small", action="store_true", help="tens-of-MB smoke run")
     parser.add_argument("--only", default="floor,sens,mergekit,adapters,callback",
-                        help="comma-separated parts: floor, sens, mergekit, adapters, callback, profile")
+                        help="comma-separated parts: floor, sens, mergekit, adapters, callback, profile, paired")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeat", type=int, default=1, help="runs per sens-peft/floor job (min is reported)")
     parser.add_argument("--shard-size", default="500MB", help="input and output shard size (all tools)")
@@ -555,7 +561,7 @@ def main() -> None:
         # Keep jobs measured by an earlier run (e.g. split across sessions); re-measured ones are replaced.
         old = json.loads(Path(args.out).read_text())
         result["jobs"] = old.get("jobs", {})
-        for key in ("callback", "callback_error"):
+        for key in ("callback", "callback_error", "paired"):
             if key in old:
                 result[key] = old[key]
         result["earlier_runs"] = old.get("earlier_runs", []) + [
@@ -570,18 +576,20 @@ def main() -> None:
     skip = [x for x in (args.skip or "").split(",") if x]
     prime_writes(work / "prime", int(2 * model_gb * 1e9))
 
+    def run_once(key: str, cmd_fn, rep: int) -> dict:
+        if out_root.exists():
+            shutil.rmtree(out_root)
+        os.sync()
+        warm_cache([base, *experts])
+        return run_child(cmd_fn(), logs / f"{key.replace(' ', '_').replace('+', '')}.{rep}.log", args.timeout)
+
     def measure(key: str, cmd_fn, repeat: int = 1) -> None:
         if any(x in key for x in skip):
             return
         best = None
         runs = []
         for rep in range(repeat):
-            if out_root.exists():
-                shutil.rmtree(out_root)
-            os.sync()
-            warm_cache([base, *experts])
-            payload = run_child(cmd_fn(), logs / f"{key.replace(' ', '_').replace('+', '')}.{rep}.log",
-                                args.timeout)
+            payload = run_once(key, cmd_fn, rep)
             runs.append(payload.get("seconds"))
             if best is None or (payload.get("seconds") or 1e18) < (best.get("seconds") or 1e18):
                 best = payload
@@ -607,6 +615,31 @@ def main() -> None:
         for method in methods:
             measure(f"sens-peft {SHORT[method]}", job_cmd("sens", method=method, sens=False), args.repeat)
             measure(f"sens-peft {SHORT[method]} +Sens", job_cmd("sens", method=method, sens=True), args.repeat)
+    if "paired" in parts:
+        rounds = []
+        for rep in range(args.repeat):
+            floor_s = min(run_once(f"paired floor {mode}", job_cmd("floor", mode=mode), rep).get("seconds") or 1e18
+                          for mode in ("pread", "mmap"))
+            row = {"floor_s": floor_s}
+            for method in methods:
+                for sens in (False, True):
+                    key = f"sens-peft {SHORT[method]}{' +Sens' if sens else ''}"
+                    if any(x in key for x in skip):
+                        continue
+                    row[key] = run_once(f"paired {key}", job_cmd("sens", method=method, sens=sens), rep).get("seconds")
+            rounds.append(row)
+            print(f"  paired round {rep}: floor {floor_s:.2f} s, " + ", ".join(
+                f"{k.removeprefix('sens-peft ')} {v / floor_s:.2f}×" for k, v in row.items() if k != "floor_s" and v),
+                flush=True)
+        summary = {}
+        for key in (k for k in rounds[0] if k != "floor_s"):
+            ratios = [r[key] / r["floor_s"] for r in rounds if r.get(key)]
+            if ratios:
+                summary[key] = {"median_ratio": statistics.median(ratios), "min_ratio": min(ratios),
+                                "max_ratio": max(ratios), "median_s": statistics.median(r[key] for r in rounds)}
+        result["paired"] = {"rounds": rounds, "summary": summary,
+                            "floor_s_median": statistics.median(r["floor_s"] for r in rounds)}
+        Path(args.out).write_text(json.dumps(result, indent=2))
     if "profile" in parts:
         for method in methods:
             prof = str(work / f"speed_profile_{method}")
@@ -662,6 +695,15 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2))
     print()
     print(table)
+    if result.get("paired"):
+        print()
+        print(f"Paired rounds ({len(result['paired']['rounds'])}; floor median "
+              f"{result['paired']['floor_s_median']:.2f} s): merge / floor of the same round")
+        print("| job | median s | median × floor | min × | max × |")
+        print("|---|---:|---:|---:|---:|")
+        for key, r in result["paired"]["summary"].items():
+            print(f"| {key} | {r['median_s']:.2f} | {r['median_ratio']:.2f}× | {r['min_ratio']:.2f}× | "
+                  f"{r['max_ratio']:.2f}× |")
     if result.get("callback"):
         print()
         print("| callback | step plain ms | step during ms | ratio | callback's own ms/step | 1 + own/plain "
