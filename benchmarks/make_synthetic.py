@@ -104,7 +104,8 @@ class StreamedShardWriter:
     """The library's planned :class:`sens_peft.io.ShardWriter` (headers known up front, each tensor written at its
     offset, no shard held in memory) behind the benchmark's interface: write tensors in ``order``, then ``close``."""
 
-    def __init__(self, out_dir: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int):
+    def __init__(self, out_dir: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int,
+                 background: bool = False):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.plan = _library_plan(_sizes(entries), max_bytes)
@@ -112,6 +113,10 @@ class StreamedShardWriter:
         self.order = [position[n] for shard in self.plan.shards for n in shard]
         specs = {name: (tuple(shape), dtype) for name, shape, dtype in entries}
         self._writer = ShardWriter(self.out_dir, max_bytes, plan=self.plan, specs=specs)
+        if background:  # writes on the library's writer thread, overlapping with the caller's reads
+            from sens_peft.io import BackgroundWriter
+
+            self._writer = BackgroundWriter(self._writer)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._writer.add(name, tensor)
