@@ -1192,8 +1192,9 @@ def _merge_shards(
         # The slowest step of a DARE merge on the CPU is drawing the masks (a hash or a Mersenne-Twister draw per
         # entry and expert), of a TIES merge selecting the trim thresholds; done by the reader's two workers, it
         # overlaps with the merge of the tensor before (torch releases the GIL inside its ops). Each expert's
-        # thresholds or counter masks depend on nothing else, so a tensor that nothing overlaps with (one read
-        # alone) is prepared in `parts` groups of experts side by side.
+        # thresholds or counter masks depend on nothing else, so a tensor that little else overlaps with (see
+        # _Prefetcher) is prepared in `parts` groups of experts side by side. This runs on the reader thread; the
+        # jobs it returns run on the workers.
         def prepare(name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor], parts: int
                     ) -> Optional[list[Callable[[], Any]]]:
             if all(torch.equal(base_t, t) for t in expert_ts):
@@ -1224,7 +1225,7 @@ def _merge_shards(
                                    all(finite for _, finite in results))}
         return {"dare_masks": [mask for masks in results for mask in masks]}
 
-    # A tensor that nothing overlaps with (see _Prefetcher) is merged in two halves on two threads.
+    # A tensor that little else overlaps with (see _Prefetcher) is merged in two halves on two threads.
     helper = ThreadPoolExecutor(1, thread_name_prefix="sens-peft-merge") if streamed and device.type == "cpu" \
         else None
 
