@@ -1268,11 +1268,12 @@ def _merge_shards(
             inputs = (cfg.method, base_t.to(device), [t.to(device) for t in expert_ts], coeffs)
             numel = base_t.numel()
             # halves on chunk borders; TIES halves need the thresholds selected ahead (else both would select them)
-            if helper is not None and alone and numel >= 2 * DEFAULT_CHUNK and not (
+            chunk = kwargs["chunk"]
+            if helper is not None and alone and numel >= 2 * chunk and not (
                     cfg.method == "ties" and cfg.density < 1.0 and "thresholds" not in kwargs):
                 if out is None:
                     out = torch.empty(base_t.shape, dtype=dtype)
-                mid = numel // 2 // DEFAULT_CHUNK * DEFAULT_CHUNK
+                mid = numel // 2 // chunk * chunk
                 second = helper.submit(merge_streamed, *inputs, out=out, span=(mid, numel), **kwargs)
                 try:
                     merged, finite = merge_streamed(*inputs, out=out, span=(0, mid), **kwargs)
