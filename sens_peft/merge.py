@@ -36,6 +36,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from . import fused as _fused
 from .config import MergeConfig
 from .io import (
     BackgroundWriter,
@@ -1205,6 +1206,11 @@ def _merge_shards(
                 return [functools.partial(trim_thresholds, base_t, [expert_ts[k] for k in group], cfg.density,
                                           importance=None if maps is None else [maps[k] for k in group], name=name)
                         for group in _expert_groups(num, parts)]
+            if cfg.method == "dare_ties" and cfg.dare_rng == "counter" and device.type == "cpu" \
+                    and _fused.supports(base_t.reshape(-1), [t.reshape(-1) for t in expert_ts],
+                                        base_t.new_empty(0, dtype=out_dtype or base_t.dtype)) \
+                    and _fused.available():
+                return None  # the fused loops hash the masks inline, for less than unpacking them would cost
             if cfg.dare_rng != "counter":  # one generator stream for all the experts: one job
                 return [functools.partial(dare_masks, base_t.numel(), num, cfg.density, cfg.seed, name,
                                           dare_rng=cfg.dare_rng)]
@@ -1213,8 +1219,12 @@ def _merge_shards(
                                       dare_rng=cfg.dare_rng, experts=group)
                     for group in _expert_groups(num, parts)]
 
+        inline_masks = cfg.method == "dare_ties" and cfg.dare_rng == "counter" and device.type == "cpu" \
+            and _fused.available()
+
         def prepare_bytes(numel: int) -> int:
-            return (numel + 7) // 8 * len(expert_srcs) if cfg.method in DARE_METHODS else 0  # packed masks
+            packed = cfg.method in DARE_METHODS and not inline_masks
+            return (numel + 7) // 8 * len(expert_srcs) if packed else 0  # packed masks
 
     def prepared(results: Optional[list]) -> dict:
         """merge_streamed's keyword arguments from the results of a tensor's preparation jobs (in expert order)."""

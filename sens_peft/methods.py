@@ -35,6 +35,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from . import fused as _fused
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -1082,7 +1084,8 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
                    chunk: int = DEFAULT_CHUNK, out: Tensor | None = None,
                    dare_masks: Sequence[Tensor] | None = None,
                    thresholds: tuple[list[tuple[int, int]], bool] | None = None,
-                   dare_rng: str = "counter", span: tuple[int, int] | None = None) -> tuple[Tensor, bool]:
+                   dare_rng: str = "counter", span: tuple[int, int] | None = None,
+                   fused: bool | None = None) -> tuple[Tensor, bool]:
     """``base + merge_deltas(method, [e - base for e in experts], coefficients, ...)`` without the deltas.
 
     The same math as :func:`merge_deltas` (fp32, coefficients already including the global scale) for the
@@ -1114,6 +1117,9 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
             coefficients, the trim/masks and its position, so merging the spans of a partition (e.g. on two
             threads, into one ``out``) gives the same tensor as one call. Pass TIES ``thresholds`` then, or each
             span selects them again.
+        fused: TIES / DARE-TIES on the CPU: ``None`` (default) runs the fused C loops of :mod:`sens_peft.fused`
+            when they are available and can take the inputs (fp32/bf16, magnitude trim), else the torch ops;
+            ``False`` always the torch ops; ``True`` the fused loops or an error. Both give the same bits.
 
     Returns:
         ``(merged, finite)``: the merged tensor with the base's shape, and False when a non-finite value was seen
@@ -1235,6 +1241,32 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
             out[s:e].copy_(bf)
         return out.reshape(shape), finite and bool(torch.isfinite(check))
 
+    # the sign each expert's vote has relative to its delta, and the weight of its vote
+    vote_sign = [(c > 0) - (c < 0) if weighted_election else 1 for c in coeffs]
+    vote_weight = coeffs if weighted_election else [1.0] * num
+    if fused is not False and not by_importance and _fused.supports(flat_base, flats, out) \
+            and _fused.available():
+        if dare and counter:
+            blocks = range(first // _COUNTER_BLOCK, max(first, stop - 1) // _COUNTER_BLOCK + 1)
+            keys = torch.tensor([[_counter_keys(key, name, k, b) for b in blocks] for k in range(num)],
+                                dtype=torch.int32).reshape(num, len(blocks), 2)
+            drop = dict(drop="counter", density=density, keys=keys, first_block=blocks[0],
+                        block_size=_COUNTER_BLOCK, keep_threshold=_keep_threshold(density))
+        elif dare:
+            drop = dict(drop="packed", density=density, masks=masks)
+        elif any(t is not None for t in trims):
+            drop = dict(drop="trim", trims=[t if t is not None else (-1.0, -1.0, 0) for t in trims])
+        else:
+            drop = dict(drop="none")
+        bad = _fused.ties_merge(first, stop, flat_base, flats, out, coefficients=coeffs, vote_weight=vote_weight,
+                                vote_sign=vote_sign, count_votes=majority_sign_method != "total", **drop)
+        return out.reshape(shape), finite and bad == 0
+    elif fused is True:
+        raise RuntimeError(f"merge_streamed: fused=True, but the fused loops cannot take this merge (method "
+                           f"{method!r}, {'importance trim, ' if by_importance else ''}device {device}, dtypes "
+                           f"{sorted({str(t.dtype) for t in (flat_base, out, *flats)})}; available: "
+                           f"{_fused.available()})")
+
     # ties / dare_ties: per chunk, the K kept (trimmed/dropped) deltas, the elected sign, then the disjoint mean
     # over the entries that agree with it. The deltas are kept unscaled and each coefficient enters through the
     # ``value`` of an ``addcmul``, which rounds like the separate product and sum of merge_deltas (``add`` with
@@ -1245,9 +1277,6 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
     count = torch.empty(chunk, **f32)
     sign = torch.empty(chunk, **f32)
     agree = torch.empty(chunk, **f32)
-    # the sign each expert's vote has relative to its delta, and the weight of its vote
-    vote_sign = [(c > 0) - (c < 0) if weighted_election else 1 for c in coeffs]
-    vote_weight = coeffs if weighted_election else [1.0] * num
     for s, e in _chunks(stop, chunk, first):
         n = e - s
         bf, mass, cnt, ag, sg, kp, one = base_f[:n], acc[:n], count[:n], agree[:n], sign[:n], keep[:n], ones[:n]

@@ -12,6 +12,7 @@ import torch
 from helpers import hash_tree, make_full_expert, save_model, tiny_llama
 from safetensors.torch import load_file, save_file
 
+import sens_peft.fused
 import sens_peft.io as sio
 import sens_peft.merge as smerge
 from sens_peft.io import BufferPool, MergeError, TensorSource
@@ -180,12 +181,18 @@ def test_mapped_reads_release_the_file_mappings(models, tmp_path):
     assert load_file(str(next((tmp_path / "ties").glob("*.safetensors"))))
 
 
-@pytest.mark.parametrize("method,seed", [("task_arithmetic", 0), ("ties", 0), ("dare_ties", 0), ("dare_ties", None),
-                                         ("dare_linear", 0)])
+@pytest.mark.parametrize("method,seed,fused", [("task_arithmetic", 0, True), ("ties", 0, True), ("ties", 0, False),
+                                               ("dare_ties", 0, True), ("dare_ties", 0, False),
+                                               ("dare_ties", None, False), ("dare_linear", 0, True)])
 def test_tensors_read_alone_are_split_over_two_threads_with_the_same_output(models, tmp_path, monkeypatch, method,
-                                                                            seed):
+                                                                            seed, fused):
     """A tensor too large to be read along with others is prepared in groups of experts and merged in two halves
-    on two threads; the output is byte-identical to the merge that does neither."""
+    on two threads; the output is byte-identical to the merge that does neither. With the fused loops, DARE-TIES
+    masks are hashed inline (nothing prepared); without them (``fused=False``), drawn ahead in groups."""
+    if not fused:
+        monkeypatch.setattr(sens_peft.fused, "_loaded", [None])
+    elif not sens_peft.fused.available():
+        pytest.skip("the fused loops could not be built here")
     kw = dict(method=method, density=0.5 if method != "task_arithmetic" else 1.0, seed=seed, sens=None,
               device="cpu", progress=False, max_shard_size="30KB")
     torch.manual_seed(7)  # seed=None: the DARE keys come from the global RNG, one per tensor, in tensor order
@@ -218,5 +225,7 @@ def test_tensors_read_alone_are_split_over_two_threads_with_the_same_output(mode
     halves = [(span, numel) for span, numel in spans if span is not None]
     assert halves and all(span[1] == numel or span[0] == 0 for span, numel in halves)
     assert {span for span, _ in halves if span[0] == 0} and {span for span, _ in halves if span[0] > 0}
-    if method != "task_arithmetic":
+    if method == "dare_ties" and fused:
+        assert groups == []
+    elif method != "task_arithmetic":
         assert groups and set(groups) == {2, 1}  # 3 experts in groups [0, 1] and [2]
