@@ -29,7 +29,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "library", "ties_merge", "MAX_EXPERTS"]
+__all__ = ["available", "count_scores", "library", "supports", "ties_merge", "MAX_EXPERTS"]
 
 MAX_EXPERTS = 16  # the C file's MAX_EXPERTS
 _SOURCE = Path(__file__).resolve().parent / "_fused" / "ties_merge.c"
@@ -115,6 +115,10 @@ def _load() -> ctypes.CDLL | None:
                    ptr, ptr, ptr, i32,  # coefficients, vote weights, vote signs, count votes
                    i32, ptr, ptr, ptr,  # drop, trim bounds, tie ends
                    ctypes.c_double, ptr, i64, i64, i64, ctypes.c_int32, ptr]  # DARE density, keys, masks
+    fn = lib.sp_count_scores
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [i64, ptr, i32, ptr, i32, i64, ctypes.c_double, ctypes.c_double, i32,  # inputs, chunk, band
+                   ptr, ptr, ptr, ptr, i64, ptr]  # per chunk, upper, lower, gathered, cap, top
     return lib
 
 
@@ -181,3 +185,31 @@ def ties_merge(start: int, stop: int, base: Tensor, experts: list[Tensor], out: 
     if bad < 0:
         raise RuntimeError(f"the fused merge loops refused {num} experts (at most {MAX_EXPERTS})")
     return int(bad)
+
+
+def count_scores(base: Tensor, expert: Tensor, *, chunk: int, hi: float, lo: float, band: bool, cap: int
+                 ) -> tuple[int, int, Tensor, Tensor | None, int]:
+    """One expert's counting pass of :func:`sens_peft.methods.trim_thresholds` (sampled selection) over the scores
+    ``|expert - base|`` of the flat tensors (accepted by :func:`supports`), per chunk of ``chunk`` entries.
+
+    Returns ``(upper, lower, per_chunk, band_values, top)``. Tie mode (``band=False``): ``upper`` scores above
+    ``hi``, ``lower`` at or above it, ``per_chunk`` int64 counts of the scores equal to it. Band mode: ``upper``
+    scores at or above ``hi``, ``band_values`` the int32 bit patterns of the scores inside ``(lo, hi)`` in index
+    order (None when more than ``cap``), ``per_chunk`` how many each chunk holds. ``top``: the largest score bit
+    pattern (NaN/Inf included).
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the fused merge loops are not available")
+    numel = base.numel()
+    per_chunk = torch.zeros(max(1, -(-numel // chunk)), dtype=torch.int64)
+    counts = torch.zeros(2, dtype=torch.int64)  # upper, lower
+    top = torch.zeros(1, dtype=torch.int32)
+    gathered = torch.empty(cap if band else 0, dtype=torch.int32)
+    inside = lib.sp_count_scores(numel, base.data_ptr(), _DTYPES[base.dtype], expert.data_ptr(),
+                                 _DTYPES[expert.dtype], int(chunk), float(hi), float(lo), int(band),
+                                 per_chunk.data_ptr(), counts[0:].data_ptr(), counts[1:].data_ptr(),
+                                 gathered.data_ptr() if band else None, int(cap) if band else 0,
+                                 top.data_ptr())
+    values = gathered[:inside] if band and inside <= cap else None
+    return int(counts[0]), int(counts[1]), per_chunk[: -(-numel // chunk)], values, int(top)

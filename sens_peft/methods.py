@@ -806,7 +806,8 @@ def _threshold_from_counts(k: int, above: int, at_least: int) -> tuple[int, int]
 
 def _sampled_thresholds(scores: Callable[[int, int, int, Tensor], Tensor],
                         sample: Callable[[int, Tensor], Tensor], num: int, numel: int, k: int, chunk: int,
-                        device: torch.device) -> tuple[list[tuple[int, int] | None], bool]:
+                        device: torch.device, counts: Callable | None = None
+                        ) -> tuple[list[tuple[int, int] | None], bool]:
     """Thresholds of the ``k`` largest scores of each of ``num`` score tensors, in one pass over them.
 
     A uniform random sample of each tensor's scores locates its ``k``-th largest: either inside a run of equal
@@ -819,6 +820,8 @@ def _sampled_thresholds(scores: Callable[[int, int, int, Tensor], Tensor],
         scores: ``scores(j, s, e, out)`` writes the non-negative fp32 scores ``s:e`` of tensor ``j`` into ``out``
             (or returns them from elsewhere) and returns them; called for each ``j`` in order, chunk by chunk.
         sample: ``sample(j, index)`` returns the fp32 scores of tensor ``j`` at the flat positions ``index``.
+        counts: ``counts(j, band, hi, lo, cap)``: tensor ``j``'s whole counting pass at once, as
+            :func:`sens_peft.fused.count_scores` does it (then ``scores`` is not called).
 
     Returns:
         (per tensor ``(threshold, need)`` as :func:`_trim_threshold` gives them, or None; ``finite``: False if a
@@ -846,7 +849,17 @@ def _sampled_thresholds(scores: Callable[[int, int, int, Tensor], Tensor],
     mask = torch.empty(chunk, dtype=torch.float32, device=device)
     over = torch.empty(chunk, dtype=torch.int8, device=device)
     within = torch.empty(chunk, dtype=torch.int8, device=device)
-    for s, e in _chunks(numel, chunk):
+    for j in range(num if counts is not None else 0):  # the fused loops: one pass per expert
+        (mode, _, _), (hi, lo) = plans[j], floats[j]
+        upper[j], lower[j], per_chunk, picked, top_j = counts(j, mode == "band", hi, lo, cap)
+        top = torch.maximum(top, torch.tensor(top_j, dtype=torch.int32))
+        if mode == "tie":
+            tied[j] = list(per_chunk)
+        elif picked is None:
+            inside[j] = None
+        else:
+            inside[j] = list(torch.split(picked, per_chunk.tolist()))
+    for s, e in _chunks(numel, chunk) if counts is None else ():
         n = e - s
         for j in range(num):
             values = scores(j, s, e, buf[:n])
@@ -1005,7 +1018,7 @@ def _importance_maps(importance: Sequence[Tensor] | None, num: int, shape: torch
 
 def trim_thresholds(base: Tensor, experts: Sequence[Tensor], density: float, *,
                     importance: Sequence[Tensor] | None = None, name: str = "",
-                    chunk: int = DEFAULT_CHUNK) -> tuple[list[tuple[int, int]], bool]:
+                    chunk: int = DEFAULT_CHUNK, fused: bool | None = None) -> tuple[list[tuple[int, int]], bool]:
     """The TIES trim of each expert as ``merge_streamed(method="ties")`` computes it, ahead of the merge.
 
     Each expert keeps exactly ``int(density * numel)`` entries: those whose score (``|expert - base|``, or the
@@ -1017,6 +1030,9 @@ def trim_thresholds(base: Tensor, experts: Sequence[Tensor], density: float, *,
         ``([(threshold, tie_end)] per expert, finite)``: the threshold as the fp32 bit pattern of the score, the
         flat position before which the entries equal to it are kept (after it they are dropped), and False if a
         delta was NaN/Inf (or could not be looked at).
+
+    On the CPU, the counting pass over the deltas runs in the fused loops of :mod:`sens_peft.fused` when they are
+    available (``fused=None``; ``False``: the torch ops); the result is the same.
     """
     num = len(experts)
     numel = base.numel()
@@ -1054,8 +1070,13 @@ def trim_thresholds(base: Tensor, experts: Sequence[Tensor], density: float, *,
                     sampled_base.append(flat_base.index_select(0, idx).float())
                 return flats[j].index_select(0, idx).float().sub_(sampled_base[0])
 
+            counts = None
+            if fused is not False and _fused.supports(flat_base, flats, flat_base) and _fused.available():
+                def counts(j: int, band: bool, hi: float, lo: float, cap: int) -> tuple:
+                    return _fused.count_scores(flat_base, flats[j], chunk=chunk, hi=hi, lo=lo, band=band, cap=cap)
+
             found, finite, ties = _sampled_thresholds(delta_scores, delta_sample, num, numel, k_keep, chunk,
-                                                      device)
+                                                      device, counts)
     bits = torch.empty(chunk, dtype=torch.int32, device=device)
     for k in range(num):
         if found[k] is None:  # small tensor, or the sample's band missed: exact radix selection
@@ -1202,7 +1223,7 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
     if method == "ties" and density < 1.0:
         if thresholds is None:
             thresholds = trim_thresholds(base, experts, density, importance=imps if by_importance else None,
-                                         chunk=chunk)
+                                         chunk=chunk, fused=fused)
         found, ok = thresholds
         if len(found) != num:
             raise ValueError(f"merge_streamed: thresholds for {len(found)} experts, expected {num}")

@@ -88,6 +88,35 @@ def test_counter_masks_across_counter_blocks(monkeypatch):
     assert torch.equal(out[9_000:], eager[9_000:]) and not out[:9_000].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # bf16: a run of tied scores; fp32: a band
+def test_trim_thresholds_count_the_same(dtype):
+    numel = (1 << 20) + 77
+    base, experts = _inputs(numel, dtype, seed=8)
+    for density in (0.5, 0.013, 0.999):
+        eager = trim_thresholds(base, experts, density, fused=False)
+        assert trim_thresholds(base, experts, density, fused=True) == eager
+    experts[2][99] = float("inf")
+    assert trim_thresholds(base, experts, 0.5, fused=True) == trim_thresholds(base, experts, 0.5, fused=False)
+    assert trim_thresholds(base, experts, 0.5, fused=True)[1] is False
+
+
+def test_a_missed_band_falls_back_the_same_way(monkeypatch):
+    """A band far too narrow (so the k-th largest score is outside it) sends both paths to the radix selection."""
+    import sens_peft.methods as methods
+
+    base, experts = _inputs((1 << 20) + 5, torch.float32, seed=9)
+    monkeypatch.setattr(methods, "_BAND_SIGMAS", 0.0)  # +-8 sample ranks: misses most of the time
+    radix = []
+    original = methods._trim_threshold
+    monkeypatch.setattr(methods, "_trim_threshold", lambda *a, **k: radix.append(1) or original(*a, **k))
+    eager = trim_thresholds(base, experts, 0.3, fused=False)
+    misses = len(radix)
+    assert trim_thresholds(base, experts, 0.3, fused=True) == eager
+    assert misses > 0 and len(radix) == 2 * misses
+    monkeypatch.setattr(methods, "_BAND_SIGMAS", 5.0)
+    assert trim_thresholds(base, experts, 0.3, fused=True) == eager
+
+
 def test_non_finite_deltas_and_results_are_reported():
     base, experts = _inputs(10_000, torch.float32, seed=6)
     experts[1][1234] = float("nan")

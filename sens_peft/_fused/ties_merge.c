@@ -176,3 +176,61 @@ int64_t sp_ties_merge(int64_t start, int64_t n, const void *base, int base_dtype
     }
     return bad;
 }
+
+/* One expert's pass of the sampled TIES threshold selection (methods._sampled_thresholds), on the scores
+ * |expert - base| of entries [0, n), counted per chunk of `chunk` entries.
+ * Tie mode (band = 0): upper = #(score > hi), lower = #(score >= hi), per_chunk[c] = ties (score == hi) in chunk c.
+ * Band mode (band = 1): upper = #(score >= hi); the bit patterns of the scores inside (lo, hi) are written, in
+ * index order, to gathered (at most cap of them), per_chunk[c] = how many of them chunk c holds.
+ * *top = the largest score bit pattern (NaN/Inf ones included). Returns how many scores were inside the band
+ * (which may exceed cap: the caller then treats the band as missed). */
+int64_t sp_count_scores(int64_t n, const void *base, int base_dtype, const void *expert, int expert_dtype,
+                        int64_t chunk, double hi_d, double lo_d, int band, int64_t *per_chunk, int64_t *upper,
+                        int64_t *lower, int32_t *gathered, int64_t cap, int32_t *top) {
+    float b[BLOCK], v[BLOCK];
+    const float hi = (float)hi_d, lo = (float)lo_d;
+    int64_t up = 0, low = 0, inside = 0;
+    uint32_t best = 0;
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+        int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
+        int64_t here = 0;
+        for (int64_t b0 = c0; b0 < c1; b0 += BLOCK) {
+            int len = (int)(c1 - b0 < BLOCK ? c1 - b0 : BLOCK);
+            load(b, base, base_dtype, b0, len);
+            load(v, expert, expert_dtype, b0, len);
+            int32_t above = 0, at_least = 0;
+            uint32_t mx = 0;
+            for (int i = 0; i < len; i++) {
+                float s = v[i] - b[i];
+                uint32_t u;
+                memcpy(&u, &s, 4);
+                u &= 0x7FFFFFFFu; /* |s|, as torch's abs (NaN keeps its payload, loses its sign) */
+                memcpy(&s, &u, 4);
+                v[i] = s;
+                mx = u > mx ? u : mx;
+                above += band ? (s >= hi) : (s > hi);
+                at_least += s >= hi;
+            }
+            best = mx > best ? mx : best;
+            up += above;
+            if (!band) {
+                low += at_least;
+                here += at_least - above;
+                continue;
+            }
+            for (int i = 0; i < len; i++) {
+                uint32_t u;
+                memcpy(&u, &v[i], 4);
+                int in = v[i] > lo && !(v[i] >= hi);
+                if (inside < cap) gathered[inside] = (int32_t)u;
+                inside += in;
+                here += in;
+            }
+        }
+        per_chunk[c0 / chunk] = here;
+    }
+    *upper = up;
+    *lower = low;
+    *top = (int32_t)best;
+    return inside;
+}
