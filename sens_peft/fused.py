@@ -1,13 +1,14 @@
 """Fused CPU loops for the streamed TIES / DARE-TIES merge, compiled from C on first use.
 
 On the CPU, :func:`sens_peft.methods.merge_streamed` spends most of a TIES or DARE-TIES merge in ~30 element-wise
-torch ops per chunk, each its own pass over memory. ``_fused/ties_merge.c`` does the same arithmetic entry by
-entry in one pass, in the same order and with the same roundings (no fused multiply-adds), so it gives the same
-bits; tests/test_fused.py checks that against the torch path.
+torch ops per chunk, each its own pass over memory, and :func:`sens_peft.methods.trim_thresholds` in ~8 more per
+expert. ``_fused/ties_merge.c`` does the same arithmetic entry by entry in one pass, in the same order and with
+the same roundings (no fused multiply-adds), so it gives the same bits; tests/test_fused.py checks that against
+the torch path. A 542M-parameter TIES merge on 2 cores went from ~8 to ~3 CPU-seconds (benchmarks/README.md).
 
 The C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into
-a cache folder (``$SENS_PEFT_CACHE``, else ``$XDG_CACHE_HOME/sens_peft``, else ``~/.cache/sens_peft``) and loaded
-with :mod:`ctypes`; the build takes about a second. Without a compiler, or if the build fails, the merge runs the
+a cache folder (``$SENS_PEFT_CACHE/kernels``, else ``~/.cache/sens_peft/kernels``) and loaded with :mod:`ctypes`;
+the build takes about a second. Without a compiler, or if the build fails, the merge runs the
 torch ops (same results, slower) and this is logged once. ``SENS_PEFT_FUSED=0`` turns the fused loops off.
 """
 
@@ -38,17 +39,16 @@ _SOURCE = Path(__file__).resolve().parent / "_fused" / "ties_merge.c"
 _FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
 _NATIVE = ("-march=native",)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_DROP = {"none": 0, "trim": 1, "counter": 2, "packed": 3}
+_DROP = {"none": 0, "trim": 1, "counter": 2, "packed": 3, "importance": 4}
 
 _lock = threading.Lock()
 _loaded: list[ctypes.CDLL | None] = []  # empty until the first load attempt
 
 
 def _cache_dir() -> Path:
-    if os.environ.get("SENS_PEFT_CACHE"):
-        return Path(os.environ["SENS_PEFT_CACHE"])
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "sens_peft"
+    """``$SENS_PEFT_CACHE/kernels`` or ``~/.cache/sens_peft/kernels`` (next to the toy model's cache)."""
+    root = os.environ.get("SENS_PEFT_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "sens_peft") / "kernels"
 
 
 def _compiler() -> str | None:
@@ -114,7 +114,8 @@ def _load() -> ctypes.CDLL | None:
     fn.argtypes = [i64, i64, ptr, i32, i32, ptr, ptr, ptr, i32,  # span, base, experts, out
                    ptr, ptr, ptr, i32,  # coefficients, vote weights, vote signs, count votes
                    i32, ptr, ptr, ptr,  # drop, trim bounds, tie ends
-                   ctypes.c_double, ptr, i64, i64, i64, ctypes.c_int32, ptr]  # DARE density, keys, masks
+                   ctypes.c_double, ptr, i64, i64, i64, ctypes.c_int32, ptr,  # DARE density, keys, masks
+                   ptr]  # importance maps
     fn = lib.sp_count_scores
     fn.restype = ctypes.c_int64
     fn.argtypes = [i64, ptr, i32, ptr, i32, i64, ctypes.c_double, ctypes.c_double, i32,  # inputs, chunk, band
@@ -153,11 +154,12 @@ def ties_merge(start: int, stop: int, base: Tensor, experts: list[Tensor], out: 
                coefficients: list[float], vote_weight: list[float], vote_sign: list[int], count_votes: bool,
                drop: str, trims: list[tuple[float, float, int]] | None = None, density: float = 1.0,
                keys: Tensor | None = None, first_block: int = 0, block_size: int = 1 << 24, keep_threshold: int = 0,
-               masks: list[Tensor] | None = None) -> int:
+               masks: list[Tensor] | None = None, importance: list[Tensor] | None = None) -> int:
     """Entries ``start:stop`` of :func:`sens_peft.methods.merge_streamed`'s TIES / DARE-TIES loop, into ``out``.
 
     ``base``, ``experts`` and ``out`` are flat tensors accepted by :func:`supports`. ``drop``: ``"none"``,
-    ``"trim"`` (with ``trims``: per expert ``(above, at_least, tie_end)``), ``"counter"`` (DARE masks hashed
+    ``"trim"`` (with ``trims``: per expert ``(above, at_least, tie_end)``, on ``|delta|``), ``"importance"`` (the
+    same on the flat fp32 ``importance`` maps, which :func:`supports` must accept), ``"counter"`` (DARE masks hashed
     inline: ``keys`` int32 ``[K, blocks, 2]`` for the counter blocks ``first_block...`` of ``block_size``
     positions, and ``keep_threshold``) or
     ``"packed"`` (``masks``: K bit-packed masks). Returns the number of non-finite values seen (results, and deltas
@@ -181,16 +183,18 @@ def ties_merge(start: int, stop: int, base: Tensor, experts: list[Tensor], out: 
         _array(ctypes.c_int64, (t[2] for t in trims)), float(density),
         keys.data_ptr() if keys is not None else None, int(first_block),
         keys.shape[1] if keys is not None else 0, int(block_size), int(keep_threshold),
-        _array(ctypes.c_void_p, (m.data_ptr() for m in masks)) if masks is not None else None)
+        _array(ctypes.c_void_p, (m.data_ptr() for m in masks)) if masks is not None else None,
+        _array(ctypes.c_void_p, (m.data_ptr() for m in importance)) if importance is not None else None)
     if bad < 0:
         raise RuntimeError(f"the fused merge loops refused {num} experts (at most {MAX_EXPERTS})")
     return int(bad)
 
 
-def count_scores(base: Tensor, expert: Tensor, *, chunk: int, hi: float, lo: float, band: bool, cap: int
+def count_scores(base: Tensor | None, expert: Tensor, *, chunk: int, hi: float, lo: float, band: bool, cap: int
                  ) -> tuple[int, int, Tensor, Tensor | None, int]:
     """One expert's counting pass of :func:`sens_peft.methods.trim_thresholds` (sampled selection) over the scores
-    ``|expert - base|`` of the flat tensors (accepted by :func:`supports`), per chunk of ``chunk`` entries.
+    ``|expert - base|`` of the flat tensors (accepted by :func:`supports`), per chunk of ``chunk`` entries. With
+    ``base=None``, ``expert`` holds the fp32 scores themselves (an importance map).
 
     Returns ``(upper, lower, per_chunk, band_values, top)``. Tie mode (``band=False``): ``upper`` scores above
     ``hi``, ``lower`` at or above it, ``per_chunk`` int64 counts of the scores equal to it. Band mode: ``upper``
@@ -201,12 +205,13 @@ def count_scores(base: Tensor, expert: Tensor, *, chunk: int, hi: float, lo: flo
     lib = library()
     if lib is None:
         raise RuntimeError("the fused merge loops are not available")
-    numel = base.numel()
+    numel = expert.numel()
     per_chunk = torch.zeros(max(1, -(-numel // chunk)), dtype=torch.int64)
     counts = torch.zeros(2, dtype=torch.int64)  # upper, lower
     top = torch.zeros(1, dtype=torch.int32)
     gathered = torch.empty(cap if band else 0, dtype=torch.int32)
-    inside = lib.sp_count_scores(numel, base.data_ptr(), _DTYPES[base.dtype], expert.data_ptr(),
+    inside = lib.sp_count_scores(numel, None if base is None else base.data_ptr(),
+                                 0 if base is None else _DTYPES[base.dtype], expert.data_ptr(),
                                  _DTYPES[expert.dtype], int(chunk), float(hi), float(lo), int(band),
                                  per_chunk.data_ptr(), counts[0:].data_ptr(), counts[1:].data_ptr(),
                                  gathered.data_ptr() if band else None, int(cap) if band else 0,

@@ -1054,9 +1054,14 @@ def trim_thresholds(base: Tensor, experts: Sequence[Tensor], density: float, *,
     finite = True
     if numel >= _SAMPLE_MIN_NUMEL:
         if imps is not None:
+            counts = None
+            if fused is not False and _fused.supports(imps[0], imps, imps[0]) and _fused.available():
+                def counts(j: int, band: bool, hi: float, lo: float, cap: int) -> tuple:
+                    return _fused.count_scores(None, imps[j], chunk=chunk, hi=hi, lo=lo, band=band, cap=cap)
+
             found, _, ties = _sampled_thresholds(lambda j, s, e, buf: imps[j][s:e],
-                                           lambda j, idx: imps[j].index_select(0, idx),
-                                           num, numel, k_keep, chunk, device)
+                                                 lambda j, idx: imps[j].index_select(0, idx),
+                                                 num, numel, k_keep, chunk, device, counts)
         else:
             def delta_scores(j: int, s: int, e: int, buf: Tensor) -> Tensor:
                 if j == 0:
@@ -1265,8 +1270,8 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
     # the sign each expert's vote has relative to its delta, and the weight of its vote
     vote_sign = [(c > 0) - (c < 0) if weighted_election else 1 for c in coeffs]
     vote_weight = coeffs if weighted_election else [1.0] * num
-    if fused is not False and not by_importance and _fused.supports(flat_base, flats, out) \
-            and _fused.available():
+    if fused is not False and _fused.supports(flat_base, flats, out) \
+            and (not imps or _fused.supports(imps[0], imps, imps[0])) and _fused.available():  # imps: fp32
         if dare and counter:
             blocks = range(first // _COUNTER_BLOCK, max(first, stop - 1) // _COUNTER_BLOCK + 1)
             keys = torch.tensor([[_counter_keys(key, name, k, b) for b in blocks] for k in range(num)],
@@ -1275,6 +1280,8 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
                         block_size=_COUNTER_BLOCK, keep_threshold=_keep_threshold(density))
         elif dare:
             drop = dict(drop="packed", density=density, masks=masks)
+        elif by_importance:
+            drop = dict(drop="importance", trims=trims, importance=imps)
         elif any(t is not None for t in trims):
             drop = dict(drop="trim", trims=[t if t is not None else (-1.0, -1.0, 0) for t in trims])
         else:
@@ -1284,7 +1291,7 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
         return out.reshape(shape), finite and bad == 0
     elif fused is True:
         raise RuntimeError(f"merge_streamed: fused=True, but the fused loops cannot take this merge (method "
-                           f"{method!r}, {'importance trim, ' if by_importance else ''}device {device}, dtypes "
+                           f"{method!r}, device {device}, dtypes "
                            f"{sorted({str(t.dtype) for t in (flat_base, out, *flats)})}; available: "
                            f"{_fused.available()})")
 

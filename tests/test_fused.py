@@ -5,11 +5,12 @@ import os
 
 import pytest
 import torch
-from helpers import hash_tree, make_full_expert, save_model, tiny_llama
+from helpers import hash_tree, make_full_expert, read_state, save_model, tiny_llama
 
 import sens_peft.fused as fused
 from sens_peft.merge import merge_models
 from sens_peft.methods import dare_masks, merge_streamed, trim_thresholds
+from sens_peft.store import SensitivityRecord, save_sensitivity
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="the fused loops could not be built here")
 
@@ -64,6 +65,23 @@ def test_same_bits_for_fp32_output_spans_and_work_done_ahead(method):
     for span in ((0, 8_000), (8_000, 8_008), (8_008, 50_003)):
         merge_streamed(method, base, experts, [0.4, 0.6, 0.5], fused=True, out=out, span=span, **kw)
     assert torch.equal(_bits(out), _bits(eager))
+
+
+@pytest.mark.parametrize("numel", [3_001, (1 << 20) + 9])  # radix and sampled selection of the thresholds
+def test_same_bits_for_the_trim_by_importance(numel):
+    base, experts = _inputs(numel, torch.bfloat16, seed=12)
+    gen = torch.Generator().manual_seed(1)
+    maps = [torch.rand(numel, generator=gen) for _ in experts]
+    maps[1] = maps[1].to(torch.bfloat16).float()  # ties among the scores
+    maps[2][::7] = 0.0
+    for density in (0.5, 0.05):
+        kw = dict(density=density, importance=maps, trim_by="sensitivity", name="w")
+        assert trim_thresholds(base, experts, density, importance=maps, fused=True) == \
+            trim_thresholds(base, experts, density, importance=maps, fused=False)
+        eager, fast, ok_e, ok_f = _both("ties", base, experts, [0.8, 1.1, 0.6], **kw)
+        assert torch.equal(_bits(eager), _bits(fast)) and ok_e and ok_f
+    experts[0][5] = float("nan")  # trimmed away by the importance trim, still reported
+    assert not _both("ties", base, experts, [0.8, 1.1, 0.6], **kw)[3]
 
 
 def test_dare_masks_of_the_torch_generator_go_through_the_packed_path():
@@ -144,11 +162,11 @@ def test_built_once_into_the_cache_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("SENS_PEFT_CACHE", str(tmp_path))
     monkeypatch.setattr(fused, "_loaded", [])
     assert fused.available()
-    (built,) = tmp_path.glob("ties_merge-*.so")
+    (built,) = (tmp_path / "kernels").glob("ties_merge-*.so")
     stamp = built.stat().st_mtime_ns
     monkeypatch.setattr(fused, "_loaded", [])
     assert fused.available() and built.stat().st_mtime_ns == stamp
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list((tmp_path / "kernels").glob("*.tmp"))
 
 
 def test_without_a_compiler_the_torch_ops_run_and_it_is_logged(tmp_path, monkeypatch, caplog):
@@ -174,13 +192,38 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert not fused.available()
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties"])
-def test_merge_models_writes_the_same_bytes_with_and_without_the_fused_loops(tmp_path, monkeypatch, method):
+def _element_maps(folder, seed):
+    """A sidecar with an importance map for every tensor of the expert in ``folder``."""
+    state = read_state(folder)
+    gen = torch.Generator().manual_seed(seed)
+    maps = {name: torch.rand(t.shape, generator=gen) for name, t in state.items()}
+    names = sorted(state)
+    save_sensitivity(SensitivityRecord(groups=["all"], group_scores=torch.ones(1), tensor_names=names,
+                                       tensor_scores=torch.ones(len(names)), element_maps=maps,
+                                       metadata={"estimator": "taylor_abs", "weight_source": "theta",
+                                                 "mode": "after"}), folder)
+
+
+@pytest.mark.parametrize("method,trim_by", [("ties", "magnitude"), ("dare_ties", "magnitude"),
+                                            ("ties", "sensitivity")])
+def test_merge_models_writes_the_same_bytes_with_and_without_the_fused_loops(tmp_path, monkeypatch, method,
+                                                                            trim_by):
     base = tiny_llama(seed=0, dtype=torch.bfloat16)
     base_dir = save_model(base, tmp_path / "base")
     experts = [make_full_expert(base, tmp_path / f"e{k}", seed=k + 1) for k in range(3)]
-    kw = dict(method=method, density=0.4, seed=5, sens=None, device="cpu", progress=False)
+    if trim_by == "sensitivity":
+        for k, folder in enumerate(experts):
+            _element_maps(folder, k)
+    kw = dict(method=method, density=0.4, seed=5, sens=None, device="cpu", progress=False, trim_by=trim_by)
+    original, drops = fused.ties_merge, []
+
+    def spy(*args, **kwargs):
+        drops.append(kwargs["drop"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "ties_merge", spy)
     merge_models(base_dir, experts, tmp_path / "fast", **kw)
+    assert set(drops) == {{"ties": "trim", "dare_ties": "counter"}[method] if trim_by == "magnitude" else "importance"}
     monkeypatch.setattr(fused, "_loaded", [None])
     merge_models(base_dir, experts, tmp_path / "eager", **kw)
     assert hash_tree(tmp_path / "fast") == hash_tree(tmp_path / "eager")

@@ -12,7 +12,7 @@
 #define MAX_EXPERTS 16
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
-enum { DROP_NONE = 0, DROP_TRIM = 1, DROP_COUNTER = 2, DROP_PACKED = 3 };
+enum { DROP_NONE = 0, DROP_TRIM = 1, DROP_COUNTER = 2, DROP_PACKED = 3, DROP_IMPORTANCE = 4 };
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -88,15 +88,22 @@ static inline void shrink(float *d, int len, float bound) {
     for (int i = 0; i < len; i++) d[i] = (d[i] >= lo && d[i] <= bound) ? 0.0f : d[i];
 }
 
-/* Entries [start, start + n) of a TIES (drop=DROP_TRIM or DROP_NONE) or DARE-TIES merge; pointers are to entry 0
- * of the flat tensors. Returns the number of non-finite values seen (deltas before a DARE drop, results). */
+/* keep[i] = 1 where imp[i] > bound, else 0 (methods._keep_chunk). */
+static inline void keep_above(float *kp, const float *imp, int len, float bound) {
+    for (int i = 0; i < len; i++) kp[i] = imp[i] > bound ? 1.0f : 0.0f;
+}
+
+/* Entries [start, start + n) of a TIES (drop = DROP_TRIM, DROP_IMPORTANCE or DROP_NONE) or DARE-TIES (DROP_COUNTER,
+ * DROP_PACKED) merge; pointers are to entry 0 of the flat tensors; importance[k]: expert k's fp32 importance map
+ * (DROP_IMPORTANCE). Returns the number of non-finite values seen (deltas before a DARE drop or an importance
+ * trim, results). */
 int64_t sp_ties_merge(int64_t start, int64_t n, const void *base, int base_dtype, int num,
                       const void *const *experts, const int *expert_dtypes, void *out, int out_dtype,
                       const double *coeffs, const double *vote_weight, const int *vote_sign, int count_votes,
                       int drop, const double *above, const double *at_least, const int64_t *tie_end,
                       double density, const int32_t *keys, int64_t first_block, int64_t num_blocks, int64_t block_size,
                       int32_t keep_threshold,
-                      const uint8_t *const *packed) {
+                      const uint8_t *const *packed, const float *const *importance) {
     if (num < 1 || num > MAX_EXPERTS) return -1;
     float bf[BLOCK], mass[BLOCK], sg[BLOCK], ag[BLOCK], total[BLOCK], cnt[BLOCK], kp[BLOCK];
     float d[MAX_EXPERTS][BLOCK];
@@ -122,6 +129,13 @@ int64_t sp_ties_merge(int64_t start, int64_t n, const void *base, int base_dtype
                 else
                     packed_keep(kp, b0, len, packed[k]);
                 for (int i = 0; i < len; i++) dk[i] = (dk[i] * kp[i]) / dens;
+            } else if (drop == DROP_IMPORTANCE) {
+                bad += count_nonfinite(dk, len);
+                int64_t m = tie_end[k] - b0;
+                m = m < 0 ? 0 : (m > len ? len : m);
+                keep_above(kp, importance[k] + b0, (int)m, (float)at_least[k]);
+                keep_above(kp + m, importance[k] + b0 + m, len - (int)m, (float)above[k]);
+                for (int i = 0; i < len; i++) dk[i] = dk[i] * kp[i];
             } else if (drop == DROP_TRIM) {
                 int64_t m = tie_end[k] - b0;
                 m = m < 0 ? 0 : (m > len ? len : m);
@@ -178,11 +192,12 @@ int64_t sp_ties_merge(int64_t start, int64_t n, const void *base, int base_dtype
 }
 
 /* One expert's pass of the sampled TIES threshold selection (methods._sampled_thresholds), on the scores
- * |expert - base| of entries [0, n), counted per chunk of `chunk` entries.
+ * |expert - base| of entries [0, n) (with base NULL: the fp32 scores `expert` themselves, e.g. an importance map),
+ * counted per chunk of `chunk` entries.
  * Tie mode (band = 0): upper = #(score > hi), lower = #(score >= hi), per_chunk[c] = ties (score == hi) in chunk c.
  * Band mode (band = 1): upper = #(score >= hi); the bit patterns of the scores inside (lo, hi) are written, in
  * index order, to gathered (at most cap of them), per_chunk[c] = how many of them chunk c holds.
- * *top = the largest score bit pattern (NaN/Inf ones included). Returns how many scores were inside the band
+ * *top = the largest score bit pattern read as int32 (NaN/Inf ones included). Returns how many scores were inside the band
  * (which may exceed cap: the caller then treats the band as missed). */
 int64_t sp_count_scores(int64_t n, const void *base, int base_dtype, const void *expert, int expert_dtype,
                         int64_t chunk, double hi_d, double lo_d, int band, int64_t *per_chunk, int64_t *upper,
@@ -190,23 +205,29 @@ int64_t sp_count_scores(int64_t n, const void *base, int base_dtype, const void 
     float b[BLOCK], v[BLOCK];
     const float hi = (float)hi_d, lo = (float)lo_d;
     int64_t up = 0, low = 0, inside = 0;
-    uint32_t best = 0;
+    int32_t best = 0;
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
         int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
         int64_t here = 0;
         for (int64_t b0 = c0; b0 < c1; b0 += BLOCK) {
             int len = (int)(c1 - b0 < BLOCK ? c1 - b0 : BLOCK);
-            load(b, base, base_dtype, b0, len);
             load(v, expert, expert_dtype, b0, len);
+            if (base) {
+                load(b, base, base_dtype, b0, len);
+                for (int i = 0; i < len; i++) {
+                    float s = v[i] - b[i];
+                    uint32_t u;
+                    memcpy(&u, &s, 4);
+                    u &= 0x7FFFFFFFu; /* |s|, as torch's abs (NaN keeps its payload, loses its sign) */
+                    memcpy(&v[i], &u, 4);
+                }
+            }
             int32_t above = 0, at_least = 0;
-            uint32_t mx = 0;
+            int32_t mx = 0;
             for (int i = 0; i < len; i++) {
-                float s = v[i] - b[i];
-                uint32_t u;
+                float s = v[i];
+                int32_t u;
                 memcpy(&u, &s, 4);
-                u &= 0x7FFFFFFFu; /* |s|, as torch's abs (NaN keeps its payload, loses its sign) */
-                memcpy(&s, &u, 4);
-                v[i] = s;
                 mx = u > mx ? u : mx;
                 above += band ? (s >= hi) : (s > hi);
                 at_least += s >= hi;
@@ -231,6 +252,6 @@ int64_t sp_count_scores(int64_t n, const void *base, int base_dtype, const void 
     }
     *upper = up;
     *lower = low;
-    *top = (int32_t)best;
+    *top = best;
     return inside;
 }
