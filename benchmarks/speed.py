@@ -23,7 +23,8 @@ reads as in a merge); the fastest is the floor of the table.
 Paired ratios (``--only paired``): this VM's write speed drifts over minutes, so the floor of the table (measured
 once, before the merges) can be far from the floor at the time of a merge. Each of ``--repeat`` rounds runs the three
 floors and then each merge back to back, and the ratio of that round is the merge over the fastest of its floors;
-the median over rounds is reported.
+the median over rounds is reported. TIES and DARE-TIES also run without the fused C loops (``SENS_PEFT_FUSED=0``,
+"(torch ops)"), so each round measures what the loops gain.
 
 Synthetic inputs (``make_synthetic.py``): base + K=3 full experts (base + N(0, 0.002²) deltas) in bf16,
 sharded at 500 MB like ``save_pretrained(max_shard_size="500MB")``, each expert with a synthetic
@@ -121,7 +122,9 @@ def job_floor(args: dict) -> None:
 
 
 def job_sens(args: dict) -> None:
-    """sens-peft merge_models with one method, plain or Sens."""
+    """sens-peft merge_models with one method, plain or Sens; ``fused=False``: without the fused C loops."""
+    if args.get("fused") is False:
+        os.environ["SENS_PEFT_FUSED"] = "0"  # read when the loops are first needed
     import torch
 
     from sens_peft import merge_models
@@ -628,11 +631,16 @@ def main() -> None:
                           for mode in ("pread", "mmap", "overlap"))
             row = {"floor_s": floor_s}
             for method in methods:
-                for sens in (False, True):
-                    key = f"sens-peft {SHORT[method]}{' +Sens' if sens else ''}"
+                # the same merge without the fused C loops (sens_peft/fused.py): their gain, measured in this run
+                variants = [(False, True, ""), (True, True, " +Sens")]
+                if method in ("ties", "dare_ties"):
+                    variants.append((False, False, " (torch ops)"))
+                for sens, fused, suffix in variants:
+                    key = f"sens-peft {SHORT[method]}{suffix}"
                     if any(x in key for x in skip):
                         continue
-                    row[key] = run_once(f"paired {key}", job_cmd("sens", method=method, sens=sens), rep).get("seconds")
+                    cmd = job_cmd("sens", method=method, sens=sens, fused=fused)
+                    row[key] = run_once(f"paired {key}", cmd, rep).get("seconds")
             rounds.append(row)
             print(f"  paired round {rep}: floor {floor_s:.2f} s, " + ", ".join(
                 f"{k.removeprefix('sens-peft ')} {v / floor_s:.2f}×" for k, v in row.items() if k != "floor_s" and v),
@@ -643,6 +651,11 @@ def main() -> None:
             if ratios:
                 summary[key] = {"median_ratio": statistics.median(ratios), "min_ratio": min(ratios),
                                 "max_ratio": max(ratios), "median_s": statistics.median(r[key] for r in rounds)}
+        for key in [k for k in summary if k.endswith(" (torch ops)")]:
+            fused_key = key.removesuffix(" (torch ops)")
+            gains = [r[key] / r[fused_key] for r in rounds if r.get(key) and r.get(fused_key)]
+            if gains:
+                summary[key]["median_torch_ops_over_fused"] = statistics.median(gains)
         result["paired"] = {"rounds": rounds, "summary": summary,
                             "floor_s_median": statistics.median(r["floor_s"] for r in rounds)}
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -710,6 +723,9 @@ def main() -> None:
         for key, r in result["paired"]["summary"].items():
             print(f"| {key} | {r['median_s']:.2f} | {r['median_ratio']:.2f}× | {r['min_ratio']:.2f}× | "
                   f"{r['max_ratio']:.2f}× |")
+        for key, r in result["paired"]["summary"].items():
+            if "median_torch_ops_over_fused" in r:
+                print(f"{key} / fused, same round (median): {r['median_torch_ops_over_fused']:.2f}×")
     if result.get("callback"):
         print()
         print("| callback | step plain ms | step during ms | ratio | callback's own ms/step | 1 + own/plain "
