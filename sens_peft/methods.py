@@ -1144,7 +1144,8 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
             threads, into one ``out``) gives the same tensor as one call. Pass TIES ``thresholds`` then, or each
             span selects them again.
         fused: TIES / DARE-TIES on the CPU: ``None`` (default) runs the fused C loops of :mod:`sens_peft.fused`
-            when they are available and can take the inputs (fp32/bf16, magnitude trim), else the torch ops;
+            when they are available and can take the inputs (contiguous fp32/bf16 tensors, at most
+            :data:`sens_peft.fused.MAX_EXPERTS` experts), else the torch ops;
             ``False`` always the torch ops; ``True`` the fused loops or an error. Both give the same bits.
 
     Returns:
