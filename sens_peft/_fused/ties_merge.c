@@ -101,9 +101,9 @@ int64_t sp_ties_merge(int64_t start, int64_t n, const void *base, int base_dtype
                       const void *const *experts, const int *expert_dtypes, void *out, int out_dtype,
                       const double *coeffs, const double *vote_weight, const int *vote_sign, int count_votes,
                       int drop, const double *above, const double *at_least, const int64_t *tie_end,
-                      double density, const int32_t *keys, int64_t first_block, int64_t num_blocks, int64_t block_size,
-                      int32_t keep_threshold,
-                      const uint8_t *const *packed, const float *const *importance) {
+                      double density, const int32_t *keys, int64_t first_block, int64_t num_blocks,
+                      int64_t block_size, int32_t keep_threshold, const uint8_t *const *packed,
+                      const float *const *importance) {
     if (num < 1 || num > MAX_EXPERTS) return -1;
     float bf[BLOCK], mass[BLOCK], sg[BLOCK], ag[BLOCK], total[BLOCK], cnt[BLOCK], kp[BLOCK];
     float d[MAX_EXPERTS][BLOCK];
@@ -197,8 +197,8 @@ int64_t sp_ties_merge(int64_t start, int64_t n, const void *base, int base_dtype
  * Tie mode (band = 0): upper = #(score > hi), lower = #(score >= hi), per_chunk[c] = ties (score == hi) in chunk c.
  * Band mode (band = 1): upper = #(score >= hi); the bit patterns of the scores inside (lo, hi) are written, in
  * index order, to gathered (at most cap of them), per_chunk[c] = how many of them chunk c holds.
- * *top = the largest score bit pattern read as int32 (NaN/Inf ones included). Returns how many scores were inside the band
- * (which may exceed cap: the caller then treats the band as missed). */
+ * *top = the largest score bit pattern read as int32 (NaN/Inf ones included). Returns how many scores were inside
+ * the band (which may exceed cap: the caller then treats the band as missed). */
 int64_t sp_count_scores(int64_t n, const void *base, int base_dtype, const void *expert, int expert_dtype,
                         int64_t chunk, double hi_d, double lo_d, int band, int64_t *per_chunk, int64_t *upper,
                         int64_t *lower, int32_t *gathered, int64_t cap, int32_t *top) {
