@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality_lib as ql  # noqa: E402
 
-from sens_peft import toy  # noqa: E402
+from sens_peft.testing import toy  # noqa: E402
 
 logger = logging.getLogger("quality")
 

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from sens_peft import toy
+from sens_peft.testing import toy
 from sens_peft.coefficients import compute_coefficients
 from sens_peft.groups import layer_group
 from sens_peft.methods import MergeMethod, magnitude_trim_mask, merge_deltas, register_method

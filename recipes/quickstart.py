@@ -31,7 +31,8 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import Trainer
 
-from sens_peft import MergeConfig, SensitivityCallback, SensitivityConfig, merge_adapters, toy
+from sens_peft import MergeConfig, SensitivityCallback, SensitivityConfig, merge_adapters
+from sens_peft.testing import toy
 
 log = logging.getLogger("quickstart")
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from sens_peft import SensitivityCallback, SensitivityConfig, merge_models, toy
+from sens_peft import SensitivityCallback, SensitivityConfig, merge_models
+from sens_peft.testing import toy
 
 log = logging.getLogger("quickstart_full")
 

@@ -21,7 +21,8 @@ from datasets import Dataset
 from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 
-from sens_peft import SensitivityCallback, SensitivityConfig, merge_adapters, toy
+from sens_peft import SensitivityCallback, SensitivityConfig, merge_adapters
+from sens_peft.testing import toy
 
 log = logging.getLogger("quickstart_sft")
 

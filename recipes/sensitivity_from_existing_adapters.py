@@ -52,7 +52,7 @@ def real_experts(args) -> tuple[object, dict[str, tuple[Path, list[dict]]]]:
 
 
 def toy_experts(args) -> tuple[object, dict[str, tuple[Path, list[dict]]]]:
-    from sens_peft import toy
+    from sens_peft.testing import toy
 
     base = toy.pretrain_base(progress=True)
     tokenizer = toy.build_tokenizer()

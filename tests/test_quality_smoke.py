@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import quality_lib as ql  # noqa: E402
 
-from sens_peft import toy  # noqa: E402
+from sens_peft.testing import toy  # noqa: E402
 
 
 class _Oracle(torch.nn.Module):

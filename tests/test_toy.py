@@ -8,7 +8,7 @@ import string
 import pytest
 import torch
 
-from sens_peft import toy
+from sens_peft.testing import toy
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ construction rather than a knife edge of pre-training steps. :func:`train_expert
 
 Everything is built in memory from fixed seeds (no downloads)::
 
-    from sens_peft import toy
+    from sens_peft.testing import toy
     tok = toy.build_tokenizer()
     base = toy.pretrain_base()                      # cached under ~/.cache/sens_peft/toy/<hash>
     expert = toy.train_expert(base, "cipher", steps=150, output_dir="out/cipher")

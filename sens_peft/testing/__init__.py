@@ -1,0 +1,8 @@
+"""Test and benchmark fixtures shipped with the package (not public API).
+
+Like ``accelerate.test_utils``: importable so that the quick start, the recipes, the test suite and the quality
+benchmark share one synthetic suite, but nothing here is covered by the library's compatibility promise.
+
+* :mod:`sens_peft.testing.toy` -- the character-level toy suite (tokenizer, tasks, a tiny Llama base pre-trained
+  on demand, LoRA/full expert training, evaluation).
+"""
