@@ -26,7 +26,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from sens_peft.testing import toy
 from sens_peft.coefficients import compute_coefficients
 from sens_peft.groups import layer_group
 from sens_peft.methods import MergeMethod, magnitude_trim_mask, merge_deltas, register_method
@@ -38,6 +37,7 @@ from sens_peft.store import (
     save_probe,
     save_sensitivity,
 )
+from sens_peft.testing import toy
 
 logger = logging.getLogger("quality")
 
