@@ -18,7 +18,9 @@ _LAZY = {
     "MergeConfig": "sens_peft.config",
     "SensitivityRecord": "sens_peft.store",
     "ProbeSet": "sens_peft.store",
-    "SidecarError": "sens_peft.store",
+    "SensPeftError": "sens_peft.errors",
+    "SidecarError": "sens_peft.errors",
+    "RecipeError": "sens_peft.errors",
     "load_sensitivity": "sens_peft.store",
     "save_sensitivity": "sens_peft.store",
     "load_probe": "sens_peft.store",
@@ -32,7 +34,7 @@ _LAZY = {
     "merge_adapters": "sens_peft.merge",
     "merge_models": "sens_peft.merge",
     "MergeReport": "sens_peft.merge",
-    "MergeError": "sens_peft.io",
+    "MergeError": "sens_peft.errors",
     "MergeOnTrainEnd": "sens_peft.end_of_training",
 }
 

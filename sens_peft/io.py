@@ -28,6 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import MergeError  # noqa: F401  (re-exported: defined in sens_peft.errors)
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
@@ -68,10 +70,6 @@ CONFIG_KEYS = (
     "n_inner",
     "tie_word_embeddings",
 )
-
-
-class MergeError(ValueError):
-    """Bad merge inputs: incompatible experts, missing tensors or sidecars, unsafe output folder, ..."""
 
 
 # --------------------------------------------------------------------------------------------------------------

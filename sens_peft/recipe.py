@@ -40,16 +40,13 @@ from typing import Any, Optional
 import yaml
 
 from .config import MergeConfig
+from .errors import RecipeError  # noqa: F401  (re-exported: defined in sens_peft.errors)
 
 TOP_KEYS = {"base_model", "experts", "method", "parameters", "sens", "output", "device", "expert_type"}
 EXPERT_KEYS = {"path", "weight"}
 PARAMETER_KEYS = {"density", "scale", "majority_sign_method", "seed", "trim_by", "dare_rng"}
 SENS_KEYS = {"mode", "temperature", "normalization", "tau_normalization", "alignment", "granularity"}
 OUTPUT_KEYS = {"type", "path", "rank", "dtype"}
-
-
-class RecipeError(ValueError):
-    """A merge recipe is malformed: unknown key, wrong type, missing path."""
 
 
 @dataclass

@@ -19,6 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import SidecarError  # noqa: F401  (re-exported: defined in sens_peft.errors)
+
 SENSITIVITY_FILE = "sensitivity.safetensors"
 PROBE_FILE = "probe.safetensors"
 SENSITIVITY_FORMAT = "sens-peft/sensitivity"
@@ -29,10 +31,6 @@ PathLike = Union[str, os.PathLike]
 
 # Metadata keys every sensitivity file carries (values are strings in the file).
 REQUIRED_SENSITIVITY_META = ("format", "format_version", "groups", "tensor_names", "estimator", "weight_source", "mode")
-
-
-class SidecarError(ValueError):
-    """A sidecar file is missing, unreadable, of another format/version, or inconsistent."""
 
 
 @dataclass

@@ -20,13 +20,11 @@ from typing import Any, Optional
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..errors import UnsupportedSetupError  # noqa: F401  (re-exported: defined in sens_peft.errors)
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["detect_backend", "local_view", "all_reduce_sum", "wrap_deepspeed_step", "UnsupportedSetupError"]
-
-
-class UnsupportedSetupError(RuntimeError):
-    """The training setup cannot be scored correctly (raised instead of writing wrong scores)."""
 
 
 def _is_dtensor(t: Any) -> bool:
