@@ -96,6 +96,20 @@ class SensitivityConfig(_ConfigMixin):
             every coefficient reading on the quality benchmark (benchmarks/README.md). ``"auto"`` (default)
             keeps them when the scored tensors hold at most ``ELEMENT_MAP_BUDGET`` (2**26) elements; ``True``
             always (for a 7B model with LoRA on every projection that is the size of the model, in fp32).
+        gram: Input Gram matrices ``G = sum x x^T`` of each Linear the merge touches, for RegMean (captured in the
+            calibration pass: ``mode="after"``/``"both"`` and :func:`~sens_peft.compute_sensitivity`; not in
+            ``"during"``, whose activations come from weights that are still changing). ``"full"``: ``[in, in]``
+            per stored Gram; ``"diag"``: its diagonal ``[in]`` only; ``"none"``: off; ``"auto"`` (default): full
+            when the fp32 sums of all stored Grams (one per distinct input: q/k/v and gate/up share) fit in
+            ``gram_max_bytes``, else diag. Inputs are the expert's own activations over non-padding tokens.
+        gram_dtype: Storage dtype of the Grams in the sidecar (sums are accumulated in fp32 either way).
+            ``"float32"`` (default) is lossless; ``"bfloat16"`` halves the file but lost 2-13% of RegMean's gain
+            over averaging on the regression objective at shrinkage ``alpha=1`` in a float64 check (and <0.1%
+            at ``alpha=0.9``; ``benchmarks/stats_cost.py``). fp16 is not offered: token sums overflow it.
+        gram_max_bytes: Budget of ``gram="auto"`` in bytes of fp32 sums on the model's device (default 1 GiB:
+            full Grams for LoRA on the attention of models up to ~3B, diagonals for 7B-class MLPs).
+        fisher: Also store the diagonal empirical Fisher ``E[g^2]`` per element of each scored tensor
+            (``fisher.<name>``) for Fisher merging. ``"auto"`` (default) follows the ``element_maps`` size budget.
         ema: Optional EMA factor for ``during`` mode (``None``: plain mean over steps).
         every_n_steps: In ``during`` mode, measure every n-th optimizer step.
         seed: Seed for picking calibration and probe examples.
@@ -111,6 +125,10 @@ class SensitivityConfig(_ConfigMixin):
     store_probe: bool = True
     probe_samples: int = 16
     element_maps: Union[bool, Literal["auto"]] = "auto"
+    gram: Literal["auto", "full", "diag", "none"] = "auto"
+    gram_dtype: Literal["float32", "bfloat16"] = "float32"
+    gram_max_bytes: int = 2**30
+    fisher: Union[bool, Literal["auto"]] = "auto"
     ema: Optional[float] = None
     every_n_steps: int = 1
     seed: int = 0
@@ -127,6 +145,12 @@ class SensitivityConfig(_ConfigMixin):
             raise ValueError(f"probe_samples must be a non-negative integer, got {self.probe_samples!r}")
         if self.element_maps not in (True, False, "auto"):
             raise ValueError(f"element_maps must be True, False or 'auto', got {self.element_maps!r}")
+        _check_choice("gram", self.gram, ("auto", "full", "diag", "none"))
+        _check_choice("gram_dtype", self.gram_dtype, ("float32", "bfloat16"))
+        if not isinstance(self.gram_max_bytes, int) or self.gram_max_bytes < 0:
+            raise ValueError(f"gram_max_bytes must be a non-negative integer, got {self.gram_max_bytes!r}")
+        if self.fisher not in (True, False, "auto"):
+            raise ValueError(f"fisher must be True, False or 'auto', got {self.fisher!r}")
         if self.ema is not None and not (0.0 < float(self.ema) < 1.0):
             raise ValueError(f"ema must be in (0, 1) or None, got {self.ema!r}")
 

@@ -4,6 +4,21 @@
 few token sequences of the expert's data for the cross-task score. Both are versioned (``format_version``)
 and validated on load: a bad file raises :class:`SidecarError` naming the file and what is wrong. Writes are
 atomic (temporary file + ``os.replace``), so a crash never leaves a half-written sidecar.
+
+Sensitivity format versions (this sens-peft writes version 2 and reads 1 and 2):
+
+* 1: ``group_scores``, ``tensor_scores``, optional ``signed_scores``, ``element.<name>`` maps, extras.
+* 2: adds the data-aware merge statistics of the calibration pass, all optional:
+
+  - ``gram.<name>``: the input Gram ``G = sum x x^T`` of the Linear whose weight is ``<name>`` (canonical base
+    name, e.g. ``model.layers.0.self_attn.q_proj.weight``), ``[in, in]`` (full) or ``[in]`` (its diagonal),
+    float32 or bfloat16; sums over tokens, not means. Modules reading the same input tensor (q/k/v, gate/up) store
+    it once: metadata ``gram_aliases`` maps each other name to the stored one; ``gram_tokens`` holds each stored
+    Gram's token count (so ``G / tokens`` is the mean).
+  - ``fisher.<name>``: the diagonal empirical Fisher ``E[g^2]`` per element (shape of the scored tensor, float32);
+    metadata ``fisher_samples`` / ``fisher_estimator`` say from what.
+
+  :meth:`SensitivityRecord.statistic` reads any of them by the base weight's name.
 """
 
 from __future__ import annotations
@@ -20,12 +35,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import SidecarError  # noqa: F401  (re-exported: defined in sens_peft.errors)
+from .groups import canonical_name
 
 SENSITIVITY_FILE = "sensitivity.safetensors"
 PROBE_FILE = "probe.safetensors"
 SENSITIVITY_FORMAT = "sens-peft/sensitivity"
 PROBE_FORMAT = "sens-peft/probe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # of sensitivity.safetensors (see the module docstring)
+READ_VERSIONS = (1, 2)
+PROBE_FORMAT_VERSION = 1
+STATISTIC_KINDS = ("element_maps", "gram", "fisher")
 
 PathLike = Union[str, os.PathLike]
 
@@ -45,6 +64,11 @@ class SensitivityRecord:
         signed_scores: Optional fp32 ``[P]``: the signed ``<w, g>`` per tensor (for LoRA ``<A, dL/dA>``,
             which equals ``<dW, dL/dW>``: the first-order loss change from scaling the module's delta).
         element_maps: Optional per-element importance maps keyed by tensor name.
+        grams: Input Gram sums of Linear modules keyed by the canonical weight name of the module that owns the
+            stored copy: ``[in, in]`` (full) or ``[in]`` (diagonal only).
+        gram_aliases: ``{weight name: owner name}`` for modules whose input is the same tensor as the owner's.
+        gram_tokens: ``{owner name: tokens summed into its Gram}``.
+        fisher: Diagonal empirical Fisher maps ``E[g^2]`` keyed by tensor name (shape of the tensor).
         extra: Other named tensors (e.g. ``during.tensor_scores`` when ``mode="both"``).
         metadata: String-valued metadata (estimator, weight_source, mode, num_samples, ...).
     """
@@ -57,6 +81,10 @@ class SensitivityRecord:
     element_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)
+    gram_aliases: dict[str, str] = field(default_factory=dict)
+    gram_tokens: dict[str, int] = field(default_factory=dict)
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def task(self) -> Optional[str]:
@@ -71,6 +99,44 @@ class SensitivityRecord:
 
     def tensor_dict(self) -> dict[str, float]:
         return {n: float(s) for n, s in zip(self.tensor_names, self.tensor_scores.tolist())}
+
+    def gram_owner(self, tensor_name: str) -> Optional[str]:
+        """The name under which ``tensor_name``'s input Gram is stored (itself, its alias target, or None)."""
+        name = canonical_name(tensor_name)
+        owner = self.gram_aliases.get(name, name)
+        return owner if owner in self.grams else None
+
+    def statistic(self, kind: str, tensor_name: str) -> Optional[torch.Tensor]:
+        """One stored statistic of the tensor ``tensor_name`` (a canonical base name such as
+        ``model.layers.0.self_attn.q_proj.weight``; PEFT names are canonicalised), as float32, or None if absent.
+
+        Args:
+            kind: ``"element_maps"`` (``mean |w * g|``, the tensor's shape), ``"gram"`` (the input Gram sum of the
+                Linear owning that weight, shared aliases resolved: ``dim() == 2`` is the full ``[in, in]``
+                matrix, ``dim() == 1`` its diagonal only), or ``"fisher"`` (``E[g^2]``, the tensor's shape).
+            tensor_name: The weight's name.
+        """
+        if kind not in STATISTIC_KINDS:
+            raise ValueError(f"unknown statistic kind {kind!r}; expected one of {list(STATISTIC_KINDS)}")
+        name = canonical_name(tensor_name)
+        if kind == "gram":
+            owner = self.gram_owner(name)
+            value = None if owner is None else self.grams[owner]
+        else:
+            value = (self.element_maps if kind == "element_maps" else self.fisher).get(name)
+        return None if value is None else value.float()
+
+    def statistic_count(self, kind: str, tensor_name: Optional[str] = None) -> Optional[int]:
+        """How many tokens (``"gram"``, per module) or samples (``"fisher"``, ``"element_maps"``) a statistic
+        averages; divide a Gram by its count for the mean ``E[x x^T]``. None when unknown or absent."""
+        if kind not in STATISTIC_KINDS:
+            raise ValueError(f"unknown statistic kind {kind!r}; expected one of {list(STATISTIC_KINDS)}")
+        if kind == "gram":
+            owner = self.gram_owner(tensor_name) if tensor_name is not None else None
+            return None if owner is None else self.gram_tokens.get(owner)
+        key = "fisher_samples" if kind == "fisher" else "num_samples"
+        value = self.metadata.get(key)
+        return int(value) if value is not None and value.isdigit() else None
 
 
 @dataclass
@@ -130,7 +196,8 @@ def _read(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, metadata
 
 
-def _check_header(path: Path, metadata: dict[str, str], expected_format: str) -> None:
+def _check_header(path: Path, metadata: dict[str, str], expected_format: str,
+                  versions: tuple[int, ...] = (PROBE_FORMAT_VERSION,)) -> int:
     found = metadata.get("format")
     if found != expected_format:
         raise SidecarError(f"{path}: metadata 'format' is {found!r}, expected {expected_format!r}")
@@ -141,11 +208,12 @@ def _check_header(path: Path, metadata: dict[str, str], expected_format: str) ->
         version_int = int(version)
     except ValueError as err:
         raise SidecarError(f"{path}: metadata 'format_version' is {version!r}, expected an integer") from err
-    if version_int != FORMAT_VERSION:
+    if version_int not in versions:
         raise SidecarError(
             f"{path}: format_version {version_int} is not supported by this sens-peft "
-            f"(reads version {FORMAT_VERSION}); upgrade sens-peft or recompute the sidecar"
+            f"(reads versions {list(versions)}); upgrade sens-peft or recompute the sidecar"
         )
+    return version_int
 
 
 def _json_list(path: Path, metadata: dict[str, str], key: str) -> list[str]:
@@ -184,7 +252,9 @@ def save_sensitivity(record: SensitivityRecord, path: PathLike) -> Path:
         tensors[f"element.{name}"] = value.float()
     for name, value in record.extra.items():
         tensors[name] = value
+    tensors.update(_statistic_tensors(record))
     metadata = dict(record.metadata)
+    metadata.update(_statistic_metadata(record))
     metadata.update(
         format=SENSITIVITY_FORMAT,
         format_version=str(FORMAT_VERSION),
@@ -201,7 +271,7 @@ def load_sensitivity(path: PathLike) -> SensitivityRecord:
     """Read and validate ``sensitivity.safetensors`` (``path`` may be the expert's folder)."""
     file = _resolve(path, SENSITIVITY_FILE)
     tensors, metadata = _read(file, "sensitivity")
-    _check_header(file, metadata, SENSITIVITY_FORMAT)
+    _check_header(file, metadata, SENSITIVITY_FORMAT, READ_VERSIONS)
     for key in REQUIRED_SENSITIVITY_META:
         if key not in metadata:
             raise SidecarError(f"{file}: metadata {key!r} is missing")
@@ -220,7 +290,9 @@ def load_sensitivity(path: PathLike) -> SensitivityRecord:
         if not torch.isfinite(value).all():
             raise SidecarError(f"{file}: tensor 'element.{name}' contains NaN or Inf")
     known = {"group_scores", "tensor_scores", "signed_scores"}
-    extra = {k: v for k, v in tensors.items() if k not in known and not k.startswith("element.")}
+    grams, aliases, gram_tokens, fisher = _load_statistics(file, tensors, metadata)
+    extra = {k: v for k, v in tensors.items()
+             if k not in known and not k.startswith(("element.", _GRAM_PREFIX, _FISHER_PREFIX))}
     return SensitivityRecord(
         groups=groups,
         group_scores=tensors["group_scores"].float(),
@@ -230,7 +302,103 @@ def load_sensitivity(path: PathLike) -> SensitivityRecord:
         element_maps=element_maps,
         extra=extra,
         metadata=metadata,
+        grams=grams,
+        gram_aliases=aliases,
+        gram_tokens=gram_tokens,
+        fisher=fisher,
     )
+
+
+# ---------------------------------------------------------------------------------------------- v2 statistics
+_GRAM_PREFIX = "gram."
+_FISHER_PREFIX = "fisher."
+_GRAM_DTYPES = (torch.float32, torch.bfloat16)
+# Relative asymmetry tolerated in a stored Gram (bf16 storage of a symmetric fp32 matrix stays symmetric; this
+# only guards against a transposed or foreign tensor).
+_SYMMETRY_TOL = 1e-3
+
+
+def _statistic_tensors(record: SensitivityRecord) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in record.grams.items():
+        if value.dtype not in _GRAM_DTYPES:
+            value = value.float()
+        tensors[_GRAM_PREFIX + name] = value
+    for name, value in record.fisher.items():
+        tensors[_FISHER_PREFIX + name] = value.float()
+    return tensors
+
+
+def _statistic_metadata(record: SensitivityRecord) -> dict[str, str]:
+    if not record.grams:
+        return {}
+    missing = sorted(set(record.grams) - set(record.gram_tokens))
+    if missing:
+        raise ValueError(f"SensitivityRecord: Grams {missing[:3]} have no token count in gram_tokens")
+    dangling = sorted(n for n, owner in record.gram_aliases.items() if owner not in record.grams)
+    if dangling:
+        raise ValueError(f"SensitivityRecord: gram_aliases {dangling[:3]} point at Grams that are not stored")
+    return {
+        "gram_aliases": json.dumps(dict(sorted(record.gram_aliases.items()))),
+        "gram_tokens": json.dumps({k: int(v) for k, v in sorted(record.gram_tokens.items())}),
+    }
+
+
+def _json_dict(path: Path, metadata: dict[str, str], key: str, value_type: type) -> dict[str, Any]:
+    if key not in metadata:
+        return {}
+    try:
+        value = json.loads(metadata[key])
+    except json.JSONDecodeError as err:
+        raise SidecarError(f"{path}: metadata {key!r} is not valid JSON") from err
+    if not isinstance(value, dict) or not all(isinstance(v, value_type) for v in value.values()):
+        raise SidecarError(f"{path}: metadata {key!r} must be a JSON object of {value_type.__name__} values")
+    return value
+
+
+def _check_gram(path: Path, name: str, value: torch.Tensor) -> None:
+    key = _GRAM_PREFIX + name
+    if not value.is_floating_point():
+        raise SidecarError(f"{path}: tensor {key!r} has dtype {value.dtype}, expected float32 or bfloat16")
+    if value.dim() not in (1, 2) or (value.dim() == 2 and value.shape[0] != value.shape[1]):
+        raise SidecarError(f"{path}: tensor {key!r} has shape {list(value.shape)}, expected [in, in] or [in]")
+    if not torch.isfinite(value).all():
+        raise SidecarError(f"{path}: tensor {key!r} contains NaN or Inf")
+    diag = value if value.dim() == 1 else torch.diagonal(value)
+    if (diag < 0).any():
+        raise SidecarError(f"{path}: tensor {key!r} has negative diagonal entries; a Gram matrix x x^T cannot")
+    if value.dim() == 2:
+        scale = float(diag.float().max()) if diag.numel() else 0.0
+        asym = float((value.float() - value.float().T).abs().max()) if value.numel() else 0.0
+        if asym > _SYMMETRY_TOL * max(scale, 1e-30):
+            raise SidecarError(f"{path}: tensor {key!r} is not symmetric (max |G - G^T| = {asym:.3g})")
+
+
+def _load_statistics(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, int], dict[str, torch.Tensor]]:
+    """The v2 statistics of a sensitivity file, validated (a v1 file simply has none)."""
+    grams = {k[len(_GRAM_PREFIX):]: v for k, v in tensors.items() if k.startswith(_GRAM_PREFIX)}
+    for name, value in grams.items():
+        _check_gram(path, name, value)
+    aliases = _json_dict(path, metadata, "gram_aliases", str)
+    tokens = _json_dict(path, metadata, "gram_tokens", int)
+    for name, owner in aliases.items():
+        if owner not in grams:
+            raise SidecarError(f"{path}: metadata 'gram_aliases' maps {name!r} to {owner!r}, which has no tensor "
+                               f"'{_GRAM_PREFIX}{owner}'")
+    for name in grams:
+        if tokens.get(name, -1) < 0:
+            raise SidecarError(f"{path}: tensor '{_GRAM_PREFIX}{name}' has no token count in metadata 'gram_tokens'")
+    fisher = {k[len(_FISHER_PREFIX):]: v for k, v in tensors.items() if k.startswith(_FISHER_PREFIX)}
+    for name, value in fisher.items():
+        key = _FISHER_PREFIX + name
+        if not value.is_floating_point():
+            raise SidecarError(f"{path}: tensor {key!r} has dtype {value.dtype}, expected a float dtype")
+        if not torch.isfinite(value).all():
+            raise SidecarError(f"{path}: tensor {key!r} contains NaN or Inf")
+        if (value < 0).any():
+            raise SidecarError(f"{path}: tensor {key!r} has negative entries; E[g^2] must be >= 0")
+    return grams, aliases, {k: int(v) for k, v in tokens.items()}, {k: v.float() for k, v in fisher.items()}
 
 
 def save_probe(probe: ProbeSet, path: PathLike) -> Path:
@@ -244,7 +412,7 @@ def save_probe(probe: ProbeSet, path: PathLike) -> Path:
             f"{list(probe.input_ids.shape)}, {list(probe.attention_mask.shape)}, {list(probe.labels.shape)}"
         )
     metadata = dict(probe.metadata)
-    metadata.update(format=PROBE_FORMAT, format_version=str(FORMAT_VERSION))
+    metadata.update(format=PROBE_FORMAT, format_version=str(PROBE_FORMAT_VERSION))
     tensors = {
         "input_ids": probe.input_ids.long(),
         "attention_mask": probe.attention_mask.long(),
