@@ -3,7 +3,8 @@
 1. Time of the "after" calibration pass on the toy model (sens_peft/testing/toy.py, random init, LoRA r=8 on all
    seven projections, and a full fine-tune) without and with Gram (full) + Fisher capture, interleaved ABAB in one
    process at one thread count; the median per-pair ratio is printed, plus the sidecar sizes written.
-2. Sidecar bytes per model shape from the formula (toy, 1B-class, 7B: hidden 4096, intermediate 11008, 32 layers),
+2. Sidecar bytes per model shape from the formula (toy, 0.5B/1B-class, 7B: hidden 4096, intermediate 11008, 32
+   layers),
    for LoRA on all seven projections and on q/v only: full vs diagonal Grams, with and without sharing of the
    q/k/v and gate/up inputs, fp32 vs bf16 storage, and the Fisher maps.
 3. A float64 check of what bf16 storage of the Grams does to the RegMean solve (synthetic anisotropic activations).
@@ -29,6 +30,7 @@ from sens_peft.testing import toy
 
 SHAPES = {  # name: (hidden, intermediate, layers)
     "toy (h128 i256 L8)": (128, 256, 8),
+    "0.5B-class (h896 i4864 L24)": (896, 4864, 24),
     "1B-class (h2048 i8192 L16)": (2048, 8192, 16),
     "7B (h4096 i11008 L32)": (4096, 11008, 32),
 }
@@ -52,6 +54,16 @@ def formula_bytes(hidden: int, inter: int, layers: int, targets: tuple[str, ...]
     return per_layer * layers * bytes_per
 
 
+def auto_bytes(hidden: int, inter: int, layers: int, targets: tuple[str, ...], budget: int = 2**30) -> int:
+    """fp32 bytes that gram="auto" stores with the default budget (whole width classes full, narrowest first)."""
+    from sens_peft.sensitivity.stats import full_gram_widths, gram_bytes
+
+    widths = [_fan_in(p, hidden, inter) for p in _shared_inputs(targets)] * layers
+    full = full_gram_widths("auto", widths, budget)
+    return gram_bytes([w for w in widths if w in full], "full") + gram_bytes([w for w in widths if w not in full],
+                                                                              "diag")
+
+
 def fisher_bytes(hidden: int, inter: int, layers: int, targets: tuple[str, ...], kv_ratio: float = 1.0) -> int:
     """fp32 Fisher maps of the adapted weights (MHA shapes: k/v as wide as q unless kv_ratio < 1)."""
     size = {"q_proj": hidden * hidden, "k_proj": int(hidden * hidden * kv_ratio),
@@ -70,12 +82,13 @@ def print_formula() -> None:
         targets = tuple(targets)
         print(f"-- {tname}")
         print(f"{'shape':28s} {'full fp32':>12s} {'full bf16':>12s} {'full fp32 unshared':>19s} "
-              f"{'diag fp32':>12s} {'Fisher fp32':>12s}")
+              f"{'diag fp32':>12s} {'auto fp32':>12s} {'Fisher fp32':>12s}")
         for name, (h, i, n) in SHAPES.items():
             cells = [formula_bytes(h, i, n, targets, mode="full", shared=True, bytes_per=4),
                      formula_bytes(h, i, n, targets, mode="full", shared=True, bytes_per=2),
                      formula_bytes(h, i, n, targets, mode="full", shared=False, bytes_per=4),
                      formula_bytes(h, i, n, targets, mode="diag", shared=True, bytes_per=4),
+                     auto_bytes(h, i, n, targets),
                      fisher_bytes(h, i, n, targets)]
             print(f"{name:28s} " + " ".join(f"{_gib(c):>12s}" for c in cells[:2]) + f" {_gib(cells[2]):>19s} "
                   + " ".join(f"{_gib(c):>12s}" for c in cells[3:]))

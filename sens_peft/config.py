@@ -100,14 +100,19 @@ class SensitivityConfig(_ConfigMixin):
             calibration pass: ``mode="after"``/``"both"`` and :func:`~sens_peft.compute_sensitivity`; not in
             ``"during"``, whose activations come from weights that are still changing). ``"full"``: ``[in, in]``
             per stored Gram; ``"diag"``: its diagonal ``[in]`` only; ``"none"``: off; ``"auto"`` (default): full
-            when the fp32 sums of all stored Grams (one per distinct input: q/k/v and gate/up share) fit in
-            ``gram_max_bytes``, else diag. Inputs are the expert's own activations over non-padding tokens.
+            for whole input-width classes, narrowest first, while the fp32 sums of the full Grams (one per
+            distinct input: q/k/v and gate/up share) fit in ``gram_max_bytes``; diagonal for the rest (e.g. a
+            Llama's hidden-width inputs full and ``down_proj``'s wide input diagonal). A Gram's ``dim()`` tells
+            which. Inputs are the expert's own activations over non-padding tokens.
         gram_dtype: Storage dtype of the Grams in the sidecar (sums are accumulated in fp32 either way).
             ``"float32"`` (default) is lossless; ``"bfloat16"`` halves the file but lost 2-13% of RegMean's gain
             over averaging on the regression objective at shrinkage ``alpha=1`` in a float64 check (and <0.1%
             at ``alpha=0.9``; ``benchmarks/stats_cost.py``). fp16 is not offered: token sums overflow it.
-        gram_max_bytes: Budget of ``gram="auto"`` in bytes of fp32 sums on the model's device (default 1 GiB:
-            full Grams for LoRA on the attention of models up to ~3B, diagonals for 7B-class MLPs).
+        gram_max_bytes: Budget of ``gram="auto"`` in bytes of fp32 sums on the model's device (default 1 GiB).
+            With LoRA on all seven projections of a Llama that is everything full for small models (the toy:
+            3.5 MiB), the hidden-width inputs full and ``down_proj`` diagonal for 0.5B-1B-class models (hidden
+            2048, 16 layers: 0.75 GiB), all diagonal for 7B (full would be 20 GiB fp32, 10 GiB bf16; per-shape
+            sizes in ``benchmarks/stats_cost.py``).
         fisher: Also store the diagonal empirical Fisher ``E[g^2]`` per element of each scored tensor
             (``fisher.<name>``) for Fisher merging. ``"auto"`` (default) follows the ``element_maps`` size budget.
         ema: Optional EMA factor for ``during`` mode (``None``: plain mean over steps).

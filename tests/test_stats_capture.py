@@ -146,6 +146,24 @@ def test_full_model_grams_fisher_and_diag():
                                        rtol=1e-5, atol=1e-5)
 
 
+def test_auto_budget_keeps_narrow_inputs_full(lora_all):
+    """gram="auto" over budget for the 64-wide down_proj input: hidden-width Grams full, down_proj diagonal."""
+    data = TokenData(n=4, length=8, seed=8)
+    full = run_calibration(lora_all, data, SensitivityConfig(calibration_samples=2, gram="full", fisher=False))
+    # 2 layers x 3 distinct 32-wide inputs x 32*32*4 bytes = 24576 fit; the 64-wide down_proj Grams (32768) do not
+    mixed = run_calibration(lora_all, data, SensitivityConfig(calibration_samples=2, gram="auto",
+                                                              gram_max_bytes=30000, fisher=False))
+    assert mixed.metadata["gram_mode"] == "mixed"
+    for name in full.grams:
+        got, ref = mixed.statistic("gram", name), full.statistic("gram", name)
+        if "down_proj" in name:
+            assert got.dim() == 1
+            torch.testing.assert_close(got, torch.diagonal(ref), rtol=1e-5, atol=1e-5)
+        else:
+            assert got.dim() == 2
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_lora_fisher_is_squared_weight_gradient(lora_all):
     """theta source: the Fisher map is E[(dL/dW)^2] of the adapted weight, checked on a merged dense copy."""
     data = TokenData(n=6, length=8, seed=5)

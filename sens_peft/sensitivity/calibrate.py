@@ -16,6 +16,9 @@ What is scored (``weight_source``):
 * LoRA, ``adapter``: the factors ``lora_A`` / ``lora_B`` (and DoRA magnitudes) themselves.
 
 For LoRA the signed scores are always the module's ``<dW, G>`` (= ``<A, dL/dA>`` = ``<B, dL/dB>``).
+
+The same pass captures the data-aware merge statistics (input Gram matrices per Linear, diagonal Fisher maps
+``E[g^2]`` per scored tensor; ``SensitivityConfig.gram`` / ``fisher``): see :mod:`sens_peft.sensitivity.stats`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from .distributed import all_reduce_sum
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CalibrationStats", "resolve_gram_mode", "gram_bytes"]
+__all__ = ["CalibrationStats", "full_gram_widths", "gram_bytes"]
 
 GRAM_MODES = ("auto", "full", "diag", "none")
 
@@ -43,14 +43,28 @@ def gram_bytes(fan_ins: Sequence[int], mode: str, bytes_per_element: int = 4) ->
     return sum((n * n if mode == "full" else n) for n in fan_ins) * bytes_per_element
 
 
-def resolve_gram_mode(setting: str, fan_ins: Sequence[int], max_bytes: int) -> str:
-    """``"full"``/``"diag"``/``"none"`` for ``setting``; ``"auto"`` is full when the fp32 sums of the full
-    Grams (``fan_ins``: one per stored Gram, after sharing) fit in ``max_bytes``, else diagonal."""
+def full_gram_widths(setting: str, fan_ins: Sequence[int], max_bytes: int) -> set[int]:
+    """The input widths whose Grams are kept full (the others are stored as diagonals).
+
+    ``"full"``: all; ``"diag"``/``"none"``: none; ``"auto"``: whole width classes in increasing order while the
+    fp32 sums of all full Grams (``fan_ins``: one entry per stored Gram, after sharing) fit in ``max_bytes``. For a
+    Llama that keeps every hidden-width input (q/k/v, o, gate/up) full and makes ``down_proj``'s wide input
+    diagonal when only those fit; a whole class or nothing, so every layer is treated alike.
+    """
     if setting not in GRAM_MODES:
         raise ValueError(f"gram={setting!r} is not one of {list(GRAM_MODES)}")
-    if setting != "auto":
-        return setting
-    return "full" if gram_bytes(fan_ins, "full") <= max_bytes else "diag"
+    if setting in ("diag", "none"):
+        return set()
+    widths = sorted(set(fan_ins))
+    if setting == "full":
+        return set(widths)
+    keep, total = set(), 0
+    for width in widths:
+        total += gram_bytes([n for n in fan_ins if n == width], "full")
+        if total > max_bytes:
+            break
+        keep.add(width)
+    return keep
 
 
 def _input_key(x: Tensor) -> tuple:
@@ -81,7 +95,8 @@ class CalibrationStats:
         self.targets = list(targets) if gram != "none" else []
         self.gram_setting = gram
         self.gram_max_bytes = int(gram_max_bytes)
-        self.gram_mode: Optional[str] = None if self.targets else "none"
+        self.gram_mode: Optional[str] = None if self.targets else "none"  # "full" / "diag" / "mixed" once resolved
+        self.full_names: set[str] = set()  # stored Grams kept full (the others are diagonals)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.grams: dict[str, Tensor] = {}
         self.gram_tokens: dict[str, Tensor] = {}
@@ -152,10 +167,12 @@ class CalibrationStats:
             owner = owner_of.setdefault(keys[name], name)
             if owner != name:
                 self.aliases[name] = owner
-        fan_ins = [stash[n][0].shape[-1] for n in stash if n not in self.aliases]
-        self.gram_mode = resolve_gram_mode(self.gram_setting, fan_ins, self.gram_max_bytes)
-        logger.info("Gram capture: %s, %d stored for %d modules (%d shared)", self.gram_mode, len(fan_ins),
-                    len(stash), len(self.aliases))
+        widths = {n: stash[n][0].shape[-1] for n in stash if n not in self.aliases}
+        full = full_gram_widths(self.gram_setting, list(widths.values()), self.gram_max_bytes)
+        self.full_names = {n for n, w in widths.items() if w in full}
+        self.gram_mode = "full" if len(self.full_names) == len(widths) else "mixed" if self.full_names else "diag"
+        logger.info("Gram capture: %s (%d of %d stored Grams full, for %d modules, %d shared)", self.gram_mode,
+                    len(self.full_names), len(widths), len(stash), len(self.aliases))
 
     def _check_aliases(self, keys: dict[str, tuple]) -> None:
         """A later batch where an alias no longer reads its owner's input: give it its own copy of the sums so far."""
@@ -165,16 +182,19 @@ class CalibrationStats:
                 if owner in self.grams:
                     self.grams[name] = self.grams[owner].clone()
                     self.gram_tokens[name] = self.gram_tokens[owner].clone()
+                if owner in self.full_names:
+                    self.full_names.add(name)
                 del self.aliases[name]
 
     def _accumulate(self, name: str, rows: Tensor) -> None:
         rows = rows.to(self.device, torch.float32)
         fan_in = rows.shape[-1]
+        full = name in self.full_names
         if name not in self.grams:
-            shape = (fan_in, fan_in) if self.gram_mode == "full" else (fan_in,)
+            shape = (fan_in, fan_in) if full else (fan_in,)
             self.grams[name] = torch.zeros(shape, dtype=torch.float32, device=self.device)
             self.gram_tokens[name] = torch.zeros((), dtype=torch.int64, device=self.device)
-        if self.gram_mode == "full":
+        if full:
             self.grams[name].addmm_(rows.T, rows)
         else:
             self.grams[name].add_((rows * rows).sum(0))
@@ -202,12 +222,10 @@ class CalibrationStats:
     # ------------------------------------------------------------------ combine / export
     def merge_(self, other: CalibrationStats) -> None:
         """Add another pass's sums (same targets and settings) into this one, e.g. two halves of the data."""
-        if other.gram_mode not in (None, "none") and self.gram_mode not in (None, "none", other.gram_mode):
-            raise ValueError(f"cannot merge Gram sums of mode {other.gram_mode!r} into {self.gram_mode!r}")
-        if other.aliases and self.aliases and other.aliases != self.aliases:
-            raise ValueError("cannot merge Gram sums with different sharing (alias maps differ)")
-        self.gram_mode = self.gram_mode if self.gram_mode not in (None, "none") else other.gram_mode
-        self.aliases = self.aliases or dict(other.aliases)
+        if other.grams and self.grams and (other.full_names != self.full_names or other.aliases != self.aliases):
+            raise ValueError("cannot merge Gram sums with different full/diagonal choices or sharing (alias maps)")
+        if not self.grams:
+            self.gram_mode, self.full_names, self.aliases = other.gram_mode, set(other.full_names), dict(other.aliases)
         for name, value in other.grams.items():
             if name in self.grams:
                 self.grams[name].add_(value.to(self.device))
