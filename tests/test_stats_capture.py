@@ -301,3 +301,30 @@ def test_during_mode_captures_no_grams(tmp_path):
     trainer.train()
     cb.detach()
     assert not cb.record.grams and not cb.record.fisher
+
+
+@pytest.mark.distributed
+def test_ddp_all_reduce_of_rank_shares_equals_one_pass(tmp_path):
+    """Two gloo ranks with alternate batches, all-reduced, equal one process over all batches."""
+    import os
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    worker = Path(__file__).parent / "scripts" / "stats_ddp_worker.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               PYTHONWARNINGS="ignore")
+    for cmd in ([torchrun, "--nproc_per_node", "2", "--master_port", "29533", str(worker), str(tmp_path)],
+                [sys.executable, str(worker), str(tmp_path)]):
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reduced, whole = torch.load(tmp_path / "reduced.pt"), torch.load(tmp_path / "whole.pt")
+    assert reduced["aliases"] == whole["aliases"] and len(whole["aliases"]) == 4
+    assert int(reduced["batches"]) == int(whole["batches"]) == 3
+    for key in ("grams", "fisher"):
+        assert set(reduced[key]) == set(whole[key])
+        for name, value in whole[key].items():
+            torch.testing.assert_close(reduced[key][name], value, rtol=1e-5, atol=1e-10)
+    assert {k: int(v) for k, v in reduced["tokens"].items()} == {k: int(v) for k, v in whole["tokens"].items()}
