@@ -124,9 +124,13 @@ def regmean_merge(
     _check_inputs(weights, grams)
     if all(g.dim() == 1 for g in grams):
         return regmean_merge_diag(weights, grams)
-    shrunk = [_as_matrix(g, alpha, dtype) for g in grams]
-    total = torch.stack(shrunk).sum(0)
-    rhs = sum(w.to(dtype) @ g for w, g in zip(weights, shrunk))  # [out, in]
+    # one shrunk Gram at a time: peak memory is two [in, in] matrices whatever the number of experts
+    total, rhs = None, None
+    for w, gram in zip(weights, grams):
+        g = _as_matrix(gram, alpha, dtype)
+        total = g.clone() if total is None else total.add_(g)  # clone: g may be the caller's tensor
+        term = w.to(dtype) @ g  # [out, in]
+        rhs = term if rhs is None else rhs.add_(term)
     factor, lam = _cholesky_with_ridge(total)
     if lam:
         rhs = rhs + lam * torch.stack([w.to(dtype) for w in weights]).mean(0)
@@ -190,13 +194,17 @@ def regmean_lora_factors(
                 f"A [r, {fan_in}] and B [out, r]"
             )
     _check_inputs([torch.empty(1, fan_in, device=a.device) for a in As], grams)  # the Grams against fan_in
-    shrunk = [_as_matrix(g, alpha, dtype) for g in grams]
-    total = torch.stack(shrunk).sum(0)
+    total, scaled, lefts = None, [], []
+    for a, s, gram in zip(As, scalings, grams):
+        g = _as_matrix(gram, alpha, dtype)
+        total = g.clone() if total is None else total.add_(g)  # clone: g may be the caller's tensor
+        scaled.append(float(s) * a.to(dtype))  # s_k A_k [r_k, in]
+        lefts.append(scaled[-1] @ g)  # s_k A_k G~_k [r_k, in]
     factor, lam = _cholesky_with_ridge(total)
-    eye = torch.eye(fan_in, dtype=dtype, device=total.device)
     parts = []
-    for a, s, g in zip(As, scalings, shrunk):
-        left = float(s) * a.to(dtype) @ (g + (lam / len(As)) * eye if lam else g)  # [r_k, in]
+    for scaled_a, left in zip(scaled, lefts):
+        if lam:  # the ridge's pull toward the average delta, shared equally by the K experts
+            left = left + (lam / len(As)) * scaled_a
         parts.append(torch.cholesky_solve(left.T, factor).T)
     merged_a = torch.cat(parts, 0).to(As[0].dtype)
     merged_b = torch.cat([b for b in Bs], 1)

@@ -58,7 +58,13 @@ def test_regmean_float32_inputs_and_dtype():
 def test_equal_grams_reduce_to_plain_average():
     weights, _, grams = _case(5)
     same = [grams[0]] * len(weights)
-    torch.testing.assert_close(regmean_merge(weights, same, 0.7), torch.stack(weights).mean(0), rtol=1e-9, atol=1e-9)
+    kept = grams[0].clone()
+    for alpha in (1.0, 0.7):
+        torch.testing.assert_close(regmean_merge(weights, same, alpha), torch.stack(weights).mean(0), rtol=1e-9,
+                                   atol=1e-9)
+        a, b = regmean_lora_factors(weights, [torch.eye(5, dtype=torch.float64)] * 3, [1.0] * 3, same, alpha)
+        torch.testing.assert_close(b @ a, torch.stack(weights).mean(0), rtol=1e-9, atol=1e-9)
+    assert torch.equal(grams[0], kept)  # the inputs are not modified
 
 
 def test_task_vector_identity():
