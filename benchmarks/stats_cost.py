@@ -94,10 +94,12 @@ def print_formula() -> None:
                   + " ".join(f"{_gib(c):>12s}" for c in cells[3:]))
 
 
-def _time(model, data, cfg) -> tuple[float, object]:
-    start = time.perf_counter()
+def _time(model, data, cfg) -> tuple[float, float, object]:
+    """Wall and process CPU seconds of one pass (CPU time is what to compare on a shared machine: with one
+    thread it excludes the time other processes hold the core)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     record = run_calibration(model, data, cfg)
-    return time.perf_counter() - start, record
+    return time.perf_counter() - wall, time.process_time() - cpu, record
 
 
 def _file_size(record) -> int:
@@ -119,21 +121,23 @@ def measure_pass(samples: int, repeats: int) -> None:
     print(f"\n== calibration pass, {samples} samples, batch 1, {torch.get_num_threads()} thread(s), "
           f"{repeats} ABAB pairs ==")
     for name, model in experts.items():
-        _time(model, data, base_cfg)  # warm-up
-        ratios, plain, with_stats = [], [], []
+        _time(model, data, stats_cfg)  # warm-up
+        ratios, wall_ratios, plain, with_stats = [], [], [], []
         for _ in range(repeats):
-            t0, rec0 = _time(model, data, base_cfg)
-            t1, rec1 = _time(model, data, stats_cfg)
+            w0, t0, rec0 = _time(model, data, base_cfg)
+            w1, t1, rec1 = _time(model, data, stats_cfg)
             plain.append(t0)
             with_stats.append(t1)
             ratios.append(t1 / t0)
+            wall_ratios.append(w1 / w0)
         bf16 = SensitivityConfig(calibration_samples=samples, gram="full", fisher=True, gram_dtype="bfloat16")
         rec_bf16 = run_calibration(model, data, bf16)
         gram_bytes = sum(g.numel() * 4 for g in rec1.grams.values())
         fisher_b = sum(f.numel() * 4 for f in rec1.fisher.values())
-        print(f"{name}: without {statistics.median(plain):.3f}s, with Gram+Fisher "
+        print(f"{name}: CPU time without {statistics.median(plain):.3f}s, with Gram+Fisher "
               f"{statistics.median(with_stats):.3f}s, median ratio {statistics.median(ratios):.3f} "
-              f"(pairs: {', '.join(f'{r:.3f}' for r in ratios)})")
+              f"(pairs: {', '.join(f'{r:.3f}' for r in ratios)}; wall-clock median ratio "
+              f"{statistics.median(wall_ratios):.3f})")
         print(f"  sidecar: {_file_size(rec0) / 2**20:.2f} MiB without, {_file_size(rec1) / 2**20:.2f} MiB with "
               f"(fp32 Grams), {_file_size(rec_bf16) / 2**20:.2f} MiB with bf16 Grams; Grams {gram_bytes / 2**20:.2f} "
               f"MiB in {len(rec1.grams)} tensors for {len(rec1.grams) + len(rec1.gram_aliases)} modules, "
