@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -45,6 +46,9 @@ FORMAT_VERSION = 2  # of sensitivity.safetensors (see the module docstring)
 READ_VERSIONS = (1, 2)
 PROBE_FORMAT_VERSION = 1
 STATISTIC_KINDS = ("element_maps", "gram", "fisher")
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 PathLike = Union[str, os.PathLike]
 
@@ -65,7 +69,8 @@ class SensitivityRecord:
             which equals ``<dW, dL/dW>``: the first-order loss change from scaling the module's delta).
         element_maps: Optional per-element importance maps keyed by tensor name.
         grams: Input Gram sums of Linear modules keyed by the canonical weight name of the module that owns the
-            stored copy: ``[in, in]`` (full) or ``[in]`` (diagonal only).
+            stored copy: ``[in, in]`` (full) or ``[in]`` (diagonal only). In a loaded record this and ``fisher``
+            are read-only mappings that read each tensor from the file on access (see :func:`load_sensitivity`).
         gram_aliases: ``{weight name: owner name}`` for modules whose input is the same tensor as the owner's.
         gram_tokens: ``{owner name: tokens summed into its Gram}``.
         fisher: Diagonal empirical Fisher maps ``E[g^2]`` keyed by tensor name (shape of the tensor).
@@ -99,6 +104,12 @@ class SensitivityRecord:
 
     def tensor_dict(self) -> dict[str, float]:
         return {n: float(s) for n, s in zip(self.tensor_names, self.tensor_scores.tolist())}
+
+    def check_statistics(self) -> None:
+        """Read every Gram and Fisher tensor once so that a bad value raises now (loaded records check lazily)."""
+        for mapping in (self.grams, self.fisher):
+            for name in mapping:
+                mapping[name]
 
     def gram_owner(self, tensor_name: str) -> Optional[str]:
         """The name under which ``tensor_name``'s input Gram is stored (itself, its alias target, or None)."""
@@ -182,13 +193,23 @@ def _stringify(metadata: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _read(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read(path: Path, kind: str, lazy_prefixes: tuple[str, ...] = ()
+          ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; keys starting with ``lazy_prefixes`` are not read: their
+    entries are ``torch.empty`` tensors on the meta device with the stored shape and dtype."""
     if not path.exists():
         raise SidecarError(f"{kind} file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {}
+            for key in handle.keys():
+                if lazy_prefixes and key.startswith(lazy_prefixes):
+                    part = handle.get_slice(key)
+                    dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.uint8)
+                    tensors[key] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
+                else:
+                    tensors[key] = handle.get_tensor(key)
     except SidecarError:
         raise
     except Exception as err:  # safetensors raises several types for truncated/corrupt files
@@ -268,9 +289,15 @@ def save_sensitivity(record: SensitivityRecord, path: PathLike) -> Path:
 
 
 def load_sensitivity(path: PathLike) -> SensitivityRecord:
-    """Read and validate ``sensitivity.safetensors`` (``path`` may be the expert's folder)."""
+    """Read and validate ``sensitivity.safetensors`` (``path`` may be the expert's folder).
+
+    The Gram and Fisher tensors (format 2) can be as large as the model, so they are read from the file when
+    accessed (``record.grams[name]``, :meth:`SensitivityRecord.statistic`), one at a time and not cached; their
+    names, shapes, dtypes, aliases and token counts are checked here, their values (finite, non-negative
+    diagonal / entries, symmetric) on access (:meth:`SensitivityRecord.check_statistics` checks all now).
+    """
     file = _resolve(path, SENSITIVITY_FILE)
-    tensors, metadata = _read(file, "sensitivity")
+    tensors, metadata = _read(file, "sensitivity", (_GRAM_PREFIX, _FISHER_PREFIX))
     _check_header(file, metadata, SENSITIVITY_FORMAT, READ_VERSIONS)
     for key in REQUIRED_SENSITIVITY_META:
         if key not in metadata:
@@ -356,12 +383,17 @@ def _json_dict(path: Path, metadata: dict[str, str], key: str, value_type: type)
     return value
 
 
-def _check_gram(path: Path, name: str, value: torch.Tensor) -> None:
+def _check_gram_structure(path: Path, name: str, value: torch.Tensor) -> None:
     key = _GRAM_PREFIX + name
     if not value.is_floating_point():
         raise SidecarError(f"{path}: tensor {key!r} has dtype {value.dtype}, expected float32 or bfloat16")
     if value.dim() not in (1, 2) or (value.dim() == 2 and value.shape[0] != value.shape[1]):
         raise SidecarError(f"{path}: tensor {key!r} has shape {list(value.shape)}, expected [in, in] or [in]")
+
+
+def _check_gram(path: Path, name: str, value: torch.Tensor) -> None:
+    key = _GRAM_PREFIX + name
+    _check_gram_structure(path, name, value)
     if not torch.isfinite(value).all():
         raise SidecarError(f"{path}: tensor {key!r} contains NaN or Inf")
     diag = value if value.dim() == 1 else torch.diagonal(value)
@@ -379,7 +411,7 @@ def _load_statistics(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     """The v2 statistics of a sensitivity file, validated (a v1 file simply has none)."""
     grams = {k[len(_GRAM_PREFIX):]: v for k, v in tensors.items() if k.startswith(_GRAM_PREFIX)}
     for name, value in grams.items():
-        _check_gram(path, name, value)
+        _check_gram_structure(path, name, value)
     aliases = _json_dict(path, metadata, "gram_aliases", str)
     tokens = _json_dict(path, metadata, "gram_tokens", int)
     for name, owner in aliases.items():
@@ -391,14 +423,50 @@ def _load_statistics(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
             raise SidecarError(f"{path}: tensor '{_GRAM_PREFIX}{name}' has no token count in metadata 'gram_tokens'")
     fisher = {k[len(_FISHER_PREFIX):]: v for k, v in tensors.items() if k.startswith(_FISHER_PREFIX)}
     for name, value in fisher.items():
-        key = _FISHER_PREFIX + name
         if not value.is_floating_point():
-            raise SidecarError(f"{path}: tensor {key!r} has dtype {value.dtype}, expected a float dtype")
-        if not torch.isfinite(value).all():
-            raise SidecarError(f"{path}: tensor {key!r} contains NaN or Inf")
-        if (value < 0).any():
-            raise SidecarError(f"{path}: tensor {key!r} has negative entries; E[g^2] must be >= 0")
-    return grams, aliases, {k: int(v) for k, v in tokens.items()}, {k: v.float() for k, v in fisher.items()}
+            raise SidecarError(f"{path}: tensor '{_FISHER_PREFIX}{name}' has dtype {value.dtype}, expected a float dtype")
+    return (LazyTensors(path, _GRAM_PREFIX, sorted(grams), _check_gram), aliases,
+            {k: int(v) for k, v in tokens.items()}, LazyTensors(path, _FISHER_PREFIX, sorted(fisher), _check_fisher))
+
+
+def _check_fisher(path: Path, name: str, value: torch.Tensor) -> None:
+    key = _FISHER_PREFIX + name
+    if not torch.isfinite(value).all():
+        raise SidecarError(f"{path}: tensor {key!r} contains NaN or Inf")
+    if (value < 0).any():
+        raise SidecarError(f"{path}: tensor {key!r} has negative entries; E[g^2] must be >= 0")
+
+
+class LazyTensors(Mapping):
+    """Read-only ``{name: tensor}`` view of ``<prefix><name>`` tensors in a safetensors file, each read and
+    value-checked when accessed (never cached: a 7B model's Grams do not fit in memory at once)."""
+
+    def __init__(self, path: Path, prefix: str, names: list[str], check: Callable[[Path, str, torch.Tensor], None]):
+        self.path, self.prefix, self.names, self.check = path, prefix, list(names), check
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as handle:
+                value = handle.get_tensor(self.prefix + name)
+        except Exception as err:
+            raise SidecarError(f"{self.path}: tensor '{self.prefix}{name}' cannot be read (file changed since "
+                               f"it was loaded?): {err}") from err
+        self.check(self.path, name, value)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __repr__(self) -> str:
+        return f"LazyTensors({str(self.path)!r}, {len(self.names)} x {self.prefix}*)"
 
 
 def save_probe(probe: ProbeSet, path: PathLike) -> Path:

@@ -26,7 +26,7 @@ from sens_peft.sensitivity.calibrate import (  # noqa: E402
     run_calibration,
 )
 from sens_peft.sensitivity.callback import SensitivityCallback  # noqa: E402
-from sens_peft.store import load_sensitivity  # noqa: E402
+from sens_peft.store import load_sensitivity, save_sensitivity  # noqa: E402
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 L0 = "model.layers.0."
@@ -221,6 +221,12 @@ def test_sidecar_roundtrip_bf16_and_old_version(lora_all, tmp_path):
     assert loaded.metadata["format_version"] == "2" and loaded.metadata["gram_dtype"] == "bfloat16"
     assert loaded.gram_aliases == rec.gram_aliases and loaded.gram_tokens == rec.gram_tokens
     assert set(loaded.grams) == set(rec.grams) and all(g.dtype == torch.bfloat16 for g in loaded.grams.values())
+    assert "LazyTensors" in repr(loaded.grams)  # read from the file on access, not held in memory
+    save_sensitivity(loaded, tmp_path / "copy")  # a loaded record saves again (format 2, statistics included)
+    again = load_sensitivity(tmp_path / "copy")
+    assert again.gram_aliases == rec.gram_aliases and set(again.fisher) == set(rec.fisher)
+    torch.testing.assert_close(again.statistic("gram", L0 + "mlp.down_proj.weight"),
+                               loaded.statistic("gram", L0 + "mlp.down_proj.weight"), rtol=0, atol=0)
     peft_name = "base_model.model.model.layers.0.self_attn.k_proj.base_layer.weight"
     got = loaded.statistic("gram", peft_name)
     assert got.dtype == torch.float32
@@ -272,8 +278,13 @@ def test_bad_statistics_name_file_and_tensor(lora_all, tmp_path, case, pattern):
         tensors[gram_key] = g[:, :3].contiguous()
     save_file(tensors, str(file), metadata=meta)
     with pytest.raises(SidecarError, match=pattern) as info:
-        load_sensitivity(tmp_path)
+        # names, shapes, aliases and counts are checked at load; values when a tensor is read (lazily)
+        load_sensitivity(tmp_path).check_statistics()
     assert str(file) in str(info.value)
+    if case in ("negative", "asymmetric", "nan"):
+        record = load_sensitivity(tmp_path)
+        with pytest.raises(SidecarError, match=pattern):
+            record.statistic("gram", L0 + "self_attn.k_proj.weight")  # an alias of the bad tensor
     if case not in ("alias", "tokens", "fisher"):
         assert gram_key in str(info.value)
 
