@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -116,28 +117,36 @@ def measure_pass(samples: int, repeats: int) -> None:
         "LoRA r=8 all projections": get_peft_model(toy.build_model(tokenizer=tok, seed=0), toy.lora_config()),
         "full fine-tune": toy.build_model(tokenizer=tok, seed=0),
     }
-    base_cfg = SensitivityConfig(calibration_samples=samples, gram="none", fisher=False)
-    stats_cfg = SensitivityConfig(calibration_samples=samples, gram="full", fisher=True)
+    configs = {
+        "plain": SensitivityConfig(calibration_samples=samples, gram="none", fisher=False),
+        "Gram+Fisher": SensitivityConfig(calibration_samples=samples, gram="full", fisher=True),
+        "Gram only": SensitivityConfig(calibration_samples=samples, gram="full", fisher=False),
+        "Fisher only": SensitivityConfig(calibration_samples=samples, gram="none", fisher=True),
+    }
     print(f"\n== calibration pass, {samples} samples, batch 1, {torch.get_num_threads()} thread(s), "
-          f"{repeats} ABAB pairs ==")
+          f"{repeats} rounds of the 4 settings back to back ==")
     for name, model in experts.items():
-        _time(model, data, stats_cfg)  # warm-up
-        ratios, wall_ratios, plain, with_stats = [], [], [], []
+        _time(model, data, configs["Gram+Fisher"])  # warm-up
+        cpu: dict[str, list[float]] = {k: [] for k in configs}
+        ratios: dict[str, list[float]] = {k: [] for k in configs}
+        wall_ratios = []
         for _ in range(repeats):
-            w0, t0, rec0 = _time(model, data, base_cfg)
-            w1, t1, rec1 = _time(model, data, stats_cfg)
-            plain.append(t0)
-            with_stats.append(t1)
-            ratios.append(t1 / t0)
-            wall_ratios.append(w1 / w0)
-        bf16 = SensitivityConfig(calibration_samples=samples, gram="full", fisher=True, gram_dtype="bfloat16")
+            runs = {k: _time(model, data, cfg) for k, cfg in configs.items()}
+            for k, (_wall, t, _) in runs.items():
+                cpu[k].append(t)
+                ratios[k].append(t / runs["plain"][1])
+            wall_ratios.append(runs["Gram+Fisher"][0] / runs["plain"][0])
+        rec0, rec1 = runs["plain"][2], runs["Gram+Fisher"][2]
+        plain, with_stats = cpu["plain"], cpu["Gram+Fisher"]
+        bf16 = dataclasses.replace(configs["Gram+Fisher"], gram_dtype="bfloat16")
         rec_bf16 = run_calibration(model, data, bf16)
         gram_bytes = sum(g.numel() * 4 for g in rec1.grams.values())
         fisher_b = sum(f.numel() * 4 for f in rec1.fisher.values())
         print(f"{name}: CPU time without {statistics.median(plain):.3f}s, with Gram+Fisher "
-              f"{statistics.median(with_stats):.3f}s, median ratio {statistics.median(ratios):.3f} "
-              f"(pairs: {', '.join(f'{r:.3f}' for r in ratios)}; wall-clock median ratio "
-              f"{statistics.median(wall_ratios):.3f})")
+              f"{statistics.median(with_stats):.3f}s, median ratio {statistics.median(ratios['Gram+Fisher']):.3f} "
+              f"(rounds: {', '.join(f'{r:.3f}' for r in ratios['Gram+Fisher'])}; wall-clock median ratio "
+              f"{statistics.median(wall_ratios):.3f}); Gram only {statistics.median(ratios['Gram only']):.3f}, "
+              f"Fisher only {statistics.median(ratios['Fisher only']):.3f}")
         print(f"  sidecar: {_file_size(rec0) / 2**20:.2f} MiB without, {_file_size(rec1) / 2**20:.2f} MiB with "
               f"(fp32 Grams), {_file_size(rec_bf16) / 2**20:.2f} MiB with bf16 Grams; Grams {gram_bytes / 2**20:.2f} "
               f"MiB in {len(rec1.grams)} tensors for {len(rec1.grams) + len(rec1.gram_aliases)} modules, "
