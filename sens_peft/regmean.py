@@ -19,6 +19,16 @@ factorisation succeeds, and the ridge pulls toward the plain average, not toward
 so a direction no data sees keeps the average weight. Because ``sum_k W0 G~_k (sum G~_k)^-1 = W0`` (and likewise
 with the ridge, since ``mean_k (W0 + D_k) = W0 + mean_k D_k``), merging task vectors ``D_k = W_k - W0`` and adding
 ``W0`` gives exactly the merge of the full weights: ``regmean(W0 + D_k) = W0 + regmean(D_k)``.
+
+With sidecars (format 2), per Linear weight ``name`` of expert ``k``::
+
+    G_k = record_k.statistic("gram", name)       # [in, in], or [in] when stored diagonal; None if not captured
+    F_k = record_k.statistic("fisher", name)     # E[g^2], the weight's shape
+    n_k = record_k.statistic_count("gram", name)  # tokens behind G_k
+
+RegMean uses the token *sums* as stored (an expert with more calibration tokens weighs more, as in the paper);
+divide by ``n_k`` first to weigh the experts equally. ``Conv1D`` weights (GPT-2) are ``[in, out]``: transpose
+them before and after.
 """
 
 from __future__ import annotations

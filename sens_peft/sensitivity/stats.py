@@ -211,11 +211,11 @@ class CalibrationStats:
         if not gate_on_device and not bool(ok):
             return
         for name, value in squared_grads.items():
-            value = value.detach().to(self.device, torch.float32) * float(batch_size)
+            value = value.detach().to(self.device, torch.float32)
             acc = self.fisher.get(name)
             if acc is None:
                 acc = self.fisher[name] = torch.zeros_like(value)
-            acc.add_(torch.where(ok, value, 0.0) if gate_on_device else value)
+            acc.add_(torch.where(ok, value, 0.0) if gate_on_device else value, alpha=float(batch_size))
         self.fisher_batches.add_(ok.to(torch.int64))
         self.fisher_samples.add_(torch.where(ok, float(batch_size), 0.0).to(torch.float64))
 
