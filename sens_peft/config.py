@@ -105,7 +105,7 @@ class SensitivityConfig(_ConfigMixin):
             Llama's hidden-width inputs full and ``down_proj``'s wide input diagonal). A Gram's ``dim()`` tells
             which. Inputs are the expert's own activations over non-padding tokens.
         gram_dtype: Storage dtype of the Grams in the sidecar (sums are accumulated in fp32 either way).
-            ``"float32"`` (default) is lossless; ``"bfloat16"`` halves the file but lost 2-13% of RegMean's gain
+            ``"float32"`` (default) is lossless; ``"bfloat16"`` halves the file but lost 2-9% of RegMean's gain
             over averaging on the regression objective at shrinkage ``alpha=1`` in a float64 check (and <0.1%
             at ``alpha=0.9``; ``benchmarks/stats_cost.py``). fp16 is not offered: token sums overflow it.
         gram_max_bytes: Budget of ``gram="auto"`` in bytes of fp32 sums on the model's device (default 1 GiB).
