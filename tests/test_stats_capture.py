@@ -339,3 +339,40 @@ def test_ddp_all_reduce_of_rank_shares_equals_one_pass(tmp_path):
         for name, value in whole[key].items():
             torch.testing.assert_close(reduced[key][name], value, rtol=1e-5, atol=1e-10)
     assert {k: int(v) for k, v in reduced["tokens"].items()} == {k: int(v) for k, v in whole["tokens"].items()}
+
+
+def test_captured_grams_drive_regmean_to_the_least_squares_merge():
+    """Capture + math end to end: LoRA experts' captured Grams (by base weight name) give the delta that fits
+    every expert's outputs on its own calibration inputs best (float64 least squares on independently hooked
+    inputs), through the exact LoRA factor form."""
+    from sens_peft.regmean import regmean_lora_factors
+
+    name = L0 + "self_attn.q_proj.weight"
+    experts, records, xs = [], [], []
+    for k in range(2):
+        base = tiny_llama(seed=0)
+        torch.manual_seed(100 + k)
+        expert = lora(base, init_random=True)
+        data = TokenData(n=6, length=9, seed=20 + k)
+        cfg = SensitivityConfig(calibration_samples=5, gram="full", fisher=False)
+        records.append(run_calibration(expert, data, cfg))
+        layer = expert.base_model.model.model.layers[0].self_attn.q_proj
+        hooked: list[torch.Tensor] = []
+        handle = layer.get_base_layer().register_forward_hook(lambda m, a, o, h=hooked: h.append(a[0].detach()))
+        with torch.no_grad():
+            for batch in iter_calibration_batches(data, cfg):
+                expert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        handle.remove()
+        xs.append(torch.cat([h.reshape(-1, h.shape[-1]) for h in hooked]).double())
+        experts.append(layer)
+    As = [m.lora_A["default"].weight.detach() for m in experts]
+    Bs = [m.lora_B["default"].weight.detach() for m in experts]
+    scalings = [float(m.scaling["default"]) for m in experts]
+    grams = [r.statistic("gram", name) for r in records]
+    a, b = regmean_lora_factors(As, Bs, scalings, grams, alpha=1.0)
+    deltas = [s * bb.double() @ aa.double() for aa, bb, s in zip(As, Bs, scalings)]
+    x = torch.cat(xs)
+    y = torch.cat([xk @ d.T for xk, d in zip(xs, deltas)])
+    reference = torch.linalg.lstsq(x, y).solution.T
+    torch.testing.assert_close((b.double() @ a.double()), reference, rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(reference, (deltas[0] + deltas[1]) / 2, rtol=1e-2, atol=1e-4)  # not a plain average
