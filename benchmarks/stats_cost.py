@@ -183,6 +183,56 @@ def bf16_check(seed: int = 0) -> None:
           "possible because W* minimises the shrunk objective)")
 
 
+def _objective(w: torch.Tensor, deltas: list[torch.Tensor], grams: list[torch.Tensor]) -> float:
+    """sum_k ||X_k (W - D_k)^T||^2 = sum_k tr((W - D_k) G_k (W - D_k)^T), from the exact (fp32) Grams."""
+    return float(sum((((w - d) @ g) * (w - d)).sum() for d, g in zip(deltas, grams)))
+
+
+def bf16_check_toy(samples: int = 32) -> None:
+    """The same question on the pre-trained toy base's own activations (one task's data per expert, random LoRA
+    deltas): median over the adapted modules of the fraction of RegMean's gain lost. Needs the cached base."""
+    from peft import get_peft_model
+
+    if not toy.base_path().exists():
+        print("\n(toy base not cached: skipping the bf16 check on real activations; run toy.pretrain_base() first)")
+        return
+    print(f"\n== bf16 Gram storage on the pre-trained toy base's activations ({samples} samples per task) ==")
+    base_dir = toy.base_path()
+    tok = toy.build_tokenizer()
+    grams, deltas = [], []
+    for k, task in enumerate(toy.TASK_NAMES):
+        model = toy.pretrain_base()  # loads the cached copy
+        torch.manual_seed(k)
+        expert = get_peft_model(model, toy.lora_config())
+        with torch.no_grad():
+            for name, p in expert.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        cfg = SensitivityConfig(calibration_samples=samples, gram="full", fisher=False)
+        rec = run_calibration(expert, toy.task_dataset(task, tokenizer=tok, n=samples), cfg)
+        grams.append({n: rec.statistic("gram", n).double() for n in rec.tensor_names})
+        deltas.append({})
+        for name, module in expert.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                key = name.replace("base_model.model.", "") + ".weight"
+                d = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+                deltas[-1][key] = d.detach().double()
+    print(f"base {base_dir.name}, {len(toy.TASK_NAMES)} experts, {len(grams[0])} modules")
+    for alpha in (1.0, 0.9, 0.5):
+        lost = {torch.float32: [], torch.bfloat16: []}
+        for name in grams[0]:
+            gs = [g[name] for g in grams]
+            ds = [d[name] for d in deltas]
+            ref = regmean_merge(ds, gs, alpha)
+            gap = _objective(torch.stack(ds).mean(0), ds, gs) - _objective(ref, ds, gs)
+            for dt in lost:
+                w = regmean_merge(ds, [g.to(dt).double() for g in gs], alpha)
+                lost[dt].append((_objective(w, ds, gs) - _objective(ref, ds, gs)) / gap)
+        print(f"alpha {alpha:.1f}: gain lost, median (max) over modules: fp32 "
+              f"{statistics.median(lost[torch.float32]):.1e} ({max(lost[torch.float32]):.1e}), bf16 "
+              f"{statistics.median(lost[torch.bfloat16]):.1e} ({max(lost[torch.bfloat16]):.1e})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=32)
@@ -193,6 +243,7 @@ def main() -> None:
     measure_pass(args.samples, args.repeats)
     print_formula()
     bf16_check()
+    bf16_check_toy()
 
 
 if __name__ == "__main__":

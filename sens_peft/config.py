@@ -105,9 +105,11 @@ class SensitivityConfig(_ConfigMixin):
             Llama's hidden-width inputs full and ``down_proj``'s wide input diagonal). A Gram's ``dim()`` tells
             which. Inputs are the expert's own activations over non-padding tokens.
         gram_dtype: Storage dtype of the Grams in the sidecar (sums are accumulated in fp32 either way).
-            ``"float32"`` (default) is lossless; ``"bfloat16"`` halves the file but lost 2-9% of RegMean's gain
-            over averaging on the regression objective at shrinkage ``alpha=1`` in a float64 check (and <0.1%
-            at ``alpha=0.9``; ``benchmarks/stats_cost.py``). fp16 is not offered: token sums overflow it.
+            ``"float32"`` (default) is lossless; ``"bfloat16"`` halves the file but, at shrinkage ``alpha=1``
+            (plain RegMean, the best setting measured so far), lost a median 12% (up to 68% on one module) of
+            RegMean's gain over averaging on its regression objective with the toy base's own activations, and
+            2-9% on synthetic ones; <0.1% at ``alpha<=0.9`` (``benchmarks/stats_cost.py``). fp16 is not
+            offered: token sums overflow it.
         gram_max_bytes: Budget of ``gram="auto"`` in bytes of fp32 sums on the model's device (default 1 GiB).
             With LoRA on all seven projections of a Llama that is everything full for small models (the toy:
             3.5 MiB), the hidden-width inputs full and ``down_proj`` diagonal for 0.5B-1B-class models (hidden
