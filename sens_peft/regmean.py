@@ -33,6 +33,7 @@ them before and after.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -45,6 +46,8 @@ __all__ = [
     "regmean_merge_diag",
     "regmean_lora_factors",
     "fisher_merge",
+    "nystrom_factor",
+    "lowrank_gram",
 ]
 
 # First relative ridge tried when the summed Gram is not positive definite; multiplied by 100 per retry.
@@ -262,3 +265,53 @@ def fisher_merge(
     average = (c.view(shape) * d).sum(0) / c.sum()
     merged = torch.where(total > 0, (weights * d).sum(0) / torch.where(total > 0, total, 1.0), average)
     return merged.to(deltas[0].dtype)
+
+
+def nystrom_factor(sketch: Tensor, omega: Tensor, *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``F [in, k]`` with ``F F^T ~= G`` from the streamed sketch ``Y = G @ omega`` (Nystrom approximation).
+
+    The numerically stable form of Tropp, Yurtsever, Udell & Cevher (2017, "Fixed-rank approximation of a
+    positive-semidefinite matrix from streaming data", Alg. 3): shift ``Y`` by ``nu * omega`` with
+    ``nu = sqrt(in) * eps * ||Y||_F`` (``eps`` of the sketch's dtype: fp32 when captured), factor ``omega^T Y_nu`` by Cholesky,
+    take the SVD of ``Y_nu C^-1`` and remove the shift from the squared singular values. ``F F^T`` never
+    exceeds ``G`` (``G - F F^T`` is PSD up to rounding) and equals it when ``rank(G) <= k``.
+
+    Args:
+        sketch: ``Y = G @ omega``, ``[in, k]``.
+        omega: The test matrix ``[in, k]`` (Gaussian).
+        dtype: Dtype of the factorisation.
+    """
+    if sketch.shape != omega.shape or sketch.dim() != 2:
+        raise ValueError(f"nystrom_factor: sketch {list(sketch.shape)} and omega {list(omega.shape)} must be one "
+                         "[in, k] shape")
+    y, om = sketch.to(dtype), omega.to(dtype)
+    # the shift guards against the rounding of the sketch itself (fp32 when captured): its dtype's epsilon
+    eps = torch.finfo(sketch.dtype if sketch.is_floating_point() else torch.float32).eps
+    nu = math.sqrt(y.shape[0]) * eps * float(torch.linalg.matrix_norm(y))
+    nu = nu or torch.finfo(torch.float32).tiny
+    for _ in range(RIDGE_STEPS):
+        y_nu = y + nu * om
+        core = om.T @ y_nu
+        factor, info = torch.linalg.cholesky_ex((core + core.T) * 0.5)
+        if int(info) == 0:
+            break
+        nu *= 10.0
+    else:
+        raise ValueError("nystrom_factor: the sketch is not positive semi-definite (is it G @ omega of a Gram?)")
+    e = torch.linalg.solve_triangular(factor, y_nu.T, upper=False).T  # Y_nu L^-T, [in, k]
+    u, sigma, _ = torch.linalg.svd(e, full_matrices=False)
+    lam = (sigma * sigma - nu).clamp_min(0.0)
+    return u * lam.sqrt()
+
+
+def lowrank_gram(factor: Tensor, diag: Tensor) -> Tensor:
+    """Dense ``[in, in]`` Gram from a low-rank factor and the exact diagonal: ``F F^T + diag(d - rowsum(F^2))``.
+
+    The off-diagonal part is the rank-``k`` Nystrom approximation; the diagonal is exact (the residual
+    ``d - rowsum(F^2)`` is clamped at 0 against rounding), so shrinkage ``alpha = 0`` gives the diagonal variant.
+    """
+    if factor.dim() != 2 or diag.dim() != 1 or factor.shape[0] != diag.shape[0]:
+        raise ValueError(f"lowrank_gram: factor {list(factor.shape)} must be [in, k] for a diagonal of "
+                         f"{list(diag.shape)}")
+    residual = (diag - (factor * factor).sum(1)).clamp_min(0.0)
+    return factor @ factor.T + torch.diag_embed(residual)

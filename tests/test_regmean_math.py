@@ -158,3 +158,33 @@ def test_shape_errors_name_the_expert():
         regmean_merge(weights, [grams[0], grams[1][:3, :3], grams[2]])
     with pytest.raises(ValueError, match="expert 1"):
         fisher_merge([torch.zeros(3), torch.zeros(4)], [torch.ones(3), torch.ones(4)])
+
+
+def _psd(seed: int, n: int, rank: int, decay: float = 0.7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0][:, :rank]
+    return (q * decay ** torch.arange(rank, dtype=torch.float64)) @ q.T * 100.0
+
+
+def test_nystrom_exact_when_rank_fits():
+    from sens_peft.regmean import lowrank_gram, nystrom_factor
+
+    gram = _psd(20, 24, rank=5)
+    omega = torch.randn(24, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    factor = nystrom_factor(gram @ omega, omega)
+    assert factor.shape == (24, 8)
+    torch.testing.assert_close(factor @ factor.T, gram, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lowrank_gram(factor, torch.diagonal(gram)), gram, rtol=1e-4, atol=1e-4)
+
+
+def test_nystrom_below_g_and_better_than_diagonal():
+    from sens_peft.regmean import lowrank_gram, nystrom_factor
+
+    gram = _psd(21, 32, rank=32, decay=0.6)
+    omega = torch.randn(32, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    factor = nystrom_factor(gram @ omega, omega)
+    assert float(torch.linalg.eigvalsh(gram - factor @ factor.T).min()) > -1e-6 * float(gram.norm())
+    approx = lowrank_gram(factor, torch.diagonal(gram))
+    torch.testing.assert_close(torch.diagonal(approx), torch.diagonal(gram))
+    diag_only = torch.diag(torch.diagonal(gram))
+    assert float((approx - gram).norm()) < 0.2 * float((diag_only - gram).norm())
