@@ -15,6 +15,8 @@ Sensitivity format versions (this sens-peft writes version 2 and reads 1 and 2):
     float32 or bfloat16; sums over tokens, not means. Modules reading the same input tensor (q/k/v, gate/up) store
     it once: metadata ``gram_aliases`` maps each other name to the stored one; ``gram_tokens`` holds each stored
     Gram's token count (so ``G / tokens`` is the mean).
+  - ``gram_factor.<name>``: with ``gram="lowrank"``, a Nystrom factor ``F [in, k]`` next to the exact diagonal
+    ``gram.<name> [in]``: ``G ~= F F^T + diag(d - rowsum(F^2))``.
   - ``fisher.<name>``: the diagonal empirical Fisher ``E[g^2]`` per element (shape of the scored tensor, float32);
     metadata ``fisher_samples`` / ``fisher_estimator`` say from what.
 
@@ -45,7 +47,7 @@ PROBE_FORMAT = "sens-peft/probe"
 FORMAT_VERSION = 2  # of sensitivity.safetensors (see the module docstring)
 READ_VERSIONS = (1, 2)
 PROBE_FORMAT_VERSION = 1
-STATISTIC_KINDS = ("element_maps", "gram", "fisher")
+STATISTIC_KINDS = ("element_maps", "gram", "gram_factor", "fisher")
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
@@ -74,6 +76,7 @@ class SensitivityRecord:
         gram_aliases: ``{weight name: owner name}`` for modules whose input is the same tensor as the owner's.
         gram_tokens: ``{owner name: tokens summed into its Gram}``.
         fisher: Diagonal empirical Fisher maps ``E[g^2]`` keyed by tensor name (shape of the tensor).
+        gram_factors: Low-rank Nystrom factors ``[in, k]`` of Grams whose ``grams`` entry is the diagonal.
         extra: Other named tensors (e.g. ``during.tensor_scores`` when ``mode="both"``).
         metadata: String-valued metadata (estimator, weight_source, mode, num_samples, ...).
     """
@@ -90,6 +93,7 @@ class SensitivityRecord:
     gram_aliases: dict[str, str] = field(default_factory=dict)
     gram_tokens: dict[str, int] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    gram_factors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def task(self) -> Optional[str]:
@@ -107,7 +111,7 @@ class SensitivityRecord:
 
     def check_statistics(self) -> None:
         """Read every Gram and Fisher tensor once so that a bad value raises now (loaded records check lazily)."""
-        for mapping in (self.grams, self.fisher):
+        for mapping in (self.grams, self.fisher, self.gram_factors):
             for name in mapping:
                 mapping[name]
 
@@ -124,15 +128,24 @@ class SensitivityRecord:
         Args:
             kind: ``"element_maps"`` (``mean |w * g|``, the tensor's shape), ``"gram"`` (the input Gram sum of the
                 Linear owning that weight, shared aliases resolved: ``dim() == 2`` is the full ``[in, in]``
-                matrix, ``dim() == 1`` its diagonal only), or ``"fisher"`` (``E[g^2]``, the tensor's shape).
+                matrix, dense ``F F^T + diag(residual)`` for a low-rank one; ``dim() == 1`` its diagonal only),
+                ``"gram_factor"`` (the low-rank factor ``F [in, k]`` alone, for Woodbury-style solves; None unless
+                stored low-rank), or ``"fisher"`` (``E[g^2]``, the tensor's shape).
             tensor_name: The weight's name.
         """
         if kind not in STATISTIC_KINDS:
             raise ValueError(f"unknown statistic kind {kind!r}; expected one of {list(STATISTIC_KINDS)}")
         name = canonical_name(tensor_name)
-        if kind == "gram":
+        if kind in ("gram", "gram_factor"):
             owner = self.gram_owner(name)
+            factor = None if owner is None or owner not in self.gram_factors else self.gram_factors[owner].float()
+            if kind == "gram_factor":
+                return factor
             value = None if owner is None else self.grams[owner]
+            if factor is not None:
+                from .regmean import lowrank_gram  # local: regmean is pure math and imports nothing from here
+
+                return lowrank_gram(factor, value.float())
         else:
             value = (self.element_maps if kind == "element_maps" else self.fisher).get(name)
         return None if value is None else value.float()
@@ -142,7 +155,7 @@ class SensitivityRecord:
         averages; divide a Gram by its count for the mean ``E[x x^T]``. None when unknown or absent."""
         if kind not in STATISTIC_KINDS:
             raise ValueError(f"unknown statistic kind {kind!r}; expected one of {list(STATISTIC_KINDS)}")
-        if kind == "gram":
+        if kind in ("gram", "gram_factor"):
             owner = self.gram_owner(tensor_name) if tensor_name is not None else None
             return None if owner is None else self.gram_tokens.get(owner)
         key = "fisher_samples" if kind == "fisher" else "num_samples"
@@ -297,7 +310,7 @@ def load_sensitivity(path: PathLike) -> SensitivityRecord:
     diagonal / entries, symmetric) on access (:meth:`SensitivityRecord.check_statistics` checks all now).
     """
     file = _resolve(path, SENSITIVITY_FILE)
-    tensors, metadata = _read(file, "sensitivity", (_GRAM_PREFIX, _FISHER_PREFIX))
+    tensors, metadata = _read(file, "sensitivity", (_GRAM_PREFIX, _FISHER_PREFIX, _FACTOR_PREFIX))
     _check_header(file, metadata, SENSITIVITY_FORMAT, READ_VERSIONS)
     for key in REQUIRED_SENSITIVITY_META:
         if key not in metadata:
@@ -318,8 +331,9 @@ def load_sensitivity(path: PathLike) -> SensitivityRecord:
             raise SidecarError(f"{file}: tensor 'element.{name}' contains NaN or Inf")
     known = {"group_scores", "tensor_scores", "signed_scores"}
     grams, aliases, gram_tokens, fisher = _load_statistics(file, tensors, metadata)
+    factors = _load_factors(file, tensors, grams)
     extra = {k: v for k, v in tensors.items()
-             if k not in known and not k.startswith(("element.", _GRAM_PREFIX, _FISHER_PREFIX))}
+             if k not in known and not k.startswith(("element.", _GRAM_PREFIX, _FISHER_PREFIX, _FACTOR_PREFIX))}
     return SensitivityRecord(
         groups=groups,
         group_scores=tensors["group_scores"].float(),
@@ -333,12 +347,14 @@ def load_sensitivity(path: PathLike) -> SensitivityRecord:
         gram_aliases=aliases,
         gram_tokens=gram_tokens,
         fisher=fisher,
+        gram_factors=factors,
     )
 
 
 # ---------------------------------------------------------------------------------------------- v2 statistics
 _GRAM_PREFIX = "gram."
 _FISHER_PREFIX = "fisher."
+_FACTOR_PREFIX = "gram_factor."
 _GRAM_DTYPES = (torch.float32, torch.bfloat16)
 # Relative asymmetry tolerated in a stored Gram (bf16 storage of a symmetric fp32 matrix stays symmetric; this
 # only guards against a transposed or foreign tensor).
@@ -353,6 +369,8 @@ def _statistic_tensors(record: SensitivityRecord) -> dict[str, torch.Tensor]:
         tensors[_GRAM_PREFIX + name] = value
     for name, value in record.fisher.items():
         tensors[_FISHER_PREFIX + name] = value.float()
+    for name, value in record.gram_factors.items():
+        tensors[_FACTOR_PREFIX + name] = value if value.dtype in _GRAM_DTYPES else value.float()
     return tensors
 
 
@@ -362,6 +380,9 @@ def _statistic_metadata(record: SensitivityRecord) -> dict[str, str]:
     missing = sorted(set(record.grams) - set(record.gram_tokens))
     if missing:
         raise ValueError(f"SensitivityRecord: Grams {missing[:3]} have no token count in gram_tokens")
+    lonely = sorted(n for n in record.gram_factors if n not in record.grams or record.grams[n].dim() != 1)
+    if lonely:
+        raise ValueError(f"SensitivityRecord: gram_factors {lonely[:3]} need their diagonal [in] in grams")
     dangling = sorted(n for n, owner in record.gram_aliases.items() if owner not in record.grams)
     if dangling:
         raise ValueError(f"SensitivityRecord: gram_aliases {dangling[:3]} point at Grams that are not stored")
@@ -427,6 +448,26 @@ def _load_statistics(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
             raise SidecarError(f"{path}: tensor '{_FISHER_PREFIX}{name}' has dtype {value.dtype}, expected a float dtype")
     return (LazyTensors(path, _GRAM_PREFIX, sorted(grams), _check_gram), aliases,
             {k: int(v) for k, v in tokens.items()}, LazyTensors(path, _FISHER_PREFIX, sorted(fisher), _check_fisher))
+
+
+def _load_factors(path: Path, tensors: dict[str, torch.Tensor], grams: Mapping) -> Mapping:
+    """Low-rank Gram factors: each ``[in, k]`` next to a stored diagonal ``gram.<name>`` of length ``in``."""
+    shapes = {k[len(_FACTOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(_FACTOR_PREFIX)}
+    diag_shapes = {k[len(_GRAM_PREFIX):]: v.shape for k, v in tensors.items() if k.startswith(_GRAM_PREFIX)}
+    for name, value in shapes.items():
+        key = _FACTOR_PREFIX + name
+        if not value.is_floating_point():
+            raise SidecarError(f"{path}: tensor {key!r} has dtype {value.dtype}, expected float32 or bfloat16")
+        diag = diag_shapes.get(name)
+        if diag is None or len(diag) != 1 or value.dim() != 2 or value.shape[0] != diag[0]:
+            raise SidecarError(f"{path}: tensor {key!r} has shape {list(value.shape)}; expected [in, k] next to a "
+                               f"diagonal '{_GRAM_PREFIX}{name}' of shape [in] (found {None if diag is None else list(diag)})")
+    return LazyTensors(path, _FACTOR_PREFIX, sorted(shapes), _check_finite)
+
+
+def _check_finite(path: Path, name: str, value: torch.Tensor) -> None:
+    if not torch.isfinite(value).all():
+        raise SidecarError(f"{path}: tensor '{_FACTOR_PREFIX}{name}' contains NaN or Inf")
 
 
 def _check_fisher(path: Path, name: str, value: torch.Tensor) -> None:

@@ -376,3 +376,36 @@ def test_captured_grams_drive_regmean_to_the_least_squares_merge():
     reference = torch.linalg.lstsq(x, y).solution.T
     torch.testing.assert_close((b.double() @ a.double()), reference, rtol=1e-3, atol=1e-5)
     assert not torch.allclose(reference, (deltas[0] + deltas[1]) / 2, rtol=1e-2, atol=1e-4)  # not a plain average
+
+
+def test_lowrank_grams(lora_all, tmp_path):
+    """gram="lowrank": exact when the tokens span fewer than k directions; exact diagonal and better than the
+    diagonal alone otherwise; inputs no wider than k kept full; saved and loaded."""
+    short = TokenData(n=2, length=8, seed=11)  # one sample: 8 tokens, so every Gram has rank <= 8 < k = 16
+    full = run_calibration(lora_all, short, SensitivityConfig(calibration_samples=1, gram="full", fisher=False))
+    low = run_calibration(lora_all, short, SensitivityConfig(calibration_samples=1, gram="lowrank", gram_rank=16,
+                                                             fisher=False))
+    assert low.metadata["gram_mode"] == "lowrank" and low.metadata["gram_rank"] == "16"
+    for name in full.grams:
+        assert low.statistic("gram_factor", name).shape == (full.grams[name].shape[0], 16)
+        ref = full.statistic("gram", name)
+        torch.testing.assert_close(low.statistic("gram", name), ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+    save_sensitivity(low, tmp_path)
+    loaded = load_sensitivity(tmp_path)
+    name = L0 + "self_attn.v_proj.weight"  # an alias of q_proj
+    torch.testing.assert_close(loaded.statistic("gram", name), low.statistic("gram", name))
+    assert loaded.statistic("gram_factor", name).shape == (32, 16)
+    # more tokens than k: approximate, diagonal exact; a k as wide as the hidden size keeps those inputs full
+    long = TokenData(n=6, length=12, seed=12)
+    cfg = dict(calibration_samples=6, fisher=False)
+    full = run_calibration(lora_all, long, SensitivityConfig(gram="full", **cfg))
+    low = run_calibration(lora_all, long, SensitivityConfig(gram="lowrank", gram_rank=32, **cfg))
+    for name in full.grams:
+        ref, got = full.statistic("gram", name), low.statistic("gram", name)
+        if "down_proj" in name:
+            assert low.statistic("gram_factor", name).shape == (64, 32)
+            torch.testing.assert_close(torch.diagonal(got), torch.diagonal(ref), rtol=1e-4, atol=1e-4)
+            assert float((got - ref).norm()) < 0.5 * float((torch.diag(torch.diagonal(ref)) - ref).norm())
+        else:
+            assert low.statistic("gram_factor", name) is None
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)

@@ -487,6 +487,7 @@ class CalibrationPass:
             self.gram_targets() if self.config.gram != "none" else [],
             gram=self.config.gram, gram_max_bytes=self.config.gram_max_bytes,
             fisher_names=self.names if self.fisher else [], device=self.device,
+            gram_rank=self.config.gram_rank, seed=self.config.seed,
         )
 
     def metadata(self) -> dict[str, Any]:

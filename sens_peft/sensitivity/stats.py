@@ -7,7 +7,10 @@
   other positions whose label is ``-100`` *do* count, since the merged layer sees them as inputs too. Forward hooks
   stash each input during the forward; right after it (before the backward) the inputs are summed into fp32
   buffers on the model's device. Modules whose input is the very same tensor (q/k/v, gate/up in Llama) get one
-  Gram and an alias map. ``"diag"`` keeps ``sum x**2`` only.
+  Gram and an alias map. ``"diag"`` keeps ``sum x**2`` only. ``"lowrank"`` keeps the exact diagonal plus a
+  streamed sketch ``Y = G @ omega`` (``omega``: a seeded Gaussian ``[in, k]``, the same on every rank and for
+  every module of one width), turned into a rank-``k`` Nystrom factor ``F`` (``G ~= F F^T`` off the diagonal) when
+  the record is built: ``in * (k + 1)`` numbers instead of ``in**2``; inputs no wider than ``k`` are kept full.
 * **Fisher**: the diagonal empirical Fisher ``E[g^2]`` of each scored tensor, from the gradients the pass forms
   (one backward per ``calibration_batch_size`` examples): at batch size 1 exactly the mean over samples of the
   squared per-sample gradient; at batch size ``b`` the documented estimate ``b * mean_batches(g_batch^2)``
@@ -26,6 +29,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ..regmean import nystrom_factor
 from ..store import SensitivityRecord
 from .distributed import all_reduce_sum
 
@@ -33,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CalibrationStats", "full_gram_widths", "gram_bytes"]
 
-GRAM_MODES = ("auto", "full", "diag", "none")
+GRAM_MODES = ("auto", "full", "diag", "lowrank", "none")
 
 
 def gram_bytes(fan_ins: Sequence[int], mode: str, bytes_per_element: int = 4) -> int:
@@ -53,7 +57,7 @@ def full_gram_widths(setting: str, fan_ins: Sequence[int], max_bytes: int) -> se
     """
     if setting not in GRAM_MODES:
         raise ValueError(f"gram={setting!r} is not one of {list(GRAM_MODES)}")
-    if setting in ("diag", "none"):
+    if setting in ("diag", "none", "lowrank"):
         return set()
     widths = sorted(set(fan_ins))
     if setting == "full":
@@ -81,6 +85,8 @@ class CalibrationStats:
         gram_max_bytes: Budget of ``"auto"`` for the fp32 full Grams.
         fisher_names: Tensor names whose Fisher maps are summed (empty: no Fisher).
         device: Where the sums live.
+        gram_rank: ``k`` of ``"lowrank"``.
+        seed: Seed of the ``"lowrank"`` test matrices.
     """
 
     def __init__(
@@ -91,12 +97,18 @@ class CalibrationStats:
         gram_max_bytes: int = 2**30,
         fisher_names: Sequence[str] = (),
         device: torch.device | str | None = None,
+        gram_rank: int = 256,
+        seed: int = 0,
     ) -> None:
         self.targets = list(targets) if gram != "none" else []
         self.gram_setting = gram
         self.gram_max_bytes = int(gram_max_bytes)
         self.gram_mode: Optional[str] = None if self.targets else "none"  # "full" / "diag" / "mixed" once resolved
         self.full_names: set[str] = set()  # stored Grams kept full (the others are diagonals)
+        self.lowrank_names: set[str] = set()  # diagonals that also get a sketch (gram="lowrank")
+        self.sketches: dict[str, Tensor] = {}  # Y = G @ omega of the low-rank ones
+        self.gram_rank, self.seed = int(gram_rank), int(seed)
+        self._omegas: dict[int, Tensor] = {}
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.grams: dict[str, Tensor] = {}
         self.gram_tokens: dict[str, Tensor] = {}
@@ -169,8 +181,13 @@ class CalibrationStats:
                 self.aliases[name] = owner
         widths = {n: stash[n][0].shape[-1] for n in stash if n not in self.aliases}
         full = full_gram_widths(self.gram_setting, list(widths.values()), self.gram_max_bytes)
+        if self.gram_setting == "lowrank":  # a sketch as wide as the input is no smaller than the Gram
+            full = {w for w in widths.values() if w <= self.gram_rank}
+            self.lowrank_names = {n for n, w in widths.items() if w not in full}
         self.full_names = {n for n, w in widths.items() if w in full}
         self.gram_mode = "full" if len(self.full_names) == len(widths) else "mixed" if self.full_names else "diag"
+        if self.lowrank_names:
+            self.gram_mode = "lowrank"
         logger.info("Gram capture: %s (%d of %d stored Grams full, for %d modules, %d shared)", self.gram_mode,
                     len(self.full_names), len(widths), len(stash), len(self.aliases))
 
@@ -182,8 +199,11 @@ class CalibrationStats:
                 if owner in self.grams:
                     self.grams[name] = self.grams[owner].clone()
                     self.gram_tokens[name] = self.gram_tokens[owner].clone()
-                if owner in self.full_names:
-                    self.full_names.add(name)
+                if owner in self.sketches:
+                    self.sketches[name] = self.sketches[owner].clone()
+                for names in (self.full_names, self.lowrank_names):
+                    if owner in names:
+                        names.add(name)
                 del self.aliases[name]
 
     def _accumulate(self, name: str, rows: Tensor) -> None:
@@ -198,7 +218,21 @@ class CalibrationStats:
             self.grams[name].addmm_(rows.T, rows)
         else:
             self.grams[name].add_((rows * rows).sum(0))
+        if name in self.lowrank_names:
+            omega = self.omega(fan_in)
+            if name not in self.sketches:
+                self.sketches[name] = torch.zeros_like(omega)
+            self.sketches[name].addmm_(rows.T, rows @ omega)
         self.gram_tokens[name].add_(rows.shape[0])
+
+    def omega(self, fan_in: int) -> Tensor:
+        """The seeded Gaussian test matrix ``[fan_in, gram_rank]`` of the low-rank sketches (drawn on the CPU,
+        so every device and rank gets the same one)."""
+        cache = self._omegas
+        if fan_in not in cache:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + fan_in)
+            cache[fan_in] = torch.randn(fan_in, self.gram_rank, generator=gen).to(self.device)
+        return cache[fan_in]
 
     # ------------------------------------------------------------------ Fisher
     def update_fisher(self, squared_grads: dict[str, Tensor], ok: Tensor, batch_size: int) -> None:
@@ -222,10 +256,17 @@ class CalibrationStats:
     # ------------------------------------------------------------------ combine / export
     def merge_(self, other: CalibrationStats) -> None:
         """Add another pass's sums (same targets and settings) into this one, e.g. two halves of the data."""
-        if other.grams and self.grams and (other.full_names != self.full_names or other.aliases != self.aliases):
+        if other.grams and self.grams and (other.full_names != self.full_names or other.aliases != self.aliases
+                                           or other.lowrank_names != self.lowrank_names):
             raise ValueError("cannot merge Gram sums with different full/diagonal choices or sharing (alias maps)")
         if not self.grams:
             self.gram_mode, self.full_names, self.aliases = other.gram_mode, set(other.full_names), dict(other.aliases)
+            self.lowrank_names = set(other.lowrank_names)
+        for name, value in other.sketches.items():
+            if name in self.sketches:
+                self.sketches[name].add_(value.to(self.device))
+            else:
+                self.sketches[name] = value.to(self.device).clone()
         for name, value in other.grams.items():
             if name in self.grams:
                 self.grams[name].add_(value.to(self.device))
@@ -252,6 +293,8 @@ class CalibrationStats:
         for name in sorted(self.grams):
             all_reduce_sum(self.grams[name], group)
             all_reduce_sum(self.gram_tokens[name], group)
+        for name in sorted(self.sketches):
+            all_reduce_sum(self.sketches[name], group)
         for name in sorted(self.fisher):
             all_reduce_sum(self.fisher[name], group)
         all_reduce_sum(self.fisher_batches, group)
@@ -268,9 +311,14 @@ class CalibrationStats:
             record.grams[name] = value.detach().to("cpu", dtype)
             record.gram_tokens[name] = int(self.gram_tokens[name].item())
         record.gram_aliases.update({n: o for n, o in self.aliases.items() if o in self.grams})
+        for name, sketch in self.sketches.items():
+            factor = nystrom_factor(sketch.detach().cpu(), self.omega(sketch.shape[0]).cpu())
+            record.gram_factors[name] = factor.to(dtype)
         if self.grams:
             record.metadata.update(gram_mode=str(self.gram_mode), gram_dtype=gram_dtype,
                                    gram_tokens_rule="attention_mask (padding excluded, prompt tokens included)")
+        if self.sketches:
+            record.metadata["gram_rank"] = str(self.gram_rank)
         batches = int(self.fisher_batches.item())
         if self.fisher and batches > 0:
             for name, value in self.fisher.items():
