@@ -7,7 +7,9 @@
    layers),
    for LoRA on all seven projections and on q/v only: full vs diagonal Grams, with and without sharing of the
    q/k/v and gate/up inputs, fp32 vs bf16 storage, and the Fisher maps.
-3. A float64 check of what bf16 storage of the Grams does to the RegMean solve (synthetic anisotropic activations).
+3. A float64 check of what bf16 storage of the Grams does to the RegMean solve (synthetic anisotropic activations),
+   and on the pre-trained toy base's own activations what bf16, low-rank sketches and diagonals lose against full
+   fp32 Grams on RegMean's objective (needs the cached toy base).
 
     OMP_NUM_THREADS=1 python benchmarks/stats_cost.py [--samples 32] [--repeats 3] [--threads 1]
 """
@@ -35,7 +37,7 @@ SHAPES = {  # name: (hidden, intermediate, layers)
     "1B-class (h2048 i8192 L16)": (2048, 8192, 16),
     "7B (h4096 i11008 L32)": (4096, 11008, 32),
 }
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+LOWRANK_K = 256  # SensitivityConfig.gram_rank default
 
 
 def _fan_in(proj: str, hidden: int, inter: int) -> int:
@@ -51,7 +53,11 @@ def _shared_inputs(targets: tuple[str, ...]) -> list[str]:
 def formula_bytes(hidden: int, inter: int, layers: int, targets: tuple[str, ...], *, mode: str, shared: bool,
                   bytes_per: int) -> int:
     owners = _shared_inputs(targets) if shared else list(targets)
-    per_layer = sum(_fan_in(p, hidden, inter) ** (2 if mode == "full" else 1) for p in owners)
+    widths = [_fan_in(p, hidden, inter) for p in owners]
+    if mode == "lowrank":  # exact diagonal + [in, k] factor; inputs no wider than k stay full
+        per_layer = sum(w * w if w <= LOWRANK_K else w * (LOWRANK_K + 1) for w in widths)
+    else:
+        per_layer = sum(w ** (2 if mode == "full" else 1) for w in widths)
     return per_layer * layers * bytes_per
 
 
@@ -83,13 +89,14 @@ def print_formula() -> None:
         targets = tuple(targets)
         print(f"-- {tname}")
         print(f"{'shape':28s} {'full fp32':>12s} {'full bf16':>12s} {'full fp32 unshared':>19s} "
-              f"{'diag fp32':>12s} {'auto fp32':>12s} {'Fisher fp32':>12s}")
+              f"{'diag fp32':>12s} {'auto fp32':>12s} {'lowrank256':>12s} {'Fisher fp32':>12s}")
         for name, (h, i, n) in SHAPES.items():
             cells = [formula_bytes(h, i, n, targets, mode="full", shared=True, bytes_per=4),
                      formula_bytes(h, i, n, targets, mode="full", shared=True, bytes_per=2),
                      formula_bytes(h, i, n, targets, mode="full", shared=False, bytes_per=4),
                      formula_bytes(h, i, n, targets, mode="diag", shared=True, bytes_per=4),
                      auto_bytes(h, i, n, targets),
+                     formula_bytes(h, i, n, targets, mode="lowrank", shared=True, bytes_per=4),
                      fisher_bytes(h, i, n, targets)]
             print(f"{name:28s} " + " ".join(f"{_gib(c):>12s}" for c in cells[:2]) + f" {_gib(cells[2]):>19s} "
                   + " ".join(f"{_gib(c):>12s}" for c in cells[3:]))
@@ -188,49 +195,58 @@ def _objective(w: torch.Tensor, deltas: list[torch.Tensor], grams: list[torch.Te
     return float(sum((((w - d) @ g) * (w - d)).sum() for d, g in zip(deltas, grams)))
 
 
-def bf16_check_toy(samples: int = 32) -> None:
-    """The same question on the pre-trained toy base's own activations (one task's data per expert, random LoRA
-    deltas): median over the adapted modules of the fraction of RegMean's gain lost. Needs the cached base."""
+def storage_check_toy(samples: int = 32, ranks: tuple[int, ...] = (16, 32, 64)) -> None:
+    """What the storage choices lose on the pre-trained toy base's own activations (one task's data per expert,
+    random LoRA deltas on all projections): per adapted module, the fraction of full-Gram RegMean's gain over the
+    plain average (on RegMean's objective, from the exact fp32 Grams) that a merge from bf16 Grams, low-rank
+    sketches or diagonals loses; median (max) over modules. Needs the cached base (toy.pretrain_base())."""
     from peft import get_peft_model
 
     if not toy.base_path().exists():
-        print("\n(toy base not cached: skipping the bf16 check on real activations; run toy.pretrain_base() first)")
+        print("\n(toy base not cached: skipping the check on real activations; run toy.pretrain_base() first)")
         return
-    print(f"\n== bf16 Gram storage on the pre-trained toy base's activations ({samples} samples per task) ==")
-    base_dir = toy.base_path()
+    print(f"\n== Gram storage on the pre-trained toy base's activations ({samples} samples per task, hidden 128, "
+          "intermediate 256) ==")
     tok = toy.build_tokenizer()
-    grams, deltas = [], []
+    variants = {"bf16 full": None, **{f"lowrank k={k}": k for k in ranks}, "diag": None}
+    grams, approx, deltas = [], {v: [] for v in variants}, []
     for k, task in enumerate(toy.TASK_NAMES):
-        model = toy.pretrain_base()  # loads the cached copy
         torch.manual_seed(k)
-        expert = get_peft_model(model, toy.lora_config())
+        expert = get_peft_model(toy.pretrain_base(), toy.lora_config())  # pretrain_base loads the cached copy
         with torch.no_grad():
             for name, p in expert.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
-        cfg = SensitivityConfig(calibration_samples=samples, gram="full", fisher=False)
-        rec = run_calibration(expert, toy.task_dataset(task, tokenizer=tok, n=samples), cfg)
+        data = toy.task_dataset(task, tokenizer=tok, n=samples)
+        rec = run_calibration(expert, data, SensitivityConfig(calibration_samples=samples, gram="full", fisher=False))
         grams.append({n: rec.statistic("gram", n).double() for n in rec.tensor_names})
+        approx["bf16 full"].append({n: g.to(torch.bfloat16).double() for n, g in grams[-1].items()})
+        approx["diag"].append({n: torch.diagonal(g).clone() for n, g in grams[-1].items()})
+        for rank in ranks:
+            low = run_calibration(expert, data, SensitivityConfig(calibration_samples=samples, gram="lowrank",
+                                                                  gram_rank=rank, fisher=False))
+            approx[f"lowrank k={rank}"].append({n: low.statistic("gram", n).double() for n in rec.tensor_names})
         deltas.append({})
         for name, module in expert.named_modules():
             if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                key = name.replace("base_model.model.", "") + ".weight"
                 d = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
-                deltas[-1][key] = d.detach().double()
-    print(f"base {base_dir.name}, {len(toy.TASK_NAMES)} experts, {len(grams[0])} modules")
+                deltas[-1][name.replace("base_model.model.", "") + ".weight"] = d.detach().double()
+    print(f"base {toy.base_path().name}, {len(grams)} experts, {len(grams[0])} modules; calibration tokens per "
+          f"expert ~{rec.statistic_count('gram', rec.tensor_names[0])}")
     for alpha in (1.0, 0.9, 0.5):
-        lost = {torch.float32: [], torch.bfloat16: []}
+        lost: dict[str, list[float]] = {v: [] for v in variants}
         for name in grams[0]:
             gs = [g[name] for g in grams]
             ds = [d[name] for d in deltas]
             ref = regmean_merge(ds, gs, alpha)
-            gap = _objective(torch.stack(ds).mean(0), ds, gs) - _objective(ref, ds, gs)
-            for dt in lost:
-                w = regmean_merge(ds, [g.to(dt).double() for g in gs], alpha)
-                lost[dt].append((_objective(w, ds, gs) - _objective(ref, ds, gs)) / gap)
-        print(f"alpha {alpha:.1f}: gain lost, median (max) over modules: fp32 "
-              f"{statistics.median(lost[torch.float32]):.1e} ({max(lost[torch.float32]):.1e}), bf16 "
-              f"{statistics.median(lost[torch.bfloat16]):.1e} ({max(lost[torch.bfloat16]):.1e})")
+            best = _objective(ref, ds, gs)
+            gap = _objective(torch.stack(ds).mean(0), ds, gs) - best
+            for v in variants:
+                w = regmean_merge(ds, [a[name] for a in approx[v]], alpha)
+                lost[v].append((_objective(w, ds, gs) - best) / gap)
+        cells = ", ".join(f"{v} {statistics.median(x):.1e} ({max(x):.1e})" for v, x in lost.items())
+        print(f"alpha {alpha:.1f}: gain lost, median (max): {cells}")
+    print("(negative values at alpha<1 are possible: the reference minimises the shrunk objective)")
 
 
 def main() -> None:
@@ -243,7 +259,7 @@ def main() -> None:
     measure_pass(args.samples, args.repeats)
     print_formula()
     bf16_check()
-    bf16_check_toy()
+    storage_check_toy()
 
 
 if __name__ == "__main__":
