@@ -62,13 +62,16 @@ def formula_bytes(hidden: int, inter: int, layers: int, targets: tuple[str, ...]
 
 
 def auto_bytes(hidden: int, inter: int, layers: int, targets: tuple[str, ...], budget: int = 2**30) -> int:
-    """fp32 bytes that gram="auto" stores with the default budget (whole width classes full, narrowest first)."""
+    """fp32 bytes that gram="auto" stores with the default budget and rank (CalibrationStats._auto_lowrank):
+    whole width classes full, narrowest first; the rest sketched at rank LOWRANK_K if that fits, else diagonal."""
     from sens_peft.sensitivity.stats import full_gram_widths, gram_bytes
 
     widths = [_fan_in(p, hidden, inter) for p in _shared_inputs(targets)] * layers
     full = full_gram_widths("auto", widths, budget)
-    return gram_bytes([w for w in widths if w in full], "full") + gram_bytes([w for w in widths if w not in full],
-                                                                              "diag")
+    used = gram_bytes([w for w in widths if w in full], "full")
+    rest = [w for w in widths if w not in full]
+    sketched = sum(w * (LOWRANK_K + 1) * 4 if w > LOWRANK_K else w * 4 for w in rest)
+    return used + (sketched if used + sketched <= budget else gram_bytes(rest, "diag"))
 
 
 def fisher_bytes(hidden: int, inter: int, layers: int, targets: tuple[str, ...], kv_ratio: float = 1.0) -> int:

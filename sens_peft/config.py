@@ -99,14 +99,18 @@ class SensitivityConfig(_ConfigMixin):
         gram: Input Gram matrices ``G = sum x x^T`` of each Linear the merge touches, for RegMean (captured in the
             calibration pass: ``mode="after"``/``"both"`` and :func:`~sens_peft.compute_sensitivity`; not in
             ``"during"``, whose activations come from weights that are still changing). ``"full"``: ``[in, in]``
-            per stored Gram; ``"diag"``: its diagonal ``[in]`` only; ``"none"``: off; ``"auto"`` (default): full
-            for whole input-width classes, narrowest first, while the fp32 sums of the full Grams (one per
-            distinct input: q/k/v and gate/up share) fit in ``gram_max_bytes``; diagonal for the rest (e.g. a
-            Llama's hidden-width inputs full and ``down_proj``'s wide input diagonal). A Gram's ``dim()`` tells
-            which. ``"lowrank"``: the exact diagonal plus a rank-``gram_rank`` Nystrom factor of the rest, from a
-            streamed sketch (``in * (gram_rank + 1)`` numbers per Gram; 7B, LoRA on all projections, rank 256:
-            0.71 GiB fp32 instead of 20 GiB), not yet compared with full Grams on the quality benchmark.
-            Inputs are the expert's own activations over non-padding tokens.
+            per stored Gram; ``"diag"``: its diagonal ``[in]`` only; ``"lowrank"``: the exact diagonal plus a
+            rank-``gram_rank`` Nystrom factor of the rest, from a streamed sketch (``in * (gram_rank + 1)``
+            numbers per Gram; 7B with LoRA on all projections at rank 256: 0.71 GiB fp32 instead of 20 GiB);
+            ``"none"``: off. ``"auto"`` (default): full for whole input-width classes, narrowest first, while the
+            fp32 sums of the full Grams (one per distinct input: q/k/v and gate/up share) fit in
+            ``gram_max_bytes``; the rest low-rank when the sketches fit in the remaining budget, else diagonal
+            (so a 1B-class Llama gets full hidden-width Grams and a sketched ``down_proj`` input, a 7B sketches
+            everything). :meth:`~sens_peft.store.SensitivityRecord.statistic` returns an ``[in, in]`` matrix for
+            full and low-rank Grams, ``[in]`` for diagonals. On the toy base's activations (benchmarks/
+            stats_cost.py), against full Grams on RegMean's objective, a diagonal lost ~90% of RegMean's gain
+            over averaging and a rank-32 sketch of 128/256-wide inputs 5% (alpha=1) or 0.1% (alpha=0.9); not yet
+            compared on the quality benchmark. Inputs are the expert's own activations over non-padding tokens.
         gram_dtype: Storage dtype of the Grams in the sidecar (sums are accumulated in fp32 either way).
             ``"float32"`` (default) is lossless; ``"bfloat16"`` halves the file but, at shrinkage ``alpha=1``
             (plain RegMean, the best setting measured so far), lost a median 12% (up to 68% on one module) of
@@ -115,9 +119,9 @@ class SensitivityConfig(_ConfigMixin):
             offered: token sums overflow it.
         gram_max_bytes: Budget of ``gram="auto"`` in bytes of fp32 sums on the model's device (default 1 GiB).
             With LoRA on all seven projections of a Llama that is everything full for small models (the toy:
-            3.5 MiB), the hidden-width inputs full and ``down_proj`` diagonal for 0.5B-1B-class models (hidden
-            2048, 16 layers: 0.75 GiB), all diagonal for 7B (full would be 20 GiB fp32, 10 GiB bf16; per-shape
-            sizes in ``benchmarks/stats_cost.py``).
+            3.5 MiB), the hidden-width inputs full and ``down_proj`` sketched for 0.5B-1B-class models (hidden
+            2048, 16 layers: 0.75 GiB + 0.13 GiB), all sketched for 7B (0.71 GiB; full would be 20 GiB fp32,
+            10 GiB bf16; per-shape sizes in ``benchmarks/stats_cost.py``).
         gram_rank: Rank ``k`` of ``gram="lowrank"`` (inputs no wider than ``k`` are stored full).
         fisher: Also store the diagonal empirical Fisher ``E[g^2]`` per element of each scored tensor
             (``fisher.<name>``) for Fisher merging. ``"auto"`` (default) follows the ``element_maps`` size budget.

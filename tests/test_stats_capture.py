@@ -162,6 +162,17 @@ def test_auto_budget_keeps_narrow_inputs_full(lora_all):
         else:
             assert got.dim() == 2
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # with a rank below the 64-wide input, the rest of the budget holds a sketch of down_proj instead of its diagonal
+    sketched = run_calibration(lora_all, data, SensitivityConfig(calibration_samples=2, gram="auto", gram_rank=8,
+                                                                 gram_max_bytes=30000, fisher=False))
+    name = L0 + "mlp.down_proj.weight"
+    assert sketched.statistic("gram_factor", name).shape == (64, 8)
+    assert sketched.statistic("gram", L0 + "self_attn.q_proj.weight").dim() == 2
+    assert sketched.statistic("gram_factor", L0 + "self_attn.q_proj.weight") is None
+    # no room for the sketch either (24576 + 2 * 64 * 9 * 4 bytes > 25000): diagonal
+    tight = run_calibration(lora_all, data, SensitivityConfig(calibration_samples=2, gram="auto", gram_rank=8,
+                                                              gram_max_bytes=25000, fisher=False))
+    assert tight.statistic("gram", name).dim() == 1 and tight.statistic("gram_factor", name) is None
 
 
 def test_lora_fisher_is_squared_weight_gradient(lora_all):

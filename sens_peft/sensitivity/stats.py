@@ -184,12 +184,25 @@ class CalibrationStats:
         if self.gram_setting == "lowrank":  # a sketch as wide as the input is no smaller than the Gram
             full = {w for w in widths.values() if w <= self.gram_rank}
             self.lowrank_names = {n for n, w in widths.items() if w not in full}
+        elif self.gram_setting == "auto":
+            self.lowrank_names = self._auto_lowrank(widths, full)
         self.full_names = {n for n, w in widths.items() if w in full}
         self.gram_mode = "full" if len(self.full_names) == len(widths) else "mixed" if self.full_names else "diag"
         if self.lowrank_names:
             self.gram_mode = "lowrank"
         logger.info("Gram capture: %s (%d of %d stored Grams full, for %d modules, %d shared)", self.gram_mode,
                     len(self.full_names), len(widths), len(stash), len(self.aliases))
+
+    def _auto_lowrank(self, widths: dict[str, int], full: set[int]) -> set[str]:
+        """``"auto"`` above the budget: sketch the inputs wider than ``gram_rank`` that did not fit as full Grams
+        when the sketches fit in what is left of the budget (on the toy base a diagonal kept ~10% of RegMean's
+        gain over averaging, a rank-32 sketch ~95%: benchmarks/stats_cost.py); diagonal otherwise."""
+        rest = {n: w for n, w in widths.items() if w not in full}
+        low = {n for n, w in rest.items() if w > self.gram_rank}
+        total = (gram_bytes([w for w in widths.values() if w in full], "full")
+                 + sum(rest[n] * (self.gram_rank + 1) * 4 for n in low)
+                 + gram_bytes([w for n, w in rest.items() if n not in low], "diag"))
+        return low if total <= self.gram_max_bytes else set()
 
     def _check_aliases(self, keys: dict[str, tuple]) -> None:
         """A later batch where an alias no longer reads its owner's input: give it its own copy of the sums so far."""
