@@ -420,3 +420,37 @@ def test_lowrank_grams(lora_all, tmp_path):
         else:
             assert low.statistic("gram_factor", name) is None
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_alias_that_stops_sharing_gets_its_own_sums():
+    """Sharing is decided on the first batch; a module that later reads another tensor is split off with a copy
+    of the sums so far, so both Grams stay exact."""
+    from sens_peft.sensitivity.stats import CalibrationStats
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.share = nn.Linear(4, 3), nn.Linear(4, 3), True
+
+        def forward(self, x: torch.Tensor) -> None:
+            self.a(x)
+            self.b(x if self.share else 2.0 * x)
+
+    model = Two()
+    stats = CalibrationStats([("a.weight", model.a), ("b.weight", model.b)], gram="full")
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    for share, x in ((True, x1), (False, x2)):
+        model.share = share
+        handles = stats.install(None)
+        model(x)
+        stats.after_forward()
+        for h in handles:
+            h.remove()
+        if share:
+            assert stats.aliases == {"b.weight": "a.weight"}
+    assert stats.aliases == {}
+    r1, r2 = x1.reshape(-1, 4).double(), x2.reshape(-1, 4).double()
+    torch.testing.assert_close(stats.grams["a.weight"].double(), r1.T @ r1 + r2.T @ r2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.grams["b.weight"].double(), r1.T @ r1 + 4 * r2.T @ r2, rtol=1e-5, atol=1e-5)
+    assert int(stats.gram_tokens["b.weight"]) == 20

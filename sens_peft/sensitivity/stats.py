@@ -103,7 +103,7 @@ class CalibrationStats:
         self.targets = list(targets) if gram != "none" else []
         self.gram_setting = gram
         self.gram_max_bytes = int(gram_max_bytes)
-        self.gram_mode: Optional[str] = None if self.targets else "none"  # "full" / "diag" / "mixed" once resolved
+        self.gram_mode: Optional[str] = None if self.targets else "none"  # full/diag/mixed/lowrank once resolved
         self.full_names: set[str] = set()  # stored Grams kept full (the others are diagonals)
         self.lowrank_names: set[str] = set()  # diagonals that also get a sketch (gram="lowrank")
         self.sketches: dict[str, Tensor] = {}  # Y = G @ omega of the low-rank ones
