@@ -331,7 +331,7 @@ def load_sensitivity(path: PathLike) -> SensitivityRecord:
             raise SidecarError(f"{file}: tensor 'element.{name}' contains NaN or Inf")
     known = {"group_scores", "tensor_scores", "signed_scores"}
     grams, aliases, gram_tokens, fisher = _load_statistics(file, tensors, metadata)
-    factors = _load_factors(file, tensors, grams)
+    factors = _load_factors(file, tensors)
     extra = {k: v for k, v in tensors.items()
              if k not in known and not k.startswith(("element.", _GRAM_PREFIX, _FISHER_PREFIX, _FACTOR_PREFIX))}
     return SensitivityRecord(
@@ -428,8 +428,8 @@ def _check_gram(path: Path, name: str, value: torch.Tensor) -> None:
 
 
 def _load_statistics(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, int], dict[str, torch.Tensor]]:
-    """The v2 statistics of a sensitivity file, validated (a v1 file simply has none)."""
+                     ) -> tuple[Mapping[str, torch.Tensor], dict[str, str], dict[str, int], Mapping[str, torch.Tensor]]:
+    """The v2 statistics of a sensitivity file: structure checked now, values lazily (a v1 file has none)."""
     grams = {k[len(_GRAM_PREFIX):]: v for k, v in tensors.items() if k.startswith(_GRAM_PREFIX)}
     for name, value in grams.items():
         _check_gram_structure(path, name, value)
@@ -450,7 +450,7 @@ def _load_statistics(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
             {k: int(v) for k, v in tokens.items()}, LazyTensors(path, _FISHER_PREFIX, sorted(fisher), _check_fisher))
 
 
-def _load_factors(path: Path, tensors: dict[str, torch.Tensor], grams: Mapping) -> Mapping:
+def _load_factors(path: Path, tensors: dict[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """Low-rank Gram factors: each ``[in, k]`` next to a stored diagonal ``gram.<name>`` of length ``in``."""
     shapes = {k[len(_FACTOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(_FACTOR_PREFIX)}
     diag_shapes = {k[len(_GRAM_PREFIX):]: v.shape for k, v in tensors.items() if k.startswith(_GRAM_PREFIX)}
