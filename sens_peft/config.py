@@ -96,6 +96,35 @@ class SensitivityConfig(_ConfigMixin):
             every coefficient reading on the quality benchmark (benchmarks/README.md). ``"auto"`` (default)
             keeps them when the scored tensors hold at most ``ELEMENT_MAP_BUDGET`` (2**26) elements; ``True``
             always (for a 7B model with LoRA on every projection that is the size of the model, in fp32).
+        gram: Input Gram matrices ``G = sum x x^T`` of each Linear the merge touches, for RegMean (captured in the
+            calibration pass: ``mode="after"``/``"both"`` and :func:`~sens_peft.compute_sensitivity`; not in
+            ``"during"``, whose activations come from weights that are still changing). ``"full"``: ``[in, in]``
+            per stored Gram; ``"diag"``: its diagonal ``[in]`` only; ``"lowrank"``: the exact diagonal plus a
+            rank-``gram_rank`` Nystrom factor of the rest, from a streamed sketch (``in * (gram_rank + 1)``
+            numbers per Gram; 7B with LoRA on all projections at rank 256: 0.71 GiB fp32 instead of 20 GiB);
+            ``"none"``: off. ``"auto"`` (default): full for whole input-width classes, narrowest first, while the
+            fp32 sums of the full Grams (one per distinct input: q/k/v and gate/up share) fit in
+            ``gram_max_bytes``; the rest low-rank when the sketches fit in the remaining budget, else diagonal
+            (so a 1B-class Llama gets full hidden-width Grams and a sketched ``down_proj`` input, a 7B sketches
+            everything). :meth:`~sens_peft.store.SensitivityRecord.statistic` returns an ``[in, in]`` matrix for
+            full and low-rank Grams, ``[in]`` for diagonals. On the toy base's activations (benchmarks/
+            stats_cost.py), against full Grams on RegMean's objective, a diagonal lost ~90% of RegMean's gain
+            over averaging and a rank-32 sketch of 128/256-wide inputs 5% (alpha=1) or 0.1% (alpha=0.9); not yet
+            compared on the quality benchmark. Inputs are the expert's own activations over non-padding tokens.
+        gram_dtype: Storage dtype of the Grams in the sidecar (sums are accumulated in fp32 either way).
+            ``"float32"`` (default) is lossless; ``"bfloat16"`` halves the file but, at shrinkage ``alpha=1``
+            (plain RegMean, the best setting measured so far), lost a median 12% (up to 68% on one module) of
+            RegMean's gain over averaging on its regression objective with the toy base's own activations, and
+            2-9% on synthetic ones; <0.1% at ``alpha<=0.9`` (``benchmarks/stats_cost.py``). fp16 is not
+            offered: token sums overflow it.
+        gram_max_bytes: Budget of ``gram="auto"`` in bytes of fp32 sums on the model's device (default 1 GiB).
+            With LoRA on all seven projections of a Llama that is everything full for small models (the toy:
+            3.5 MiB), the hidden-width inputs full and ``down_proj`` sketched for 0.5B-1B-class models (hidden
+            2048, 16 layers: 0.75 GiB + 0.13 GiB), all sketched for 7B (0.71 GiB; full would be 20 GiB fp32,
+            10 GiB bf16; per-shape sizes in ``benchmarks/stats_cost.py``).
+        gram_rank: Rank ``k`` of ``gram="lowrank"`` (inputs no wider than ``k`` are stored full).
+        fisher: Also store the diagonal empirical Fisher ``E[g^2]`` per element of each scored tensor
+            (``fisher.<name>``) for Fisher merging. ``"auto"`` (default) follows the ``element_maps`` size budget.
         ema: Optional EMA factor for ``during`` mode (``None``: plain mean over steps).
         every_n_steps: In ``during`` mode, measure every n-th optimizer step.
         seed: Seed for picking calibration and probe examples.
@@ -111,6 +140,11 @@ class SensitivityConfig(_ConfigMixin):
     store_probe: bool = True
     probe_samples: int = 16
     element_maps: Union[bool, Literal["auto"]] = "auto"
+    gram: Literal["auto", "full", "diag", "lowrank", "none"] = "auto"
+    gram_dtype: Literal["float32", "bfloat16"] = "float32"
+    gram_max_bytes: int = 2**30
+    gram_rank: int = 256
+    fisher: Union[bool, Literal["auto"]] = "auto"
     ema: Optional[float] = None
     every_n_steps: int = 1
     seed: int = 0
@@ -127,6 +161,14 @@ class SensitivityConfig(_ConfigMixin):
             raise ValueError(f"probe_samples must be a non-negative integer, got {self.probe_samples!r}")
         if self.element_maps not in (True, False, "auto"):
             raise ValueError(f"element_maps must be True, False or 'auto', got {self.element_maps!r}")
+        _check_choice("gram", self.gram, ("auto", "full", "diag", "lowrank", "none"))
+        _check_choice("gram_dtype", self.gram_dtype, ("float32", "bfloat16"))
+        if not isinstance(self.gram_rank, int) or self.gram_rank < 1:
+            raise ValueError(f"gram_rank must be a positive integer, got {self.gram_rank!r}")
+        if not isinstance(self.gram_max_bytes, int) or self.gram_max_bytes < 0:
+            raise ValueError(f"gram_max_bytes must be a non-negative integer, got {self.gram_max_bytes!r}")
+        if self.fisher not in (True, False, "auto"):
+            raise ValueError(f"fisher must be True, False or 'auto', got {self.fisher!r}")
         if self.ema is not None and not (0.0 < float(self.ema) < 1.0):
             raise ValueError(f"ema must be in (0, 1) or None, got {self.ema!r}")
 

@@ -130,7 +130,7 @@ def world(tmp_path_factory):
     # LoRA experts with sidecars: a good pair, then one broken sidecar each
     w["s0"] = _probe(_sidecar(_copy(w["lora0"], root / "s0"), (2.0, 1.0)), seed=0)
     w["s1"] = _probe(_sidecar(_copy(w["lora1"], root / "s1"), (1.0, 3.0)), seed=1)
-    w["s_version"] = _sidecar(_copy(w["lora1"], root / "s_version"), format_version=2)
+    w["s_version"] = _sidecar(_copy(w["lora1"], root / "s_version"), format_version=99)
     nogroups = _sidecar(_copy(w["lora1"], root / "s_nogroups"))
     _rewrite_meta(nogroups / "sensitivity.safetensors", drop=("groups",))
     w["s_nogroups"] = nogroups
@@ -217,7 +217,7 @@ CASES = [
          "two adapters train lm_head fully"),
     # --- sidecars
     Case("A-sidecar-format-version", _A("s0", "s_version", sens="task"), MergeError,
-         r"expert 's_version'.*sensitivity\.safetensors: format_version 2 is not supported", "format_version 2"),
+         r"expert 's_version'.*sensitivity\.safetensors: format_version 99 is not supported", "format_version 99"),
     Case("A-sidecar-missing-groups", _A("s0", "s_nogroups", sens="task"), MergeError,
          r"expert 's_nogroups'.*sensitivity\.safetensors: metadata 'groups' is missing", "no 'groups' metadata"),
     Case("A-sidecar-nan", _A("s0", "s_nan", sens="task"), MergeError,

@@ -83,7 +83,7 @@ def test_sensitivity_roundtrip(tmp_path):
     assert rec.groups == ["layers.0", "layers.1"]
     assert torch.equal(rec.group_scores, torch.tensor([1.0, 2.0]))
     assert torch.equal(rec.signed_scores, torch.tensor([-0.5, 0.25]))
-    assert rec.task == "math" and rec.metadata["format_version"] == "1"
+    assert rec.task == "math" and rec.metadata["format_version"] == "2"
 
 
 def test_bad_sidecars(tmp_path):

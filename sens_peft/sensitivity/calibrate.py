@@ -16,6 +16,9 @@ What is scored (``weight_source``):
 * LoRA, ``adapter``: the factors ``lora_A`` / ``lora_B`` (and DoRA magnitudes) themselves.
 
 For LoRA the signed scores are always the module's ``<dW, G>`` (= ``<A, dL/dA>`` = ``<B, dL/dB>``).
+
+The same pass captures the data-aware merge statistics (input Gram matrices per Linear, diagonal Fisher maps
+``E[g^2]`` per scored tensor; ``SensitivityConfig.gram`` / ``fisher``): see :mod:`sens_peft.sensitivity.stats`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..store import ProbeSet, SensitivityRecord, save_probe, save_sensitivity
 from ..validation import FINGERPRINT_KEY, model_fingerprint
 from . import estimators as est
 from .accumulator import SensitivityAccumulator
+from .stats import CalibrationStats
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +361,7 @@ class _Scratch:
     signed: Tensor
     elements: dict[str, Tensor] = field(default_factory=dict)
     fired: list[int] = field(default_factory=list)
+    fisher: dict[str, Tensor] = field(default_factory=dict)  # g**2 of this backward, for the Fisher maps
 
 
 class CalibrationPass:
@@ -447,6 +452,44 @@ class CalibrationPass:
     def new_accumulator(self) -> SensitivityAccumulator:
         return SensitivityAccumulator(self.names, device=self.device, element_shapes=self.element_shapes())
 
+    # -- data-aware merge statistics (Gram matrices, Fisher maps; see stats.py) ------------------
+    @property
+    def fisher(self) -> bool:
+        """Whether this pass keeps Fisher maps (``fisher="auto"`` follows the element-map size budget)."""
+        numel = sum(math.prod(shape) for shape in self._scored_shapes().values())
+        return wants_element_maps(self.config.fisher, numel)
+
+    def gram_targets(self) -> list[tuple[str, nn.Module]]:
+        """``(canonical weight name, Linear)`` whose inputs the Grams cover, in model order.
+
+        LoRA: the base layer of every Linear/Conv1D module the adapter adapts (whatever ``weight_source``);
+        full fine-tunes: every ``nn.Linear``/``Conv1D`` whose weight is scored.
+        """
+        out = []
+        if self.expert_type == "lora":
+            for name, module in self.model.named_modules():
+                if _is_lora_layer(module) and self.adapter in getattr(module, "lora_A", {}):
+                    base = module.get_base_layer()
+                    if isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D":
+                        out.append((clean_param_name(f"{name}.weight", self.adapter), base))
+            return out
+        scored = set(self.names)
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+                weight = clean_param_name(f"{name}.weight")
+                if weight in scored:
+                    out.append((weight, module))
+        return out
+
+    def new_stats(self) -> CalibrationStats:
+        """Empty Gram / Fisher sums for this pass's settings (disabled parts stay empty)."""
+        return CalibrationStats(
+            self.gram_targets() if self.config.gram != "none" else [],
+            gram=self.config.gram, gram_max_bytes=self.config.gram_max_bytes,
+            fisher_names=self.names if self.fisher else [], device=self.device,
+            gram_rank=self.config.gram_rank, seed=self.config.seed,
+        )
+
     def metadata(self) -> dict[str, Any]:
         return {
             "estimator": "taylor_abs",
@@ -481,7 +524,7 @@ class CalibrationPass:
         return handles
 
     def _make_forward_hook(self, index: int, info: LoraModuleInfo, scratch: _Scratch):
-        element = self.element_maps
+        element, fisher = self.element_maps, self.fisher
 
         def on_output_grad(x: Tensor, grad: Tensor) -> None:
             with torch.no_grad():
@@ -498,6 +541,8 @@ class CalibrationPass:
                 scratch.signed[index] += s.to(scratch.signed.dtype)
                 if e is not None:
                     scratch.elements[info.name] = e.T if info.fan_in_fan_out else e
+                if fisher:
+                    scratch.fisher[info.name] = (g * g).T if info.fan_in_fan_out else g * g
                 scratch.fired[index] += 1
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -509,7 +554,7 @@ class CalibrationPass:
         return hook
 
     def _make_grad_hook(self, index: int, name: str, scratch: _Scratch):
-        element = self.element_maps
+        element, fisher = self.element_maps, self.fisher
 
         def hook(param: Tensor) -> None:
             with torch.no_grad():
@@ -520,16 +565,22 @@ class CalibrationPass:
                     a, s = est.taylor_scores([w], [param.grad])
                 scratch.abs[index] += a[0].to(scratch.abs.dtype)
                 scratch.signed[index] += s[0].to(scratch.signed.dtype)
+                if fisher:
+                    scratch.fisher[name] = param.grad.float() ** 2
                 scratch.fired[index] += 1
             param.grad = None  # scored: free it now so peak memory stays one tensor's gradient
 
         return hook
 
     # -- run -----------------------------------------------------------------------------------
-    def run(self, batches: Iterable[dict[str, Tensor]], accumulator: Optional[SensitivityAccumulator] = None
-            ) -> SensitivityAccumulator:
-        """Score every batch; returns the accumulator (mean over batches = mean over samples at batch size 1)."""
+    def run(self, batches: Iterable[dict[str, Tensor]], accumulator: Optional[SensitivityAccumulator] = None,
+            stats: Optional[CalibrationStats] = None) -> SensitivityAccumulator:
+        """Score every batch; returns the accumulator (mean over batches = mean over samples at batch size 1).
+
+        The Gram / Fisher sums go to ``stats`` (default: a new :meth:`new_stats`), kept as ``self.stats``.
+        """
         acc = accumulator or self.new_accumulator()
+        self.stats = stats = stats if stats is not None else self.new_stats()
         model = self.model
         was_training = model.training
         flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
@@ -551,6 +602,8 @@ class CalibrationPass:
                     fired=[0] * len(self.names),
                 )
                 handles = self._install(scratch)
+                if stats.targets:
+                    handles += stats.install(batch.get("attention_mask"))
                 try:
                     labels = batch["labels"]
                     inputs = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
@@ -562,6 +615,7 @@ class CalibrationPass:
                         loss = out.loss if hasattr(out, "loss") else out["loss"]
                         if loss is None:
                             raise ValueError("the model returned no loss for a calibration batch (labels missing?)")
+                        stats.after_forward()  # Grams from the stashed inputs, freed before the backward
                         loss.backward()
                 finally:
                     for h in handles:
@@ -576,9 +630,10 @@ class CalibrationPass:
                         "score of the summed gradient. Use weight_source='adapter' for this model."
                     )
                 tokens = (labels[..., 1:] != -100).sum() if labels.dim() >= 2 else labels.numel()
-                acc.update(scratch.abs, scratch.signed, elements=scratch.elements or None,
-                           samples=float(labels.shape[0]), tokens=tokens.to(self.device, torch.float64)
-                           if isinstance(tokens, Tensor) else float(tokens))
+                ok = acc.update(scratch.abs, scratch.signed, elements=scratch.elements or None,
+                                samples=float(labels.shape[0]), tokens=tokens.to(self.device, torch.float64)
+                                if isinstance(tokens, Tensor) else float(tokens))
+                stats.update_fisher(scratch.fisher, ok, int(labels.shape[0]))
         finally:
             for p, flag in flags.values():
                 p.requires_grad_(flag)
@@ -602,7 +657,7 @@ def run_calibration(
                           trainable_names=trainable_names)
     pad = _pad_id(model) if pad_id is None else pad_id
     acc = cal.run(iter_calibration_batches(data, config, pad_id=pad))
-    return acc.to_record(metadata=cal.metadata())
+    return cal.stats.attach(acc.to_record(metadata=cal.metadata()), config.gram_dtype)
 
 
 # ---------------------------------------------------------------------------------------------- public entry

@@ -13,6 +13,12 @@ Modes (``SensitivityConfig.mode``):
 * ``"both"``: the ``after`` scores are primary; the ``during`` ones go to ``extra["during.tensor_scores"]`` /
   ``extra["during.group_scores"]`` (names and groups in the ``during.*`` metadata).
 
+Data-aware merge statistics (``SensitivityConfig.gram`` / ``fisher``; :mod:`sens_peft.sensitivity.stats`): the
+input Gram matrices (RegMean) and diagonal Fisher maps are captured by the calibration pass only, so in ``"after"``
+and ``"both"`` mode, from the final weights. ``"during"`` mode captures neither: the activations and gradients of
+earlier steps come from weights that have since changed, and RegMean's objective is to reproduce the final
+expert's outputs on its inputs, so a running sum over training would mix in stale models.
+
 Where the files go (main process only):
 
 * wherever the model is saved while the callback is attached: ``model.save_pretrained`` is wrapped, so
