@@ -488,14 +488,20 @@ def check_probe(probe: Any, label: str, file: PathLike, vocab_size: Optional[int
         raise SidecarError(f"{label}: {file}: every probe label is -100: nothing is scored")
 
 
-def _check_ids(ids: torch.Tensor, vocab_size: Optional[int], where: str) -> None:
+class DataError(SensPeftError, ValueError):
+    """Calibration or probe data the model cannot take (token ids outside its vocabulary, ...)."""
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: Optional[int], where: str, error: type = SidecarError) -> None:
     if ids.numel() == 0:
         return
+    if ids.is_floating_point():
+        raise error(f"{where} has dtype {ids.dtype}; token ids must be integers")
     low, high = int(ids.min()), int(ids.max())
     if low < 0:
-        raise SidecarError(f"{where} has token id {low}; ids must be >= 0")
+        raise error(f"{where} has token id {low}; ids must be >= 0")
     if vocab_size is not None and high >= vocab_size:
-        raise SidecarError(f"{where} has token id {high}, outside the model's vocabulary of {vocab_size} "
+        raise error(f"{where} has token id {high}, outside the model's vocabulary of {vocab_size} "
                            "(another tokenizer, or added tokens without resized embeddings?)")
 
 
@@ -517,7 +523,7 @@ def check_token_batches(batches: Iterable[Mapping[str, Any]], model: Any, where:
     for i, batch in enumerate(batches):
         ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
         if isinstance(ids, torch.Tensor):
-            _check_ids(ids, vocab, f"{where}: batch {i}: 'input_ids'")
+            _check_ids(ids, vocab, f"{where}: batch {i}: 'input_ids'", DataError)
         yield batch
 
 
@@ -577,3 +583,15 @@ def warn_unused_options(config: Any, *, sensitivities: Any = None, probes: Any =
     if kind in ("full", "models") and getattr(config, "rank", None) is not None:
         logger.warning("rank=%r is ignored: it sets the rank of a merged LoRA adapter, and this merge writes full "
                        "weights", config.rank)
+
+
+def check_sensitivity_inputs(model: Any, base_model: Any, allow_pickle: bool = False) -> None:
+    """compute_sensitivity's folders (the expert, an adapter's base model): safetensors unless ``allow_pickle``."""
+    for item, label in ((model, "compute_sensitivity: model"), (base_model, "compute_sensitivity: base_model")):
+        if not isinstance(item, (str, os.PathLike)) or not Path(item).expanduser().is_dir():
+            continue  # a loaded module, or a hub id (loaded by transformers, safetensors first)
+        folder = Path(item).expanduser()
+        if (folder / "adapter_config.json").is_file():
+            check_adapter_files(folder, label, allow_pickle=allow_pickle)
+        else:
+            check_model_folder(folder, label, allow_pickle=allow_pickle)
