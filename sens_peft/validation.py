@@ -585,13 +585,19 @@ def warn_unused_options(config: Any, *, sensitivities: Any = None, probes: Any =
                        "weights", config.rank)
 
 
+def check_pretrained_source(item: Any, label: str, allow_pickle: bool = False) -> None:
+    """Before ``from_pretrained(item)``: a local adapter or model folder must hold safetensors weights (pickles only
+    with ``allow_pickle``). Loaded modules and hub ids pass (transformers prefers safetensors on the hub)."""
+    if not isinstance(item, (str, os.PathLike)) or not Path(item).expanduser().is_dir():
+        return
+    folder = Path(item).expanduser()
+    if (folder / "adapter_config.json").is_file():
+        check_adapter_files(folder, label, allow_pickle=allow_pickle)
+    else:
+        check_model_folder(folder, label, allow_pickle=allow_pickle)
+
+
 def check_sensitivity_inputs(model: Any, base_model: Any, allow_pickle: bool = False) -> None:
     """compute_sensitivity's folders (the expert, an adapter's base model): safetensors unless ``allow_pickle``."""
-    for item, label in ((model, "compute_sensitivity: model"), (base_model, "compute_sensitivity: base_model")):
-        if not isinstance(item, (str, os.PathLike)) or not Path(item).expanduser().is_dir():
-            continue  # a loaded module, or a hub id (loaded by transformers, safetensors first)
-        folder = Path(item).expanduser()
-        if (folder / "adapter_config.json").is_file():
-            check_adapter_files(folder, label, allow_pickle=allow_pickle)
-        else:
-            check_model_folder(folder, label, allow_pickle=allow_pickle)
+    check_pretrained_source(model, "compute_sensitivity: model", allow_pickle)
+    check_pretrained_source(base_model, "compute_sensitivity: base_model", allow_pickle)
