@@ -207,7 +207,8 @@ def check_distinct_inputs(items: Iterable[Any], what: str) -> None:
         key = _identity(item)
         if key in seen:
             same = "" if str(seen[key]) == str(item) else f" (as {str(seen[key])!r} and {str(item)!r})"
-            raise MergeError(f"{what} lists {key} more than once{same}; each expert may be merged only once")
+            raise MergeError(f"{what} are listed more than once: [{key!r}]{same}; each expert may be merged only "
+                             "once (symlinks and other spellings of a path are resolved)")
         seen[key] = item
 
 
@@ -568,7 +569,8 @@ def warn_unused_options(config: Any, *, sensitivities: Any = None, probes: Any =
     """
     sens = getattr(config, "sens", None)
     trim_by = getattr(config, "trim_by", None)
-    need_task = sens in ("task", "task+cross") or trim_by in ("sensitivity", "auto")
+    auto_trim = trim_by == "auto" and getattr(config, "method", None) == "ties"  # may trim by the element maps
+    need_task = sens in ("task", "task+cross") or trim_by == "sensitivity" or auto_trim
     need_cross = sens in ("cross", "task+cross")
     if sensitivities is not None and not need_task:
         logger.warning("sensitivities= is ignored: sens=%r and trim_by=%r use no sensitivity scores", sens, trim_by)
