@@ -64,6 +64,7 @@ from .methods import (
 )
 from .validation import (
     check_adapter_files,
+    check_adapters_loaded,
     check_distinct_inputs,
     check_finite,
     check_output_dtype,
@@ -613,6 +614,7 @@ def merge_adapters(
         raise MergeError(f"adapters {names} adapt no module of the model")
 
     _check_lora_finite(modules, names, folders)
+    check_adapters_loaded(lora_modules(peft_model), names, folders)
     check_rank(cfg.rank if cfg.output == "lora" else None, modules)
 
     # coefficients

@@ -318,7 +318,15 @@ def read_safetensors_header(path: PathLike, label: str) -> dict[str, Any]:
             end_of_data = max(end_of_data, int(end))
         if 8 + length + end_of_data > size:
             raise ValueError(f"the data ends at byte {8 + length + end_of_data}, the file has {size}: truncated?")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu"):
+            pass  # the library's own checks (overlapping or non-contiguous data, ...)
     except (OSError, ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as err:
+        raise MergeError(f"{label}: {path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    except Exception as err:  # safetensors' own error type
+        if "Safetensor" not in type(err).__name__:
+            raise
         raise MergeError(f"{label}: {path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
     return header
 
@@ -340,11 +348,15 @@ def check_adapter_contents(folder: PathLike, label: str) -> None:
         if info["dtype"] not in _FLOAT_CODES:
             raise MergeError(f"{label}: tensor {name!r} in {file} has dtype {info['dtype']}; LoRA factors must be "
                              "floating point (F32, F16, BF16)")
-        for a, b in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
-            for part in (a, b):
-                if f".{part}" in name:
-                    module = name.split(f".{part}")[0]
-                    pairs.setdefault(module, set()).add(part)
+        if "lora_" not in name:
+            continue  # modules_to_save copies: checked by PEFT's loader
+        for part, suffix in _LORA_PARTS:
+            if name.endswith(suffix):
+                pairs.setdefault(name[: -len(suffix)], set()).add(part)
+                break
+        else:
+            raise MergeError(f"{label}: {file} holds tensor {name!r}, which is no LoRA factor name PEFT loads "
+                             "(expected <module>.lora_A.weight / .lora_B.weight); the file is corrupt or foreign")
     for module, parts in sorted(pairs.items()):
         for a, b in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
             if (a in parts) != (b in parts):
@@ -354,6 +366,31 @@ def check_adapter_contents(folder: PathLike, label: str) -> None:
                     "PEFT would fill it with its initial values and drop that module's delta. The file is incomplete"
                 )
     _check_targets(folder, label, file, sorted(pairs))
+
+
+_LORA_PARTS = (("lora_A", ".lora_A.weight"), ("lora_B", ".lora_B.weight"), ("lora_embedding_A", ".lora_embedding_A"),
+               ("lora_embedding_B", ".lora_embedding_B"), ("lora_magnitude_vector", ".lora_magnitude_vector"))
+
+
+def check_adapters_loaded(modules: Iterable[Any], names: Iterable[str], folders: Iterable[Optional[Path]]) -> None:
+    """After PEFT loaded the adapters: every module with factors in an adapter's file was loaded as a LoRA layer
+    of that adapter (PEFT skips keys of modules the model lacks, with a warning at most)."""
+    modules = list(modules)
+    for name, folder in zip(names, folders):
+        file = Path(folder) / "adapter_model.safetensors" if folder is not None else None
+        if file is None or not file.is_file():
+            continue
+        header = read_safetensors_header(file, f"adapter {name!r}")
+        in_file = {_strip_prefix(key[: -len(suffix)]) for key in header
+                   for _, suffix in _LORA_PARTS[:4] if key.endswith(suffix)}
+        loaded = {m.name for m in modules if name in m.adapters()}
+        dropped = sorted(in_file - loaded)
+        if dropped:
+            raise MergeError(
+                f"adapter {name!r}: {file} has LoRA factors for module {dropped[0]!r}"
+                f"{f' and {len(dropped) - 1} more' if len(dropped) > 1 else ''}, which PEFT did not load (the model "
+                "has no such module, or it is outside target_modules); merging without them would drop their delta"
+            )
 
 
 def _strip_prefix(name: str) -> str:
