@@ -479,3 +479,13 @@ def test_rank_for_full_models_warns(world, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="sens_peft"):
         merge_models(world["base"], world["experts"], tmp_path / "out", sens=None, rank=4, **KW)
     assert any("rank=4 is ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_push_to_hub_leaves_pickles_out(world, tmp_path):
+    """plan_upload's docstring promised that pickles stay home; adapter_model.bin was uploaded."""
+    from sens_peft.hub import plan_upload
+
+    folder = _pickle_adapter(world["loras"][0], tmp_path / "pk")
+    plan = plan_upload(folder)
+    assert "adapter_model.bin" not in plan.files and "adapter_config.json" in plan.files
+    assert any("adapter_model.bin" in note and "not uploaded" in note for note in plan.warnings)
