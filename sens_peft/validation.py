@@ -622,6 +622,61 @@ def warn_unused_options(config: Any, *, sensitivities: Any = None, probes: Any =
     if kind in ("full", "models") and getattr(config, "rank", None) is not None:
         logger.warning("rank=%r is ignored: it sets the rank of a merged LoRA adapter, and this merge writes full "
                        "weights", config.rank)
+    _warn_changed_but_unused(config)
+
+
+# MergeConfig fields that only some methods / sens modes read: field -> (applies?, why not)
+_METHOD_ONLY = {
+    "density": (lambda c: c.method != "task_arithmetic", "task_arithmetic keeps every entry"),
+    "majority_sign_method": (lambda c: "ties" in c.method, "only TIES methods elect signs"),
+    "seed": (lambda c: c.method.startswith("dare"), "only DARE methods draw random masks"),
+    "dare_rng": (lambda c: c.method.startswith("dare"), "only DARE methods draw random masks"),
+    "temperature": (lambda c: c.sens is not None, "sens=None uses no Sens-Merging coefficients"),
+    "normalization": (lambda c: c.sens in ("task", "task+cross"), "no task term (sens has no 'task')"),
+    "granularity": (lambda c: c.sens is not None, "sens=None uses no Sens-Merging coefficients"),
+    "tau_normalization": (lambda c: c.sens in ("cross", "task+cross"), "no cross term (sens has no 'cross')"),
+    "alignment": (lambda c: c.sens in ("cross", "task+cross"), "no cross term (sens has no 'cross')"),
+}
+_KNOWN_EXTRAS = ("weighted_election",)
+
+
+def _warn_changed_but_unused(config: Any) -> None:
+    """Warn for each option set away from its default that this method / sens mode does not read."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(config):
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    for name, (applies, why) in _METHOD_ONLY.items():
+        if name in defaults and getattr(config, name, defaults[name]) != defaults[name]:
+            try:
+                used = applies(config)
+            except (AttributeError, TypeError):  # another config type: nothing to say
+                continue
+            if not used:
+                logger.warning("%s=%r is ignored with method=%r, sens=%r: %s", name, getattr(config, name),
+                               getattr(config, "method", None), getattr(config, "sens", None), why)
+    if getattr(config, "trim_by", "auto") == "sensitivity" and getattr(config, "method", "ties") != "ties":
+        logger.warning("trim_by='sensitivity' applies to TIES trimming; method=%r does not trim by it",
+                       config.method)
+    unknown = sorted(set(getattr(config, "extra", None) or {}) - set(_KNOWN_EXTRAS))
+    if unknown:
+        logger.warning("extra options %s are not used by any merge method (known: %s)", unknown,
+                       list(_KNOWN_EXTRAS))
+
+
+def warn_unused_sensitivity_options(config: Any) -> None:
+    """compute_sensitivity runs the calibration pass only: options of the during-training mode do nothing."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(config):
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    for name in ("mode", "ema", "every_n_steps"):
+        if name in defaults and getattr(config, name) != defaults[name]:
+            logger.warning("compute_sensitivity: %s=%r is ignored (it applies to SensitivityCallback during "
+                           "training; compute_sensitivity always runs the calibration pass)", name,
+                           getattr(config, name))
 
 
 def check_pretrained_source(item: Any, label: str, allow_pickle: bool = False) -> None:

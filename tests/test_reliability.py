@@ -489,3 +489,26 @@ def test_push_to_hub_leaves_pickles_out(world, tmp_path):
     plan = plan_upload(folder)
     assert "adapter_model.bin" not in plan.files and "adapter_config.json" in plan.files
     assert any("adapter_model.bin" in note and "not uploaded" in note for note in plan.warnings)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="task_arithmetic", density=0.7), "density=0.7 is ignored with method='task_arithmetic'"),
+    (dict(method="task_arithmetic", majority_sign_method="frequency"), "majority_sign_method='frequency' is ignored"),
+    (dict(method="ties", seed=3), "seed=3 is ignored with method='ties'"),
+    (dict(method="ties", sens=None, temperature=2.0), "temperature=2.0 is ignored"),
+    (dict(method="ties", sens="task", alignment="neg_kl"), "alignment='neg_kl' is ignored"),
+    (dict(method="ties", extra={"weighted_elect": False}), "extra options ['weighted_elect'] are not used"),
+])
+def test_options_that_cannot_apply_warn_merge_models(world, tmp_path, caplog, kwargs, message):
+    with caplog.at_level(logging.WARNING, logger="sens_peft"):
+        merge_models(world["base"], world["experts"], tmp_path / "out", **kwargs, **KW)
+    assert any(message in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_compute_sensitivity_warns_about_during_only_options(caplog):
+    from sens_peft import compute_sensitivity
+
+    data = [{"input_ids": torch.arange(1, 9)} for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="sens_peft"):
+        compute_sensitivity(tiny_llama(), data, calibration_samples=2, ema=0.9)
+    assert any("ema=0.9 is ignored" in r.getMessage() for r in caplog.records)

@@ -36,7 +36,13 @@ from torch import Tensor, nn
 from ..config import SensitivityConfig, wants_element_maps
 from ..groups import canonical_name
 from ..store import ProbeSet, SensitivityRecord, save_probe, save_sensitivity
-from ..validation import FINGERPRINT_KEY, check_sensitivity_inputs, check_token_batches, model_fingerprint
+from ..validation import (
+    FINGERPRINT_KEY,
+    check_sensitivity_inputs,
+    check_token_batches,
+    model_fingerprint,
+    warn_unused_sensitivity_options,
+)
 from . import estimators as est
 from .accumulator import SensitivityAccumulator
 
@@ -671,6 +677,7 @@ def compute_sensitivity(
     if config_kwargs:
         config = dataclasses.replace(config, **config_kwargs)
     check_sensitivity_inputs(model, base_model, allow_pickle)
+    warn_unused_sensitivity_options(config)
     loaded = _load_model(model, base_model if not isinstance(model, nn.Module) else None)
     expert_type = detect_expert_type(loaded)
     initial = None
