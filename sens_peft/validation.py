@@ -516,6 +516,9 @@ def check_probe(probe: Any, label: str, file: PathLike, vocab_size: Optional[int
     ids = tensors["input_ids"]
     if ids.numel() == 0:
         raise SidecarError(f"{label}: {file}: the probe holds no tokens")
+    mask = tensors["attention_mask"]
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise SidecarError(f"{label}: {file}: probe tensor 'attention_mask' holds values other than 0 and 1")
     _check_ids(ids, vocab_size, f"{label}: {file}: probe tensor 'input_ids'")
     labels = tensors["labels"]
     bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size if vocab_size else False))

@@ -21,7 +21,7 @@ from sens_peft import merge_adapters, merge_models
 from sens_peft.errors import SensPeftError
 
 KW = dict(device="cpu", progress=False)
-FUZZ = settings(max_examples=20, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=50, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -32,7 +32,7 @@ def world(tmp_path_factory):
     w = {"base": save_model(base, root / "base"),
          "experts": [make_full_expert(base, root / f"e{k}", seed=60 + k) for k in range(2)],
          "loras": [make_lora_adapter(tiny_llama, root / f"lora{k}", seed=70 + k) for k in range(2)]}
-    for k, folder in enumerate(w["experts"]):
+    for k, folder in enumerate([*w["experts"], *w["loras"]]):
         write_sidecars(folder, [2.0 + k, 1.0], probe_seed=k)
     return w
 
@@ -136,3 +136,15 @@ def test_fuzz_model_shard(world, mutation):
         out = tmp / "out"
         check_outcome(lambda: merge_models(world["base"], [expert, world["experts"][1]], out, sens=None,
                                            method="ties", density=0.5, **KW), out, [expert, world["experts"][1]])
+
+
+@FUZZ
+@given(mutation=mutations)
+def test_fuzz_probe(world, mutation):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        adapter = Path(shutil.copytree(world["loras"][0], tmp / "lora0"))
+        mutate(adapter / "probe.safetensors", mutation)
+        out = tmp / "out"
+        check_outcome(lambda: merge_adapters(tiny_llama(), [adapter, world["loras"][1]], save_to=out, sens="cross",
+                                             method="task_arithmetic", **KW), out, [adapter, world["loras"][1]])
