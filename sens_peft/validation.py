@@ -525,8 +525,11 @@ def check_probe(probe: Any, label: str, file: PathLike, vocab_size: Optional[int
     if bool(bad.any()):
         raise SidecarError(f"{label}: {file}: probe tensor 'labels' has id {int(labels[bad][0])}, outside "
                            f"[0, {vocab_size}) and not -100")
-    if not bool((labels != -100).any()):
-        raise SidecarError(f"{label}: {file}: every probe label is -100: nothing is scored")
+    real = tensors["attention_mask"].bool()
+    scored = (labels[:, 1:] != -100) & real[:, 1:] & real[:, :-1]  # as sens_peft.transfer.scored_positions
+    if not bool(scored.any()):
+        raise SidecarError(f"{label}: {file}: the probe scores no position (labels all -100 or masked out, or "
+                           "sequences of one token)")
 
 
 class DataError(SensPeftError, ValueError):
