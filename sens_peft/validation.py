@@ -348,8 +348,8 @@ def check_adapter_contents(folder: PathLike, label: str) -> None:
         if info["dtype"] not in _FLOAT_CODES:
             raise MergeError(f"{label}: tensor {name!r} in {file} has dtype {info['dtype']}; LoRA factors must be "
                              "floating point (F32, F16, BF16)")
-        if "lora_" not in name:
-            continue  # modules_to_save copies: checked by PEFT's loader
+        if "lora_" not in name or name.endswith((".lora_A.bias", ".lora_B.bias")):
+            continue  # modules_to_save copies, LoRA biases: checked by PEFT's loader and the merge's config checks
         for part, suffix in _LORA_PARTS:
             if name.endswith(suffix):
                 pairs.setdefault(name[: -len(suffix)], set()).add(part)
@@ -373,24 +373,40 @@ _LORA_PARTS = (("lora_A", ".lora_A.weight"), ("lora_B", ".lora_B.weight"), ("lor
 
 
 def check_adapters_loaded(modules: Iterable[Any], names: Iterable[str], folders: Iterable[Optional[Path]]) -> None:
-    """After PEFT loaded the adapters: every module with factors in an adapter's file was loaded as a LoRA layer
-    of that adapter (PEFT skips keys of modules the model lacks, with a warning at most)."""
-    modules = list(modules)
+    """After PEFT loaded the adapters: every LoRA factor of an adapter's file is in the model, with the file's
+    values. PEFT skips keys it cannot place (a module the model lacks, one outside ``target_modules``, an adapter
+    name that clashes with its key renaming) with a warning at most, leaving the initial values in place."""
+    from safetensors.torch import load_file
+
+    by_name = {m.name: m for m in modules}
     for name, folder in zip(names, folders):
         file = Path(folder) / "adapter_model.safetensors" if folder is not None else None
         if file is None or not file.is_file():
             continue
-        header = read_safetensors_header(file, f"adapter {name!r}")
-        in_file = {_strip_prefix(key[: -len(suffix)]) for key in header
-                   for _, suffix in _LORA_PARTS[:4] if key.endswith(suffix)}
-        loaded = {m.name for m in modules if name in m.adapters()}
-        dropped = sorted(in_file - loaded)
-        if dropped:
-            raise MergeError(
-                f"adapter {name!r}: {file} has LoRA factors for module {dropped[0]!r}"
-                f"{f' and {len(dropped) - 1} more' if len(dropped) > 1 else ''}, which PEFT did not load (the model "
-                "has no such module, or it is outside target_modules); merging without them would drop their delta"
-            )
+        read_safetensors_header(file, f"adapter {name!r}")
+        for key, value in load_file(str(file)).items():
+            for part, suffix in _LORA_PARTS[:4]:
+                if key.endswith(suffix):
+                    module_name = _strip_prefix(key[: -len(suffix)])
+                    _check_loaded_factor(by_name.get(module_name), name, part, module_name, value, file)
+                    break
+
+
+def _check_loaded_factor(module: Any, adapter: str, part: str, module_name: str, value: torch.Tensor,
+                         file: Path) -> None:
+    factors = module.factors(adapter) if module is not None else None
+    if factors is None:
+        raise MergeError(
+            f"adapter {adapter!r}: {file} has LoRA factors for module {module_name!r}, which PEFT did not load (the "
+            "model has no such module, or it is outside target_modules); merging without them would drop its delta"
+        )
+    loaded = factors.A if part in ("lora_A", "lora_embedding_A") else factors.B
+    if tuple(loaded.shape) != tuple(value.shape) or not torch.equal(loaded.cpu(), value.to(loaded.dtype)):
+        raise MergeError(
+            f"adapter {adapter!r}: {part} of module {module_name!r} in the model differs from {file} after loading "
+            "(PEFT did not load it and kept its initial values; an adapter name that clashes with PEFT's key names, "
+            "such as one inside 'weight' or 'lora_embedding', causes this). Rename the adapter folder"
+        )
 
 
 def _strip_prefix(name: str) -> str:
