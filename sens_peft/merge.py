@@ -67,6 +67,8 @@ from .validation import (
     check_adapters_loaded,
     check_distinct_inputs,
     check_finite,
+    check_merged_finite,
+    check_model_finite,
     check_output_dtype,
     check_output_location,
     check_path_list,
@@ -686,6 +688,7 @@ def merge_adapters(
         result_model = peft_model.unload()
         if cfg.dtype is not None:
             result_model = result_model.to(_dtype(cfg.dtype))
+            check_model_finite(result_model)
 
     output_dir = None
     if save_to is not None:
@@ -1204,6 +1207,7 @@ def _merge_shards(
 
     def emit(name: str, tensor: torch.Tensor, done: tuple[torch.Tensor, ...] = ()) -> None:
         """Write ``tensor``; the buffers of ``done`` go back to the pool once it is written."""
+        check_merged_finite(name, tensor)
         if sink is None:
             writer.add(name, tensor)
         else:

@@ -461,6 +461,28 @@ def check_source_dtypes(base: Any, experts: Iterable[Any], names: Iterable[str])
                              f"{base.dtype(tensor)}; model weights must be floating point")
 
 
+def check_merged_finite(name: str, tensor: torch.Tensor) -> None:
+    """A merged tensor in a narrow float dtype (float16's largest value is 65504) must not have overflowed to Inf.
+
+    Inputs are checked finite and the math runs in float32, so only the final cast to a narrow dtype can
+    overflow; wider dtypes are not scanned again (an extra pass over every output byte)."""
+    if tensor.dtype in _NARROW and not bool(torch.isfinite(tensor).all()):
+        raise MergeError(
+            f"merged tensor {name!r} overflows {str(tensor.dtype).replace('torch.', '')} (largest value "
+            f"{torch.finfo(tensor.dtype).max:g}): write it as bfloat16 or float32 (dtype=...), or use smaller "
+            "weights/scale"
+        )
+
+
+def check_model_finite(model: torch.nn.Module) -> None:
+    """:func:`check_merged_finite` for every parameter of a merged model held in memory."""
+    for name, param in model.named_parameters():
+        check_merged_finite(name, param.detach())
+
+
+_NARROW = tuple(getattr(torch, n) for n in ("float16", "float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
 def check_output_dtype(dtype: Optional[torch.dtype], name: Any) -> Optional[torch.dtype]:
     """Merged weights are written in a float dtype only: ``dtype='int8'`` would truncate them to integers."""
     if dtype is not None and not dtype.is_floating_point:

@@ -512,3 +512,16 @@ def test_compute_sensitivity_warns_about_during_only_options(caplog):
     with caplog.at_level(logging.WARNING, logger="sens_peft"):
         compute_sensitivity(tiny_llama(), data, calibration_samples=2, ema=0.9)
     assert any("ema=0.9 is ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_float16_overflow_is_refused_not_written(world, tmp_path):
+    """Inputs are finite and the math is float32; the cast to float16 (max 65504) can still make Inf."""
+    out = tmp_path / "out"
+    _refused(lambda: merge_models(world["base"], world["experts"], out, sens=None, method="task_arithmetic",
+                                  weights=[1e7, 1e7], dtype="float16", **KW), "overflows float16", out, world["experts"])
+    _refused(lambda: merge_adapters(tiny_llama(), world["loras"], save_to=out, sens=None, method="task_arithmetic",
+                                    output="full", weights=[1e9, 1e9], dtype="float16", **KW),
+             "overflows float16", out, world["loras"])
+    report = merge_models(world["base"], world["experts"], out, sens=None, method="task_arithmetic",
+                          weights=[1e7, 1e7], dtype="bfloat16", **KW)  # bfloat16 has float32's range
+    assert report.output_dir == out.resolve()
