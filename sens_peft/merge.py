@@ -231,7 +231,7 @@ def _load_sidecars(items, folders: list[Optional[Path]], experts: list[str], *, 
     from .store import SidecarError
 
     if items is not None:
-        items = list(items)
+        items = check_path_list(items, kind)
         if len(items) != len(experts):
             raise MergeError(f"{kind} has {len(items)} entries for {len(experts)} experts {experts}")
         paths = [None] * len(items)

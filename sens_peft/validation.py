@@ -182,13 +182,14 @@ def check_path_list(items: Any, what: str) -> list[Any]:
     """``items`` as a list; one string/path instead of a list is an error, not a list of characters."""
     if isinstance(items, (str, bytes, os.PathLike)):
         raise InputTypeError(
-            f"{what} must be a list of folders, got the single {type(items).__name__} {os.fsdecode(items)!r}; "
-            f"pass [{os.fsdecode(items)!r}]"
+            f"{what} must be a list (of folders, one entry per expert), got the single {type(items).__name__} "
+            f"{os.fsdecode(items)!r}; pass [{os.fsdecode(items)!r}]"
         )
     try:
         return list(items)
     except TypeError as err:
-        raise InputTypeError(f"{what} must be a list of folders, got {type(items).__name__}") from err
+        raise InputTypeError(f"{what} must be a list (of folders, one entry per expert), got "
+                             f"{type(items).__name__}") from err
 
 
 def _identity(item: Any) -> str:

@@ -420,14 +420,17 @@ def test_out_of_vocabulary_calibration_data(world):
 
 
 def test_experts_as_one_string_is_a_type_error(world, tmp_path):
-    with pytest.raises(TypeError, match=r"list of folders.*pass \["):
+    with pytest.raises(TypeError, match=r"must be a list.*pass \["):
         merge_models(world["base"], str(world["experts"][0]), tmp_path / "out", sens=None, **KW)
-    with pytest.raises(TypeError, match="list of folders"):
+    with pytest.raises(TypeError, match="must be a list"):
         merge_adapters(tiny_llama(), str(world["loras"][0]), save_to=tmp_path / "out", sens=None, **KW)
     from sens_peft import MergeOnTrainEnd
 
-    with pytest.raises(TypeError, match="list of folders"):
+    with pytest.raises(TypeError, match="must be a list"):
         MergeOnTrainEnd(world["loras"][0], tmp_path / "out", sens=None)
+    with pytest.raises(TypeError, match="sensitivities must be a list"):
+        merge_models(world["base"], world["experts"], tmp_path / "out", sens="task",
+                     sensitivities=str(world["experts"][0] / "sensitivity.safetensors"), **KW)
     assert not (tmp_path / "out").exists()
 
 
