@@ -22,6 +22,13 @@ from transformers import TrainerCallback
 from .config import MergeConfig
 from .io import MergeError
 from .store import PROBE_FILE, SENSITIVITY_FILE
+from .validation import (
+    check_adapter_files,
+    check_distinct_inputs,
+    check_model_folder,
+    check_output_location,
+    check_path_list,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +45,8 @@ class MergeOnTrainEnd(TrainerCallback):
         config: A :class:`~sens_peft.MergeConfig`; keyword arguments override its fields.
         base_model: For full fine-tunes: the base model folder (the task vectors are ``expert - base``).
         overwrite: Replace an existing ``output_dir``.
+        allow_pickle: Accept earlier experts stored only as pickles (``adapter_model.bin`` / ``pytorch_model.bin``;
+            only for files you trust). By default such folders are refused when the callback is created.
         **merge_kwargs: :class:`~sens_peft.MergeConfig` fields (``method``, ``density``, ``sens``, ...).
 
     Put it *after* ``SensitivityCallback`` in ``callbacks=[...]``: callbacks run in that order, and the merge
@@ -59,13 +68,25 @@ class MergeOnTrainEnd(TrainerCallback):
         config: Optional[MergeConfig] = None,
         base_model: Optional[PathLike] = None,
         overwrite: bool = False,
+        allow_pickle: bool = False,
         **merge_kwargs: Any,
     ) -> None:
-        self.experts = [Path(e) for e in experts]
+        self.experts = [Path(e) for e in check_path_list(experts, "MergeOnTrainEnd: experts")]
         missing = [str(e) for e in self.experts if not e.is_dir()]
         if missing:
             raise MergeError(f"MergeOnTrainEnd: expert folders {missing} do not exist")
+        check_distinct_inputs(self.experts, "MergeOnTrainEnd: experts")
+        self.allow_pickle = bool(allow_pickle)
+        for folder in self.experts:
+            # checked now, not after hours of training; load_adapter would unpickle adapter_model.bin silently
+            if (folder / "adapter_config.json").is_file():
+                check_adapter_files(folder, f"MergeOnTrainEnd: expert {folder.name!r}", allow_pickle=allow_pickle)
+            else:
+                check_model_folder(folder, f"MergeOnTrainEnd: expert {folder.name!r}", allow_pickle=allow_pickle)
+        if base_model is not None and Path(base_model).is_dir():
+            check_model_folder(base_model, "MergeOnTrainEnd: base_model", allow_pickle=allow_pickle)
         self.output_dir = Path(output_dir)
+        check_output_location(self.output_dir, [*self.experts, base_model])
         self.base_model = base_model
         self.overwrite = overwrite
         if config is None:
@@ -108,6 +129,7 @@ class MergeOnTrainEnd(TrainerCallback):
         try:
             for i, folder in enumerate(self.experts):
                 name = f"eot_expert_{i}"
+                check_adapter_files(folder, f"MergeOnTrainEnd: expert {folder.name!r}", allow_pickle=self.allow_pickle)
                 target.load_adapter(str(folder), adapter_name=name)
                 loaded.append(name)
             folders = [scratch, *self.experts]
@@ -118,6 +140,7 @@ class MergeOnTrainEnd(TrainerCallback):
                 adapter_name="eot_merged",
                 save_to=self.output_dir,
                 overwrite=self.overwrite,
+                allow_pickle=self.allow_pickle,
                 sensitivities=[f / SENSITIVITY_FILE for f in folders] if self.config.sens in ("task+cross", "task") else None,
                 probes=[f / PROBE_FILE for f in folders] if self.config.sens in ("task+cross", "cross") else None,
             )
@@ -135,4 +158,4 @@ class MergeOnTrainEnd(TrainerCallback):
             raise MergeError("MergeOnTrainEnd: a full fine-tune needs base_model= (the folder the task vectors "
                              "are measured from)")
         return merge_models(self.base_model, [scratch, *self.experts], self.output_dir, config=self.config,
-                            overwrite=self.overwrite)
+                            overwrite=self.overwrite, allow_pickle=self.allow_pickle)

@@ -21,6 +21,8 @@ from .store import PROBE_FILE, SENSITIVITY_FILE
 logger = logging.getLogger(__name__)
 
 _IGNORED = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "sensitivity_state.safetensors")
+# pickles: whoever downloads them would run them on load; the docstring promised they stay home
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 @dataclass
@@ -56,9 +58,13 @@ def plan_upload(folder: os.PathLike, include_probe: bool = True) -> UploadPlan:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
     files = []
+    pickles = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if not path.is_file() or rel.split("/")[0].startswith(".") or path.name in _IGNORED:
+            continue
+        if path.suffix in _PICKLE_SUFFIXES:
+            pickles.append(rel)
             continue
         if path.name == PROBE_FILE and not include_probe:
             continue
@@ -69,6 +75,9 @@ def plan_upload(folder: os.PathLike, include_probe: bool = True) -> UploadPlan:
             f"{folder / PROBE_FILE} holds token ids of the expert's training data and will be public if the repo "
             "is; pass include_probe=False to leave it out (merges can take probes= at merge time instead)"
         )
+    if pickles:
+        notes.append(f"{folder}: pickle files {pickles} are not uploaded (loading a pickle can run code); convert "
+                     "them to safetensors to publish them")
     if any(Path(f).name == SENSITIVITY_FILE for f in files):
         logger.info("uploading %s with the expert", SENSITIVITY_FILE)
     return UploadPlan(folder, files, read_card_metadata(folder), notes)

@@ -8,6 +8,7 @@ its output shard, so a merge holds only the tensors it is combining.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import mmap
@@ -114,6 +115,98 @@ def clean_stale_temps(out: Path) -> list[Path]:
     return removed
 
 
+_RENAME_NOREPLACE = 1  # linux/fs.h
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, failing with FileExistsError when ``dst`` exists, decided by the kernel.
+
+    Uses ``renameat2(RENAME_NOREPLACE)`` where libc has it (Linux); elsewhere ``os.rename``, which still refuses a
+    non-empty destination folder (a merged folder is never empty), so a concurrent writer is never overwritten.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd = -100
+        if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # flag unsupported here: fall back
+            raise OSError(err, os.strerror(err), str(src))
+    if dst.exists():
+        raise FileExistsError(errno.EEXIST, "File exists", str(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, "File exists", str(dst)) from err
+        raise
+
+
+def claim_path(out: Path) -> Path:
+    """The lock file that claims ``out`` for one writer: ``<parent>/.<name>.lock``."""
+    return out.parent / f".{out.name}.lock"
+
+
+@contextlib.contextmanager
+def claim_output(out: Path) -> Iterator[None]:
+    """Hold an exclusive claim on the output path ``out`` for the duration of the block.
+
+    The claim is an ``flock`` on ``<parent>/.<name>.lock``, taken without waiting: a second writer to the same
+    output (another process or thread) fails at once instead of racing the first one to the final rename. The
+    kernel drops the lock when its holder dies, so a killed merge leaves no stale claim. Where ``fcntl`` is
+    missing, the claim is the lock file itself, created with ``O_EXCL``.
+
+    Raises:
+        MergeError: another writer holds the claim.
+    """
+    lock = claim_path(out)
+    busy = MergeError(f"output folder {out} already exists or is being written by another merge right now "
+                      f"(its claim {lock} is held); wait for it or choose another output folder")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise busy from None
+        try:
+            yield
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+        return
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise busy from None
+        # The previous holder unlinks the file when it releases it: the lock must be on the file now at ``lock``.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(
     out_dir: PathLike, overwrite: bool = False, inputs: Optional[list[PathLike]] = None
@@ -125,6 +218,11 @@ def atomic_output_dir(
     partial output. A process killed outright (SIGKILL, power loss) leaves its hidden temporary folder behind;
     the next merge to the same ``out_dir`` removes it (see :func:`clean_stale_temps`).
 
+    Two merges to one ``out_dir`` never both succeed: the whole block holds an exclusive claim on the output path
+    (:func:`claim_output`), the existence check is made under it, and without ``overwrite`` the final rename is
+    one that fails when ``out_dir`` exists (:func:`_rename_noreplace`), so a folder created meanwhile by anything
+    else is not replaced either.
+
     Args:
         out_dir: Final output folder.
         overwrite: Replace an existing ``out_dir``. Without it an existing ``out_dir`` is an error.
@@ -132,37 +230,43 @@ def atomic_output_dir(
             written, and ``overwrite`` could delete an input).
 
     Raises:
-        MergeError: ``out_dir`` exists (without ``overwrite``), or is or lies inside an input folder.
+        MergeError: ``out_dir`` exists (without ``overwrite``), is being written by another merge, or is or lies
+            inside an input folder.
     """
+    from .validation import check_output_location
+
     out = Path(out_dir).expanduser().resolve()
-    for inp in inputs or []:
-        inp_path = Path(inp).expanduser().resolve()
-        if out == inp_path or _is_relative_to(out, inp_path) or (inp_path.is_dir() and _is_relative_to(inp_path, out)):
-            raise MergeError(
-                f"output folder {out} overlaps the input folder {inp_path}; choose an output outside the inputs"
-            )
+    check_output_location(out, inputs or [])
     if out.exists() and not overwrite:
         raise MergeError(f"output folder {out} already exists; pass overwrite=True to replace it")
-    if out.exists() and not out.is_dir():
-        raise MergeError(f"output path {out} exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            # Move the old folder aside first so a failure between the two renames loses nothing.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-            old.rmdir()
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        os.chmod(out, 0o755)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with claim_output(out):
+        # decided again under the claim: the check above may be stale
+        if out.exists() and not overwrite:
+            raise MergeError(f"output folder {out} already exists; pass overwrite=True to replace it")
+        if out.exists() and not out.is_dir():
+            raise MergeError(f"output path {out} exists and is not a folder")
+        clean_stale_temps(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        try:
+            yield tmp
+            if out.exists() and overwrite:
+                # Move the old folder aside first so a failure between the two renames loses nothing.
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+                old.rmdir()
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                try:
+                    _rename_noreplace(tmp, out)
+                except FileExistsError:
+                    raise MergeError(f"output folder {out} already exists (created while this merge ran); "
+                                     "nothing was replaced. Pass overwrite=True to replace it") from None
+            os.chmod(out, 0o755)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 # --------------------------------------------------------------------------------------------------------------

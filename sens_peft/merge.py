@@ -62,7 +62,24 @@ from .methods import (
     merge_streamed,
     trim_thresholds,
 )
-from .validation import check_adapter_files, check_finite, check_record_matches, model_fingerprint
+from .validation import (
+    check_adapter_files,
+    check_adapters_loaded,
+    check_distinct_inputs,
+    check_finite,
+    check_merged_finite,
+    check_model_finite,
+    check_output_dtype,
+    check_output_location,
+    check_path_list,
+    check_probe,
+    check_rank,
+    check_record_matches,
+    check_source_dtypes,
+    model_fingerprint,
+    model_source_folder,
+    warn_unused_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +202,7 @@ def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
     value = getattr(torch, str(name).replace("torch.", ""), None)
     if not isinstance(value, torch.dtype):
         raise MergeError(f"dtype={name!r} is not a torch dtype (e.g. 'bfloat16', 'float16', 'float32')")
-    return value
+    return check_output_dtype(value, name)
 
 
 def _expert_names(folders: Sequence[PathLike]) -> list[str]:
@@ -214,7 +231,7 @@ def _load_sidecars(items, folders: list[Optional[Path]], experts: list[str], *, 
     from .store import SidecarError
 
     if items is not None:
-        items = list(items)
+        items = check_path_list(items, kind)
         if len(items) != len(experts):
             raise MergeError(f"{kind} has {len(items)} entries for {len(experts)} experts {experts}")
         paths = [None] * len(items)
@@ -258,13 +275,16 @@ def _load_records(
 def _load_probes(probes, folders: list[Optional[Path]], experts: list[str], vocab_size: Optional[int]) -> list:
     from .store import PROBE_FILE, ProbeSet, load_probe
 
-    return _load_sidecars(
+    loaded = _load_sidecars(
         probes, folders, experts, kind="probes", filename=PROBE_FILE,
         load=lambda item: load_probe(item, vocab_size=vocab_size), passthrough=ProbeSet,
         pass_hint="pass probes=[...] or transferability=<K×K tensor>, or use sens='task' / sens=None",
         missing_hint="the cross-task factor (sens includes 'cross') needs each expert's probe set. Pass "
                      "probes=[...] or transferability=<K×K tensor>, or use sens='task'",
     )
+    for k, (name, probe) in enumerate(zip(experts, loaded)):
+        check_probe(probe, f"expert {name!r}", _record_source(probes, folders, k, PROBE_FILE), vocab_size)
+    return loaded
 
 
 def _check_transfer(transfer, k: int) -> torch.Tensor:
@@ -337,15 +357,16 @@ def _merge_one(config: MergeConfig, deltas, coeffs: torch.Tensor, name: str, imp
     )
 
 
-def _record_source(sensitivities, folders: list[Optional[Path]], k: int) -> str:
-    """Where expert k's sensitivity record came from (for error messages)."""
+def _record_source(sensitivities, folders: list[Optional[Path]], k: int, filename: Optional[str] = None) -> str:
+    """Where expert k's sensitivity record (or probe set, with ``filename``) came from (for error messages)."""
     from .store import SENSITIVITY_FILE
 
+    kind = "probes" if filename else "sensitivities"
     if sensitivities is not None:
         item = list(sensitivities)[k]
-        return str(item) if isinstance(item, (str, os.PathLike)) else f"sensitivities[{k}]"
+        return str(item) if isinstance(item, (str, os.PathLike)) else f"{kind}[{k}] (a {type(item).__name__} object)"
     folder = folders[k]
-    return str(folder / SENSITIVITY_FILE) if folder is not None else f"sensitivities[{k}]"
+    return str(folder / (filename or SENSITIVITY_FILE)) if folder is not None else f"{kind}[{k}]"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -549,13 +570,10 @@ def merge_adapters(
     """
     start = time.perf_counter()
     cfg = _resolve_config(config, config_kwargs)
-    adapters = list(adapters)
+    adapters = check_path_list(adapters, "adapters")
     if not adapters:
         raise MergeError("no adapters to merge: pass at least one adapter name or folder")
-    keys = [str(a) for a in adapters]
-    dupes = sorted({a for a in keys if keys.count(a) > 1})
-    if dupes:
-        raise MergeError(f"adapters are listed more than once: {dupes}")
+    check_distinct_inputs(adapters, "adapters")
     from peft import PeftModel
 
     if isinstance(model, PeftModel) and adapter_name in model.peft_config:
@@ -567,6 +585,9 @@ def merge_adapters(
         out = Path(save_to)
         if out.exists() and not overwrite:
             raise MergeError(f"output folder {out.resolve()} already exists; pass overwrite=True to replace it")
+        check_output_location(out, [model_source_folder(model), *adapters])
+    warn_unused_options(cfg, sensitivities=sensitivities, probes=probes, transferability=transferability,
+                        kind=cfg.output)
     peft_model, names, folders = _prepare_peft_model(model, adapters, allow_pickle=allow_pickle)
     cfg = _resolve_trim(cfg, sensitivities, folders)
     if adapter_name in peft_model.peft_config:
@@ -595,6 +616,8 @@ def merge_adapters(
         raise MergeError(f"adapters {names} adapt no module of the model")
 
     _check_lora_finite(modules, names, folders)
+    check_adapters_loaded(lora_modules(peft_model), names, folders)
+    check_rank(cfg.rank if cfg.output == "lora" else None, modules)
 
     # coefficients
     records = _load_records(sensitivities, folders, names, cfg)
@@ -665,10 +688,11 @@ def merge_adapters(
         result_model = peft_model.unload()
         if cfg.dtype is not None:
             result_model = result_model.to(_dtype(cfg.dtype))
+            check_model_finite(result_model)
 
     output_dir = None
     if save_to is not None:
-        inputs = [f for f in folders if f is not None]
+        inputs = [f for f in folders if f is not None] + [model_source_folder(peft_model)]
         with atomic_output_dir(save_to, overwrite=overwrite, inputs=inputs) as tmp:
             if cfg.output == "lora":
                 _save_adapter(peft_model, adapter_name, tmp, sorted(owners))
@@ -1183,6 +1207,7 @@ def _merge_shards(
 
     def emit(name: str, tensor: torch.Tensor, done: tuple[torch.Tensor, ...] = ()) -> None:
         """Write ``tensor``; the buffers of ``done`` go back to the pool once it is written."""
+        check_merged_finite(name, tensor)
         if sink is None:
             writer.add(name, tensor)
         else:
@@ -1457,7 +1482,7 @@ def _merge_models(
     prefetch: int,
 ) -> MergeReport:
     with comm.step():
-        experts = [Path(e) for e in experts]
+        experts = [Path(e) for e in check_path_list(experts, "experts")]
         if not experts:
             raise MergeError("no experts to merge: pass at least one expert folder")
         base = Path(base)
@@ -1485,6 +1510,9 @@ def _merge_models(
         expert_srcs = [TensorSource(f, allow_pickle=allow_pickle, label=f"expert {n!r}")
                        for n, f in zip(names, experts)]
         _check_tensors(base_src, expert_srcs, names)
+        check_source_dtypes(base_src, expert_srcs, names)
+        warn_unused_options(cfg, sensitivities=sensitivities, probes=probes, transferability=transferability,
+                            kind="models")
 
         cfg = _resolve_trim(cfg, sensitivities, list(experts))
         records = _load_records(sensitivities, list(experts), names, cfg)
@@ -1492,7 +1520,8 @@ def _merge_models(
             fingerprint = model_fingerprint(base_cfg)
             for k, (name, record) in enumerate(zip(names, records)):
                 check_record_matches(record, f"expert {name!r}", _record_source(sensitivities, list(experts), k),
-                                     tensors=base_src.names(), fingerprint=fingerprint)
+                                     tensors=base_src.names(), fingerprint=fingerprint,
+                                     shapes={n: base_src.shape(n) for n in base_src.names()})
         _, need_cross = _sens_parts(cfg)
         transfer = None
         if transferability is not None:

@@ -225,6 +225,7 @@ def run_recipe(
     The recipe itself is copied into the output folder as ``sens_peft_recipe.yaml``.
     """
     from .merge import merge_adapters, merge_models  # heavy imports only when a merge runs
+    from .validation import check_pretrained_source
 
     out = out_dir or recipe.output_path
     if out is None:
@@ -237,5 +238,6 @@ def run_recipe(
         return merge_models(recipe.base_model, paths, out, config=config, overwrite=overwrite, extra_files=extra)
     from transformers import AutoModelForCausalLM
 
+    check_pretrained_source(recipe.base_model, "recipe: base_model")  # from_pretrained would unpickle a .bin
     base = AutoModelForCausalLM.from_pretrained(recipe.base_model)
     return merge_adapters(base, paths, config=config, save_to=out, overwrite=overwrite, extra_files=extra)

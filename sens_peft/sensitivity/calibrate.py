@@ -39,7 +39,13 @@ from torch import Tensor, nn
 from ..config import SensitivityConfig, wants_element_maps
 from ..groups import canonical_name
 from ..store import ProbeSet, SensitivityRecord, save_probe, save_sensitivity
-from ..validation import FINGERPRINT_KEY, model_fingerprint
+from ..validation import (
+    FINGERPRINT_KEY,
+    check_sensitivity_inputs,
+    check_token_batches,
+    model_fingerprint,
+    warn_unused_sensitivity_options,
+)
 from . import estimators as est
 from .accumulator import SensitivityAccumulator
 from .stats import CalibrationStats
@@ -656,7 +662,7 @@ def run_calibration(
     cal = CalibrationPass(model, config, expert_type=expert_type, initial_weights=initial_weights,
                           trainable_names=trainable_names)
     pad = _pad_id(model) if pad_id is None else pad_id
-    acc = cal.run(iter_calibration_batches(data, config, pad_id=pad))
+    acc = cal.run(check_token_batches(iter_calibration_batches(data, config, pad_id=pad), model))
     return cal.stats.attach(acc.to_record(metadata=cal.metadata()), config.gram_dtype)
 
 
@@ -698,6 +704,7 @@ def compute_sensitivity(
     save_to: Any = None,
     base_model: Any = None,
     tokenizer: Any = None,
+    allow_pickle: bool = False,
     **config_kwargs: Any,
 ) -> SensitivityRecord:
     """Sensitivity of an expert trained elsewhere (the callback's "after" pass, standalone).
@@ -712,6 +719,8 @@ def compute_sensitivity(
         base_model: For an adapter folder, the base model (module or folder) to load it onto; for a full
             fine-tune with ``weight_source="delta"``, the base model whose weights are ``theta_0``.
         tokenizer: Optional tokenizer (pad id and name in the probe metadata).
+        allow_pickle: Accept folders holding only pickle weights (``adapter_model.bin``, ``pytorch_model.bin``);
+            refused by default (unpickling an untrusted file can run code).
         **config_kwargs: Fields of :class:`SensitivityConfig` overriding ``config``.
 
     Returns:
@@ -722,6 +731,8 @@ def compute_sensitivity(
     config = config or SensitivityConfig()
     if config_kwargs:
         config = dataclasses.replace(config, **config_kwargs)
+    check_sensitivity_inputs(model, base_model, allow_pickle)
+    warn_unused_sensitivity_options(config)
     loaded = _load_model(model, base_model if not isinstance(model, nn.Module) else None)
     expert_type = detect_expert_type(loaded)
     initial = None

@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
@@ -61,7 +60,7 @@ from ..config import SensitivityConfig
 from ..groups import group_names
 from ..store import PROBE_FILE, ProbeSet, SensitivityRecord, save_probe, save_sensitivity
 from ..store import _atomic_save as _atomic_save_tensors
-from ..validation import FINGERPRINT_KEY, model_fingerprint
+from ..validation import FINGERPRINT_KEY, model_fingerprint, read_state_file
 from . import estimators as est
 from .accumulator import SensitivityAccumulator
 from .calibrate import (
@@ -308,9 +307,7 @@ class SensitivityCallback(TrainerCallback):
         for path in self._state_path_candidates(args, state):
             if not path.is_file():
                 continue
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                meta = dict(handle.metadata() or {})
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+            tensors, meta = read_state_file(path)
             if int(meta.get("global_step", -1)) != int(state.global_step):
                 logger.warning("%s is from step %s, not the resumed step %s; ignored", path,
                                meta.get("global_step"), state.global_step)
