@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .groups import GRANULARITIES, layer_group, sort_groups
+from .config import GRANULARITIES, NORMALIZATIONS, SENS_MODES, TAU_NORMALIZATIONS, MergeConfig
+from .groups import layer_group, sort_groups
 from .store import SensitivityRecord
 
 logger = logging.getLogger(__name__)
@@ -55,9 +56,6 @@ __all__ = [
     "transfer_scores",
 ]
 
-SENS_MODES = ("task+cross", "task", "cross", None)
-NORMALIZATIONS = ("mean1", "l2", "sum1", "zscore")
-TAU_NORMALIZATIONS = ("exp_z", "zscore", "sum1", "mean1")
 ALL_GROUPS = "*"  # the group of coefficients that do not depend on the group (sens="cross"/None, no records)
 
 _REL_TOL = 1e-12  # spreads below this (relative to the values) count as "all equal"
@@ -364,8 +362,12 @@ def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, tra
                          expert_names: Sequence[str], sens: str | None = "task+cross", temperature: float = 1.0,
                          normalization: str = "mean1", granularity: str = "layer",
                          weights: Sequence[float] | Tensor | None = None, scale: float = 1.0,
-                         tau_normalization: str = "exp_z") -> CoefficientTable:
+                         tau_normalization: str = "exp_z", config: MergeConfig | None = None) -> CoefficientTable:
     """Sens-Merging coefficients ``c[k][g] = K * softmax_k(arg[k][g] / T) * w_k * λ``.
+
+    A merge passes its :class:`~sens_peft.config.MergeConfig` (``config=``), whose fields then give every setting
+    (``sens``, ``temperature``, ``normalization``, ``tau_normalization``, ``granularity``, ``weights`` and the
+    resolved ``scale``); the keyword settings are for direct use, with the paper's reading as their defaults.
 
     Args:
         records: One :class:`SensitivityRecord` per expert (needed for ``sens`` ``"task"``/``"task+cross"``;
@@ -379,6 +381,7 @@ def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, tra
         weights: Per-expert user weights ``w_k`` (default 1).
         scale: Global coefficient λ.
         tau_normalization: τ normalisation across experts: ``exp_z`` (default), ``zscore``, ``sum1``, ``mean1``.
+        config: Take every setting above from this merge configuration instead.
 
     Returns:
         A :class:`CoefficientTable`. Its summary is logged at INFO level.
@@ -386,6 +389,10 @@ def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, tra
     Raises:
         ValueError: on inconsistent lengths, unknown options, or a missing input the chosen ``sens`` needs.
     """
+    if config is not None:
+        sens, temperature, normalization = config.sens, config.temperature, config.normalization
+        tau_normalization, granularity = config.tau_normalization, config.granularity
+        weights, scale = config.weights, config.resolved_scale()
     names = [str(n) for n in expert_names]
     num = len(names)
     if num < 1:
