@@ -9,9 +9,9 @@ by module type (``"layers.7.attn"`` / ``"layers.7.mlp"``) or by projection (``"l
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from .config import GRANULARITIES  # the one list of them (a Literal in config.py)
-from collections.abc import Iterable
 
 # "layers.3.", ".h.3.", "blocks.3.", "block.3.", "layer.3." anywhere in a dotted name.
 _BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.(.+)$")

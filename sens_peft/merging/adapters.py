@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..card import write_card
+from .. import card
 from ..config import SHARED_METHOD_FIELDS, MergeConfig
 from ..errors import MergeError
 from ..io import atomic_output_dir
@@ -460,7 +460,7 @@ def _save(save_to: PathLike, overwrite: bool, peft_model, result_model, plan: Me
         else:
             result_model.save_pretrained(tmp)
             base_id = getattr(getattr(result_model, "config", None), "_name_or_path", None)
-        write_card(tmp, cfg.to_dict(), plan.experts, sources, plan.table,
+        card.write_card(tmp, cfg.to_dict(), plan.experts, sources, plan.table,
                    kind=f"lora (rank {new_rank})" if lora else "full", base_model=base_id or None,
                    library_name="peft" if lora else "transformers",
                    extra={"adapter_name": adapter_name if lora else None})

@@ -7,17 +7,25 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
-from ..card import write_card
+from .. import card
 from ..config import MergeConfig
 from ..errors import MergeError
-from ..io import TensorSource, atomic_output_dir, check_config_compatible, copy_model_files, parse_size, plan_shards
-from ..io import read_model_config
+from ..io import (
+    TensorSource,
+    atomic_output_dir,
+    check_config_compatible,
+    copy_model_files,
+    parse_size,
+    plan_shards,
+    read_model_config,
+)
 from ..validation import check_record_matches, model_fingerprint
 from .distributed import Comm
 from .plan import (
@@ -285,7 +293,7 @@ def _finish_folder(tmp: Path, inputs: _Inputs, plan: MergePlan, files: list[str]
     copied_files = copy_model_files(inputs.base, tmp)
     if inputs.out_dtype is not None and (tmp / "config.json").is_file():
         _set_config_dtype(tmp / "config.json", inputs.out_dtype)
-    write_card(tmp, plan.config.to_dict(), inputs.names, [str(e) for e in inputs.experts], plan.table, kind="full",
+    card.write_card(tmp, plan.config.to_dict(), inputs.names, [str(e) for e in inputs.experts], plan.table, kind="full",
                base_model=inputs.base_cfg.get("_name_or_path") or str(inputs.base), library_name="transformers",
                extra={"shards": files, "merged_tensors": merged, "copied_tensors": copied})
     write_extra_files(tmp, extra_files)

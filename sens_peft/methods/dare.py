@@ -5,8 +5,8 @@ arithmetic (``dare_linear``) or TIES's sign election and disjoint mean without a
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor

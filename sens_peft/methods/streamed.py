@@ -19,13 +19,20 @@ import torch
 from torch import Tensor
 
 from .. import fused as _fused
+from . import rng
+from .bits import draw_dare_masks, unpack_bits
 from .common import DEFAULT_CHUNK, chunks, delta_into
 from .dense import TRIM_BY
-from .bits import draw_dare_masks, unpack_bits
 from .registry import get_method
-from . import rng
 from .rng import DARE_RNGS, counter_keep, counter_keys, keep_threshold, resolve_seed
-from .selection import MAJORITY_SIGN_METHODS, importance_maps, keep_chunk, shrink_chunk, trim_floats, trim_thresholds
+from .selection import (
+    MAJORITY_SIGN_METHODS,
+    importance_maps,
+    keep_chunk,
+    shrink_chunk,
+    trim_floats,
+    trim_thresholds,
+)
 
 __all__ = ["StreamJob", "dare_drop", "dare_linear_kernel", "elect_kernel", "linear_kernel", "merge_streamed",
            "ties_trim"]

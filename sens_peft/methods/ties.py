@@ -10,8 +10,8 @@ are equal and positive.
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor

@@ -53,22 +53,16 @@ from transformers import TrainerCallback
 
 from ..config import SensitivityConfig
 from ..groups import group_names
+from ..lora import active_adapter_name, base_model_name, clean_param_name, detect_expert_type
+from ..lora import model_dtype as _model_dtype
+from ..lora import unwrap_model as _unwrap
 from ..store import PROBE_FILE, ProbeSet, SensitivityRecord, save_probe, save_sensitivity
 from ..store import _atomic_save as _atomic_save_tensors
 from ..validation import FINGERPRINT_KEY, model_fingerprint
 from . import estimators as est
 from .accumulator import SensitivityAccumulator
-from .calibrate import (
-    _model_dtype,
-    _pad_id,
-    _unwrap,
-    active_adapter_name,
-    base_model_name,
-    build_probe,
-    clean_param_name,
-    detect_expert_type,
-    run_calibration,
-)
+from .calibrate import build_probe, run_calibration
+from .calibrate import pad_id_of as _pad_id
 from .distributed import (
     UnsupportedSetupError,
     all_reduce_sum,
