@@ -111,19 +111,8 @@ def render_card(record: dict[str, Any], coefficients: Any, *, library_name: str)
     return "\n".join(lines)
 
 
-def write_card(
-    folder: Path,
-    config_dict: dict[str, Any],
-    experts: list[str],
-    sources: list[str],
-    coefficients: Any,
-    *,
-    kind: str,
-    base_model: Optional[str],
-    library_name: str,
-    extra: Optional[dict[str, Any]] = None,
-) -> None:
-    """Write ``README.md`` and ``merge_config.json`` into ``folder`` (replacing a README PEFT may have written)."""
-    record = merge_record(config_dict, experts, sources, coefficients, kind=kind, base_model=base_model, extra=extra)
+def write_card(folder: Path, record: dict[str, Any], coefficients: Any, *, library_name: str) -> None:
+    """Write ``README.md`` and ``merge_config.json`` (``record``, from :func:`merge_record`) into ``folder``
+    (replacing a README PEFT may have written)."""
     (Path(folder) / CONFIG_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     (Path(folder) / CARD_FILE).write_text(render_card(record, coefficients, library_name=library_name))

@@ -358,6 +358,59 @@ def _k_softmax(arg: Tensor) -> Tensor:
     return (num * e) / e.sum(dim=0, keepdim=True)
 
 
+def _checked_inputs(records, transfer, expert_names, sens, temperature, normalization, granularity, weights,
+                    scale) -> tuple[list[str], Tensor, list | None]:
+    """The expert names, the fp64 user weights and the records, after checking every setting and input."""
+    names = [str(n) for n in expert_names]
+    num = len(names)
+    if num < 1:
+        raise ValueError("compute_coefficients needs at least one expert name")
+    if len(set(names)) != num:
+        raise ValueError(f"expert names must be unique, got {names}")
+    for key, value, allowed in (("sens", sens, SENS_MODES), ("normalization", normalization, NORMALIZATIONS),
+                                ("granularity", granularity, GRANULARITIES)):
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not one of {list(allowed)}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    w = torch.ones(num, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double().reshape(-1)
+    if w.numel() != num:
+        raise ValueError(f"got {w.numel()} weights for {num} experts {names}")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"weights must be finite, got {w.tolist()}")
+    if records is not None:
+        records = list(records)
+        if len(records) != num:
+            raise ValueError(f"got {len(records)} sensitivity records for {num} experts {names}")
+    have_all_records = records is not None and all(r is not None for r in records)
+    if sens in ("task", "task+cross") and not have_all_records:
+        missing = names if records is None else [n for n, r in zip(names, records) if r is None]
+        raise ValueError(f"sens={sens!r} needs a sensitivity record for every expert; missing for {missing} "
+                         "(train with SensitivityCallback or run compute_sensitivity, or use sens='cross'/None)")
+    if sens in ("cross", "task+cross") and transfer is None:
+        raise ValueError(f"sens={sens!r} needs a transferability matrix (see sens_peft.transfer), got None")
+    return names, w, records
+
+
+def _softmax_arguments(sens, alpha: Tensor | None, tau: Tensor | None, num: int, num_groups: int) -> Tensor:
+    """``[K, G]`` arguments of the softmax (``α·τ``, ``α``, ``τ`` or zeros), with near-equal columns made equal."""
+    if sens == "task+cross":
+        arg = alpha * tau[:, None]  # type: ignore[index,operator]
+    elif sens == "task":
+        arg = alpha
+    elif sens == "cross":
+        arg = tau[:, None].expand(num, num_groups)  # type: ignore[index]
+    else:
+        arg = torch.zeros(num, num_groups, dtype=torch.float64)
+    # Columns whose arguments agree to 1e-6 (relative) count as equal: sidecars store fp32, so two experts
+    # with the same profile at different loss levels agree only to rounding, and must still give c == 1.
+    spread = arg.max(dim=0).values - arg.min(dim=0).values  # type: ignore[union-attr]
+    tied = spread <= _TIE_RTOL * arg.abs().max(dim=0).values  # type: ignore[union-attr]
+    return torch.where(tied[None, :], torch.zeros_like(arg), arg)  # type: ignore[arg-type]
+
+
 def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, transfer: Tensor | None, *,
                          expert_names: Sequence[str], sens: str | None = "task+cross", temperature: float = 1.0,
                          normalization: str = "mean1", granularity: str = "layer",
@@ -393,45 +446,11 @@ def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, tra
         sens, temperature, normalization = config.sens, config.temperature, config.normalization
         tau_normalization, granularity = config.tau_normalization, config.granularity
         weights, scale = config.weights, config.resolved_scale()
-    names = [str(n) for n in expert_names]
+    names, w, records = _checked_inputs(records, transfer, expert_names, sens, temperature, normalization,
+                                        granularity, weights, scale)
     num = len(names)
-    if num < 1:
-        raise ValueError("compute_coefficients needs at least one expert name")
-    if len(set(names)) != num:
-        raise ValueError(f"expert names must be unique, got {names}")
-    if sens not in SENS_MODES:
-        raise ValueError(f"sens={sens!r} is not one of {list(SENS_MODES)}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization={normalization!r} is not one of {list(NORMALIZATIONS)}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r} is not one of {list(GRANULARITIES)}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale!r}")
-
-    w = torch.ones(num, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double().reshape(-1)
-    if w.numel() != num:
-        raise ValueError(f"got {w.numel()} weights for {num} experts {names}")
-    if not torch.isfinite(w).all():
-        raise ValueError(f"weights must be finite, got {w.tolist()}")
-
-    if records is not None:
-        records = list(records)
-        if len(records) != num:
-            raise ValueError(f"got {len(records)} sensitivity records for {num} experts {names}")
-    needs_task = sens in ("task", "task+cross")
-    needs_cross = sens in ("cross", "task+cross")
-    have_all_records = records is not None and all(r is not None for r in records)
-    if needs_task and not have_all_records:
-        missing = names if records is None else [n for n, r in zip(names, records) if r is None]
-        raise ValueError(f"sens={sens!r} needs a sensitivity record for every expert; missing for {missing} "
-                         "(train with SensitivityCallback or run compute_sensitivity, or use sens='cross'/None)")
-    if needs_cross and transfer is None:
-        raise ValueError(f"sens={sens!r} needs a transferability matrix (see sens_peft.transfer), got None")
-
     alpha = tau = None
-    if have_all_records:
+    if records is not None and all(r is not None for r in records):
         groups, raw, present = group_score_matrix(records, granularity, names)  # type: ignore[arg-type]
         alpha = _alpha(raw, present, normalization)
     else:
@@ -442,22 +461,7 @@ def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, tra
             raise ValueError(f"transferability matrix has shape {tuple(t.shape)}, expected ({num}, {num}) "
                              f"for experts {names}")
         tau = transfer_scores(t, tau_normalization, names)
-
-    num_groups = len(groups)
-    if sens == "task+cross":
-        arg = alpha * tau[:, None]  # type: ignore[index,operator]
-    elif sens == "task":
-        arg = alpha
-    elif sens == "cross":
-        arg = tau[:, None].expand(num, num_groups)  # type: ignore[index]
-    else:
-        arg = torch.zeros(num, num_groups, dtype=torch.float64)
-    # Columns whose arguments agree to 1e-6 (relative) count as equal: sidecars store fp32, so two experts
-    # with the same profile at different loss levels agree only to rounding, and must still give c == 1.
-    spread = arg.max(dim=0).values - arg.min(dim=0).values  # type: ignore[union-attr]
-    tied = spread <= _TIE_RTOL * arg.abs().max(dim=0).values  # type: ignore[union-attr]
-    arg = torch.where(tied[None, :], torch.zeros_like(arg), arg)  # type: ignore[arg-type]
-    factors = _k_softmax(arg / float(temperature))
+    factors = _k_softmax(_softmax_arguments(sens, alpha, tau, num, len(groups)) / float(temperature))
     values = factors * w[:, None] * float(scale)
 
     settings = {
@@ -482,7 +486,7 @@ def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, tra
     logger.info(
         "Sens-Merging coefficients (sens=%s, T=%g, normalization=%s, granularity=%s, %d groups): "
         "c min %.4f / mean %.4f / max %.4f; per expert %s",
-        sens, temperature, normalization, granularity, num_groups, stats["min"], stats["mean"], stats["max"],
+        sens, temperature, normalization, granularity, len(groups), stats["min"], stats["mean"], stats["max"],
         ", ".join(f"{n}: {v['min']:.3f}/{v['mean']:.3f}/{v['max']:.3f}" for n, v in stats["per_expert"].items()),
     )
     return table

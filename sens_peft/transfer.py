@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import ALIGNMENTS
 from .lora import model_device
 from .store import ProbeSet
 
@@ -47,7 +48,6 @@ __all__ = [
     "transferability_matrix",
 ]
 
-ALIGNMENTS = ("neg_l2", "cosine", "neg_kl", "l2")
 IGNORE_INDEX = -100
 
 LogitsFn = Callable[[int, dict[str, Tensor]], Tensor]

@@ -460,10 +460,10 @@ def _save(save_to: PathLike, overwrite: bool, peft_model, result_model, plan: Me
         else:
             result_model.save_pretrained(tmp)
             base_id = getattr(getattr(result_model, "config", None), "_name_or_path", None)
-        card.write_card(tmp, cfg.to_dict(), plan.experts, sources, plan.table,
-                   kind=f"lora (rank {new_rank})" if lora else "full", base_model=base_id or None,
-                   library_name="peft" if lora else "transformers",
-                   extra={"adapter_name": adapter_name if lora else None})
+        record = card.merge_record(cfg.to_dict(), plan.experts, sources, plan.table,
+                                   kind=f"lora (rank {new_rank})" if lora else "full", base_model=base_id or None,
+                                   extra={"adapter_name": adapter_name if lora else None})
+        card.write_card(tmp, record, plan.table, library_name="peft" if lora else "transformers")
         write_extra_files(tmp, extra_files)
     output_dir = Path(save_to).resolve()
     logger.info("wrote %s", output_dir)

@@ -1,5 +1,35 @@
 """Full fine-tunes merged tensor by tensor from disk to disk (:func:`merge_models`), on one process or split by
-shards across the processes of a distributed launch."""
+shards across the processes of a distributed launch.
+
+Shard plan: before anything is merged, the output shards are planned from the tensor names (in the base's
+file order), shapes and output dtypes alone: shards are filled in order and one is closed when the next
+tensor would push it over ``max_shard_size`` (a larger tensor gets a shard of its own). The file names
+follow from the number of shards. A single process writes every shard of the plan.
+
+Distributed merges (``distributed=True`` or ``"auto"``, run under ``torchrun`` / ``accelerate launch``, every
+process calling ``merge_models`` with the same arguments) produce the same bytes as one process:
+
+* Process group: an initialised default group is used through a gloo group created for the merge (so an
+  NCCL default group works too); without one, a gloo group is initialised from torchrun's ``WORLD_SIZE``/
+  ``RANK``/``MASTER_ADDR``/``MASTER_PORT``. Groups created here are destroyed before returning. Both have
+  ``distributed_timeout`` seconds per collective. ``"auto"`` falls back to one process when neither exists
+  (or the world has one process); ``True`` then raises.
+* Every rank computes the same shard plan (no communication) and writes only its shards: shards go, in
+  order, to the rank with the fewest bytes so far (round robin for equal shards). DARE's per-tensor seed
+  depends on (seed, tensor name) only, so a tensor's bytes do not depend on the rank that merges it.
+* Validation (configs, tensor names and shapes, sidecars, explicit transferability, coefficients) runs on
+  every rank; if any rank fails, every rank raises (its own error, or a :class:`MergeError` / RuntimeError
+  naming the rank that failed). A computed transferability matrix (``sens`` with ``cross``, which loads
+  whole models) is computed on rank 0 only and broadcast.
+* Rank 0 creates the temporary output folder and broadcasts its path (the output's parent must be on a
+  file system every rank sees). After writing, the ranks exchange an error flag and their tensor counts;
+  then rank 0 writes the index, the config/tokenizer copies, the card and ``extra_files`` and renames the
+  folder into place, and tells the other ranks whether that worked. On an error on any rank, rank 0 removes
+  the temporary folder after every rank has stopped writing, and every rank raises. A rank that dies
+  without raising (killed) leaves the others blocked until ``distributed_timeout`` (torchrun usually stops
+  them sooner); its temporary folder is removed by a later merge to the same output.
+* With CUDA and no explicit device index, each rank uses ``cuda:<LOCAL_RANK>``.
+"""
 
 from __future__ import annotations
 
@@ -27,21 +57,9 @@ from ..io import (
     read_model_config,
 )
 from ..validation import check_record_matches, model_fingerprint
+from . import plan as planning
 from .distributed import Comm
-from .plan import (
-    MergePlan,
-    MergeReport,
-    PathLike,
-    check_transfer,
-    device_of,
-    dtype_of,
-    expert_names,
-    load_probes,
-    peak_rss_mb,
-    plan_merge,
-    resolve_config,
-    write_extra_files,
-)
+from .plan import MergePlan, MergeReport, PathLike, plan_merge
 from .streaming import ShardMerger, check_tensors, out_nbytes
 
 logger = logging.getLogger(__name__)
@@ -80,34 +98,7 @@ def merge_models(
     ``config.json``, ``generation_config.json`` and tokenizer files, ``README.md`` and ``merge_config.json``.
     The folder appears atomically: an error or interruption leaves no ``out_dir``.
 
-    Shard plan: before anything is merged, the output shards are planned from the tensor names (in the base's
-    file order), shapes and output dtypes alone: shards are filled in order and one is closed when the next
-    tensor would push it over ``max_shard_size`` (a larger tensor gets a shard of its own). The file names
-    follow from the number of shards. A single process writes every shard of the plan.
-
-    Distributed merges (``distributed=True`` or ``"auto"``, run under ``torchrun`` / ``accelerate launch``, every
-    process calling ``merge_models`` with the same arguments) produce the same bytes as one process:
-
-    * Process group: an initialised default group is used through a gloo group created for the merge (so an
-      NCCL default group works too); without one, a gloo group is initialised from torchrun's ``WORLD_SIZE``/
-      ``RANK``/``MASTER_ADDR``/``MASTER_PORT``. Groups created here are destroyed before returning. Both have
-      ``distributed_timeout`` seconds per collective. ``"auto"`` falls back to one process when neither exists
-      (or the world has one process); ``True`` then raises.
-    * Every rank computes the same shard plan (no communication) and writes only its shards: shards go, in
-      order, to the rank with the fewest bytes so far (round robin for equal shards). DARE's per-tensor seed
-      depends on (seed, tensor name) only, so a tensor's bytes do not depend on the rank that merges it.
-    * Validation (configs, tensor names and shapes, sidecars, explicit transferability, coefficients) runs on
-      every rank; if any rank fails, every rank raises (its own error, or a :class:`MergeError` / RuntimeError
-      naming the rank that failed). A computed transferability matrix (``sens`` with ``cross``, which loads
-      whole models) is computed on rank 0 only and broadcast.
-    * Rank 0 creates the temporary output folder and broadcasts its path (the output's parent must be on a
-      file system every rank sees). After writing, the ranks exchange an error flag and their tensor counts;
-      then rank 0 writes the index, the config/tokenizer copies, the card and ``extra_files`` and renames the
-      folder into place, and tells the other ranks whether that worked. On an error on any rank, rank 0 removes
-      the temporary folder after every rank has stopped writing, and every rank raises. A rank that dies
-      without raising (killed) leaves the others blocked until ``distributed_timeout`` (torchrun usually stops
-      them sooner); its temporary folder is removed by a later merge to the same output.
-    * With CUDA and no explicit device index, each rank uses ``cuda:<LOCAL_RANK>``.
+    Shard plan and distributed merges: see the module docstring.
 
     Args:
         base: Base model folder.
@@ -143,7 +134,7 @@ def merge_models(
     import time
 
     start = time.perf_counter()
-    cfg = resolve_config(config, config_kwargs)
+    cfg = planning.resolve_config(config, config_kwargs)
     comm = Comm.open(distributed, distributed_timeout)
     try:
         with comm.step():
@@ -171,7 +162,7 @@ def merge_models(
         details.update(world_size=comm.world_size, rank_shards=[shards.files[i] for i in shard_ids])
     return MergeReport(config=plan.config, coefficients=plan.table, experts=inputs.names,
                        output_dir=Path(out_dir).resolve(), adapter_name=None, seconds=time.perf_counter() - start,
-                       peak_rss_mb=peak_rss_mb(), transfer=plan.transfer, model=None,
+                       peak_rss_mb=planning.peak_rss_mb(), transfer=plan.transfer, model=None,
                        sources=[str(e) for e in inputs.experts], details=details)
 
 
@@ -204,8 +195,8 @@ class _Inputs:
         if Path(out_dir).exists() and not overwrite:
             raise MergeError(f"output folder {Path(out_dir).resolve()} already exists; pass overwrite=True to "
                              "replace it")
-        names = expert_names(experts)
-        device = device_of(cfg)
+        names = planning.expert_names(experts)
+        device = planning.device_of(cfg)
         if comm.distributed and device.type == "cuda" and device.index is None:
             local_rank = int(os.environ.get("LOCAL_RANK", comm.rank))
             device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
@@ -217,7 +208,7 @@ class _Inputs:
         expert_srcs = [TensorSource(f, allow_pickle=allow_pickle, label=f"expert {n!r}")
                        for n, f in zip(names, experts)]
         check_tensors(base_src, expert_srcs, names)
-        return cls(base, experts, names, base_cfg, base_src, expert_srcs, device, dtype_of(cfg.dtype))
+        return cls(base, experts, names, base_cfg, base_src, expert_srcs, device, planning.dtype_of(cfg.dtype))
 
     def check_record(self, k: int, name: str, record, source: str) -> None:
         check_record_matches(record, f"expert {name!r}", source, tensors=self.base_src.names(),
@@ -230,7 +221,7 @@ class _Inputs:
         from ..transfer import transferability_for_models
 
         vocab = self.base_cfg.get("vocab_size")
-        probe_sets = load_probes(probes, list(self.experts), self.names, vocab)
+        probe_sets = planning.load_probes(probes, list(self.experts), self.names, vocab)
 
         def load_model(k: int) -> torch.nn.Module:
             logger.info("loading expert %r for transferability", self.names[k])
@@ -238,7 +229,7 @@ class _Inputs:
 
         matrix = transferability_for_models(load_model, len(self.names), probe_sets, alignment=cfg.alignment,
                                             device=self.device, vocab_size=vocab)
-        matrix = check_transfer(matrix, len(self.names))
+        matrix = planning.check_transfer(matrix, len(self.names))
         logger.info("transferability matrix:\n%s", matrix)
         return matrix.cpu() if comm.distributed else matrix
 
@@ -293,10 +284,11 @@ def _finish_folder(tmp: Path, inputs: _Inputs, plan: MergePlan, files: list[str]
     copied_files = copy_model_files(inputs.base, tmp)
     if inputs.out_dtype is not None and (tmp / "config.json").is_file():
         _set_config_dtype(tmp / "config.json", inputs.out_dtype)
-    card.write_card(tmp, plan.config.to_dict(), inputs.names, [str(e) for e in inputs.experts], plan.table, kind="full",
-               base_model=inputs.base_cfg.get("_name_or_path") or str(inputs.base), library_name="transformers",
-               extra={"shards": files, "merged_tensors": merged, "copied_tensors": copied})
-    write_extra_files(tmp, extra_files)
+    record = card.merge_record(plan.config.to_dict(), inputs.names, [str(e) for e in inputs.experts], plan.table,
+                               kind="full", base_model=inputs.base_cfg.get("_name_or_path") or str(inputs.base),
+                               extra={"shards": files, "merged_tensors": merged, "copied_tensors": copied})
+    card.write_card(tmp, record, plan.table, library_name="transformers")
+    planning.write_extra_files(tmp, extra_files)
     logger.info("output: %d shard(s) %s, %d tensors merged, %d copied, files copied from base: %s",
                 len(files), files, merged, copied, copied_files)
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from typing import get_args
 
 import torch
 from torch import Tensor
 
-from ..config import DareRng
+from ..config import DARE_RNGS
 from .common import chunks
 
 __all__ = ["DARE_RNGS", "counter_keep", "dare_keep_mask", "dare_mask", "keep_drawer", "resolve_seed", "stable_seed",
@@ -71,7 +70,6 @@ def dare_mask(shape: torch.Size | Sequence[int], density: float, generator: torc
 #: ``"torch"``: ``torch.bernoulli`` from a ``torch.Generator`` seeded per tensor: the masks of PEFT's
 
 #: ``dare_linear``/``dare_ties`` at the same generator state, but device-dependent (CPU and CUDA streams differ).
-DARE_RNGS = get_args(DareRng)
 
 # The counter hash: positions are split into blocks of 2**24 with their own keys, so the int32 counter never
 # wraps, whatever the tensor's size. (counter + key1) times a Weyl constant, then the two xorshift-multiply

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import get_args
 
 import torch
 from torch import Tensor
 
 from .. import fused as _fused
-from ..config import MajoritySign
+from ..config import MAJORITY_SIGN_METHODS
 from .common import DEFAULT_CHUNK, chunks, delta_into
 
 __all__ = ["MAJORITY_SIGN_METHODS", "disjoint_mean", "elect_sign", "importance_maps", "keep_chunk",
            "magnitude_trim_mask", "shrink_chunk", "trim_floats", "trim_thresholds"]
 
-MAJORITY_SIGN_METHODS = get_args(MajoritySign)
 
 
 def magnitude_trim_mask(scores: Tensor, density: float) -> Tensor:
@@ -214,86 +212,104 @@ def _sampled_thresholds(scores: Callable[[int, int, int, Tensor], Tensor],
     index = (torch.arange(m, dtype=torch.int64) * stride).add_(torch.randint(0, stride, (m,), generator=gen))
     index = index.to(device)
     plans = [_plan_band(sample(j, index).abs().view(torch.int32), k, numel) for j in range(num)]
-    floats = [(_bits(hi), _bits(lo) if lo >= 0 else -1.0) for _, hi, lo in plans]
     # gathering stops past ~8x the expected band (+ a chunk): a band this much wider than planned is a miss anyway
     cap = 8 * int(2 * (_BAND_SIGMAS * math.sqrt(m * 0.25) + 8) / m * numel) + chunk
-    upper = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(num)]  # >= hi (band), > v (tie)
-    lower = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(num)]  # >= v (tie)
-    inside: list[list[Tensor] | None] = [[] for _ in range(num)]
-    tied: list[list[Tensor]] = [[] for _ in range(num)]  # per chunk: scores == v (tie)
-    gathered = [0] * num
-    top = torch.zeros((), dtype=torch.int32, device=device)
-    buf = torch.empty(chunk, dtype=torch.float32, device=device)
-    mask = torch.empty(chunk, dtype=torch.float32, device=device)
-    over = torch.empty(chunk, dtype=torch.int8, device=device)
-    within = torch.empty(chunk, dtype=torch.int8, device=device)
-    for j in range(num if counts is not None else 0):  # the fused loops: one pass per expert
-        (mode, _, _), (hi, lo) = plans[j], floats[j]
-        upper[j], lower[j], per_chunk, picked, top_j = counts(j, mode == "band", hi, lo, cap)
-        top = torch.maximum(top, torch.tensor(top_j, dtype=torch.int32))
-        if mode == "tie":
-            tied[j] = list(per_chunk)
-        elif picked is None:
-            inside[j] = None
-        else:
-            inside[j] = list(torch.split(picked, per_chunk.tolist()))
-    for s, e in chunks(numel, chunk) if counts is None else ():
-        n = e - s
-        for j in range(num):
-            values = scores(j, s, e, buf[:n])
-            top = torch.maximum(top, values.view(torch.int32).max())
-            mode, _, _ = plans[j]
-            hi, lo = floats[j]
-            # comparisons into fp32 (to count) or int8 (to select) are several times faster than into bool here
-            if mode == "tie":
-                above = torch.gt(values, hi, out=mask[:n]).sum()
-                at_least = torch.ge(values, hi, out=mask[:n]).sum()
-                upper[j] += above
-                lower[j] += at_least
-                tied[j].append(at_least - above)
-                continue
-            torch.ge(values, hi, out=over[:n])
-            upper[j] += over[:n].sum(dtype=torch.int32)
-            if inside[j] is None:
-                continue
-            band = torch.gt(values, lo, out=within[:n]).sub_(over[:n]).view(torch.bool)
-            picked = values.view(torch.int32)[band]
-            gathered[j] += picked.numel()
-            if gathered[j] > cap:
-                inside[j] = None
-            else:
-                inside[j].append(picked)
-    finite = int(top) < _INF_BITS
+    counted = _Counts(num, device)
+    if counts is not None:  # the fused loops: one pass per expert
+        counted.fused(plans, counts, cap)
+    else:
+        counted.torch(plans, scores, numel, chunk, cap)
+    finite = int(counted.top) < _INF_BITS
     results: list[tuple[int, int] | None] = []
     ties: list[Tensor | None] = [None] * num
     for j in range(num):
-        mode, hi, lo = plans[j]
-        if mode == "tie":
-            counted = _threshold_from_counts(k, int(upper[j]), int(lower[j]))
-            if counted is None:
-                results.append(None)
+        found, ties[j] = counted.threshold(j, plans[j], k)
+        results.append(found)
+    return results, finite, ties
+
+
+class _Counts:
+    """What the counting pass of :func:`_sampled_thresholds` gathers per score tensor ``j``: ``upper[j]`` (scores
+    ``>= hi`` for a band, ``> v`` for a tie), ``lower[j]`` (``>= v``, tie), the band's entries (``inside[j]``, None
+    once past the cap) or the per-chunk tie counts (``tied[j]``), and the largest bit pattern seen (``top``)."""
+
+    def __init__(self, num: int, device: torch.device) -> None:
+        self.upper = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(num)]
+        self.lower = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(num)]
+        self.inside: list[list[Tensor] | None] = [[] for _ in range(num)]
+        self.tied: list[list[Tensor]] = [[] for _ in range(num)]
+        self.gathered = [0] * num
+        self.top = torch.zeros((), dtype=torch.int32, device=device)
+        self.device = device
+
+    def fused(self, plans: list, counts: Callable, cap: int) -> None:
+        for j, (mode, hi, lo) in enumerate(plans):
+            hi_f, lo_f = _bits(hi), _bits(lo) if lo >= 0 else -1.0
+            self.upper[j], self.lower[j], per_chunk, picked, top_j = counts(j, mode == "band", hi_f, lo_f, cap)
+            self.top = torch.maximum(self.top, torch.tensor(top_j, dtype=torch.int32))
+            if mode == "tie":
+                self.tied[j] = list(per_chunk)
+            elif picked is None:
+                self.inside[j] = None
             else:
-                need, all_kept = counted
-                results.append((hi - 1, 0) if all_kept else (hi, need))
-                if not all_kept:
-                    ties[j] = torch.stack(tied[j]).to(torch.int64).cpu()
-            continue
-        if inside[j] is None:
-            results.append(None)
-            continue
-        band = torch.cat(inside[j]).cpu() if inside[j] else torch.empty(0, dtype=torch.int32)
-        wanted = k - int(upper[j])  # rank of the k-th largest among the band's entries, from the top
+                self.inside[j] = list(torch.split(picked, per_chunk.tolist()))
+
+    def torch(self, plans: list, scores: Callable, numel: int, chunk: int, cap: int) -> None:
+        floats = [(_bits(hi), _bits(lo) if lo >= 0 else -1.0) for _, hi, lo in plans]
+        buf = torch.empty(chunk, dtype=torch.float32, device=self.device)
+        mask = torch.empty(chunk, dtype=torch.float32, device=self.device)
+        over = torch.empty(chunk, dtype=torch.int8, device=self.device)
+        within = torch.empty(chunk, dtype=torch.int8, device=self.device)
+        for s, e in chunks(numel, chunk):
+            n = e - s
+            for j in range(len(plans)):
+                values = scores(j, s, e, buf[:n])
+                self.top = torch.maximum(self.top, values.view(torch.int32).max())
+                mode, _, _ = plans[j]
+                hi, lo = floats[j]
+                # comparisons into fp32 (to count) or int8 (to select) are several times faster than into bool here
+                if mode == "tie":
+                    above = torch.gt(values, hi, out=mask[:n]).sum()
+                    at_least = torch.ge(values, hi, out=mask[:n]).sum()
+                    self.upper[j] += above
+                    self.lower[j] += at_least
+                    self.tied[j].append(at_least - above)
+                    continue
+                torch.ge(values, hi, out=over[:n])
+                self.upper[j] += over[:n].sum(dtype=torch.int32)
+                if self.inside[j] is None:
+                    continue
+                band = torch.gt(values, lo, out=within[:n]).sub_(over[:n]).view(torch.bool)
+                picked = values.view(torch.int32)[band]
+                self.gathered[j] += picked.numel()
+                if self.gathered[j] > cap:
+                    self.inside[j] = None
+                else:
+                    self.inside[j].append(picked)
+
+    def threshold(self, j: int, plan: tuple[str, int, int], k: int) -> tuple[tuple[int, int] | None, Tensor | None]:
+        """Tensor ``j``'s ``(threshold, need)`` (None where the sample misled) and its per-chunk tie counts."""
+        mode, hi, lo = plan
+        if mode == "tie":
+            counted = _threshold_from_counts(k, int(self.upper[j]), int(self.lower[j]))
+            if counted is None:
+                return None, None
+            need, all_kept = counted
+            if all_kept:
+                return (hi - 1, 0), None
+            return (hi, need), torch.stack(self.tied[j]).to(torch.int64).cpu()
+        inside = self.inside[j]
+        if inside is None:
+            return None, None
+        band = torch.cat(inside).cpu() if inside else torch.empty(0, dtype=torch.int32)
+        wanted = k - int(self.upper[j])  # rank of the k-th largest among the band's entries, from the top
         if not 0 < wanted <= band.numel():
-            results.append(None)
-            continue
+            return None, None
         threshold = int(torch.kthvalue(band, band.numel() - wanted + 1).values)
         need = wanted - int((band > threshold).sum())
         if need == int((band == threshold).sum()):
-            results.append((threshold - 1, 0))
-        else:
-            results.append((threshold, need))
-            ties[j] = torch.stack([(picked == threshold).sum() for picked in inside[j]]).to(torch.int64).cpu()
-    return results, finite, ties
+            return (threshold - 1, 0), None
+        return (threshold, need), torch.stack([(picked == threshold).sum() for picked in inside]).to(torch.int64).cpu()
 
 
 def _threshold_float(threshold: int) -> float:
@@ -379,6 +395,42 @@ def importance_maps(importance: Sequence[Tensor] | None, num: int, shape: torch.
     return imps
 
 
+def _sampled_trim(flat_base: Tensor, flats: list[Tensor], imps: list[Tensor] | None, k_keep: int, chunk: int,
+                  base_f: Tensor, fused: bool | None) -> tuple[list[tuple[int, int] | None], bool, list[Tensor | None]]:
+    """:func:`_sampled_thresholds` of the experts' trim scores: their importance maps, else ``|expert - base|``
+    (counted by the fused loops when they can take the inputs)."""
+    num, numel, device = len(flats), flat_base.numel(), flat_base.device
+    if imps is not None:
+        counts = None
+        if fused is not False and _fused.supports(imps[0], imps, imps[0]) and _fused.available():
+            def counts(j: int, band: bool, hi: float, lo: float, cap: int) -> tuple:
+                return _fused.count_scores(None, imps[j], chunk=chunk, hi=hi, lo=lo, band=band, cap=cap)
+
+        found, _, ties = _sampled_thresholds(lambda j, s, e, buf: imps[j][s:e],
+                                             lambda j, idx: imps[j].index_select(0, idx),
+                                             num, numel, k_keep, chunk, device, counts)
+        return found, True, ties  # the deltas' finiteness is then checked in the merge pass
+
+    def delta_scores(j: int, s: int, e: int, buf: Tensor) -> Tensor:
+        if j == 0:
+            base_f[: e - s].copy_(flat_base[s:e])
+        return delta_into(buf, flats[j][s:e], None, base_f[: e - s]).abs_()
+
+    sampled_base: list[Tensor] = []
+
+    def delta_sample(j: int, idx: Tensor) -> Tensor:
+        if not sampled_base:
+            sampled_base.append(flat_base.index_select(0, idx).float())
+        return flats[j].index_select(0, idx).float().sub_(sampled_base[0])
+
+    counts = None
+    if fused is not False and _fused.supports(flat_base, flats, flat_base) and _fused.available():
+        def counts(j: int, band: bool, hi: float, lo: float, cap: int) -> tuple:
+            return _fused.count_scores(flat_base, flats[j], chunk=chunk, hi=hi, lo=lo, band=band, cap=cap)
+
+    return _sampled_thresholds(delta_scores, delta_sample, num, numel, k_keep, chunk, device, counts)
+
+
 def trim_thresholds(base: Tensor, experts: Sequence[Tensor], density: float, *,
                     importance: Sequence[Tensor] | None = None, name: str = "",
                     chunk: int = DEFAULT_CHUNK, fused: bool | None = None) -> tuple[list[tuple[int, int]], bool]:
@@ -417,35 +469,7 @@ def trim_thresholds(base: Tensor, experts: Sequence[Tensor], density: float, *,
     ties: list[Tensor | None] = [None] * num
     finite = True
     if numel >= _SAMPLE_MIN_NUMEL:
-        if imps is not None:
-            counts = None
-            if fused is not False and _fused.supports(imps[0], imps, imps[0]) and _fused.available():
-                def counts(j: int, band: bool, hi: float, lo: float, cap: int) -> tuple:
-                    return _fused.count_scores(None, imps[j], chunk=chunk, hi=hi, lo=lo, band=band, cap=cap)
-
-            found, _, ties = _sampled_thresholds(lambda j, s, e, buf: imps[j][s:e],
-                                                 lambda j, idx: imps[j].index_select(0, idx),
-                                                 num, numel, k_keep, chunk, device, counts)
-        else:
-            def delta_scores(j: int, s: int, e: int, buf: Tensor) -> Tensor:
-                if j == 0:
-                    base_f[: e - s].copy_(flat_base[s:e])
-                return delta_into(buf, flats[j][s:e], None, base_f[: e - s]).abs_()
-
-            sampled_base: list[Tensor] = []
-
-            def delta_sample(j: int, idx: Tensor) -> Tensor:
-                if not sampled_base:
-                    sampled_base.append(flat_base.index_select(0, idx).float())
-                return flats[j].index_select(0, idx).float().sub_(sampled_base[0])
-
-            counts = None
-            if fused is not False and _fused.supports(flat_base, flats, flat_base) and _fused.available():
-                def counts(j: int, band: bool, hi: float, lo: float, cap: int) -> tuple:
-                    return _fused.count_scores(flat_base, flats[j], chunk=chunk, hi=hi, lo=lo, band=band, cap=cap)
-
-            found, finite, ties = _sampled_thresholds(delta_scores, delta_sample, num, numel, k_keep, chunk,
-                                                      device, counts)
+        found, finite, ties = _sampled_trim(flat_base, flats, imps, k_keep, chunk, base_f, fused)
     bits = torch.empty(chunk, dtype=torch.int32, device=device)
     for k in range(num):
         if found[k] is None:  # small tensor, or the sample's band missed: exact radix selection
