@@ -6,9 +6,12 @@ separately per group, and the factor ``K`` makes the mean coefficient 1, so ``T 
 gives exactly the plain method.
 
 **Why the normalisations matter.** Only differences of ``α·τ`` between experts at one group reach the
-softmax, so their *scale* decides which temperatures do anything (paper notes §6: the third-party reading,
+softmax, so their *scale* decides which temperatures do anything (the third-party reading,
 L2-normalised α ≈ 1/√G times L1-normalised τ ≈ 1/K, gives arguments ~0.06 and collapses to plain task
-arithmetic for every T ≥ 0.1). The defaults keep both factors at mean 1 with an O(1) spread:
+arithmetic for every T ≥ 0.1). The keyword defaults of :func:`compute_coefficients` (the paper's reading, for
+direct use) keep both factors at mean 1 with an O(1) spread; a merge takes every setting from its
+:class:`~sens_peft.config.MergeConfig` instead, whose defaults (``l2`` / ``mean1``) are the readings that hurt
+least on the quality benchmark. The readings (the keyword defaults marked "default"):
 
 * α (``normalization="mean1"``, default): ``S / mean(S)`` within each expert. Positive, mean 1, and invariant
   to multiplying an expert's raw scores by a constant (raw sensitivities differ ~100× between experts,

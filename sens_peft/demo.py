@@ -47,7 +47,7 @@ MERGES = [  # (label, MergeConfig fields) of the plain methods; the Sens variant
     ("TIES", dict(method="ties", density=0.5, scale=1.0, trim_by="magnitude")),
     ("DARE-TIES", dict(method="dare_ties", density=0.5, scale=1.0)),
 ]
-# the paper's layer-wise coefficients, in the reading of DESIGN.md §5 (alpha mean 1, tau standardised)
+# the paper's layer-wise coefficients, alpha of mean 1 and tau standardised (see sens_peft.coefficients)
 PAPER_SENS = dict(sens="task+cross", normalization="mean1", tau_normalization="exp_z")
 
 

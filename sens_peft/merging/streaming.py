@@ -227,10 +227,12 @@ class ShardMerger:
         streamed_cpu = self.method.streams and device.type == "cpu"
         # A tensor that little else overlaps with (see Prefetcher) is merged in two halves on two threads.
         self.helper = ThreadPoolExecutor(1, thread_name_prefix="sens-peft-merge") if streamed_cpu else None
+        # the method's work ahead (TIES thresholds, DARE masks) runs on the reader's two workers
+        ahead = streamed_cpu and self.method.prepares(self.params)
         self.reader = Prefetcher(self.tensor_names, base_src, expert_srcs, depth=prefetch,
                                  max_bytes=READ_AHEAD_BYTES, pool=self.pool,
-                                 prepare=self.prepare if streamed_cpu else None,
-                                 prepare_bytes=self.prepare_bytes if streamed_cpu else None)
+                                 prepare=self.prepare if ahead else None,
+                                 prepare_bytes=self.prepare_bytes if ahead else None)
 
     def prepare_bytes(self, numel: int) -> int:
         return self.method.prepare_bytes(numel, len(self.expert_srcs), self.params, self.device)

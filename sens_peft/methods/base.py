@@ -158,6 +158,10 @@ class MergeMethod:
         """Whether the method has a chunked hook (else a full-model merge uses :meth:`combine`)."""
         return type(self).stream is not MergeMethod.stream
 
+    def prepares(self, params: Mapping[str, Any]) -> bool:
+        """Whether :meth:`stream_prepare` has work for these settings (else no worker threads are started)."""
+        return False
+
     def stream_prepare(self, base: Tensor, experts: Sequence[Tensor], params: Mapping[str, Any], name: str,
                        statistics: Mapping[str, Sequence[Tensor]], parts: int, device: torch.device,
                        out_dtype: torch.dtype) -> Optional[list[Callable[[], Any]]]:

@@ -44,6 +44,9 @@ class _Dare(MergeMethod):
         return self.inline_counter and params["dare_rng"] == "counter" and device.type == "cpu" \
             and _fused.available()
 
+    def prepares(self, params: Mapping[str, Any]) -> bool:
+        return params["density"] < 1.0
+
     def stream_prepare(self, base: Tensor, experts: Sequence[Tensor], params: Mapping[str, Any], name: str,
                        statistics: Mapping[str, Sequence[Tensor]], parts: int, device: torch.device,
                        out_dtype: torch.dtype) -> Optional[list[Callable[[], Any]]]:

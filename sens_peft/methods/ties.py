@@ -78,6 +78,9 @@ class Ties(MergeMethod):
     def stream(self, job: StreamJob) -> bool:
         return elect_kernel(job, ties_trim(job))
 
+    def prepares(self, params: Mapping[str, Any]) -> bool:
+        return params["density"] < 1.0
+
     def stream_prepare(self, base: Tensor, experts: Sequence[Tensor], params: Mapping[str, Any], name: str,
                        statistics: Mapping[str, Sequence[Tensor]], parts: int, device: torch.device,
                        out_dtype: torch.dtype) -> Optional[list[Callable[[], Any]]]:
