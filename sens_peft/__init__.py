@@ -36,6 +36,9 @@ _LAZY = {
     "MergeReport": "sens_peft.merging",
     "MergeError": "sens_peft.errors",
     "MergeOnTrainEnd": "sens_peft.end_of_training",
+    "MergeMethod": "sens_peft.methods",
+    "available_methods": "sens_peft.methods",
+    "register_method": "sens_peft.methods",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .base import MergeContext, MergeMethod, Param
+from .dense import merge_deltas
 from .registry import register_method
 from .selection import elect_sign, magnitude_trim_mask
 from .streamed import StreamJob, elect_kernel, ties_trim
@@ -58,8 +59,6 @@ def _with(job: StreamJob, **params: Any) -> StreamJob:
 
 def _dense_stream(method: MergeMethod, job: StreamJob) -> bool:
     """The whole span through the dense hook (fp32), written into ``job.out``."""
-    from .dense import merge_deltas
-
     s, e = job.first, job.stop
     base = job.base.float()
     deltas = [(x.float() - base).reshape(job.shape) for x in job.experts]
