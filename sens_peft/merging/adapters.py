@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .. import card
-from ..config import SHARED_METHOD_FIELDS, MergeConfig
+from ..config import MergeConfig
 from ..errors import MergeError
 from ..io import atomic_output_dir
 from ..lora import LoraModule, delta_weight, lora_modules, svd_factors
@@ -409,25 +409,15 @@ def _fill_lora(peft_model, plan: MergePlan, work: list, device: torch.device, ad
 def _merge_module(module: LoraModule, idx: list[int], plan: MergePlan, coeffs: torch.Tensor,
                   device: torch.device) -> torch.Tensor:
     """The merged ΔW of one module (fp32 on ``device``) from the experts that adapt it."""
-    name = module.weight_name
     deltas = [delta_weight(module, module.factors(plan.experts[k]), device) for k in idx]
-    stats = {kind: [m.to(device=device, dtype=torch.float32) for m in maps]
-             for kind, maps in plan.statistics(name, idx).items()}
-    importance = stats.pop("element_maps", None)
-    params = plan.params()
+    kwargs = plan.tensor_kwargs(module.weight_name, idx, device)
     if plan.method.streams:
         # the chunked path with a zero base: the same math as merge_deltas (same DARE masks, the same kept
         # entries), without topk over the stacked deltas
-        own = {key: value for key, value in params.items() if key not in SHARED_METHOD_FIELDS}
-        merged, _ = merge_streamed(
-            plan.config.method, torch.zeros_like(deltas[0]), deltas, coeffs.to(device), density=params["density"],
-            majority_sign_method=params["majority_sign_method"], seed=params["seed"], dare_rng=params["dare_rng"],
-            name=name, weighted_election=params["weighted_election"], out_dtype=torch.float32,
-            importance=importance, statistics=stats,
-            trim_by=params["trim_by"] if importance is not None else "magnitude", chunk=chunk_for(device), **own)
+        merged, _ = merge_streamed(plan.config.method, torch.zeros_like(deltas[0]), deltas, coeffs.to(device),
+                                   out_dtype=torch.float32, chunk=chunk_for(device), **kwargs)
         return merged
-    return merge_deltas(plan.config.method, deltas, coeffs.to(device), scale=1.0, name=name, importance=importance,
-                        statistics=stats, **params)
+    return merge_deltas(plan.config.method, deltas, coeffs.to(device), scale=1.0, **kwargs)
 
 
 def _fill_full(peft_model, plan: MergePlan, work: list, device: torch.device, progress: Optional[bool]) -> None:

@@ -97,6 +97,17 @@ class MergePlan:
     def statistics(self, name: str, idx: Sequence[int]) -> dict[str, list[torch.Tensor]]:
         return statistics_for(self.records, name, idx, self.needs)
 
+    def tensor_kwargs(self, name: str, idx: Sequence[int], device: Optional[torch.device] = None) -> dict[str, Any]:
+        """The keyword arguments of ``merge_deltas`` / ``merge_streamed`` for tensor ``name`` merged from experts
+        ``idx``: every method parameter, and the needed statistics (fp32 on ``device``; element maps as
+        ``importance``, without which a TIES trim is by magnitude)."""
+        stats = {kind: [m.to(device=device, dtype=torch.float32) if device is not None else m for m in maps]
+                 for kind, maps in self.statistics(name, idx).items()}
+        importance = stats.pop("element_maps", None)
+        params = self.params()
+        return {**params, "trim_by": params["trim_by"] if importance is not None else "magnitude",
+                "importance": importance, "statistics": stats, "name": name}
+
 
 def resolve_config(config: Optional[MergeConfig], config_kwargs: dict[str, Any]) -> MergeConfig:
     """``config`` with ``config_kwargs`` applied (or a new one from them)."""

@@ -16,7 +16,6 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import SHARED_METHOD_FIELDS
 from ..errors import MergeError
 from ..io import BackgroundWriter, BufferPool, ShardPlan, ShardWriter, TensorSource
 from ..methods import DEFAULT_CHUNK, merge_deltas, merge_streamed
@@ -276,19 +275,12 @@ class ShardMerger:
                       ) -> None:
         """The method's chunked hook. The non-finite check rides on the merge's own passes; only when it trips
         are the inputs checked one by one, to name the broken one."""
-        dtype, device, p = self.out_dtype or base_t.dtype, self.device, self.params
+        dtype, device = self.out_dtype or base_t.dtype, self.device
         out = None
         if self.pool is not None and device.type == "cpu":
             out = self.pool.take(base_t.numel() * dtype.itemsize).view(dtype).view(base_t.shape)
-        stats = self.plan.statistics(name, self.everyone)
-        own = {key: value for key, value in p.items() if key not in SHARED_METHOD_FIELDS}
-        kwargs = dict(density=p["density"], majority_sign_method=p["majority_sign_method"], seed=p["seed"],
-                      dare_rng=p["dare_rng"], name=name, weighted_election=p["weighted_election"], out_dtype=dtype,
-                      importance=stats.pop("element_maps", None), statistics=stats,
-                      trim_by=p["trim_by"], chunk=chunk_for(device),
-                      **(self.method.prepared(ready) if ready is not None else {}), **own)
-        if kwargs["importance"] is None:
-            kwargs["trim_by"] = "magnitude"
+        kwargs = dict(out_dtype=dtype, chunk=chunk_for(device), **self.plan.tensor_kwargs(name, self.everyone),
+                      **(self.method.prepared(ready) if ready is not None else {}))
         inputs = (self.plan.config.method, base_t.to(device), [t.to(device) for t in expert_ts],
                   self.plan.table.for_name(name))
         numel, chunk = base_t.numel(), kwargs["chunk"]
@@ -313,14 +305,12 @@ class ShardMerger:
     def merge_dense(self, name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor]) -> None:
         """A method without a chunked hook: the whole tensor's deltas through its dense hook."""
         self.check_inputs(name, base_t, expert_ts)
-        device, p = self.device, self.params
+        device = self.device
         base_f = base_t.to(device=device, dtype=torch.float32)
         deltas = [t.to(device=device, dtype=torch.float32) - base_f for t in expert_ts]
         coeffs = self.plan.table.for_name(name).to(device=device, dtype=torch.float32)
-        stats = {kind: [m.to(device=device, dtype=torch.float32) for m in maps]
-                 for kind, maps in self.plan.statistics(name, self.everyone).items()}
-        merged = base_f + merge_deltas(self.plan.config.method, deltas, coeffs, scale=1.0, name=name,
-                                       importance=stats.pop("element_maps", None), statistics=stats, **p)
+        merged = base_f + merge_deltas(self.plan.config.method, deltas, coeffs, scale=1.0,
+                                       **self.plan.tensor_kwargs(name, self.everyone, device))
         self.reader.recycle(base_t, *expert_ts)
         self.emit(name, merged.to(self.out_dtype or base_t.dtype).cpu())
 
