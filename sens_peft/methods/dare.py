@@ -44,9 +44,6 @@ class _Dare(MergeMethod):
         return self.inline_counter and params["dare_rng"] == "counter" and device.type == "cpu" \
             and _fused.available()
 
-    def prepares(self, params: Mapping[str, Any]) -> bool:
-        return params["density"] < 1.0
-
     def stream_prepare(self, base: Tensor, experts: Sequence[Tensor], params: Mapping[str, Any], name: str,
                        statistics: Mapping[str, Sequence[Tensor]], parts: int, device: torch.device,
                        out_dtype: torch.dtype) -> Optional[list[Callable[[], Any]]]:
@@ -66,6 +63,9 @@ class _Dare(MergeMethod):
 
     def prepared(self, results: list) -> dict[str, Any]:
         return {"dare_masks": [mask for masks in results for mask in masks]}
+
+    def prepares(self, params: Mapping[str, Any]) -> bool:
+        return params["density"] < 1.0  # masks to draw
 
     def prepare_bytes(self, numel: int, num: int, params: Mapping[str, Any], device: torch.device) -> int:
         if params["density"] >= 1.0 or self._inline(params, device):
