@@ -8,19 +8,18 @@ gives exactly the plain method.
 **Why the normalisations matter.** Only differences of ``α·τ`` between experts at one group reach the
 softmax, so their *scale* decides which temperatures do anything (the third-party reading,
 L2-normalised α ≈ 1/√G times L1-normalised τ ≈ 1/K, gives arguments ~0.06 and collapses to plain task
-arithmetic for every T ≥ 0.1). The keyword defaults of :func:`compute_coefficients` (the paper's reading, for
-direct use) keep both factors at mean 1 with an O(1) spread; a merge takes every setting from its
-:class:`~sens_peft.config.MergeConfig` instead, whose defaults (``l2`` / ``mean1``) are the readings that hurt
-least on the quality benchmark. The readings (the keyword defaults marked "default"):
+arithmetic for every T ≥ 0.1). The paper's reading (``normalization="mean1"``, ``tau_normalization="exp_z"``) keeps
+both factors at mean 1 with an O(1) spread; the defaults (:class:`~sens_peft.config.MergeConfig`'s, ``l2`` /
+``mean1``) are the readings that hurt least on the quality benchmark. The readings:
 
-* α (``normalization="mean1"``, default): ``S / mean(S)`` within each expert. Positive, mean 1, and invariant
+* α (``normalization="mean1"``): ``S / mean(S)`` within each expert. Positive, mean 1, and invariant
   to multiplying an expert's raw scores by a constant (raw sensitivities differ ~100× between experts,
   tracking each expert's loss level, which must not decide the merge). Log-normal layer profiles give
   α ≈ 0.2–5. ``"zscore"``: ``max(1 + z, 0)`` with ``z`` the standardised scores: mean ≈ 1, unit spread,
   clipped at 0 so that ``α·τ`` stays monotone in τ (a negative α would turn a larger τ into a smaller
   coefficient). ``"l2"`` (the third-party reading, rows of unit norm) and ``"sum1"`` (rows sum to 1) are
   kept for reproduction; they shrink the argument by ~√G and ~G, so they need T ≈ 0.01–0.1.
-* τ (``tau_normalization="exp_z"``, default): ``r_k`` = mean over ``j ≠ k`` of ``A[k][j]``; ``z`` = ``r``
+* τ (``tau_normalization="exp_z"``): ``r_k`` = mean over ``j ≠ k`` of ``A[k][j]``; ``z`` = ``r``
   standardised across experts; ``τ = exp(z) / mean(exp(z))``. Positive, mean 1, unit-free (cosine and
   negative-L2 alignments live on very different scales) and only the experts' relative standing matters:
   with K = 2, τ ≈ {0.24, 1.76}. ``"zscore"``: ``max(1 + z, 0)``. ``"sum1"``: ``r / Σ r`` (the third-party
@@ -415,28 +414,32 @@ def _softmax_arguments(sens, alpha: Tensor | None, tau: Tensor | None, num: int,
 
 
 def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, transfer: Tensor | None, *,
-                         expert_names: Sequence[str], sens: str | None = "task+cross", temperature: float = 1.0,
-                         normalization: str = "mean1", granularity: str = "layer",
+                         expert_names: Sequence[str], sens: str | None = MergeConfig.sens,
+                         temperature: float = MergeConfig.temperature, normalization: str = MergeConfig.normalization,
+                         granularity: str = MergeConfig.granularity,
                          weights: Sequence[float] | Tensor | None = None, scale: float = 1.0,
-                         tau_normalization: str = "exp_z", config: MergeConfig | None = None) -> CoefficientTable:
+                         tau_normalization: str = MergeConfig.tau_normalization,
+                         config: MergeConfig | None = None) -> CoefficientTable:
     """Sens-Merging coefficients ``c[k][g] = K * softmax_k(arg[k][g] / T) * w_k * λ``.
 
     A merge passes its :class:`~sens_peft.config.MergeConfig` (``config=``), whose fields then give every setting
     (``sens``, ``temperature``, ``normalization``, ``tau_normalization``, ``granularity``, ``weights`` and the
-    resolved ``scale``); the keyword settings are for direct use, with the paper's reading as their defaults.
+    resolved ``scale``). The keyword settings are for direct use; their defaults are MergeConfig's (the one source
+    of defaults), so the paper's reading needs ``sens="task+cross", normalization="mean1",
+    tau_normalization="exp_z"``.
 
     Args:
         records: One :class:`SensitivityRecord` per expert (needed for ``sens`` ``"task"``/``"task+cross"``;
             when given otherwise it only fixes the groups and α is reported).
         transfer: ``[K, K]`` transferability matrix (needed for ``"cross"``/``"task+cross"``).
         expert_names: Expert names (``K``), in merge order.
-        sens: ``"task+cross"`` (``arg = α·τ``), ``"task"`` (α), ``"cross"`` (τ) or None (all ones).
+        sens: ``"task+cross"`` (``arg = α·τ``), ``"task"`` (α), ``"cross"`` (τ) or None (all ones; default).
         temperature: Softmax temperature ``T > 0``; larger is closer to uniform.
-        normalization: α normalisation within each expert: ``mean1``, ``l2``, ``sum1``, ``zscore``.
+        normalization: α normalisation within each expert: ``mean1``, ``l2`` (default), ``sum1``, ``zscore``.
         granularity: ``layer``, ``module_type`` or ``projection``.
         weights: Per-expert user weights ``w_k`` (default 1).
         scale: Global coefficient λ.
-        tau_normalization: τ normalisation across experts: ``exp_z`` (default), ``zscore``, ``sum1``, ``mean1``.
+        tau_normalization: τ normalisation across experts: ``exp_z``, ``zscore``, ``sum1``, ``mean1`` (default).
         config: Take every setting above from this merge configuration instead.
 
     Returns:

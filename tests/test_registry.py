@@ -129,8 +129,9 @@ def test_every_entry_point_resolves_the_same_defaults(tmp_path):
     assert (inspect.temperature, inspect.normalization, inspect.granularity) == \
         (default.temperature, default.normalization, default.granularity)
     table = compute_coefficients(None, None, expert_names=["a", "b"], config=default)
+    bare = compute_coefficients(None, None, expert_names=["a", "b"])  # no settings at all
     for key in ("sens", "temperature", "normalization", "tau_normalization", "granularity"):
-        assert table.settings[key] == getattr(default, key)
+        assert table.settings[key] == bare.settings[key] == getattr(default, key)
     assert table.settings["scale"] == default.resolved_scale()
     # the method owns its default scale: TIES trimmed by sensitivity 1.5, else 1.0
     assert MergeConfig(trim_by="sensitivity").resolved_scale() == 1.5 == get_method("ties").default_scale(
