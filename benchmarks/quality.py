@@ -348,7 +348,7 @@ def check_against_merge_adapters(data: ql.SeedData, base, root: Path) -> dict[st
     """The fast path (ΔW + merge_deltas) equals ``merge_adapters(..., output="full")`` for Sens settings."""
     from peft import PeftModel
 
-    from sens_peft.merge import merge_adapters
+    from sens_peft.merging import merge_adapters
 
     out = {}
     for method, density in (("task_arithmetic", 1.0), ("ties", 0.4), ("dare_ties", 0.5)):

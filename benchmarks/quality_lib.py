@@ -54,9 +54,11 @@ class TrimmedTaskArithmetic(MergeMethod):
     """
 
     name = "trim_ta"
-    uses_density = True
+    description = "Benchmark-only: TIES's trim, then a plain weighted sum"
+    uses = ("density", "trim_by")
 
-    def combine(self, stacked, coefficients, *, density, importance, trim_by, **_):
+    def combine(self, stacked, coefficients, ctx):
+        density, trim_by, importance = ctx.params["density"], ctx.params["trim_by"], ctx.statistic("element_maps")
         if density < 1.0:
             scores = stacked.abs() if trim_by == "magnitude" else importance
             keep = torch.stack([magnitude_trim_mask(scores[k], density) for k in range(stacked.shape[0])])

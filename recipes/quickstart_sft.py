@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "peft", "trl", "sens_peft.merge", "sens_peft.transfer"):
+    for noisy in ("transformers", "peft", "trl", "sens_peft.merging", "sens_peft.transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     out, t0 = Path(args.output_dir), time.perf_counter()
     base, tok = toy.pretrain_base(cache_dir=args.cache_dir, progress=True), toy.build_tokenizer()

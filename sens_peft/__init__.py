@@ -31,11 +31,14 @@ _LAZY = {
     "CoefficientTable": "sens_peft.coefficients",
     "compute_coefficients": "sens_peft.coefficients",
     "transferability_matrix": "sens_peft.transfer",
-    "merge_adapters": "sens_peft.merge",
-    "merge_models": "sens_peft.merge",
-    "MergeReport": "sens_peft.merge",
+    "merge_adapters": "sens_peft.merging",
+    "merge_models": "sens_peft.merging",
+    "MergeReport": "sens_peft.merging",
     "MergeError": "sens_peft.errors",
     "MergeOnTrainEnd": "sens_peft.end_of_training",
+    "MergeMethod": "sens_peft.methods",
+    "available_methods": "sens_peft.methods",
+    "register_method": "sens_peft.methods",
 }
 
 __all__ = ["__version__", *_LAZY]

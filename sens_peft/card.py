@@ -14,13 +14,31 @@ logger = logging.getLogger(__name__)
 CARD_FILE = "README.md"
 CONFIG_FILE = "merge_config.json"
 
-_METHOD_TEXT = {
-    "task_arithmetic": "Task Arithmetic (Ilharco et al., 2023): θ = θ₀ + λ Σ_k c_k δ_k",
-    "ties": "TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint mean",
-    "dare_linear": "DARE (Yu et al., 2024): random drop with rescale, then task arithmetic",
-    "dare_ties": "DARE (Yu et al., 2024): random drop with rescale, then TIES sign election",
-    "importance": "Importance-weighted (Fisher-style) merge: Σ_k c_k I_k δ_k / mean_k I_k per element",
-}
+def _method_lines(cfg: dict[str, Any]) -> list[str]:
+    """The method's description, reference and parameters, as its registry entry declares them."""
+    from .methods import available_methods, get_method
+
+    name = cfg.get("method", "task_arithmetic")
+    if name not in available_methods():  # a card of a method not registered in this process
+        return [f"- Method: {name}"]
+    method = get_method(name)
+    lines = [f"- Method: {method.description or name}"]
+    if method.reference:
+        lines.append(f"- Reference: {method.reference}")
+    shown = [(key, cfg.get(key)) for key in method.uses if key != "density" and key in cfg]
+    shown += [(p.name, (cfg.get("params") or {}).get(p.name, p.default)) for p in method.parameters]
+    if shown:
+        lines.append("- Method parameters: " + ", ".join(f"{key} `{value}`" for key, value in shown))
+    return lines
+
+
+def _dare_note(cfg: dict[str, Any]) -> str:
+    """The DARE mask generator, for methods that draw masks."""
+    from .methods import available_methods, get_method
+
+    name = cfg.get("method")
+    random = name in available_methods() and get_method(name).random
+    return f" (DARE masks: `{cfg.get('dare_rng')}`)" if random and cfg.get("dare_rng") else ""
 
 
 def merge_record(
@@ -73,12 +91,11 @@ def render_card(record: dict[str, Any], coefficients: Any, *, library_name: str)
         "",
         "## Method",
         "",
-        f"- Method: {_METHOD_TEXT.get(method, method)}",
+        *_method_lines(cfg),
         f"- Sensitivity scaling: `{sens}`" + (
             f" (temperature {cfg.get('temperature')}, normalization {cfg.get('normalization')}, "
             f"alignment {cfg.get('alignment')}, granularity {cfg.get('granularity')})" if sens else ""),
-        f"- Scale λ: {cfg.get('scale')}, density: {cfg.get('density')}, seed: {cfg.get('seed')}"
-        + (f" (DARE masks: `{cfg.get('dare_rng')}`)" if "dare" in str(method) and cfg.get("dare_rng") else ""),
+        f"- Scale λ: {cfg.get('scale')}, density: {cfg.get('density')}, seed: {cfg.get('seed')}" + _dare_note(cfg),
         f"- Output: {record['kind']}",
         "",
         "## Experts",
@@ -94,19 +111,8 @@ def render_card(record: dict[str, Any], coefficients: Any, *, library_name: str)
     return "\n".join(lines)
 
 
-def write_card(
-    folder: Path,
-    config_dict: dict[str, Any],
-    experts: list[str],
-    sources: list[str],
-    coefficients: Any,
-    *,
-    kind: str,
-    base_model: Optional[str],
-    library_name: str,
-    extra: Optional[dict[str, Any]] = None,
-) -> None:
-    """Write ``README.md`` and ``merge_config.json`` into ``folder`` (replacing a README PEFT may have written)."""
-    record = merge_record(config_dict, experts, sources, coefficients, kind=kind, base_model=base_model, extra=extra)
+def write_card(folder: Path, record: dict[str, Any], coefficients: Any, *, library_name: str) -> None:
+    """Write ``README.md`` and ``merge_config.json`` (``record``, from :func:`merge_record`) into ``folder``
+    (replacing a README PEFT may have written)."""
     (Path(folder) / CONFIG_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     (Path(folder) / CARD_FILE).write_text(render_card(record, coefficients, library_name=library_name))

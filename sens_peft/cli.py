@@ -24,18 +24,30 @@ def _expert_label(path: str) -> str:
 
 def _task_table(dirs: Sequence[str], temperature: float, normalization: str, granularity: str):
     from .coefficients import compute_coefficients
+    from .config import MergeConfig
     from .store import load_sensitivity
 
     records = [load_sensitivity(d) for d in dirs]
-    return compute_coefficients(
-        records,
-        None,
-        expert_names=[r.task or _expert_label(d) for r, d in zip(records, dirs)],
-        sens="task",
-        temperature=temperature,
-        normalization=normalization,
-        granularity=granularity,
-    )
+    config = MergeConfig(sens="task", temperature=temperature, normalization=normalization, granularity=granularity,
+                         method="task_arithmetic", scale=1.0)
+    return compute_coefficients(records, None, expert_names=[r.task or _expert_label(d) for r, d in zip(records, dirs)],
+                                config=config)
+
+
+def methods_help() -> str:
+    """The registered merge methods, their settings and their own parameters (``sens-peft merge --help``)."""
+    from .methods import available_methods, get_method
+
+    lines = ["merge methods (recipe `method:`; settings under `parameters:`):"]
+    for name in available_methods():
+        method = get_method(name)
+        lines.append(f"  {name}: {method.description or name}")
+        if method.uses:
+            lines.append(f"      uses: {', '.join(method.uses)}")
+        lines.extend(f"      {p.describe()}" for p in method.parameters)
+        if method.needs:
+            lines.append(f"      needs: {', '.join(method.needs)} (stored with each expert's sensitivity)")
+    return "\n".join(lines)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -89,7 +101,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def plot_coefficients(dirs: Sequence[str], output: str, temperature: float = 1.0,
-                      normalization: str = "l2", granularity: str = "layer") -> tuple[int, int]:
+                      normalization: str = "l2", granularity: str = "layer") -> tuple[int, int]:  # MergeConfig's
     """Draw heatmaps of alpha (per layer, per expert) and the resulting coefficients into ``output``.
 
     Returns:
@@ -136,13 +148,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import GRANULARITIES, NORMALIZATIONS, MergeConfig
+
     parser = argparse.ArgumentParser(prog="sens-peft", description="Sensitivity-guided merging of fine-tuned experts.")
     parser.add_argument("--version", action="version", version=f"sens-peft {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("merge", help="merge experts as described by a YAML recipe",
-                       description="Merge experts as described by a YAML recipe (see sens_peft.recipe).")
+                       description="Merge experts as described by a YAML recipe (see sens_peft.recipe).",
+                       epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="path to the YAML recipe")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="device for the math (default: CUDA if available)")
     p.add_argument("--out", default=None, help="output folder (overrides output.path)")
@@ -150,10 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     def add_coefficient_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T")
-        p.add_argument("--normalization", default="l2", choices=["mean1", "l2", "sum1", "zscore"],
-                       help="alpha normalisation (default: the library default, l2)")
-        p.add_argument("--granularity", default="layer", choices=["layer", "module_type", "projection"])
+        defaults = MergeConfig()
+        p.add_argument("--temperature", type=float, default=defaults.temperature, help="softmax temperature T")
+        p.add_argument("--normalization", default=defaults.normalization, choices=list(NORMALIZATIONS),
+                       help=f"alpha normalisation (default: the library default, {defaults.normalization})")
+        p.add_argument("--granularity", default=defaults.granularity, choices=list(GRANULARITIES))
 
     p = sub.add_parser("inspect", help="show what is stored with experts",
                        description="Show the sidecars stored with each expert and, for several experts, the "
@@ -182,13 +199,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .recipe import RecipeError
-    from .store import SidecarError
+    from .errors import SensPeftError
 
     try:
         return int(args.func(args) or 0)
-    except (RecipeError, SidecarError, FileNotFoundError) as err:
-        print(f"sens-peft {args.command}: error: {err}", file=sys.stderr)
+    except (SensPeftError, FileNotFoundError) as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the message holds
+        print(f"sens-peft {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -6,18 +6,20 @@ separately per group, and the factor ``K`` makes the mean coefficient 1, so ``T 
 gives exactly the plain method.
 
 **Why the normalisations matter.** Only differences of ``α·τ`` between experts at one group reach the
-softmax, so their *scale* decides which temperatures do anything (paper notes §6: the third-party reading,
+softmax, so their *scale* decides which temperatures do anything (the third-party reading,
 L2-normalised α ≈ 1/√G times L1-normalised τ ≈ 1/K, gives arguments ~0.06 and collapses to plain task
-arithmetic for every T ≥ 0.1). The defaults keep both factors at mean 1 with an O(1) spread:
+arithmetic for every T ≥ 0.1). The paper's reading (``normalization="mean1"``, ``tau_normalization="exp_z"``) keeps
+both factors at mean 1 with an O(1) spread; the defaults (:class:`~sens_peft.config.MergeConfig`'s, ``l2`` /
+``mean1``) are the readings that hurt least on the quality benchmark. The readings:
 
-* α (``normalization="mean1"``, default): ``S / mean(S)`` within each expert. Positive, mean 1, and invariant
+* α (``normalization="mean1"``): ``S / mean(S)`` within each expert. Positive, mean 1, and invariant
   to multiplying an expert's raw scores by a constant (raw sensitivities differ ~100× between experts,
   tracking each expert's loss level, which must not decide the merge). Log-normal layer profiles give
   α ≈ 0.2–5. ``"zscore"``: ``max(1 + z, 0)`` with ``z`` the standardised scores: mean ≈ 1, unit spread,
   clipped at 0 so that ``α·τ`` stays monotone in τ (a negative α would turn a larger τ into a smaller
   coefficient). ``"l2"`` (the third-party reading, rows of unit norm) and ``"sum1"`` (rows sum to 1) are
   kept for reproduction; they shrink the argument by ~√G and ~G, so they need T ≈ 0.01–0.1.
-* τ (``tau_normalization="exp_z"``, default): ``r_k`` = mean over ``j ≠ k`` of ``A[k][j]``; ``z`` = ``r``
+* τ (``tau_normalization="exp_z"``): ``r_k`` = mean over ``j ≠ k`` of ``A[k][j]``; ``z`` = ``r``
   standardised across experts; ``τ = exp(z) / mean(exp(z))``. Positive, mean 1, unit-free (cosine and
   negative-L2 alignments live on very different scales) and only the experts' relative standing matters:
   with K = 2, τ ≈ {0.24, 1.76}. ``"zscore"``: ``max(1 + z, 0)``. ``"sum1"``: ``r / Σ r`` (the third-party
@@ -41,7 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .groups import GRANULARITIES, layer_group, sort_groups
+from .config import GRANULARITIES, NORMALIZATIONS, SENS_MODES, TAU_NORMALIZATIONS, MergeConfig
+from .groups import layer_group, sort_groups
 from .store import SensitivityRecord
 
 logger = logging.getLogger(__name__)
@@ -55,9 +58,6 @@ __all__ = [
     "transfer_scores",
 ]
 
-SENS_MODES = ("task+cross", "task", "cross", None)
-NORMALIZATIONS = ("mean1", "l2", "sum1", "zscore")
-TAU_NORMALIZATIONS = ("exp_z", "zscore", "sum1", "mean1")
 ALL_GROUPS = "*"  # the group of coefficients that do not depend on the group (sens="cross"/None, no records)
 
 _REL_TOL = 1e-12  # spreads below this (relative to the values) count as "all equal"
@@ -360,83 +360,44 @@ def _k_softmax(arg: Tensor) -> Tensor:
     return (num * e) / e.sum(dim=0, keepdim=True)
 
 
-def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, transfer: Tensor | None, *,
-                         expert_names: Sequence[str], sens: str | None = "task+cross", temperature: float = 1.0,
-                         normalization: str = "mean1", granularity: str = "layer",
-                         weights: Sequence[float] | Tensor | None = None, scale: float = 1.0,
-                         tau_normalization: str = "exp_z") -> CoefficientTable:
-    """Sens-Merging coefficients ``c[k][g] = K * softmax_k(arg[k][g] / T) * w_k * λ``.
-
-    Args:
-        records: One :class:`SensitivityRecord` per expert (needed for ``sens`` ``"task"``/``"task+cross"``;
-            when given otherwise it only fixes the groups and α is reported).
-        transfer: ``[K, K]`` transferability matrix (needed for ``"cross"``/``"task+cross"``).
-        expert_names: Expert names (``K``), in merge order.
-        sens: ``"task+cross"`` (``arg = α·τ``), ``"task"`` (α), ``"cross"`` (τ) or None (all ones).
-        temperature: Softmax temperature ``T > 0``; larger is closer to uniform.
-        normalization: α normalisation within each expert: ``mean1``, ``l2``, ``sum1``, ``zscore``.
-        granularity: ``layer``, ``module_type`` or ``projection``.
-        weights: Per-expert user weights ``w_k`` (default 1).
-        scale: Global coefficient λ.
-        tau_normalization: τ normalisation across experts: ``exp_z`` (default), ``zscore``, ``sum1``, ``mean1``.
-
-    Returns:
-        A :class:`CoefficientTable`. Its summary is logged at INFO level.
-
-    Raises:
-        ValueError: on inconsistent lengths, unknown options, or a missing input the chosen ``sens`` needs.
-    """
+def _checked_inputs(records, transfer, expert_names, sens, temperature, normalization, granularity, weights,
+                    scale) -> tuple[list[str], Tensor, list | None]:
+    """The expert names, the fp64 user weights and the records, after checking every setting and input."""
     names = [str(n) for n in expert_names]
     num = len(names)
     if num < 1:
         raise ValueError("compute_coefficients needs at least one expert name")
     if len(set(names)) != num:
         raise ValueError(f"expert names must be unique, got {names}")
-    if sens not in SENS_MODES:
-        raise ValueError(f"sens={sens!r} is not one of {list(SENS_MODES)}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization={normalization!r} is not one of {list(NORMALIZATIONS)}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r} is not one of {list(GRANULARITIES)}")
+    for key, value, allowed in (("sens", sens, SENS_MODES), ("normalization", normalization, NORMALIZATIONS),
+                                ("granularity", granularity, GRANULARITIES)):
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not one of {list(allowed)}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {scale!r}")
-
     w = torch.ones(num, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double().reshape(-1)
     if w.numel() != num:
         raise ValueError(f"got {w.numel()} weights for {num} experts {names}")
     if not torch.isfinite(w).all():
         raise ValueError(f"weights must be finite, got {w.tolist()}")
-
     if records is not None:
         records = list(records)
         if len(records) != num:
             raise ValueError(f"got {len(records)} sensitivity records for {num} experts {names}")
-    needs_task = sens in ("task", "task+cross")
-    needs_cross = sens in ("cross", "task+cross")
     have_all_records = records is not None and all(r is not None for r in records)
-    if needs_task and not have_all_records:
+    if sens in ("task", "task+cross") and not have_all_records:
         missing = names if records is None else [n for n, r in zip(names, records) if r is None]
         raise ValueError(f"sens={sens!r} needs a sensitivity record for every expert; missing for {missing} "
                          "(train with SensitivityCallback or run compute_sensitivity, or use sens='cross'/None)")
-    if needs_cross and transfer is None:
+    if sens in ("cross", "task+cross") and transfer is None:
         raise ValueError(f"sens={sens!r} needs a transferability matrix (see sens_peft.transfer), got None")
+    return names, w, records
 
-    alpha = tau = None
-    if have_all_records:
-        groups, raw, present = group_score_matrix(records, granularity, names)  # type: ignore[arg-type]
-        alpha = _alpha(raw, present, normalization)
-    else:
-        groups = [ALL_GROUPS]
-    if transfer is not None:
-        t = torch.as_tensor(transfer)
-        if tuple(t.shape) != (num, num):
-            raise ValueError(f"transferability matrix has shape {tuple(t.shape)}, expected ({num}, {num}) "
-                             f"for experts {names}")
-        tau = transfer_scores(t, tau_normalization, names)
 
-    num_groups = len(groups)
+def _softmax_arguments(sens, alpha: Tensor | None, tau: Tensor | None, num: int, num_groups: int) -> Tensor:
+    """``[K, G]`` arguments of the softmax (``α·τ``, ``α``, ``τ`` or zeros), with near-equal columns made equal."""
     if sens == "task+cross":
         arg = alpha * tau[:, None]  # type: ignore[index,operator]
     elif sens == "task":
@@ -449,8 +410,64 @@ def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, tra
     # with the same profile at different loss levels agree only to rounding, and must still give c == 1.
     spread = arg.max(dim=0).values - arg.min(dim=0).values  # type: ignore[union-attr]
     tied = spread <= _TIE_RTOL * arg.abs().max(dim=0).values  # type: ignore[union-attr]
-    arg = torch.where(tied[None, :], torch.zeros_like(arg), arg)  # type: ignore[arg-type]
-    factors = _k_softmax(arg / float(temperature))
+    return torch.where(tied[None, :], torch.zeros_like(arg), arg)  # type: ignore[arg-type]
+
+
+def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, transfer: Tensor | None, *,
+                         expert_names: Sequence[str], sens: str | None = MergeConfig.sens,
+                         temperature: float = MergeConfig.temperature, normalization: str = MergeConfig.normalization,
+                         granularity: str = MergeConfig.granularity,
+                         weights: Sequence[float] | Tensor | None = None, scale: float = 1.0,
+                         tau_normalization: str = MergeConfig.tau_normalization,
+                         config: MergeConfig | None = None) -> CoefficientTable:
+    """Sens-Merging coefficients ``c[k][g] = K * softmax_k(arg[k][g] / T) * w_k * λ``.
+
+    A merge passes its :class:`~sens_peft.config.MergeConfig` (``config=``), whose fields then give every setting
+    (``sens``, ``temperature``, ``normalization``, ``tau_normalization``, ``granularity``, ``weights`` and the
+    resolved ``scale``). The keyword settings are for direct use; their defaults are MergeConfig's (the one source
+    of defaults), so the paper's reading needs ``sens="task+cross", normalization="mean1",
+    tau_normalization="exp_z"``.
+
+    Args:
+        records: One :class:`SensitivityRecord` per expert (needed for ``sens`` ``"task"``/``"task+cross"``;
+            when given otherwise it only fixes the groups and α is reported).
+        transfer: ``[K, K]`` transferability matrix (needed for ``"cross"``/``"task+cross"``).
+        expert_names: Expert names (``K``), in merge order.
+        sens: ``"task+cross"`` (``arg = α·τ``), ``"task"`` (α), ``"cross"`` (τ) or None (all ones; default).
+        temperature: Softmax temperature ``T > 0``; larger is closer to uniform.
+        normalization: α normalisation within each expert: ``mean1``, ``l2`` (default), ``sum1``, ``zscore``.
+        granularity: ``layer``, ``module_type`` or ``projection``.
+        weights: Per-expert user weights ``w_k`` (default 1).
+        scale: Global coefficient λ.
+        tau_normalization: τ normalisation across experts: ``exp_z``, ``zscore``, ``sum1``, ``mean1`` (default).
+        config: Take every setting above from this merge configuration instead.
+
+    Returns:
+        A :class:`CoefficientTable`. Its summary is logged at INFO level.
+
+    Raises:
+        ValueError: on inconsistent lengths, unknown options, or a missing input the chosen ``sens`` needs.
+    """
+    if config is not None:
+        sens, temperature, normalization = config.sens, config.temperature, config.normalization
+        tau_normalization, granularity = config.tau_normalization, config.granularity
+        weights, scale = config.weights, config.resolved_scale()
+    names, w, records = _checked_inputs(records, transfer, expert_names, sens, temperature, normalization,
+                                        granularity, weights, scale)
+    num = len(names)
+    alpha = tau = None
+    if records is not None and all(r is not None for r in records):
+        groups, raw, present = group_score_matrix(records, granularity, names)  # type: ignore[arg-type]
+        alpha = _alpha(raw, present, normalization)
+    else:
+        groups = [ALL_GROUPS]
+    if transfer is not None:
+        t = torch.as_tensor(transfer)
+        if tuple(t.shape) != (num, num):
+            raise ValueError(f"transferability matrix has shape {tuple(t.shape)}, expected ({num}, {num}) "
+                             f"for experts {names}")
+        tau = transfer_scores(t, tau_normalization, names)
+    factors = _k_softmax(_softmax_arguments(sens, alpha, tau, num, len(groups)) / float(temperature))
     values = factors * w[:, None] * float(scale)
 
     settings = {
@@ -475,7 +492,7 @@ def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, tra
     logger.info(
         "Sens-Merging coefficients (sens=%s, T=%g, normalization=%s, granularity=%s, %d groups): "
         "c min %.4f / mean %.4f / max %.4f; per expert %s",
-        sens, temperature, normalization, granularity, num_groups, stats["min"], stats["mean"], stats["max"],
+        sens, temperature, normalization, granularity, len(groups), stats["min"], stats["mean"], stats["max"],
         ", ".join(f"{n}: {v['min']:.3f}/{v['mean']:.3f}/{v['max']:.3f}" for n, v in stats["per_expert"].items()),
     )
     return table

@@ -9,28 +9,41 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 Mode = Literal["after", "during", "both"]
 WeightSource = Literal["auto", "theta", "delta", "adapter"]
 LossTokens = Literal["labels", "full"]
 SensMode = Optional[Literal["task+cross", "task", "cross"]]
 Normalization = Literal["mean1", "l2", "sum1", "zscore"]
+TauNormalization = Literal["exp_z", "zscore", "sum1", "mean1"]
 Alignment = Literal["neg_l2", "cosine", "neg_kl", "l2"]
 Granularity = Literal["layer", "module_type", "projection"]
 OutputKind = Literal["lora", "full"]
+MajoritySign = Literal["total", "frequency"]
+TrimBy = Literal["auto", "magnitude", "sensitivity"]
+DareRng = Literal["counter", "torch"]
 
-MODES = ("after", "during", "both")
-WEIGHT_SOURCES = ("auto", "theta", "delta", "adapter")
-LOSS_TOKENS = ("labels", "full")
-SENS_MODES = ("task+cross", "task", "cross", None)
-NORMALIZATIONS = ("mean1", "l2", "sum1", "zscore")
-ALIGNMENTS = ("neg_l2", "cosine", "neg_kl", "l2")
-TAU_NORMALIZATIONS = ("exp_z", "zscore", "sum1", "mean1")
-GRANULARITIES = ("layer", "module_type", "projection")
-OUTPUT_KINDS = ("lora", "full")
-MAJORITY_SIGN_METHODS = ("total", "frequency")
-TRIM_BY = ("auto", "magnitude", "sensitivity")
+
+def choices(kind: Any) -> tuple:
+    """The allowed values of a ``Literal`` type above (``Optional[Literal[...]]`` adds None): the one list of them."""
+    values: list = []
+    for arg in get_args(kind):
+        values.extend(get_args(arg) if get_args(arg) else [arg])
+    return tuple(None if v is type(None) else v for v in values)
+
+
+MODES = choices(Mode)
+WEIGHT_SOURCES = choices(WeightSource)
+LOSS_TOKENS = choices(LossTokens)
+SENS_MODES = choices(SensMode)
+NORMALIZATIONS = choices(Normalization)
+TAU_NORMALIZATIONS = choices(TauNormalization)
+ALIGNMENTS = choices(Alignment)
+GRANULARITIES = choices(Granularity)
+MAJORITY_SIGN_METHODS = choices(MajoritySign)
+TRIM_BY = choices(TrimBy)
+DARE_RNGS = choices(DareRng)
 
 
 # "auto" element maps are kept when the scored tensors hold at most this many elements (256 MB in fp32): always
@@ -188,6 +201,16 @@ class SensitivityConfig(_ConfigMixin):
         return source
 
 
+def _recipe(section: str, key: str) -> dict[str, Any]:
+    """Field metadata: where the field sits in a YAML recipe (see :mod:`sens_peft.recipe`)."""
+    return {"recipe": (section, key)}
+
+
+#: The MergeConfig fields every method may read (its "shared" parameters); the rest of a method's parameters
+#: are its own, declared by the method and set through ``MergeConfig.params``.
+SHARED_METHOD_FIELDS = ("density", "majority_sign_method", "trim_by", "weighted_election", "seed", "dare_rng")
+
+
 @dataclass
 class MergeConfig(_ConfigMixin):
     """How experts are combined.
@@ -201,12 +224,10 @@ class MergeConfig(_ConfigMixin):
     (``normalization="l2"``, ``tau_normalization="mean1"``).
 
     Args:
-        method: Registered merge method: ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``.
+        method: A registered merge method (:func:`sens_peft.methods.available_methods`).
         weights: Per-expert user weights ``w_k`` (default 1 each).
-        scale: Global coefficient ``lambda`` of the base method. ``None`` (default): 1.5 for TIES trimmed by
-            sensitivity (it keeps lower-magnitude entries than a magnitude trim, so less mass survives; 1.5 was
-            picked on validation on every benchmark seed), else 1.0. Resolved at merge time
-            (:meth:`resolved_scale`).
+        scale: Global coefficient ``lambda`` of the base method. ``None`` (default): the method's default for
+            these settings (:meth:`resolved_scale`; 1.5 for TIES trimmed by sensitivity, else 1.0).
         density: Fraction kept by TIES trimming / DARE's Bernoulli keep probability, in (0, 1].
         majority_sign_method: TIES sign election by summed mass (``"total"``) or by count (``"frequency"``).
         sens: Which Sens-Merging factors scale the experts: ``"task+cross"``, ``"task"``, ``"cross"``, or
@@ -220,50 +241,66 @@ class MergeConfig(_ConfigMixin):
         granularity: Coefficient granularity: per transformer block (``"layer"``, the paper), per block and
             module type (attention / MLP), or per projection.
         trim_by: TIES trimming by ``|delta|`` (``"magnitude"``), by the stored per-element sensitivity
-            (``"sensitivity"``, needs element maps), or ``"auto"``: sensitivity when every expert has maps.
+            (``"sensitivity"``, needs element maps), or ``"auto"``: the method decides from what every expert
+            has stored (TIES: sensitivity when every expert has element maps).
+        weighted_election: Elect TIES signs on the coefficient-scaled deltas (default) or, as PEFT does, on the
+            unscaled ones (False).
         seed: Seed of DARE's random drop (per tensor, derived from this and the tensor name). Same inputs and
             seed give bit-identical files on CPU.
         dare_rng: How DARE draws its keep-masks. ``"counter"`` (default): a hash of (seed, tensor name, expert,
-            position), device-independent by construction (int32 arithmetic; compared on a GPU only by
-            benchmarks/gpu_check.sh, not yet run) and 2-3x cheaper to draw on the CPU than a Mersenne
-            Twister. ``"torch"``: ``torch.bernoulli`` from a ``torch.Generator`` seeded per tensor, the masks
-            PEFT's ``dare_linear``/``dare_ties`` draw at the same generator state; those are drawn on the math
-            device, so a CUDA merge draws other masks than a CPU merge with the same seed.
+            position), device-independent by construction (int32 arithmetic) and 2-3x cheaper to draw on the CPU
+            than a Mersenne Twister. ``"torch"``: ``torch.bernoulli`` from a ``torch.Generator`` seeded per
+            tensor, the masks PEFT's ``dare_linear``/``dare_ties`` draw at the same generator state; those are
+            drawn on the math device, so a CUDA merge draws other masks than a CPU merge with the same seed.
+        params: The method's own parameters (those it declares beyond the fields above), checked against its
+            declaration; unset ones take their declared defaults.
         output: ``"lora"`` (a new adapter) or ``"full"`` (merged weights).
         rank: Rank of the SVD-compressed LoRA output for TIES/DARE (default: max expert rank).
         dtype: Output dtype (default: the base's).
         device: Device for the math (default: CUDA when available, else CPU).
     """
 
-    method: str = "ties"
-    weights: Optional[list[float]] = None
-    scale: Optional[float] = None
-    density: float = 0.4
-    majority_sign_method: str = "total"
-    sens: SensMode = None
-    temperature: float = 1.0
-    normalization: Normalization = "l2"
-    tau_normalization: str = "mean1"
-    alignment: Alignment = "cosine"
-    granularity: Granularity = "layer"
-    trim_by: str = "auto"
-    seed: int = 0
-    dare_rng: str = "counter"
-    output: OutputKind = "lora"
-    rank: Optional[int] = None
-    dtype: Optional[str] = None
-    device: Optional[str] = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    method: str = field(default="ties", metadata=_recipe("", "method"))
+    weights: Optional[list[float]] = field(default=None, metadata=_recipe("experts", "weight"))
+    scale: Optional[float] = field(default=None, metadata=_recipe("parameters", "scale"))
+    density: float = field(default=0.4, metadata=_recipe("parameters", "density"))
+    majority_sign_method: MajoritySign = field(default="total", metadata=_recipe("parameters", "majority_sign_method"))
+    sens: SensMode = field(default=None, metadata=_recipe("sens", "mode"))
+    temperature: float = field(default=1.0, metadata=_recipe("sens", "temperature"))
+    normalization: Normalization = field(default="l2", metadata=_recipe("sens", "normalization"))
+    tau_normalization: TauNormalization = field(default="mean1", metadata=_recipe("sens", "tau_normalization"))
+    alignment: Alignment = field(default="cosine", metadata=_recipe("sens", "alignment"))
+    granularity: Granularity = field(default="layer", metadata=_recipe("sens", "granularity"))
+    trim_by: TrimBy = field(default="auto", metadata=_recipe("parameters", "trim_by"))
+    weighted_election: bool = field(default=True, metadata=_recipe("parameters", "weighted_election"))
+    seed: Optional[int] = field(default=0, metadata=_recipe("parameters", "seed"))
+    dare_rng: DareRng = field(default="counter", metadata=_recipe("parameters", "dare_rng"))
+    params: dict[str, Any] = field(default_factory=dict, metadata=_recipe("parameters", "*"))
+    output: OutputKind = field(default="lora", metadata=_recipe("output", "type"))
+    rank: Optional[int] = field(default=None, metadata=_recipe("output", "rank"))
+    dtype: Optional[str] = field(default=None, metadata=_recipe("output", "dtype"))
+    device: Optional[str] = field(default=None, metadata=_recipe("", "device"))
+
+    def method_params(self, **overrides: Any) -> dict[str, Any]:
+        """Every parameter the method sees: the shared fields, then its own (declared defaults, then ``params``)."""
+        from .methods import get_method  # local import: the methods package imports this module
+
+        values = {name: getattr(self, name) for name in SHARED_METHOD_FIELDS}
+        values.update({p.name: p.default for p in get_method(self.method).parameters})
+        values.update(self.params)
+        values.update(overrides)
+        return values
 
     def resolved_scale(self, trim_by: Optional[str] = None) -> float:
-        """The global ``lambda`` this merge uses (``scale``, or its default for the method and trim)."""
+        """The global ``lambda`` this merge uses (``scale``, or the method's default for these settings)."""
+        from .methods import get_method
+
         if self.scale is not None:
             return float(self.scale)
-        trim = trim_by or self.trim_by
-        return 1.5 if (self.method == "ties" and trim == "sensitivity") else 1.0
+        return float(get_method(self.method).default_scale(self.method_params(trim_by=trim_by or self.trim_by)))
 
     def __post_init__(self) -> None:
-        from .methods import DARE_RNGS, available_methods  # local import: methods imports nothing from config
+        from .methods import available_methods, get_method
 
         if self.method not in available_methods():
             raise ValueError(f"unknown merge method {self.method!r}; available: {available_methods()}")
@@ -271,18 +308,17 @@ class MergeConfig(_ConfigMixin):
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
         if not float(self.temperature) > 0.0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        _check_choice("majority_sign_method", self.majority_sign_method, MAJORITY_SIGN_METHODS)
-        _check_choice("sens", self.sens, SENS_MODES)
-        _check_choice("normalization", self.normalization, NORMALIZATIONS)
-        _check_choice("alignment", self.alignment, ALIGNMENTS)
-        _check_choice("tau_normalization", self.tau_normalization, TAU_NORMALIZATIONS)
-        _check_choice("granularity", self.granularity, GRANULARITIES)
-        _check_choice("trim_by", self.trim_by, TRIM_BY)
-        _check_choice("dare_rng", self.dare_rng, DARE_RNGS)
-        _check_choice("output", self.output, OUTPUT_KINDS)
+        for name, kind in (("majority_sign_method", MajoritySign), ("sens", SensMode),
+                           ("normalization", Normalization), ("alignment", Alignment),
+                           ("tau_normalization", TauNormalization), ("granularity", Granularity),
+                           ("trim_by", TrimBy), ("dare_rng", DareRng), ("output", OutputKind)):
+            _check_choice(name, getattr(self, name), choices(kind))
+        if not isinstance(self.weighted_election, bool):
+            raise ValueError(f"weighted_election must be True or False, got {self.weighted_election!r}")
         if self.weights is not None:
             self.weights = [float(w) for w in self.weights]
         if self.scale is not None:
             self.scale = float(self.scale)
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"rank must be a positive integer or None, got {self.rank!r}")
+        self.params = get_method(self.method).check_params(dict(self.params or {}))

@@ -1,31 +1,188 @@
-"""``sens-peft demo``: run the quick-start recipe (``recipes/quickstart.py``) on the built-in tiny model."""
+"""``sens-peft demo`` / ``python -m sens_peft.demo``: the quick start. Train LoRA experts with SensitivityCallback, merge them with and without Sens-Merging.
+
+    sens-peft demo                                       # built-in toy suite, CPU, a few minutes
+    python -m sens_peft.demo --quick                     # fewer steps and test examples (a smoke run)
+    python recipes/quickstart.py --model meta-llama/Llama-3.2-1B --tasks ...   # see --model below
+
+It ships inside the package (a wheel install runs it); ``recipes/quickstart.py`` is a thin wrapper around it.
+
+Steps (each a few lines below):
+  1. a base model: the built-in tiny Llama, pre-trained once on generic text plus every task restricted to
+     part of its input symbols, and cached (~/.cache/sens_peft/toy), so it already half-knows each task, like a
+     real pre-trained LLM; it is also saved to <output-dir>/base for recipes/merge_3_experts.yaml;
+  2. one LoRA expert per task with `transformers.Trainer` + `SensitivityCallback(SensitivityConfig(task=...))`;
+     `trainer.save_model(dir)` writes the adapter and the callback's sidecars (sensitivity + probe) next to it;
+  3. merge: averaging (TA, scale 1/K), then TA, TIES, DARE-TIES, each plain (sens=None) and with the paper's
+     Sens-Merging coefficients (sens="task+cross"), and the library default `MergeConfig()`: TIES whose trim keeps
+     each expert's most sensitive entries (the per-element maps in the sidecars; see benchmarks/README.md);
+  4. a table of exact-match accuracy per task and normalised accuracy (merged acc / that task's expert acc);
+     the best merged adapter is saved (`save_to=`) with its merge card.
+
+`--model NAME` swaps in a hub causal LM (and its tokenizer) for step 1: the toy tasks are then fine-tuned on that
+model as plain text. It is one flag away but not exercised by the project's tests (no downloads here).
+"""
 
 from __future__ import annotations
 
-import runpy
-import sys
+import argparse
+import logging
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.py"
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import Trainer
+
+from .config import MergeConfig, SensitivityConfig
+from .merging import merge_adapters
+from .sensitivity.callback import SensitivityCallback
+from .testing import toy
+
+log = logging.getLogger("quickstart")
+
+MERGES = [  # (label, MergeConfig fields) of the plain methods; the Sens variant of each is added below
+    ("TA", dict(method="task_arithmetic", scale=0.7)),
+    ("TIES", dict(method="ties", density=0.5, scale=1.0, trim_by="magnitude")),
+    ("DARE-TIES", dict(method="dare_ties", density=0.5, scale=1.0)),
+]
+# the paper's layer-wise coefficients, alpha of mean 1 and tau standardised (see sens_peft.coefficients)
+PAPER_SENS = dict(sens="task+cross", normalization="mean1", tau_normalization="exp_z")
 
 
-def run_demo(output_dir: str = "runs/quickstart", quick: bool = False, recipe: Optional[Path] = None) -> None:
-    """Run the quick-start recipe in this process, as ``python recipes/quickstart.py`` would.
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sens-peft demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="runs/quickstart", help="experts, merged adapter, results.json")
+    p.add_argument("--tasks", nargs="+", default=toy.TASK_NAMES, choices=toy.TASK_NAMES)
+    p.add_argument("--steps", type=int, default=150, help="LoRA fine-tuning steps per expert")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-test", type=int, default=300, help="test examples per task")
+    p.add_argument("--temperature", type=float, default=1.0, help="Sens-Merging softmax temperature T")
+    p.add_argument("--cache-dir", default=None, help="where the pre-trained toy base is cached")
+    p.add_argument("--model", default=None,
+                   help="a hub causal LM to use instead of the toy base (downloads it; not exercised in tests)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 40 steps, 60 test examples")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.n_test = min(args.steps, 40), min(args.n_test, 60)
+    return args
 
-    Raises:
-        FileNotFoundError: the recipe is not next to the package (a wheel install without the repository).
-    """
-    recipe = Path(recipe or _RECIPE)
-    if not recipe.is_file():
-        raise FileNotFoundError(
-            f"the quick-start recipe {recipe} is not here: `sens-peft demo` runs recipes/quickstart.py from a "
-            "clone of the repository (pip install -e .)"
-        )
-    argv = [str(recipe), "--output-dir", output_dir] + (["--quick"] if quick else [])
-    saved = sys.argv
-    sys.argv = argv
-    try:
-        runpy.run_path(str(recipe), run_name="__main__")
-    finally:
-        sys.argv = saved
+
+def load_base(args):
+    """The base model and its tokenizer: the cached toy base, or a hub model with --model."""
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+        tok.pad_token = tok.pad_token or tok.eos_token
+        return AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32), tok
+    return toy.pretrain_base(cache_dir=args.cache_dir, progress=True), toy.build_tokenizer()
+
+
+def train_expert(base, tok, task: str, out: Path, args) -> float:
+    """Fine-tune one LoRA expert with the sensitivity callback; save it (adapter + sidecars) to `out`."""
+    model = get_peft_model(base, toy.lora_config())  # adapter "default": saved at the top of `out`
+    trainer = Trainer(
+        model=model,
+        args=toy.training_args(out, steps=args.steps, lr=args.lr, seed=args.seed),
+        train_dataset=toy.task_dataset(task, "train", tok),
+        data_collator=toy.ToyCollator(tok.pad_token_id),
+        callbacks=[SensitivityCallback(SensitivityConfig(task=task))],
+    )
+    trainer.train()
+    trainer.save_model(str(out))  # adapter_model.safetensors + sensitivity.safetensors + probe.safetensors
+    acc = toy.evaluate(model, [task], n=args.n_test, tokenizer=tok)[task]
+    model.unload()  # take the LoRA layers out again so the next expert starts from the plain base
+    return acc
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Run the quick start with command-line arguments ``argv`` (default: ``sys.argv[1:]``)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "peft", "sens_peft.merging", "sens_peft.transfer", "sens_peft.coefficients"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    out = Path(args.output_dir)
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+
+    # 1. base
+    base, tok = load_base(args)
+    base.save_pretrained(out / "base")  # recipes/merge_3_experts.yaml points at <output-dir>/base
+    tok.save_pretrained(out / "base")
+    rows = {"base": toy.evaluate(base, args.tasks, n=args.n_test, tokenizer=tok)}
+    log.info("base ready (%.0f s): %s", time.perf_counter() - t0, _fmt(rows["base"]))
+
+    # 2. experts
+    expert_acc: dict[str, float] = {}
+    for task in args.tasks:
+        t = time.perf_counter()
+        expert_acc[task] = train_expert(base, tok, task, out / "experts" / task, args)
+        log.info("expert %-8s acc %.1f%% (%.0f s)", task, 100 * expert_acc[task], time.perf_counter() - t)
+
+    # 3. merges: all experts as named adapters of one PeftModel, the sidecars read from their folders
+    dirs = [out / "experts" / task for task in args.tasks]
+    model = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name=args.tasks[0])
+    for task, d in zip(args.tasks[1:], dirs[1:]):
+        model.load_adapter(str(d), adapter_name=task)
+    for task in args.tasks:  # each expert on every task (the off-diagonal shows interference)
+        model.set_adapter(task)
+        rows[f"expert:{task}"] = toy.evaluate(model, args.tasks, n=args.n_test, tokenizer=tok)
+
+    reports = {}
+    # plain averaging (TA with scale 1/K) as the reference point of the table
+    merges = [("Avg", dict(method="task_arithmetic", scale=1.0 / len(args.tasks)))] + MERGES
+    runs = []
+    for label, fields in merges:
+        runs.append((label, MergeConfig(seed=args.seed, **fields)))
+        if label != "Avg":
+            runs.append((f"Sens-{label}", MergeConfig(seed=args.seed, temperature=args.temperature,
+                                                      **fields, **PAPER_SENS)))
+    # the library's default: TIES that keeps each expert's most *sensitive* entries (element maps of the sidecars)
+    runs.append(("SensTrim-TIES", MergeConfig(seed=args.seed)))
+    for name, config in runs:
+        report = merge_adapters(model, args.tasks, config=config, adapter_name=name.replace("-", "_"),
+                                sensitivities=dirs, probes=dirs)
+        model.set_adapter(report.adapter_name)
+        rows[name] = toy.evaluate(model, args.tasks, n=args.n_test, tokenizer=tok)
+        reports[name] = report
+        log.info("%-14s merged in %.2f s: %s", name, report.seconds, _fmt(rows[name]))
+
+    # 4. results
+    norm = {name: toy.normalized_accuracy(acc, expert_acc) for name, acc in rows.items()}
+    print(f"\nExact-match accuracy (test split, {args.n_test} examples per task)")
+    print(toy.format_table({k: {**v, "avg": sum(v[t] for t in args.tasks) / len(args.tasks)}
+                            for k, v in rows.items()}, args.tasks))
+    print("\nNormalised accuracy (merged acc / own expert's acc)")
+    print(toy.format_table({k: v for k, v in norm.items() if not k.startswith("expert:")}, args.tasks))
+    best = max(reports, key=lambda k: norm[k]["avg"])
+    if reports[best].config.sens is not None:
+        print(f"\nSens-Merging coefficients of {best}:")
+        print(reports[best].coefficients)
+    merge_adapters(model, args.tasks, config=reports[best].config, adapter_name="best",
+                   sensitivities=dirs, probes=dirs, save_to=out / "merged", overwrite=True)
+    (out / "results.json").write_text(_json({"accuracy": rows, "normalized": norm, "best": best}))
+    print(f"\nbest merge: {best} (avg normalised {100 * norm[best]['avg']:.1f}%), saved to {out / 'merged'}")
+    print(f"total wall time {time.perf_counter() - t0:.0f} s")
+
+
+def _fmt(acc: dict[str, float]) -> str:
+    return " ".join(f"{k}={100 * v:.0f}%" for k, v in acc.items())
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=1)
+
+
+def run_demo(output_dir: str = "runs/quickstart", quick: bool = False) -> None:
+    """The quick start as ``sens-peft demo`` runs it."""
+    main(["--output-dir", output_dir] + (["--quick"] if quick else []))
+
+
+if __name__ == "__main__":
+    main()

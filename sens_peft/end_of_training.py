@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 from transformers import TrainerCallback
 
 from .config import MergeConfig
-from .io import MergeError
+from .errors import MergeError
 from .store import PROBE_FILE, SENSITIVITY_FILE
 from .validation import (
     check_adapter_files,
@@ -121,7 +121,8 @@ class MergeOnTrainEnd(TrainerCallback):
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _merge_lora(self, model, scratch: Path):
-        from .merge import merge_adapters
+        from .merging import merge_adapters
+        from .merging.plan import records_wanted
 
         trained = model.active_adapter
         target = copy.deepcopy(model) if self.config.output == "full" else model
@@ -133,6 +134,7 @@ class MergeOnTrainEnd(TrainerCallback):
                 target.load_adapter(str(folder), adapter_name=name)
                 loaded.append(name)
             folders = [scratch, *self.experts]
+            sensitivities = [f / SENSITIVITY_FILE for f in folders]
             return merge_adapters(
                 target,
                 [trained, *loaded],
@@ -141,7 +143,9 @@ class MergeOnTrainEnd(TrainerCallback):
                 save_to=self.output_dir,
                 overwrite=self.overwrite,
                 allow_pickle=self.allow_pickle,
-                sensitivities=[f / SENSITIVITY_FILE for f in folders] if self.config.sens in ("task+cross", "task") else None,
+                # the adapters are passed by name, so their sidecars are named here whenever the merge reads them
+                # (the coefficients, or the method's statistics such as importance's element maps)
+                sensitivities=sensitivities if records_wanted(self.config, sensitivities) else None,
                 probes=[f / PROBE_FILE for f in folders] if self.config.sens in ("task+cross", "cross") else None,
             )
         finally:
@@ -152,7 +156,7 @@ class MergeOnTrainEnd(TrainerCallback):
                 model.set_adapter(trained)
 
     def _merge_full(self, scratch: Path):
-        from .merge import merge_models
+        from .merging import merge_models
 
         if self.base_model is None:
             raise MergeError("MergeOnTrainEnd: a full fine-tune needs base_model= (the folder the task vectors "

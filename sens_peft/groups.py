@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from .config import GRANULARITIES  # the one list of them (a Literal in config.py)
+
 # "layers.3.", ".h.3.", "blocks.3.", "block.3.", "layer.3." anywhere in a dotted name.
 _BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.(.+)$")
 _EMBED_RE = re.compile(r"(?:^|\.)(?:embed_tokens|embed_positions|wte|wpe|word_embeddings|position_embeddings|embeddings|embed_in|tok_embeddings)(?:\.|$)")
@@ -21,8 +23,6 @@ _MLP_RE = re.compile(r"(?:mlp|ffn|feed_forward|gate_proj|up_proj|down_proj|c_fc|
 
 _PEFT_PREFIX = "base_model.model."
 _LORA_PARAM_RE = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.[^.]+)?(\.weight)?$")
-
-GRANULARITIES = ("layer", "module_type", "projection")
 
 
 def canonical_name(name: str, adapter_name: str | None = None) -> str:

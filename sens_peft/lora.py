@@ -1,4 +1,11 @@
-"""Access to the LoRA factors of a PeftModel, one module at a time, in a layout-independent form.
+"""The one PEFT inspection layer: what a (wrapped) PeftModel holds, for the capture side and the merge side.
+
+Capture side: canonical parameter names (:func:`clean_param_name`), the expert type and active adapter, the
+parameters a calibration pass scores, and the LoRA linear modules it scores in weight space
+(:func:`scorable_lora_modules`, :class:`LoraModuleInfo`).
+
+Merge side: access to the LoRA factors of a PeftModel, one module at a time, in a layout-independent form
+(:func:`lora_modules`, :class:`LoraModule`, :class:`LoraFactors`).
 
 For each adapted module we work with the *product* ``P = B @ A`` (shape ``[out, in]`` for Linear, ``[dim, vocab]``
 for Embedding) and the delta in the base weight's own layout, ``ΔW = s * P`` or ``s * P.T`` for
@@ -13,10 +20,180 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import Tensor, nn
 
-from .io import MergeError
+from .errors import MergeError
+from .groups import canonical_name
 
 logger = logging.getLogger(__name__)
+
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_param_name(name: str, adapter: Optional[str] = None) -> str:
+    """Canonical base-model name of a parameter, also stripping FSDP / checkpoint / compile wrappers."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    if name.startswith("module."):
+        name = name[len("module.") :]
+    if adapter is not None:
+        name = name.replace(f".modules_to_save.{adapter}.", ".")
+    return canonical_name(name, adapter)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside (Distributed)DataParallel wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module) and type(model).__name__ in (
+        "DistributedDataParallel",
+        "DataParallel",
+    ):
+        model = model.module
+    return model
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT LoRA layer."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(module, LoraLayer)
+
+
+def detect_expert_type(model: nn.Module) -> str:
+    """``"lora"`` if the model holds PEFT LoRA layers, else ``"full"``."""
+    return "lora" if any(is_lora_layer(m) for m in unwrap_model(model).modules()) else "full"
+
+
+def active_adapter_name(model: nn.Module) -> Optional[str]:
+    """The active adapter of a PEFT model (the first one if several are active), or None."""
+    model = unwrap_model(model)
+    name = getattr(model, "active_adapter", None)
+    if isinstance(name, str):
+        return name
+    if isinstance(name, (list, tuple)) and name:
+        return str(name[0])
+    for module in model.modules():
+        if is_lora_layer(module) and module.active_adapters:
+            return module.active_adapters[0]
+    return None
+
+
+@dataclass
+class LoraModuleInfo:
+    """A LoRA-adapted linear module and what the weight-space gradient needs."""
+
+    name: str  # canonical name of the module's weight, e.g. "model.layers.0.self_attn.q_proj.weight"
+    module: nn.Module
+    adapter: str
+
+    @property
+    def base_weight(self) -> Tensor:
+        return self.module.get_base_layer().weight
+
+    @property
+    def lora_A(self) -> Tensor:
+        return self.module.lora_A[self.adapter].weight
+
+    @property
+    def lora_B(self) -> Tensor:
+        return self.module.lora_B[self.adapter].weight
+
+    @property
+    def scaling(self) -> float:
+        return float(self.module.scaling[self.adapter])
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(getattr(self.module, "fan_in_fan_out", False))
+
+
+def scorable_lora_modules(model: nn.Module, adapter: Optional[str] = None) -> list[LoraModuleInfo]:
+    """The LoRA linear modules of ``adapter`` (default: the active one) that the calibration pass scores in weight
+    space, checked for the hook-formed ``G`` (the merge side reads factors with :func:`lora_modules`).
+
+    Raises:
+        ValueError: for adapters the ``theta``/``delta`` calibration cannot score exactly (merged adapters, DoRA,
+            non-linear LoRA layers such as embeddings or convolutions).
+    """
+    model = unwrap_model(model)
+    adapter = adapter or active_adapter_name(model)
+    out = []
+    for name, module in model.named_modules():
+        if not is_lora_layer(module) or adapter not in getattr(module, "lora_A", {}):
+            continue
+        base = module.get_base_layer()
+        kind = type(base).__name__
+        if not (isinstance(base, nn.Linear) or kind == "Conv1D"):
+            raise ValueError(
+                f"module {name!r} adapts a {kind}; weight_source 'theta'/'delta' supports LoRA on Linear/Conv1D "
+                "layers only; use weight_source='adapter'"
+            )
+        if getattr(module, "merged", False):
+            raise ValueError(f"module {name!r} has its adapter merged into the base weight; unmerge it first")
+        if getattr(module, "use_dora", {}).get(adapter, False):
+            raise ValueError(f"module {name!r} uses DoRA; weight_source 'theta'/'delta' needs plain LoRA ('adapter' works)")
+        out.append(LoraModuleInfo(clean_param_name(f"{name}.weight", adapter), module, adapter))
+    if not out:
+        raise ValueError(f"no LoRA module of adapter {adapter!r} found in the model")
+    return out
+
+
+def adapter_parameters(model: nn.Module, adapter: Optional[str] = None) -> list[tuple[str, nn.Parameter]]:
+    """``(canonical name, parameter)`` of the adapter's own tensors (LoRA factors, DoRA magnitudes)."""
+    model = unwrap_model(model)
+    adapter = adapter or active_adapter_name(model)
+    out, seen = [], set()
+    for name, param in model.named_parameters():
+        if "lora_" not in name or f".{adapter}." not in f"{name}.":
+            continue
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        out.append((clean_param_name(name, adapter), param))
+    if not out:
+        raise ValueError(f"no LoRA parameters of adapter {adapter!r} found in the model")
+    return out
+
+
+def trainable_parameters(model: nn.Module, adapter: Optional[str] = None) -> list[tuple[str, nn.Parameter]]:
+    """``(canonical name, parameter)`` of the trainable tensors (tied tensors once)."""
+    return [
+        (clean_param_name(n, adapter), p) for n, p in unwrap_model(model).named_parameters() if p.requires_grad
+    ]
+
+
+def base_model_name(model: nn.Module) -> Optional[str]:
+    """The base model's hub id or path, from the adapter config or the model config."""
+    model = unwrap_model(model)
+    config = getattr(model, "peft_config", None)
+    adapter = active_adapter_name(model)
+    if isinstance(config, dict) and adapter in config:
+        name = getattr(config[adapter], "base_model_name_or_path", None)
+        if name:
+            return str(name)
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
+    return str(name) if name else None
+
+
+def model_dtype(model: nn.Module) -> str:
+    """The dtype of the model's first floating parameter, as a name (``"float32"``)."""
+    for p in unwrap_model(model).parameters():
+        if p.is_floating_point():
+            return str(p.dtype).replace("torch.", "")
+    return "unknown"
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    for p in unwrap_model(model).parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
 
 
 @dataclass

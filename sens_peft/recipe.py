@@ -7,8 +7,8 @@ A recipe, in the spirit of mergekit's YAML::
       - path: runs/math
         weight: 1.0                  # optional user weight w_k
       - path: runs/code
-    method: ties                     # task_arithmetic | ties | dare_linear | dare_ties | importance
-    parameters:                      # the method's parameters (MergeConfig fields)
+    method: ties                     # any registered method (default: MergeConfig's, ties)
+    parameters:                      # shared settings (MergeConfig fields) and the method's own parameters
       density: 0.5
       scale: 1.0
       seed: 0
@@ -26,13 +26,16 @@ A recipe, in the spirit of mergekit's YAML::
       dtype: bfloat16
     device: cpu                      # optional; default CUDA when available
 
-Every key is checked: unknown keys, wrong types and missing paths raise :class:`RecipeError` naming the key.
+Every key is checked: unknown keys, wrong types and missing paths raise :class:`RecipeError` naming the key. The keys
+are derived from :class:`~sens_peft.config.MergeConfig`'s fields and the registered methods' parameters
+(:func:`recipe_schema` lists them); unset keys take MergeConfig's defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -42,11 +45,57 @@ import yaml
 from .config import MergeConfig
 from .errors import RecipeError  # noqa: F401  (re-exported: defined in sens_peft.errors)
 
-TOP_KEYS = {"base_model", "experts", "method", "parameters", "sens", "output", "device", "expert_type"}
 EXPERT_KEYS = {"path", "weight"}
-PARAMETER_KEYS = {"density", "scale", "majority_sign_method", "seed", "trim_by", "dare_rng"}
-SENS_KEYS = {"mode", "temperature", "normalization", "tau_normalization", "alignment", "granularity"}
-OUTPUT_KEYS = {"type", "path", "rank", "dtype"}
+_NONE_WORDS = (None, "none")  # `sens: {mode: none}` means the plain method
+
+
+def _layout() -> dict[str, dict[str, dataclasses.Field]]:
+    """Recipe section → key → the MergeConfig field it sets (from the fields' ``recipe`` metadata): the recipe
+    keys are derived from MergeConfig, never typed twice. Section ``""`` holds the top-level keys."""
+    layout: dict[str, dict[str, dataclasses.Field]] = {}
+    for f in dataclasses.fields(MergeConfig):
+        section, key = f.metadata["recipe"]
+        layout.setdefault(section, {})[key] = f
+    return layout
+
+
+def _kind(f: dataclasses.Field) -> tuple[tuple, str]:
+    """The YAML types a field accepts and their description, from its annotation."""
+    hint = typing.get_type_hints(MergeConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is typing.Union \
+        else [hint]
+    base = args[0] if len(args) == 1 else hint
+    if base is bool:
+        return (bool,), "true or false"
+    if base is float:
+        return (int, float), "a number"
+    if base is int:
+        return (int,), "an integer"
+    return (str,), "a string"
+
+
+def _method_params(method: Any) -> dict[str, Any]:
+    """The recipe-visible parameters of a registered method, by name (none for an unknown method)."""
+    from .methods import available_methods, get_method
+
+    return {p.name: p for p in get_method(method).parameters} if method in available_methods() else {}
+
+
+def recipe_schema() -> dict[str, Any]:
+    """Every recipe key by section, with what it takes, and each registered method's own parameters."""
+    from .methods import available_methods, get_method
+
+    schema: dict[str, Any] = {"": {"base_model": "a path or hub id", "experts": "a list of {path, weight}",
+                                   "expert_type": "'lora' or 'full' (default: detected)"}}
+    for section, fields in _layout().items():
+        if section == "experts":
+            continue
+        for key, f in fields.items():
+            if key != "*":
+                schema.setdefault(section, {})[key] = _kind(f)[1]
+    schema["methods"] = {name: {p.name: p.describe() for p in get_method(name).parameters}
+                         for name in available_methods()}
+    return schema
 
 
 @dataclass
@@ -105,7 +154,8 @@ def parse_recipe(data: dict[str, Any], source: Optional[os.PathLike] = None, che
         check_paths: Check that expert folders exist (and the base model, when it is a local path).
     """
     where = str(source) if source else "recipe"
-    _check_keys(data, TOP_KEYS, where)
+    layout = _layout()
+    _check_keys(data, {"base_model", "expert_type", *layout[""], *(k for k in layout if k)}, where)
     root = Path(source).parent if source else Path.cwd()
 
     def resolve(p: str) -> str:
@@ -141,44 +191,12 @@ def parse_recipe(data: dict[str, Any], source: Optional[os.PathLike] = None, che
     if len(set(paths)) != len(paths):
         raise RecipeError(f"{where}: the same expert folder is listed twice: {paths}")
 
-    kwargs: dict[str, Any] = {}
-    method = data.get("method", "task_arithmetic")
-    kwargs["method"] = _typed(method, (str,), _where(source, "method"), "a method name")
-    params = _check_keys(data.get("parameters") or {}, PARAMETER_KEYS, _where(source, "parameters"))
-    for key, value in params.items():
-        if key in ("density", "scale"):
-            value = float(_typed(value, (int, float), _where(source, f"parameters.{key}"), "a number"))
-        elif key == "seed":
-            value = _typed(value, (int,), _where(source, "parameters.seed"), "an integer")
-        else:
-            value = _typed(value, (str,), _where(source, f"parameters.{key}"), "a string")
-        kwargs[key] = value
-
-    if "sens" in data and data["sens"] is None:
-        kwargs["sens"] = None
-    else:
-        sens = _check_keys(data.get("sens") or {}, SENS_KEYS, _where(source, "sens"))
-        for key, value in sens.items():
-            if key == "temperature":
-                kwargs["temperature"] = float(_typed(value, (int, float), _where(source, "sens.temperature"), "a number"))
-            elif key == "mode":
-                kwargs["sens"] = None if value in (None, "none") else _typed(value, (str,), _where(source, "sens.mode"), "a string")
-            else:
-                kwargs[key] = _typed(value, (str,), _where(source, f"sens.{key}"), "a string")
-
-    output = _check_keys(data.get("output") or {}, OUTPUT_KEYS, _where(source, "output"))
+    kwargs = _config_kwargs(data, source)
+    kwargs["weights"] = [e.weight for e in experts]
+    output = data.get("output") or {}
     out_path = output.get("path")
     if out_path is not None:
         out_path = resolve(_typed(out_path, (str,), _where(source, "output.path"), "a path"))
-    if "type" in output:
-        kwargs["output"] = _typed(output["type"], (str,), _where(source, "output.type"), "'lora' or 'full'")
-    if "rank" in output:
-        kwargs["rank"] = _typed(output["rank"], (int,), _where(source, "output.rank"), "a positive integer")
-    if "dtype" in output:
-        kwargs["dtype"] = _typed(output["dtype"], (str,), _where(source, "output.dtype"), "a dtype name")
-    if data.get("device") is not None:
-        kwargs["device"] = _typed(data["device"], (str,), _where(source, "device"), "a device string")
-    kwargs["weights"] = [e.weight for e in experts]
 
     try:
         config = MergeConfig(**kwargs)
@@ -198,6 +216,51 @@ def parse_recipe(data: dict[str, Any], source: Optional[os.PathLike] = None, che
             raise RecipeError(f"{where}: output.type 'lora' needs LoRA experts; these are full models")
         config = dataclasses.replace(config, output="full")
     return MergeRecipe(base, experts, config, out_path, expert_type, dict(data))
+
+
+def _section_kwargs(section: str, values: dict, source, method: Any) -> dict[str, Any]:
+    """MergeConfig keyword arguments from one recipe section (keys and types from the fields; a method's own
+    parameters, under ``parameters:``, go to ``params``)."""
+    fields = {k: f for k, f in _layout()[section].items() if k != "*"}
+    own = _method_params(method) if section == "parameters" else {}
+    where = _where(source, section)
+    _check_keys(values, set(fields) | set(own) | ({"path"} if section == "output" else set()), where)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "path":
+            continue  # output.path: where the merge goes, not a setting
+        if key in own:
+            kwargs.setdefault("params", {})[key] = value  # checked by MergeConfig against the declaration
+            continue
+        f = fields[key]
+        if f.name == "sens" and value in _NONE_WORDS:
+            kwargs["sens"] = None
+            continue
+        if value is None and f.default is None:
+            kwargs[f.name] = None
+            continue
+        types, what = _kind(f)
+        value = _typed(value, types, f"{where}.{key}", what)
+        kwargs[f.name] = float(value) if float in types else value
+    return kwargs
+
+
+def _config_kwargs(data: dict[str, Any], source) -> dict[str, Any]:
+    """MergeConfig keyword arguments from a recipe mapping (every section but ``experts``)."""
+    top = _layout()[""]
+    kwargs: dict[str, Any] = {}
+    for key, f in top.items():
+        if data.get(key) is not None:
+            types, what = _kind(f)
+            kwargs[f.name] = _typed(data[key], types, _where(source, key), what)
+    method = kwargs.get("method", MergeConfig.method)
+    if "sens" in data and data["sens"] is None:
+        kwargs["sens"] = None
+    for section in ("parameters", "sens", "output"):
+        if section == "sens" and data.get("sens") is None:
+            continue
+        kwargs.update(_section_kwargs(section, data.get(section) or {}, source, method))
+    return kwargs
 
 
 def load_recipe(path: os.PathLike, check_paths: bool = True) -> MergeRecipe:
@@ -220,11 +283,11 @@ def run_recipe(
     device: Optional[str] = None,
     overwrite: bool = False,
 ):
-    """Run a validated recipe; returns the :class:`~sens_peft.merge.MergeReport`.
+    """Run a validated recipe; returns the :class:`~sens_peft.merging.MergeReport`.
 
     The recipe itself is copied into the output folder as ``sens_peft_recipe.yaml``.
     """
-    from .merge import merge_adapters, merge_models  # heavy imports only when a merge runs
+    from .merging import merge_adapters, merge_models  # heavy imports only when a merge runs
     from .validation import check_pretrained_source
 
     out = out_dir or recipe.output_path

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import ALIGNMENTS
+from .lora import model_device
 from .store import ProbeSet
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,6 @@ __all__ = [
     "transferability_matrix",
 ]
 
-ALIGNMENTS = ("neg_l2", "cosine", "neg_kl", "l2")
 IGNORE_INDEX = -100
 
 LogitsFn = Callable[[int, dict[str, Tensor]], Tensor]
@@ -217,15 +218,8 @@ def transferability_matrix(logits_fn: LogitsFn, probes: Sequence[ProbeSet], *, a
     return matrix
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _forward_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    device = _model_device(model)
+    device = model_device(model)
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
     return out.logits if hasattr(out, "logits") else out[0]
 

@@ -60,6 +60,25 @@ def test_cli_merge_bad_recipe(tmp_path, capsys):
     assert "unknown key(s) ['methd']" in capsys.readouterr().err
 
 
+def test_cli_merge_error_is_one_line_exit_2(experts, tmp_path, capsys):
+    """A MergeError (here: importance without element maps in the sidecars) is one line on stderr, exit code 2;
+    --debug raises it with its traceback."""
+    from sens_peft.errors import MergeError
+
+    root, folders = experts
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base_model": str(root / "base"), "experts": [str(f) for f in folders],
+                                      "method": "importance", "sens": None, "device": "cpu",
+                                      "output": {"path": str(tmp_path / "out")}}))
+    assert main(["merge", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if "sens-peft merge:" in line]  # (transformers' progress bars aside)
+    assert len(ours) == 1 and ours[0].startswith("sens-peft merge: error: ") and "element_maps" in ours[0]
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    with pytest.raises(MergeError, match="element_maps"):
+        main(["--debug", "merge", str(recipe)])
+
+
 def test_cli_inspect(experts, capsys):
     _, folders = experts
     assert main(["inspect", *map(str, folders)]) == 0

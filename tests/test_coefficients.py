@@ -18,6 +18,15 @@ from sens_peft.coefficients import (
 )
 from sens_peft.store import SensitivityRecord
 
+PAPER = dict(sens="task+cross", normalization="mean1", tau_normalization="exp_z")
+
+
+def coefficients(*args, **kwargs):
+    """compute_coefficients in the paper's reading (sens="task+cross", mean1 / exp_z) unless a test sets otherwise:
+    the settings these tests were written for (the library's defaults are MergeConfig's)."""
+    return compute_coefficients(*args, **{**PAPER, **kwargs})
+
+
 
 def record(scores, groups=None, tensor_names=None, tensor_scores=None):
     scores = torch.as_tensor(scores, dtype=torch.float32)
@@ -45,20 +54,20 @@ def test_equal_scores_give_exactly_one(normalization, sens, k):
     profile = [3.0, 1.0, 0.5, 0.25]
     # Raw sensitivities differ 100x between experts (each expert's loss level); the profiles are equal.
     records = [record([s * 10.0**i for s in profile]) for i in range(k)]
-    table = compute_coefficients(records, uniform_transfer(k), expert_names=[f"e{i}" for i in range(k)],
+    table = coefficients(records, uniform_transfer(k), expert_names=[f"e{i}" for i in range(k)],
                                  sens=sens, normalization=normalization, temperature=0.37)
     assert torch.equal(table.values, torch.ones(k, 4))
 
 
 def test_single_expert_gives_weight_times_scale():
-    table = compute_coefficients([record([1.0, 5.0])], torch.tensor([[0.3]]), expert_names=["only"],
+    table = coefficients([record([1.0, 5.0])], torch.tensor([[0.3]]), expert_names=["only"],
                                  weights=[0.6], scale=0.5, temperature=0.01)
     assert torch.equal(table.values, torch.full((1, 2), 0.3))
     assert torch.equal(table.tau, torch.ones(1))
 
 
 def test_sens_none_without_inputs_is_plain_method():
-    table = compute_coefficients(None, None, expert_names=["a", "b"], sens=None, weights=[1.0, 2.0], scale=0.5)
+    table = coefficients(None, None, expert_names=["a", "b"], sens=None, weights=[1.0, 2.0], scale=0.5)
     assert table.groups == [ALL_GROUPS]
     assert torch.equal(table.for_name("model.layers.3.mlp.down_proj.weight"), torch.tensor([0.5, 1.0]))
 
@@ -70,7 +79,7 @@ def test_hand_computed_2x3():
     records = [record([1.0, 2.0, 3.0]), record([5.0, 5.0, 5.0])]
     transfer = torch.tensor([[1.0, 0.8], [0.6, 1.0]])
     temperature = 0.5
-    table = compute_coefficients(records, transfer, expert_names=["a", "b"], temperature=temperature,
+    table = coefficients(records, transfer, expert_names=["a", "b"], temperature=temperature,
                                  weights=[1.0, 3.0], scale=0.25)
     alpha = [[0.5, 1.0, 1.5], [1.0, 1.0, 1.0]]  # mean1
     # r = [0.8, 0.6] → z = [1, -1] → τ = exp(z) / mean(exp(z))
@@ -90,12 +99,12 @@ def test_hand_computed_2x3():
 def test_task_and_cross_modes_hand():
     records = [record([1.0, 3.0]), record([2.0, 2.0])]
     transfer = torch.tensor([[1.0, 0.9], [0.5, 1.0]])
-    task = compute_coefficients(records, None, expert_names=["a", "b"], sens="task")
+    task = coefficients(records, None, expert_names=["a", "b"], sens="task")
     # α = [[0.5, 1.5], [1, 1]]
     for g, (a0, a1) in enumerate([(0.5, 1.0), (1.5, 1.0)]):
         expected0 = 2 * math.exp(a0) / (math.exp(a0) + math.exp(a1))
         assert float(task.values[0, g]) == pytest.approx(expected0, rel=1e-6)
-    cross = compute_coefficients(None, transfer, expert_names=["a", "b"], sens="cross", temperature=2.0)
+    cross = coefficients(None, transfer, expert_names=["a", "b"], sens="cross", temperature=2.0)
     m = (math.e + 1 / math.e) / 2
     t0, t1 = math.e / m, (1 / math.e) / m
     expected0 = 2 * math.exp(t0 / 2) / (math.exp(t0 / 2) + math.exp(t1 / 2))
@@ -130,9 +139,9 @@ def test_scale_invariance_per_expert(normalization):
     a, b = [1.0, 4.0, 2.0], [3.0, 1.0, 0.5]
     transfer = torch.tensor([[1.0, 0.2, 0.4], [0.3, 1.0, 0.9], [0.5, 0.1, 1.0]])
     c = [2.0, 2.0, 1.0]
-    t1 = compute_coefficients([record(a), record(b), record(c)], transfer, expert_names=list("xyz"),
+    t1 = coefficients([record(a), record(b), record(c)], transfer, expert_names=list("xyz"),
                               normalization=normalization)
-    t2 = compute_coefficients([record([v * 100 for v in a]), record([v * 1e-3 for v in b]), record(c)], transfer,
+    t2 = coefficients([record([v * 100 for v in a]), record([v * 1e-3 for v in b]), record(c)], transfer,
                               expert_names=list("xyz"), normalization=normalization)
     assert torch.allclose(t1.values, t2.values, atol=1e-6)
     assert not torch.allclose(t1.values, torch.ones_like(t1.values), atol=1e-3)
@@ -141,7 +150,7 @@ def test_scale_invariance_per_expert(normalization):
 def test_missing_group_gets_neutral_alpha():
     r1 = record([1.0, 2.0, 3.0])
     r2 = record([4.0, 8.0], groups=["layers.0", "layers.2"])
-    table = compute_coefficients([r1, r2], None, expert_names=["a", "b"], sens="task")
+    table = coefficients([r1, r2], None, expert_names=["a", "b"], sens="task")
     assert table.groups == ["layers.0", "layers.1", "layers.2"]
     # expert b: α over its groups = [4, 8] / 6 = [2/3, 4/3]; layers.1 gets the mean, 1
     assert table.alpha[1].tolist() == pytest.approx([2 / 3, 1.0, 4 / 3])
@@ -157,7 +166,7 @@ def test_finer_granularity_regroups_tensor_scores():
     groups, raw, _ = group_score_matrix([rec], "projection")
     assert groups == ["layers.0.mlp.up_proj", "layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj",
                       "layers.1.mlp.down_proj"]
-    table = compute_coefficients([rec, rec], None, expert_names=["a", "b"], sens="task", granularity="module_type")
+    table = coefficients([rec, rec], None, expert_names=["a", "b"], sens="task", granularity="module_type")
     assert torch.equal(table.for_name("base_model.model.model.layers.0.self_attn.k_proj.lora_A.default.weight"),
                        torch.ones(2))
     with pytest.raises(ValueError, match="negative or non-finite"):
@@ -212,7 +221,7 @@ def test_temperature_spans_sharp_to_uniform(normalization):
     names = ["math", "code", "chat"]
     spreads = {}
     for temperature in (0.1, 1.0, 10.0):
-        c = compute_coefficients(records, transfer, expert_names=names, temperature=temperature,
+        c = coefficients(records, transfer, expert_names=names, temperature=temperature,
                                  normalization=normalization).values
         spreads[temperature] = (float(c.min()), float(c.max()))
     lo, hi = spreads[0.1]
@@ -229,7 +238,7 @@ def test_third_party_scale_collapses_as_documented():
     """l2 α with sum1 τ (the third-party reading) barely moves c even at T = 1 (paper notes §6)."""
     records, transfer = _realistic()
     dist = 2.0 - transfer  # positive, distance-like
-    c = compute_coefficients(records, dist, expert_names=list("abc"), normalization="l2",
+    c = coefficients(records, dist, expert_names=list("abc"), normalization="l2",
                              tau_normalization="sum1", temperature=1.0).values
     assert float((c - 1).abs().max()) < 0.1
 
@@ -239,8 +248,8 @@ def test_third_party_scale_collapses_as_documented():
 
 def test_weights_and_scale_multiply():
     records, transfer = _realistic()
-    base = compute_coefficients(records, transfer, expert_names=list("abc"))
-    scaled = compute_coefficients(records, transfer, expert_names=list("abc"), weights=[0.5, 2.0, -1.0], scale=0.3)
+    base = coefficients(records, transfer, expert_names=list("abc"))
+    scaled = coefficients(records, transfer, expert_names=list("abc"), weights=[0.5, 2.0, -1.0], scale=0.3)
     expected = base.values * torch.tensor([0.5, 2.0, -1.0])[:, None] * 0.3
     assert torch.allclose(scaled.values, expected, atol=1e-6)
     assert torch.equal(scaled.factors, base.factors)
@@ -254,7 +263,7 @@ def test_weights_and_scale_multiply():
 def test_json_round_trip_and_printing(caplog):
     records, transfer = _realistic()
     with caplog.at_level(logging.INFO, logger="sens_peft.coefficients"):
-        table = compute_coefficients(records, transfer, expert_names=["math", "code", "a_long_expert_name"],
+        table = coefficients(records, transfer, expert_names=["math", "code", "a_long_expert_name"],
                                      weights=[1.0, 0.5, 2.0], scale=0.7, temperature=2.0)
     assert any("c min" in r.message for r in caplog.records)
     again = CoefficientTable.from_json(table.to_json())
@@ -293,7 +302,7 @@ def test_json_round_trip_and_printing(caplog):
 )
 def test_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        compute_coefficients(expert_names=["a", "b"], **kwargs)
+        coefficients(expert_names=["a", "b"], **kwargs)
 
 
 def test_table_shape_checked():

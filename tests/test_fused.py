@@ -94,9 +94,9 @@ def test_dare_masks_of_the_torch_generator_go_through_the_packed_path():
 def test_counter_masks_across_counter_blocks(monkeypatch):
     """Each block of counter positions has its own keys (2**24 positions; 2**12 here, so that a test-sized tensor
     spans several), also for a span that starts inside a later block."""
-    import sens_peft.methods as methods
+    import sens_peft.methods.rng as methods
 
-    monkeypatch.setattr(methods, "_COUNTER_BLOCK", 1 << 12)
+    monkeypatch.setattr(methods, "COUNTER_BLOCK", 1 << 12)
     base, experts = _inputs(40_000, torch.float32, seed=4)
     kw = dict(density=0.5, seed=1, name="b")
     eager, fast, _, _ = _both("dare_ties", base, experts, [1.0, 0.5, 0.8], **kw)
@@ -120,7 +120,7 @@ def test_trim_thresholds_count_the_same(dtype):
 
 def test_a_missed_band_falls_back_the_same_way(monkeypatch):
     """A band far too narrow (so the k-th largest score is outside it) sends both paths to the radix selection."""
-    import sens_peft.methods as methods
+    import sens_peft.methods.selection as methods
 
     base, experts = _inputs((1 << 20) + 5, torch.float32, seed=9)
     monkeypatch.setattr(methods, "_BAND_SIGMAS", 0.0)  # +-8 sample ranks: misses most of the time

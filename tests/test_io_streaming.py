@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 
 import sens_peft.fused
 import sens_peft.io as sio
-import sens_peft.merge as smerge
+import sens_peft.merging.streaming as smerge
+import sens_peft.methods.dare as dare_module
+import sens_peft.methods.ties as ties_module
 from sens_peft.io import BufferPool, MergeError, TensorSource
 from sens_peft.merge import merge_models
 
@@ -120,7 +122,7 @@ def test_prepare_failure_on_a_worker_leaves_nothing(models, tmp_path, monkeypatc
     def failing(*args, **kwargs):
         raise RuntimeError("threshold selection failed (simulated)")
 
-    monkeypatch.setattr(smerge, "trim_thresholds", failing)
+    monkeypatch.setattr(ties_module, "trim_thresholds", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         merge_models(models["base"], models["experts"], tmp_path / "out", method="ties", density=0.5, sens=None,
                      device="cpu", progress=False)
@@ -150,7 +152,7 @@ def test_reader_keeps_in_flight_bytes_within_the_bound(tmp_path):
     TensorSource.get = counting
     try:
         bound = 2 * 4 * 250  # two sources x 250 entries
-        reader = smerge._Prefetcher(list(tensors), base, [expert], depth=8, max_bytes=bound)
+        reader = smerge.Prefetcher(list(tensors), base, [expert], depth=8, max_bytes=bound)
         for name, b, experts, *_ in reader:
             time.sleep(0.02)  # a slow consumer: the reader runs ahead as far as the bound allows
             assert torch.equal(b, tensors[name]) and torch.equal(experts[0], tensors[name])
@@ -199,7 +201,8 @@ def test_tensors_read_alone_are_split_over_two_threads_with_the_same_output(mode
     merge_models(models["base"], models["experts"], tmp_path / "whole", **kw)
 
     spans, groups = [], []
-    original_merge, original_trim, original_masks = smerge.merge_streamed, smerge.trim_thresholds, smerge.dare_masks
+    original_merge, original_trim, original_masks = (smerge.merge_streamed, ties_module.trim_thresholds,
+                                                      dare_module.dare_masks)
 
     def merge_spy(*args, **kwargs):
         spans.append((kwargs.get("span"), args[1].numel()))
@@ -214,9 +217,9 @@ def test_tensors_read_alone_are_split_over_two_threads_with_the_same_output(mode
         return original_masks(*args, experts=experts, **kwargs)
 
     monkeypatch.setattr(smerge, "merge_streamed", merge_spy)
-    monkeypatch.setattr(smerge, "trim_thresholds", trim_spy)
-    monkeypatch.setattr(smerge, "dare_masks", masks_spy)
-    monkeypatch.setattr(smerge, "_READ_AHEAD_BYTES", 1)  # every tensor is read alone
+    monkeypatch.setattr(ties_module, "trim_thresholds", trim_spy)
+    monkeypatch.setattr(dare_module, "dare_masks", masks_spy)
+    monkeypatch.setattr(smerge, "READ_AHEAD_BYTES", 1)  # every tensor is read alone
     monkeypatch.setattr(smerge, "DEFAULT_CHUNK", 256)  # and the small ones are still split in chunks
     torch.manual_seed(7)
     merge_models(models["base"], models["experts"], tmp_path / "split", **kw)

@@ -76,7 +76,7 @@ def test_ties_equals_peft_ties_svd_full_rank(adapter_dirs):
     # PEFT elects TIES signs on the unscaled trimmed deltas; our default elects on the scaled ones
     # (methods.py docstring). weighted_election=False selects PEFT's rule; with equal weights both agree.
     merge_adapters(model, NAMES, method="ties", density=0.4, sens=None, weights=WEIGHTS, rank=32,
-                   adapter_name="ours", device="cpu", extra={"weighted_election": False}, progress=False)
+                   adapter_name="ours", device="cpu", weighted_election=False, progress=False)
     model.add_weighted_adapter(NAMES, WEIGHTS, "peft", combination_type="ties_svd", density=0.4, svd_rank=32)
     merge_adapters(model, NAMES, method="ties", density=0.4, sens=None, rank=32, adapter_name="ours_eq",
                    device="cpu", progress=False)
@@ -98,15 +98,15 @@ def test_dare_ties_against_peft(adapter_dirs):
 
     model = _loaded(adapter_dirs)
     merge_adapters(model, NAMES, method="dare_ties", density=1.0, sens=None, weights=WEIGHTS, rank=32,
-                   adapter_name="ours1", device="cpu", extra={"weighted_election": False}, progress=False)
+                   adapter_name="ours1", device="cpu", weighted_election=False, progress=False)
     model.add_weighted_adapter(NAMES, WEIGHTS, "peft1", combination_type="dare_ties_svd", density=1.0,
                                svd_rank=32)
     merge_adapters(model, NAMES, method="dare_ties", density=0.5, seed=7, sens=None, weights=WEIGHTS, rank=32,
-                   adapter_name="ours5", device="cpu", extra={"weighted_election": False}, progress=False,
+                   adapter_name="ours5", device="cpu", weighted_election=False, progress=False,
                    dare_rng="torch")
     # the default "counter" masks: the in-memory merge_deltas with the same seed draws the same
     merge_adapters(model, NAMES, method="dare_ties", density=0.5, seed=7, sens=None, weights=WEIGHTS, rank=32,
-                   adapter_name="ours6", device="cpu", extra={"weighted_election": False}, progress=False)
+                   adapter_name="ours6", device="cpu", weighted_election=False, progress=False)
     for module in adapted_modules(model, "ours1"):
         assert _rel(lora_delta(model, "ours1", module), lora_delta(model, "peft1", module)) <= 1e-5, module
         present = [(n, w) for n, w in zip(NAMES, WEIGHTS) if module in adapted_modules(model, n)]

@@ -10,6 +10,15 @@ from sens_peft.coefficients import compute_coefficients, normalize_scores, trans
 from sens_peft.methods import merge_deltas
 from sens_peft.store import SensitivityRecord
 
+PAPER = dict(sens="task+cross", normalization="mean1", tau_normalization="exp_z")
+
+
+def coefficients(*args, **kwargs):
+    """compute_coefficients in the paper's reading (sens="task+cross", mean1 / exp_z) unless a test sets otherwise:
+    the settings these tests were written for (the library's defaults are MergeConfig's)."""
+    return compute_coefficients(*args, **{**PAPER, **kwargs})
+
+
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 finite = st.floats(min_value=-10, max_value=10, allow_nan=False, allow_infinity=False, width=32)
@@ -116,7 +125,7 @@ def coefficient_inputs(draw):
        st.sampled_from(["mean1", "l2", "sum1", "zscore"]), st.floats(0.05, 20.0))
 def test_factors_have_mean_one_and_are_positive(inputs, sens, normalization, temperature):
     k, scores, transfer = inputs
-    table = compute_coefficients([_rec(s) for s in scores], transfer, expert_names=[f"e{i}" for i in range(k)],
+    table = coefficients([_rec(s) for s in scores], transfer, expert_names=[f"e{i}" for i in range(k)],
                                  sens=sens, normalization=normalization, temperature=temperature)
     assert torch.allclose(table.factors.double().mean(0), torch.ones(table.factors.shape[1], dtype=torch.float64),
                           atol=1e-5)
@@ -129,9 +138,9 @@ def test_factors_have_mean_one_and_are_positive(inputs, sens, normalization, tem
 def test_expert_scale_invariance(inputs, factors, normalization):
     k, scores, transfer = inputs
     names = [f"e{i}" for i in range(k)]
-    t1 = compute_coefficients([_rec(s) for s in scores], transfer, expert_names=names, normalization=normalization)
+    t1 = coefficients([_rec(s) for s in scores], transfer, expert_names=names, normalization=normalization)
     rescaled = [[v * factors[i] for v in s] for i, s in enumerate(scores)]
-    t2 = compute_coefficients([_rec(s) for s in rescaled], transfer, expert_names=names, normalization=normalization)
+    t2 = coefficients([_rec(s) for s in rescaled], transfer, expert_names=names, normalization=normalization)
     assert torch.allclose(t1.values, t2.values, atol=1e-4, rtol=1e-4)
 
 
@@ -141,7 +150,7 @@ def test_expert_scale_invariance(inputs, factors, normalization):
 def test_equal_inputs_give_exactly_one(k, g, level, align, temperature, normalization):
     profile = [level * (1 + i) for i in range(g)]
     transfer = torch.full((k, k), align)
-    table = compute_coefficients([_rec([p * 10.0**i for p in profile]) for i in range(k)], transfer,
+    table = coefficients([_rec([p * 10.0**i for p in profile]) for i in range(k)], transfer,
                                  expert_names=[f"e{i}" for i in range(k)], temperature=temperature,
                                  normalization=normalization)
     assert torch.equal(table.values, torch.ones(k, g))
@@ -153,8 +162,8 @@ def test_weights_and_scale_multiply(inputs, weights, scale):
     k, scores, transfer = inputs
     names = [f"e{i}" for i in range(k)]
     records = [_rec(s) for s in scores]
-    base = compute_coefficients(records, transfer, expert_names=names)
-    table = compute_coefficients(records, transfer, expert_names=names, weights=weights[:k], scale=scale)
+    base = coefficients(records, transfer, expert_names=names)
+    table = coefficients(records, transfer, expert_names=names, weights=weights[:k], scale=scale)
     expected = base.values.double() * torch.tensor(weights[:k], dtype=torch.float64)[:, None] * scale
     assert torch.allclose(table.values.double(), expected, atol=1e-5)
 
@@ -217,9 +226,9 @@ def test_coefficients_permute_with_experts(inputs, sens, rnd):
     perm = list(range(k))
     rnd.shuffle(perm)
     names = [f"e{i}" for i in range(k)]
-    t1 = compute_coefficients([_rec(s) for s in scores], transfer, expert_names=names, sens=sens)
+    t1 = coefficients([_rec(s) for s in scores], transfer, expert_names=names, sens=sens)
     p = torch.tensor(perm)
-    t2 = compute_coefficients([_rec(scores[i]) for i in perm], transfer[p][:, p], expert_names=[names[i] for i in perm],
+    t2 = coefficients([_rec(scores[i]) for i in perm], transfer[p][:, p], expert_names=[names[i] for i in perm],
                               sens=sens)
     assert t2.experts == [names[i] for i in perm]
     assert torch.allclose(t2.values, t1.values[p], atol=1e-5)
@@ -230,7 +239,7 @@ def test_coefficients_permute_with_experts(inputs, sens, rnd):
 def test_high_temperature_tends_to_plain_method(inputs, sens):
     """T → ∞ flattens the softmax: c → 1 (the plain method)."""
     k, scores, transfer = inputs
-    table = compute_coefficients([_rec(s) for s in scores], transfer, expert_names=[f"e{i}" for i in range(k)],
+    table = coefficients([_rec(s) for s in scores], transfer, expert_names=[f"e{i}" for i in range(k)],
                                  sens=sens, temperature=1e7)
     assert torch.allclose(table.values, torch.ones_like(table.values), atol=1e-4)
 
@@ -240,7 +249,7 @@ def test_high_temperature_tends_to_plain_method(inputs, sens):
 def test_no_sens_is_weights_times_scale(inputs):
     k, scores, transfer = inputs
     weights = [0.5 + i for i in range(k)]
-    table = compute_coefficients([_rec(s) for s in scores], transfer, expert_names=[f"e{i}" for i in range(k)],
+    table = coefficients([_rec(s) for s in scores], transfer, expert_names=[f"e{i}" for i in range(k)],
                                  sens=None, weights=weights, scale=0.7)
     expected = (torch.tensor(weights) * 0.7)[:, None].expand_as(table.values)
     assert torch.allclose(table.values, expected.to(table.values.dtype), atol=1e-6)

@@ -4,13 +4,30 @@ import pytest
 import torch
 
 from sens_peft.methods import (
-    _trim_mask_streamed,
     dare_masks,
     magnitude_trim_mask,
     merge_deltas,
     merge_streamed,
     trim_thresholds,
 )
+
+
+def _trim_mask_streamed(expert, base, density, chunk):
+    """Keep-mask of the ``int(density * numel)`` largest ``|expert - base|`` entries (flat), as a whole bool tensor,
+    from trim_thresholds as the streamed merge uses it (a test helper: moved here from the library)."""
+    from sens_peft.methods.common import chunks, delta_into
+    from sens_peft.methods.selection import keep_chunk, trim_floats
+
+    (trim,), finite = trim_thresholds(base, [expert], density, chunk=chunk)
+    floats = trim_floats(*trim)
+    mask = torch.empty(base.numel(), dtype=torch.bool, device=base.device)
+    tmp, base_f, keep = (torch.empty(chunk, device=base.device) for _ in range(3))
+    flat_e, flat_b = expert.reshape(-1), base.reshape(-1)
+    for s, e in chunks(base.numel(), chunk):
+        n = e - s
+        scores = delta_into(tmp[:n], flat_e[s:e], flat_b[s:e], base_f[:n]).abs_()
+        mask[s:e] = keep_chunk(scores, floats, s, keep[:n]) > 0
+    return mask, finite
 
 
 def _inputs(shape, dtype, seed=0):
@@ -124,7 +141,7 @@ def _score_cases():
 @pytest.mark.parametrize("density", [0.5, 0.2, 0.01, 0.97, 0.0003, 0.9997])
 def test_sampled_threshold_equals_radix(case, density):
     """The one-pass sampled selection gives the radix selection's (threshold, need), whatever the ties."""
-    from sens_peft.methods import _sampled_thresholds, _trim_threshold
+    from sens_peft.methods.selection import _sampled_thresholds, _trim_threshold
 
     base, expert = next((b, e) for name, b, e in _score_cases() if name == case)
     numel, chunk = base.numel(), 1 << 16
@@ -149,7 +166,7 @@ def test_large_tensor_matches_merge_deltas(method, dtype, monkeypatch):
     """Above the sampling limit (one-pass threshold) the merge equals the radix selection's bit for bit, and
     merge_deltas up to which of the entries tied at the threshold are kept (topk's choice among ties is
     unspecified; a million fp32 deltas have a few)."""
-    import sens_peft.methods as methods
+    import sens_peft.methods.selection as methods
 
     gen = torch.Generator().manual_seed(2)
     base = torch.randn(1 << 20, generator=gen).to(dtype)
@@ -189,7 +206,7 @@ def test_pack_bits_round_trip(n):
 def test_trim_keeps_first_ties_in_index_order(case, density, sampled, monkeypatch):
     """Exactly k kept; the kept entries are everything above the threshold and, of the entries equal to it, a
     prefix in index order: the one-pass (per-chunk tie counts) and the radix (scan) paths give the same mask."""
-    import sens_peft.methods as methods
+    import sens_peft.methods.selection as methods
 
     if not sampled:
         monkeypatch.setattr(methods, "_SAMPLE_MIN_NUMEL", 1 << 40)

@@ -37,7 +37,20 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SensitivityConfig, wants_element_maps
-from ..groups import canonical_name
+from ..lora import (
+    LoraModuleInfo,
+    active_adapter_name,
+    adapter_parameters,
+    base_model_name,
+    clean_param_name,
+    detect_expert_type,
+    is_lora_layer,
+    trainable_parameters,
+)
+from ..lora import model_device as _model_device
+from ..lora import model_dtype as _model_dtype
+from ..lora import scorable_lora_modules as lora_modules
+from ..lora import unwrap_model as _unwrap
 from ..store import ProbeSet, SensitivityRecord, save_probe, save_sensitivity
 from ..validation import (
     FINGERPRINT_KEY,
@@ -67,169 +80,10 @@ __all__ = [
     "base_model_name",
 ]
 
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 _MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")
 
 
-# ---------------------------------------------------------------------------------------------- model inspection
-def clean_param_name(name: str, adapter: Optional[str] = None) -> str:
-    """Canonical base-model name of a parameter, also stripping FSDP / checkpoint / compile wrappers."""
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    if name.startswith("module."):
-        name = name[len("module.") :]
-    if adapter is not None:
-        name = name.replace(f".modules_to_save.{adapter}.", ".")
-    return canonical_name(name, adapter)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module) and type(model).__name__ in (
-        "DistributedDataParallel",
-        "DataParallel",
-    ):
-        model = model.module
-    return model
-
-
-def _is_lora_layer(module: nn.Module) -> bool:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(module, LoraLayer)
-
-
-def detect_expert_type(model: nn.Module) -> str:
-    """``"lora"`` if the model holds PEFT LoRA layers, else ``"full"``."""
-    return "lora" if any(_is_lora_layer(m) for m in _unwrap(model).modules()) else "full"
-
-
-def active_adapter_name(model: nn.Module) -> Optional[str]:
-    """The active adapter of a PEFT model (the first one if several are active), or None."""
-    model = _unwrap(model)
-    name = getattr(model, "active_adapter", None)
-    if isinstance(name, str):
-        return name
-    if isinstance(name, (list, tuple)) and name:
-        return str(name[0])
-    for module in model.modules():
-        if _is_lora_layer(module) and module.active_adapters:
-            return module.active_adapters[0]
-    return None
-
-
-@dataclass
-class LoraModuleInfo:
-    """A LoRA-adapted linear module and what the weight-space gradient needs."""
-
-    name: str  # canonical name of the module's weight, e.g. "model.layers.0.self_attn.q_proj.weight"
-    module: nn.Module
-    adapter: str
-
-    @property
-    def base_weight(self) -> Tensor:
-        return self.module.get_base_layer().weight
-
-    @property
-    def lora_A(self) -> Tensor:
-        return self.module.lora_A[self.adapter].weight
-
-    @property
-    def lora_B(self) -> Tensor:
-        return self.module.lora_B[self.adapter].weight
-
-    @property
-    def scaling(self) -> float:
-        return float(self.module.scaling[self.adapter])
-
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return bool(getattr(self.module, "fan_in_fan_out", False))
-
-
-def lora_modules(model: nn.Module, adapter: Optional[str] = None) -> list[LoraModuleInfo]:
-    """The LoRA linear modules of ``adapter`` (default: the active one), checked for the hook-formed ``G``.
-
-    Raises:
-        ValueError: for adapters the ``theta``/``delta`` calibration cannot score exactly (merged adapters, DoRA,
-            non-linear LoRA layers such as embeddings or convolutions).
-    """
-    model = _unwrap(model)
-    adapter = adapter or active_adapter_name(model)
-    out = []
-    for name, module in model.named_modules():
-        if not _is_lora_layer(module) or adapter not in getattr(module, "lora_A", {}):
-            continue
-        base = module.get_base_layer()
-        kind = type(base).__name__
-        if not (isinstance(base, nn.Linear) or kind == "Conv1D"):
-            raise ValueError(
-                f"module {name!r} adapts a {kind}; weight_source 'theta'/'delta' supports LoRA on Linear/Conv1D "
-                "layers only; use weight_source='adapter'"
-            )
-        if getattr(module, "merged", False):
-            raise ValueError(f"module {name!r} has its adapter merged into the base weight; unmerge it first")
-        if getattr(module, "use_dora", {}).get(adapter, False):
-            raise ValueError(f"module {name!r} uses DoRA; weight_source 'theta'/'delta' needs plain LoRA ('adapter' works)")
-        out.append(LoraModuleInfo(clean_param_name(f"{name}.weight", adapter), module, adapter))
-    if not out:
-        raise ValueError(f"no LoRA module of adapter {adapter!r} found in the model")
-    return out
-
-
-def adapter_parameters(model: nn.Module, adapter: Optional[str] = None) -> list[tuple[str, nn.Parameter]]:
-    """``(canonical name, parameter)`` of the adapter's own tensors (LoRA factors, DoRA magnitudes)."""
-    model = _unwrap(model)
-    adapter = adapter or active_adapter_name(model)
-    out, seen = [], set()
-    for name, param in model.named_parameters():
-        if "lora_" not in name or f".{adapter}." not in f"{name}.":
-            continue
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        out.append((clean_param_name(name, adapter), param))
-    if not out:
-        raise ValueError(f"no LoRA parameters of adapter {adapter!r} found in the model")
-    return out
-
-
-def trainable_parameters(model: nn.Module, adapter: Optional[str] = None) -> list[tuple[str, nn.Parameter]]:
-    """``(canonical name, parameter)`` of the trainable tensors (tied tensors once)."""
-    return [
-        (clean_param_name(n, adapter), p) for n, p in _unwrap(model).named_parameters() if p.requires_grad
-    ]
-
-
-def base_model_name(model: nn.Module) -> Optional[str]:
-    model = _unwrap(model)
-    config = getattr(model, "peft_config", None)
-    adapter = active_adapter_name(model)
-    if isinstance(config, dict) and adapter in config:
-        name = getattr(config[adapter], "base_model_name_or_path", None)
-        if name:
-            return str(name)
-    cfg = getattr(model, "config", None)
-    name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
-    return str(name) if name else None
-
-
-def _model_dtype(model: nn.Module) -> str:
-    for p in _unwrap(model).parameters():
-        if p.is_floating_point():
-            return str(p.dtype).replace("torch.", "")
-    return "unknown"
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in _unwrap(model).parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-# ---------------------------------------------------------------------------------------------- data
-def _pad_id(model: Optional[nn.Module], tokenizer: Any = None) -> int:
+def pad_id_of(model: Optional[nn.Module], tokenizer: Any = None) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None and model is not None:
         pad = getattr(getattr(_unwrap(model), "config", None), "pad_token_id", None)
@@ -474,7 +328,7 @@ class CalibrationPass:
         out = []
         if self.expert_type == "lora":
             for name, module in self.model.named_modules():
-                if _is_lora_layer(module) and self.adapter in getattr(module, "lora_A", {}):
+                if is_lora_layer(module) and self.adapter in getattr(module, "lora_A", {}):
                     base = module.get_base_layer()
                     if isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D":
                         out.append((clean_param_name(f"{name}.weight", self.adapter), base))
@@ -661,7 +515,7 @@ def run_calibration(
     """The "after" pass shared by the callback and :func:`compute_sensitivity`; returns the record."""
     cal = CalibrationPass(model, config, expert_type=expert_type, initial_weights=initial_weights,
                           trainable_names=trainable_names)
-    pad = _pad_id(model) if pad_id is None else pad_id
+    pad = pad_id_of(model) if pad_id is None else pad_id
     acc = cal.run(check_token_batches(iter_calibration_batches(data, config, pad_id=pad), model))
     return cal.stats.attach(acc.to_record(metadata=cal.metadata()), config.gram_dtype)
 
@@ -740,7 +594,7 @@ def compute_sensitivity(
         if base_model is None:
             raise ValueError("weight_source='delta' for a full model needs base_model= (the pre-fine-tuning model)")
         initial = _base_weights(base_model)
-    pad = _pad_id(loaded, tokenizer)
+    pad = pad_id_of(loaded, tokenizer)
     record = run_calibration(loaded, data, config, expert_type=expert_type, initial_weights=initial, pad_id=pad)
     if save_to is not None:
         save_sensitivity(record, save_to)

@@ -57,23 +57,16 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from ..config import SensitivityConfig
-from ..groups import group_names
+from ..lora import active_adapter_name, base_model_name, clean_param_name, detect_expert_type
+from ..lora import model_dtype as _model_dtype
+from ..lora import unwrap_model as _unwrap
 from ..store import PROBE_FILE, ProbeSet, SensitivityRecord, save_probe, save_sensitivity
 from ..store import _atomic_save as _atomic_save_tensors
 from ..validation import FINGERPRINT_KEY, model_fingerprint, read_state_file
 from . import estimators as est
 from .accumulator import SensitivityAccumulator
-from .calibrate import (
-    _model_dtype,
-    _pad_id,
-    _unwrap,
-    active_adapter_name,
-    base_model_name,
-    build_probe,
-    clean_param_name,
-    detect_expert_type,
-    run_calibration,
-)
+from .calibrate import build_probe, run_calibration
+from .calibrate import pad_id_of as _pad_id
 from .distributed import (
     UnsupportedSetupError,
     all_reduce_sum,
@@ -543,12 +536,12 @@ class SensitivityCallback(TrainerCallback):
         return int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps) * int(world)
 
     def _install_deepspeed(self, args: Any, optimizer: Any) -> None:
-        """Wrap the ZeRO optimizer's step (research/training.md §2.8); untested here (needs GPUs + DeepSpeed)."""
+        """Wrap the ZeRO optimizer's step; untested here (needs GPUs + DeepSpeed)."""
         if optimizer is None:
             raise UnsupportedSetupError("DeepSpeed run without an optimizer in the callback kwargs")
         zero_opt = getattr(optimizer, "optimizer", optimizer)
         stage = 3 if type(zero_opt).__name__.startswith("DeepSpeedZeroOptimizer_Stage3") else 2
-        names, params = self._names, self._params
+        params = self._params
 
         def measure(get_grad, get_weight, loss_scale):
             if self.state_step() % self.config.every_n_steps != 0:
@@ -588,14 +581,8 @@ class SensitivityCallback(TrainerCallback):
                                         samples=float(self._samples_per_step()))
 
             return commit
-
-        del names
         self._restore_ds = wrap_deepspeed_step(optimizer, measure, zero_stage=stage)
 
     def state_step(self) -> int:
         return int(getattr(self._state, "global_step", 0) or 0)
 
-
-def during_groups(names: list[str]) -> list[str]:
-    """Layer groups of a list of tensor names (helper for readers of ``during.*`` extras)."""
-    return group_names(names, "layer")[0]

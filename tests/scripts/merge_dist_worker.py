@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-import sens_peft.merge as merge_mod
+import sens_peft.merging.models as merge_mod
 from sens_peft.io import MergeError, ShardWriter, read_model_config
 from sens_peft.merge import merge_models
 

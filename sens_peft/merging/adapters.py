@@ -1,0 +1,512 @@
+"""LoRA adapters merged inside one PeftModel (:func:`merge_adapters`): into a new adapter, or into the base weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .. import card
+from ..config import MergeConfig
+from ..errors import MergeError
+from ..io import atomic_output_dir
+from ..lora import LoraModule, delta_weight, lora_modules, svd_factors
+from ..methods import merge_deltas, merge_streamed
+from ..validation import (
+    check_adapter_files,
+    check_adapters_loaded,
+    check_distinct_inputs,
+    check_finite,
+    check_model_finite,
+    check_output_location,
+    check_path_list,
+    check_rank,
+    check_record_matches,
+    model_fingerprint,
+    model_source_folder,
+    warn_unused_options,
+)
+from .plan import (
+    MergePlan,
+    MergeReport,
+    PathLike,
+    check_transfer,
+    device_of,
+    dtype_of,
+    expert_names,
+    load_probes,
+    peak_rss_mb,
+    plan_merge,
+    progress_bar,
+    resolve_config,
+    write_extra_files,
+)
+from .streaming import chunk_for
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["merge_adapters"]
+
+_SOURCE_ATTR = "_sens_peft_sources"
+
+
+def _modules_to_save_of(peft_model, adapter: str) -> set[str]:
+    from peft.utils import ModulesToSaveWrapper
+
+    return {name for name, module in peft_model.base_model.model.named_modules()
+            if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save}
+
+
+def _check_lora_finite(modules: list[LoraModule], names: list[str], folders: list[Optional[Path]]) -> None:
+    """A NaN/Inf in any LoRA factor would spread through the merged ΔW: refuse, naming expert and tensor."""
+    for module in modules:
+        for name, folder in zip(names, folders):
+            f = module.factors(name)
+            if f is None:
+                continue
+            where = folder / "adapter_model.safetensors" if folder is not None else None
+            suffixes = ("lora_embedding_A", "lora_embedding_B") if module.embedding else ("lora_A.weight",
+                                                                                          "lora_B.weight")
+            for suffix, tensor in zip(suffixes, (f.A, f.B)):
+                check_finite(tensor.detach(), f"expert {name!r}", f"{module.name}.{suffix}", where)
+
+
+def _check_lora_config(name: str, cfg) -> None:
+    from peft import LoraConfig, PeftType
+
+    if getattr(cfg, "peft_type", None) != PeftType.LORA or not isinstance(cfg, LoraConfig):
+        raise MergeError(
+            f"adapter {name!r} is a {getattr(cfg, 'peft_type', type(cfg).__name__)} adapter; only LoRA adapters "
+            "can be merged"
+        )
+    if getattr(cfg, "use_dora", False):
+        raise MergeError(f"adapter {name!r} uses DoRA (use_dora=True); its delta is not s·B@A, merging is not supported")
+    if getattr(cfg, "lora_bias", False):
+        raise MergeError(f"adapter {name!r} uses lora_bias=True; merging LoRA biases is not supported")
+    if getattr(cfg, "target_parameters", None):
+        raise MergeError(f"adapter {name!r} targets nn.Parameter (target_parameters); merging it is not supported")
+    if getattr(cfg, "trainable_token_indices", None):
+        raise MergeError(f"adapter {name!r} uses trainable_token_indices; merging it is not supported")
+    if getattr(cfg, "layer_replication", None):
+        raise MergeError(f"adapter {name!r} uses layer_replication; merging it is not supported")
+
+
+def _modules_to_save_owners(model, adapters: list[str]) -> dict[str, str]:
+    """Module name → the one adapter that saves it (MergeError when two adapters save the same module)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    owners: dict[str, str] = {}
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            having = [a for a in adapters if a in module.modules_to_save]
+            if len(having) > 1:
+                raise MergeError(
+                    f"adapters {having} all train module {name!r} fully (modules_to_save); such modules cannot be "
+                    "merged. Merge adapters with at most one modules_to_save owner per module"
+                )
+            if having:
+                owners[name] = having[0]
+    return owners
+
+
+def _prepare_peft_model(model, adapters: Sequence[PathLike], allow_pickle: bool = False
+                        ) -> tuple[Any, list[str], list[Optional[Path]]]:
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        names, folders = [], []
+        known = list(model.peft_config)
+        sources = getattr(model, _SOURCE_ATTR, {})
+        for item in adapters:
+            if not isinstance(item, str) or item not in model.peft_config:
+                raise MergeError(
+                    f"adapter {item!r} is not loaded in the PeftModel (loaded: {known}); with a PeftModel pass "
+                    "adapter names, with a base model pass adapter folders"
+                )
+            names.append(item)
+            folders.append(Path(sources[item]) if item in sources else None)
+        return model, names, folders
+    if not isinstance(model, torch.nn.Module):
+        raise MergeError(f"model must be a PeftModel or a transformers model, got {type(model).__name__}")
+    folders = [Path(a) for a in adapters]
+    for folder in folders:
+        if not (folder / "adapter_config.json").is_file():
+            raise MergeError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
+    names = expert_names(folders)
+    for name, folder in zip(names, folders):
+        check_adapter_files(folder, f"adapter {name!r}", allow_pickle=allow_pickle)
+    bases = {}
+    for folder in folders:
+        try:
+            bases[str(folder)] = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except ValueError as err:
+            raise MergeError(f"cannot read {folder / 'adapter_config.json'}: {err}") from err
+    if len({b for b in bases.values() if b}) > 1:
+        logger.warning("the adapters name different base models %s; merging them assumes they share this base",
+                       bases)
+    peft_model = None
+    for name, folder in zip(names, folders):
+        try:
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+            else:
+                peft_model.load_adapter(str(folder), adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise MergeError(
+                f"adapter {name!r} ({folder}) does not fit the base model "
+                f"{type(model).__name__} (trained on another base? base_model_name_or_path="
+                f"{bases[str(folder)]!r}): {err}"
+            ) from err
+    setattr(peft_model, _SOURCE_ATTR, {n: str(f) for n, f in zip(names, folders)})
+    logger.info("loaded %d adapters as %s", len(names), names)
+    return peft_model, names, folders
+
+
+def _new_adapter_config(first_cfg, rank: int, target_modules: set[str], modules_to_save: Optional[list[str]]):
+    updates = dict(
+        r=rank,
+        lora_alpha=rank,  # scaling exactly 1 ...
+        use_rslora=False,  # ... which rsLoRA would turn into sqrt(rank) (PEFT copies it: peft#3761)
+        rank_pattern={},
+        alpha_pattern={},
+        target_modules=set(target_modules),
+        layers_to_transform=None,
+        layers_pattern=None,
+        exclude_modules=None,
+        init_lora_weights=True,  # cheap init; other inits (PiSSA, OLoRA, ...) would rewrite the base weights
+        use_dora=False,
+        modules_to_save=modules_to_save,
+        inference_mode=True,
+    )
+    known = {f.name for f in dataclasses.fields(first_cfg)}
+    return dataclasses.replace(first_cfg, **{k: v for k, v in updates.items() if k in known})
+
+
+
+
+def merge_adapters(
+    model,
+    adapters: Sequence[Union[str, os.PathLike]],
+    *,
+    config: Optional[MergeConfig] = None,
+    adapter_name: str = "merged",
+    save_to: Optional[PathLike] = None,
+    sensitivities=None,
+    transferability=None,
+    probes=None,
+    overwrite: bool = False,
+    progress: Optional[bool] = None,
+    allow_pickle: bool = False,
+    extra_files: Optional[dict[str, str]] = None,
+    **config_kwargs,
+) -> MergeReport:
+    """Merge LoRA adapters, PEFT style, with Sens-Merging coefficients.
+
+    Args:
+        model: A ``PeftModel`` with the adapters loaded (``adapters`` are adapter names), or a base transformers
+            model (``adapters`` are adapter folders; they are loaded into a new ``PeftModel`` under names derived
+            from the folder names, e.g. ``out/math`` → ``math``, deduplicated with ``_2``...). Sidecars are read
+            from those folders; for adapters given by name pass ``sensitivities=`` / ``probes=`` explicitly.
+        adapters: Adapter names or folders (at least one, no duplicates).
+        config: A :class:`MergeConfig`; when None it is built from ``**config_kwargs`` (when both are given the
+            keyword arguments override fields of ``config``).
+        adapter_name: Name of the new adapter (``output="lora"``); an existing name is an error.
+        save_to: Folder to write the result into (atomically, with ``README.md`` and ``merge_config.json``).
+            LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` at the top level, loadable with
+            ``PeftModel.from_pretrained(base, save_to)``. Full: a transformers model folder.
+        sensitivities: Per-expert ``SensitivityRecord`` objects or paths (default: each folder's sidecar).
+        transferability: Explicit K×K transferability matrix (default: computed from the probes by switching
+            adapters of this one model).
+        probes: Per-expert ``ProbeSet`` objects or paths (default: each folder's ``probe.safetensors``).
+        overwrite: Allow replacing an existing ``save_to`` folder.
+        progress: Show a tqdm bar (default: when stderr is a terminal).
+        allow_pickle: Accept adapter folders holding only ``adapter_model.bin`` (pickle; only for files you
+            trust). By default such folders are refused.
+        extra_files: Text files (relative name → content) written into the output folder before the atomic
+            rename, e.g. the recipe that produced the merge.
+        **config_kwargs: :class:`MergeConfig` fields (``method``, ``density``, ``sens``, ``output``, ``rank``...).
+
+    Returns:
+        A :class:`MergeReport`; ``report.model`` is the PeftModel with the new (inactive) adapter for
+        ``output="lora"`` (call ``set_adapter(adapter_name)``), or the base model with the merged delta added
+        for ``output="full"``.
+
+    Output details:
+        - ``output="lora"``, a method with exact LoRA factors (``task_arithmetic``): exact concatenation. Per module, ``A = [c_k s_k A_k]`` (rows)
+          and ``B = [B_k]`` (columns) over the experts adapting it, where ``s_k`` is the adapter's effective
+          scaling on that layer (rsLoRA, alpha/rank patterns included). The new adapter has ``r = lora_alpha``
+          = the largest per-module concatenated rank (scaling exactly 1, ``use_rslora=False``, no patterns);
+          modules adapted by fewer experts are zero-padded, which leaves ``B @ A`` unchanged.
+        - ``output="lora"``, TIES/DARE: per module ``ΔW_k`` (fp32 on the device), merged by
+          the method, then truncated SVD to ``rank`` (default: the largest expert
+          rank) with ``B = U·diag(S)``, ``A = Vh`` (all singular values on B, as PEFT's ``*_svd`` types).
+        - ``output="full"``: the merged ΔW (no SVD, no truncation) is added to the base weights in place and the
+          LoRA layers are removed (like ``merge_and_unload``): the input PeftModel is consumed.
+
+    Raises:
+        MergeError: empty or duplicate adapters, unknown names, an existing ``adapter_name``, DoRA / lora_bias /
+            non-LoRA adapters, conflicting ``modules_to_save``, missing sidecars when ``sens`` needs them.
+    """
+    start = time.perf_counter()
+    cfg = resolve_config(config, config_kwargs)
+    adapters = check_path_list(adapters, "adapters")
+    _check_request(model, adapters, adapter_name, save_to, overwrite)
+    warn_unused_options(cfg, sensitivities=sensitivities, probes=probes, transferability=transferability,
+                        kind=cfg.output)
+    peft_model, names, folders = _prepare_peft_model(model, adapters, allow_pickle=allow_pickle)
+    owners, modules = _adapted_modules(peft_model, names, folders, adapter_name, cfg)
+    device = device_of(cfg)
+    plan = plan_merge(cfg, names, folders, sensitivities=sensitivities, transferability=transferability,
+                      compute_transfer=functools.partial(_transfer, peft_model, names, folders, probes, cfg, device),
+                      check_record=functools.partial(_check_record, peft_model, modules))
+    cfg = plan.config
+    work = [(module, [k for k, a in enumerate(names) if a in module.adapters()]) for module in modules]
+    new_rank, exact = _output_rank(plan, work)
+    logger.info("merging %d modules of %d experts with %s (output=%s%s) on %s", len(work), len(names), cfg.method,
+                cfg.output, f", rank {new_rank}" if cfg.output == "lora" else "", device)
+    if cfg.output == "lora":
+        result_model = _add_merged_adapter(peft_model, plan, work, owners, adapter_name, new_rank, exact, device,
+                                           progress)
+    else:
+        _fill_full(peft_model, plan, work, device, progress)
+        result_model = peft_model.unload()
+        if cfg.dtype is not None:
+            result_model = result_model.to(dtype_of(cfg.dtype))
+            check_model_finite(result_model)
+    sources = [str(f) if f else f"adapter:{n}" for n, f in zip(names, folders)]
+    output_dir = None
+    if save_to is not None:
+        output_dir = _save(save_to, overwrite, peft_model, result_model, plan, sources, adapter_name, new_rank,
+                           sorted(owners), extra_files)
+    return MergeReport(config=cfg, coefficients=plan.table, experts=names, output_dir=output_dir,
+                       adapter_name=adapter_name if cfg.output == "lora" else None,
+                       seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(), transfer=plan.transfer,
+                       model=result_model, sources=sources,
+                       details={"modules": len(work), "rank": new_rank if cfg.output == "lora" else None,
+                                "device": str(device)})
+
+
+def _check_request(model, adapters: list, adapter_name: str, save_to: Optional[PathLike], overwrite: bool) -> None:
+    """The request itself: adapters given once each, a free adapter name, an output folder that may be written."""
+    from peft import PeftModel
+
+    if not adapters:
+        raise MergeError("no adapters to merge: pass at least one adapter name or folder")
+    check_distinct_inputs(adapters, "adapters")
+    if isinstance(model, PeftModel) and adapter_name in model.peft_config:
+        raise MergeError(
+            f"an adapter named {adapter_name!r} already exists in the model; pick another adapter_name or "
+            "delete_adapter it first"
+        )
+    if save_to is not None:
+        if Path(save_to).exists() and not overwrite:
+            raise MergeError(f"output folder {Path(save_to).resolve()} already exists; pass overwrite=True to "
+                             "replace it")
+        check_output_location(Path(save_to), [model_source_folder(model), *adapters])
+
+
+def _adapted_modules(peft_model, names: list[str], folders: list[Optional[Path]], adapter_name: str,
+                     cfg: MergeConfig) -> tuple[dict[str, str], list[LoraModule]]:
+    """The modules_to_save owners and the LoRA modules the experts adapt, checked (config, layer types, finite)."""
+    if adapter_name in peft_model.peft_config:
+        raise MergeError(f"an adapter named {adapter_name!r} already exists in the model; pick another adapter_name")
+    for name in names:
+        _check_lora_config(name, peft_model.peft_config[name])
+    owners = _modules_to_save_owners(peft_model, names)
+    if owners and cfg.output == "full":
+        raise MergeError(
+            f"modules_to_save ({sorted(owners)}) cannot be merged into a full model yet; use output='lora'"
+        )
+    modules: list[LoraModule] = []
+    for module in lora_modules(peft_model):
+        present = [a for a in names if a in module.adapters()]
+        if not present:
+            continue
+        if module.embedding is None:
+            raise MergeError(
+                f"module {module.name!r} is a {type(module.layer).__name__} LoRA layer (adapters {present}); only "
+                "Linear, Conv1D (fan_in_fan_out) and Embedding LoRA layers can be merged"
+            )
+        modules.append(module)
+    if not modules:
+        raise MergeError(f"adapters {names} adapt no module of the model")
+    _check_lora_finite(modules, names, folders)
+    check_adapters_loaded(lora_modules(peft_model), names, folders)
+    check_rank(cfg.rank if cfg.output == "lora" else None, modules)
+    return owners, modules
+
+
+def _check_record(peft_model, modules: list[LoraModule], k: int, name: str, record, source: str) -> None:
+    adapted = {m.name for m in modules if name in m.adapters()} | _modules_to_save_of(peft_model, name)
+    fingerprint = model_fingerprint(getattr(peft_model.base_model.model, "config", None))
+    check_record_matches(record, f"expert {name!r}", source, modules=adapted, fingerprint=fingerprint)
+
+
+def _transfer(peft_model, names: list[str], folders: list[Optional[Path]], probes, cfg: MergeConfig,
+              device: torch.device) -> torch.Tensor:
+    """The transferability matrix from the probes, switching adapters of this one model."""
+    from ..transfer import transferability_for_adapters
+
+    vocab = getattr(getattr(peft_model, "config", None), "vocab_size", None)
+    probe_sets = load_probes(probes, folders, names, vocab)
+    active = peft_model.active_adapter
+    try:
+        transfer = transferability_for_adapters(peft_model, names, probe_sets, alignment=cfg.alignment, device=device,
+                                                vocab_size=vocab)
+    finally:
+        peft_model.set_adapter(active)
+    transfer = check_transfer(transfer, len(names))
+    logger.info("transferability matrix:\n%s", transfer)
+    return transfer
+
+
+def _output_rank(plan: MergePlan, work: list) -> tuple[int, bool]:
+    """The new adapter's rank, and whether the method gives exact factors (else the SVD of the merged ΔW)."""
+    names, cfg, method = plan.experts, plan.config, plan.method
+    ranks = [[module.factors(names[k]).rank for k in idx] for module, idx in work]
+    exact = [method.exact_lora_rank(r, plan.params()) for r in ranks] if cfg.output == "lora" else [None]
+    if all(r is not None for r in exact):
+        new_rank = max(exact)
+        if cfg.rank is not None:
+            logger.warning("rank=%d is ignored for %s with output='lora' (exact factors, rank %d)", cfg.rank,
+                           cfg.method, new_rank)
+        return new_rank, True
+    return cfg.rank or max(r for rs in ranks for r in rs), False
+
+
+def _add_merged_adapter(peft_model, plan: MergePlan, work: list, owners: dict[str, str], adapter_name: str,
+                        new_rank: int, exact: bool, device: torch.device, progress: Optional[bool]):
+    """Add the new adapter and fill it; on any error the half-made adapter is deleted again."""
+    names = plan.experts
+    fifo = {bool(peft_model.peft_config[n].fan_in_fan_out) for n in names}
+    if len(fifo) > 1:
+        logger.warning("adapters disagree on fan_in_fan_out; PEFT sets it per layer type, the new adapter "
+                       "uses the first adapter's value")
+    new_cfg = _new_adapter_config(peft_model.peft_config[names[0]], new_rank, {m.name for m, _ in work},
+                                  sorted(owners) if owners else None)
+    peft_model.add_adapter(adapter_name, new_cfg)
+    try:
+        _fill_lora(peft_model, plan, work, device, adapter_name, new_rank, exact, progress)
+        for name, owner in owners.items():
+            _copy_modules_to_save(peft_model, name, owner, adapter_name)
+    except BaseException:
+        peft_model.delete_adapter(adapter_name)
+        raise
+    return peft_model
+
+
+def _fill_lora(peft_model, plan: MergePlan, work: list, device: torch.device, adapter_name: str, new_rank: int,
+               exact: bool, progress: Optional[bool]) -> None:
+    for module, idx in progress_bar(work, len(work), "merging modules", progress):
+        new = module.factors(adapter_name)
+        if new is None:
+            raise MergeError(f"the new adapter {adapter_name!r} was not created on module {module.name!r}")
+        if abs(new.scaling - 1.0) > 1e-12:
+            raise MergeError(f"the new adapter's scaling on {module.name!r} is {new.scaling}, expected 1")
+        coeffs = plan.table.for_name(module.weight_name).to(torch.float32)[idx]
+        if exact:
+            factors = [(f.A, f.B, f.scaling) for f in (module.factors(plan.experts[k]) for k in idx)]
+            A, B = plan.method.lora_factors(factors, coeffs.tolist(), new_rank, device)
+        else:
+            merged = _merge_module(module, idx, plan, coeffs, device)
+            A, B = svd_factors(merged.T if module.transposed else merged, new_rank)
+        module.set_factors(adapter_name, A, B)
+    for param_name, param in peft_model.named_parameters():
+        if f".{adapter_name}." in param_name:
+            param.requires_grad_(False)
+
+
+def _merge_module(module: LoraModule, idx: list[int], plan: MergePlan, coeffs: torch.Tensor,
+                  device: torch.device) -> torch.Tensor:
+    """The merged ΔW of one module (fp32 on ``device``) from the experts that adapt it."""
+    deltas = [delta_weight(module, module.factors(plan.experts[k]), device) for k in idx]
+    kwargs = plan.tensor_kwargs(module.weight_name, idx, device)
+    if plan.method.streams:
+        # the chunked path with a zero base: the same math as merge_deltas (same DARE masks, the same kept
+        # entries), without topk over the stacked deltas
+        merged, _ = merge_streamed(plan.config.method, torch.zeros_like(deltas[0]), deltas, coeffs.to(device),
+                                   out_dtype=torch.float32, chunk=chunk_for(device), **kwargs)
+        return merged
+    return merge_deltas(plan.config.method, deltas, coeffs.to(device), scale=1.0, **kwargs)
+
+
+def _fill_full(peft_model, plan: MergePlan, work: list, device: torch.device, progress: Optional[bool]) -> None:
+    for module, idx in progress_bar(work, len(work), "merging modules", progress):
+        coeffs = plan.table.for_name(module.weight_name).to(torch.float32)[idx]
+        merged = _merge_module(module, idx, plan, coeffs, device)
+        weight = module.base_weight()
+        with torch.no_grad():
+            updated = weight.data.to(device=device, dtype=torch.float32) + merged
+            weight.data.copy_(updated.to(device=weight.device, dtype=weight.dtype))
+
+
+def _copy_modules_to_save(peft_model, module_name: str, owner: str, adapter_name: str) -> None:
+    wrapper = peft_model.base_model.model.get_submodule(module_name)
+    if adapter_name not in wrapper.modules_to_save:
+        raise MergeError(f"modules_to_save copy of {module_name!r} for {adapter_name!r} was not created")
+    wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[owner].state_dict())
+    logger.info("module %s is taken whole from adapter %r (modules_to_save, not scaled)", module_name, owner)
+
+
+def _save(save_to: PathLike, overwrite: bool, peft_model, result_model, plan: MergePlan, sources: list[str],
+          adapter_name: str, new_rank: int, owners: list[str], extra_files: Optional[dict[str, str]]) -> Path:
+    """Write the new adapter (or the merged model), its card and the extra files into ``save_to``, atomically."""
+    cfg, lora = plan.config, plan.config.output == "lora"
+    inputs = [f for f in plan.folders if f is not None] + [model_source_folder(peft_model)]
+    with atomic_output_dir(save_to, overwrite=overwrite, inputs=inputs) as tmp:
+        if lora:
+            _save_adapter(peft_model, adapter_name, tmp, owners)
+            base_id = getattr(peft_model.peft_config[adapter_name], "base_model_name_or_path", None)
+        else:
+            result_model.save_pretrained(tmp)
+            base_id = getattr(getattr(result_model, "config", None), "_name_or_path", None)
+        record = card.merge_record(cfg.to_dict(), plan.experts, sources, plan.table,
+                                   kind=f"lora (rank {new_rank})" if lora else "full", base_model=base_id or None,
+                                   extra={"adapter_name": adapter_name if lora else None})
+        card.write_card(tmp, record, plan.table, library_name="peft" if lora else "transformers")
+        write_extra_files(tmp, extra_files)
+    output_dir = Path(save_to).resolve()
+    logger.info("wrote %s", output_dir)
+    return output_dir
+
+
+def _save_adapter(peft_model, adapter_name: str, folder: Path, modules_to_save: Sequence[str] = ()) -> None:
+    """Save one adapter with its files at the top of ``folder`` (loadable by ``PeftModel.from_pretrained``).
+
+    The tensors are written directly, with PEFT's key layout (``base_model.model.<module>.lora_A.weight``;
+    ``base_model.model.<module>.<param>`` for ``modules_to_save``): PEFT's ``save_pretrained`` drops every key
+    containing ``.<other adapter name>.``, so an expert adapter named like a module (e.g. ``mlp``) would silently
+    remove the merged adapter's ``...mlp...`` factors from the file.
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for module in lora_modules(peft_model):
+        factors = module.factors(adapter_name)
+        if factors is None:
+            continue
+        prefix = f"base_model.model.{module.name}"
+        if module.embedding:
+            keys = (f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B")
+        else:
+            keys = (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight")
+        tensors[keys[0]] = factors.A.detach().cpu().contiguous().clone()
+        tensors[keys[1]] = factors.B.detach().cpu().contiguous().clone()
+    root = peft_model.base_model.model
+    for module_name in modules_to_save:
+        copy = root.get_submodule(module_name).modules_to_save[adapter_name]
+        for param, value in copy.state_dict().items():
+            tensors[f"base_model.model.{module_name}.{param}"] = value.detach().cpu().contiguous().clone()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = dataclasses.replace(peft_model.peft_config[adapter_name], inference_mode=True)
+    cfg.save_pretrained(str(folder))
+
+
