@@ -23,6 +23,7 @@ OutputKind = Literal["lora", "full"]
 MajoritySign = Literal["total", "frequency"]
 TrimBy = Literal["auto", "magnitude", "sensitivity"]
 DareRng = Literal["counter", "torch"]
+Factorization = Literal["randomized", "exact"]
 
 
 def choices(kind: Any) -> tuple:
@@ -44,6 +45,7 @@ GRANULARITIES = choices(Granularity)
 MAJORITY_SIGN_METHODS = choices(MajoritySign)
 TRIM_BY = choices(TrimBy)
 DARE_RNGS = choices(DareRng)
+FACTORIZATIONS = choices(Factorization)
 
 
 # "auto" element maps are kept when the scored tensors hold at most this many elements (256 MB in fp32): always
@@ -256,6 +258,9 @@ class MergeConfig(_ConfigMixin):
             declaration; unset ones take their declared defaults.
         output: ``"lora"`` (a new adapter) or ``"full"`` (merged weights).
         rank: Rank of the SVD-compressed LoRA output for TIES/DARE (default: max expert rank).
+        factorization: How a merged ΔW without exact factors becomes a rank-``rank`` adapter: ``"randomized"``
+            (default; a seeded randomized range finder, :mod:`sens_peft.lowrank`, within 0.2-1% of the exact
+            truncation's Frobenius error and 10x+ faster) or ``"exact"`` (the truncated SVD).
         dtype: Output dtype (default: the base's).
         device: Device for the math (default: CUDA when available, else CPU).
     """
@@ -278,6 +283,7 @@ class MergeConfig(_ConfigMixin):
     params: dict[str, Any] = field(default_factory=dict, metadata=_recipe("parameters", "*"))
     output: OutputKind = field(default="lora", metadata=_recipe("output", "type"))
     rank: Optional[int] = field(default=None, metadata=_recipe("output", "rank"))
+    factorization: Factorization = field(default="randomized", metadata=_recipe("output", "factorization"))
     dtype: Optional[str] = field(default=None, metadata=_recipe("output", "dtype"))
     device: Optional[str] = field(default=None, metadata=_recipe("", "device"))
 
@@ -311,7 +317,8 @@ class MergeConfig(_ConfigMixin):
         for name, kind in (("majority_sign_method", MajoritySign), ("sens", SensMode),
                            ("normalization", Normalization), ("alignment", Alignment),
                            ("tau_normalization", TauNormalization), ("granularity", Granularity),
-                           ("trim_by", TrimBy), ("dare_rng", DareRng), ("output", OutputKind)):
+                           ("trim_by", TrimBy), ("dare_rng", DareRng), ("output", OutputKind),
+                           ("factorization", Factorization)):
             _check_choice(name, getattr(self, name), choices(kind))
         if not isinstance(self.weighted_election, bool):
             raise ValueError(f"weighted_election must be True or False, got {self.weighted_election!r}")

@@ -19,7 +19,8 @@ from ..config import MergeConfig
 from ..errors import MergeError
 from ..io import atomic_output_dir
 from ..lora import LoraModule, delta_weight, lora_modules, svd_factors
-from ..methods import merge_deltas, merge_streamed
+from ..lowrank import randomized_factors
+from ..methods import MergeContext, merge_deltas, merge_streamed
 from ..validation import (
     check_adapter_files,
     check_adapters_loaded,
@@ -403,6 +404,19 @@ def _add_merged_adapter(peft_model, plan: MergePlan, work: list, owners: dict[st
     return peft_model
 
 
+def _module_context(plan: MergePlan, module: LoraModule, idx: list[int], device: torch.device) -> MergeContext:
+    """The module's statistics (stacked, fp32 on ``device``) and the method's parameters, for exact factors."""
+    stats = {kind: torch.stack([m.to(device=device, dtype=torch.float32) for m in maps])
+             for kind, maps in plan.statistics(module.weight_name, idx).items()}
+    return MergeContext(name=module.weight_name, params=plan.params(), statistics=stats, device=device)
+
+
+def _factorize(cfg: MergeConfig, delta: torch.Tensor, rank: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if cfg.factorization == "exact":
+        return svd_factors(delta, rank)
+    return randomized_factors(delta, rank, seed=cfg.seed or 0, name=name)
+
+
 def _fill_lora(peft_model, plan: MergePlan, work: list, device: torch.device, adapter_name: str, new_rank: int,
                exact: bool, progress: Optional[bool]) -> None:
     for module, idx in progress_bar(work, len(work), "merging modules", progress):
@@ -414,10 +428,11 @@ def _fill_lora(peft_model, plan: MergePlan, work: list, device: torch.device, ad
         coeffs = plan.table.for_name(module.weight_name).to(torch.float32)[idx]
         if exact:
             factors = [(f.A, f.B, f.scaling) for f in (module.factors(plan.experts[k]) for k in idx)]
-            A, B = plan.method.lora_factors(factors, coeffs.tolist(), new_rank, device)
+            A, B = plan.method.lora_factors(factors, coeffs.tolist(), new_rank, device,
+                                            _module_context(plan, module, idx, device))
         else:
             merged = _merge_module(module, idx, plan, coeffs, device)
-            A, B = svd_factors(merged.T if module.transposed else merged, new_rank)
+            A, B = _factorize(plan.config, merged.T if module.transposed else merged, new_rank, module.weight_name)
         module.set_factors(adapter_name, A, B)
     for param_name, param in peft_model.named_parameters():
         if f".{adapter_name}." in param_name:

@@ -34,7 +34,7 @@ __all__ = ["MergePlan", "MergeReport", "expert_names", "plan_merge", "resolve_co
            "statistics_for"]
 
 # How each statistic kind is stored in a sensitivity sidecar (the key prefix of its tensors).
-_SIDECAR_PREFIX = {"element_maps": "element."}
+_SIDECAR_PREFIX = {"element_maps": "element.", "gram": "gram.", "fisher": "fisher."}
 
 
 @dataclass
@@ -96,7 +96,7 @@ class MergePlan:
         return self.config.method_params()
 
     def statistics(self, name: str, idx: Sequence[int]) -> dict[str, list[torch.Tensor]]:
-        return statistics_for(self.records, name, idx, self.needs)
+        return statistics_for(self.records, name, idx, self.needs, self.method.optional_statistics, self.experts)
 
     def tensor_kwargs(self, name: str, idx: Sequence[int], device: Optional[torch.device] = None) -> dict[str, Any]:
         """The keyword arguments of ``merge_deltas`` / ``merge_streamed`` for tensor ``name`` merged from experts
@@ -119,35 +119,53 @@ def resolve_config(config: Optional[MergeConfig], config_kwargs: dict[str, Any])
     return dataclasses.replace(config, **config_kwargs) if config_kwargs else config
 
 
+# Which sidecar attribute holds each statistic kind, and the SensitivityConfig option that records it.
+_KIND_SOURCE = {"element_maps": ("element_maps", "element_maps=True"), "gram": ("grams", "gram='full'"),
+                "fisher": ("fisher", "fisher=True")}
+
+
 def statistic_of(record, kind: str, name: str) -> Optional[torch.Tensor]:
     """Expert ``record``'s captured statistic ``kind`` of tensor ``name`` (canonical weight name), or None.
 
-    The one place the engines read captured statistics through (``"element_maps"``: per-element ``mean|w*g|``).
+    The one place the engines read captured statistics through: ``"element_maps"`` (per element ``mean |w*g|``),
+    ``"fisher"`` (per element ``E[g²]``), ``"gram"`` (the *mean* input Gram ``E[x xᵀ]`` of the Linear owning the
+    weight, ``[in, in]``, or its diagonal ``[in]``: the stored token sum divided by the token count, so that every
+    expert weighs the same whatever the size of its calibration set).
     """
     if record is None:
         return None
     getter = getattr(record, "statistic", None)
-    if callable(getter):
-        return getter(kind, name)
-    if kind == "element_maps":
-        return record.element_maps.get(name)
-    return None
+    if not callable(getter):
+        return record.element_maps.get(name) if kind == "element_maps" else None
+    value = getter(kind, name)
+    if value is not None and kind == "gram":
+        tokens = record.statistic_count("gram", name)
+        if not tokens:
+            raise MergeError(f"the input Gram of {name!r} has no token count in its sidecar; re-record it")
+        value = value / float(tokens)
+    return value
 
 
-def statistics_for(records, name: str, idx: Sequence[int], kinds: Sequence[str]) -> dict[str, list[torch.Tensor]]:
-    """The statistics ``kinds`` of tensor ``name`` for the experts ``idx``; MergeError naming the one lacking it."""
+def statistics_for(records, name: str, idx: Sequence[int], kinds: Sequence[str],
+                   optional: Sequence[str] = (), experts: Optional[Sequence[str]] = None
+                   ) -> dict[str, list[torch.Tensor]]:
+    """The statistics ``kinds`` of tensor ``name`` for the experts ``idx``; MergeError naming the one lacking it.
+
+    A kind in ``optional`` that no expert has for this tensor is left out (the method documents its fallback).
+    """
     out: dict[str, list[torch.Tensor]] = {}
     for kind in kinds:
-        values = []
-        for k in idx:
-            value = statistic_of(records[k] if records is not None else None, kind, name)
+        values = [statistic_of(records[k] if records is not None else None, kind, name) for k in idx]
+        if kind in optional and all(v is None for v in values):
+            continue
+        for k, value in zip(idx, values):
             if value is None:
+                option = _KIND_SOURCE.get(kind, (kind, f"{kind}=True"))[1]
                 raise MergeError(
-                    f"the merge needs the captured statistic {kind!r} of tensor {name!r} ('element.{name}' for "
-                    f"element maps) from every expert; expert #{k} has none (record with element_maps=True, or "
-                    "pick settings that do not need it, e.g. trim_by='magnitude')"
+                    f"the merge needs the captured statistic {kind!r} of tensor {name!r} from every expert; expert "
+                    f"{experts[k] if experts is not None else '#' + str(k)!r} has none (record it with SensitivityConfig({option}), or pick a method or settings that "
+                    "do not need it, e.g. trim_by='magnitude')"
                 )
-            values.append(value)
         out[kind] = values
     return out
 
@@ -174,7 +192,8 @@ def _sidecar_kinds(item) -> set[str]:
 
 def statistic_available(record, kind: str) -> bool:
     """Whether a loaded record holds any statistic of ``kind``."""
-    return kind == "element_maps" and bool(record.element_maps)
+    attribute = _KIND_SOURCE.get(kind, (None,))[0]
+    return attribute is not None and bool(getattr(record, attribute, None))
 
 
 def resolve_settings(cfg: MergeConfig, sensitivities, folders: Sequence[Optional[PathLike]]) -> MergeConfig:
@@ -261,7 +280,7 @@ def load_records(sensitivities, folders: list[Optional[Path]], experts: list[str
                 raise MergeError(
                     f"method {config.method!r} (trim_by={config.trim_by!r}) needs the captured statistic {kind!r}, "
                     f"and expert {name!r}'s sensitivity record has none: record it with "
-                    "SensitivityConfig(element_maps=True), or pick another method"
+                    f"SensitivityConfig({_KIND_SOURCE.get(kind, (kind, kind + '=True'))[1]}), or pick another method"
                 )
     return records
 

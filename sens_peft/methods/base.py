@@ -108,6 +108,9 @@ class MergeMethod:
         parameters: Its own parameters (:class:`Param`), set through ``MergeConfig.params``.
         needs: The captured statistics it always needs (e.g. ``("element_maps",)``); see
             :meth:`needed_statistics` for needs that depend on the settings.
+        optional_statistics: Needed kinds that a whole tensor may lack in every expert (RegMean's Grams exist for
+            Linear weights only); the method then gets no such statistic for that tensor and must say in its
+            docstring what it does. A tensor that some experts have it for and others not is still an error.
         random: Whether it draws DARE masks (gets ``ctx.draw_keep``).
     """
 
@@ -117,6 +120,7 @@ class MergeMethod:
     uses: ClassVar[tuple[str, ...]] = ()
     parameters: ClassVar[tuple[Param, ...]] = ()
     needs: ClassVar[tuple[str, ...]] = ()
+    optional_statistics: ClassVar[tuple[str, ...]] = ()
     random: ClassVar[bool] = False
 
     # -- declarations that depend on the settings -------------------------------------------------------------
@@ -181,8 +185,9 @@ class MergeMethod:
         return None
 
     def lora_factors(self, factors: Sequence[tuple[Tensor, Tensor, float]], coefficients: Sequence[float],
-                     rank: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Exact ``(A, B)`` (``B @ A`` the merged ΔW, zero-padded to ``rank``) from the experts' ``(A, B, scaling)``."""
+                     rank: int, device: torch.device, ctx: Optional[MergeContext] = None) -> tuple[Tensor, Tensor]:
+        """Exact ``(A, B)`` (``B @ A`` the merged ΔW, zero-padded to ``rank``) from the experts' ``(A, B, scaling)``;
+        ``ctx`` carries the module's statistics (stacked ``[K, ...]``) and the method's parameters."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

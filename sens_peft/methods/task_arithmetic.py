@@ -33,7 +33,7 @@ class TaskArithmetic(MergeMethod):
         return sum(ranks) if params.get("trim_by") == "magnitude" else None
 
     def lora_factors(self, factors: Sequence[tuple[Tensor, Tensor, float]], coefficients: Sequence[float],
-                     rank: int, device: torch.device) -> tuple[Tensor, Tensor]:
+                     rank: int, device: torch.device, ctx: Optional[MergeContext] = None) -> tuple[Tensor, Tensor]:
         """``A = [c_k s_k A_k]`` (rows) and ``B = [B_k]`` (columns), zero-padded to ``rank``: ``B @ A`` is exactly
         ``sum_k c_k s_k B_k A_k``."""
         parts_a = [a.to(device=device, dtype=torch.float32) * (c * s) for (a, _, s), c in zip(factors, coefficients)]

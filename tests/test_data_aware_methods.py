@@ -1,0 +1,167 @@
+"""RegMean and Fisher as registered methods: the dense hook against float64 references, and every entry point
+(merge_adapters to LoRA and full weights, merge_models) against the same references built from the experts'
+captured sidecars."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_full_expert, make_lora_adapter, save_model, tiny_llama
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from sens_toys import TokenData  # noqa: E402
+
+from sens_peft import compute_sensitivity, merge_adapters, merge_models  # noqa: E402
+from sens_peft.errors import MergeError  # noqa: E402
+from sens_peft.methods import available_methods, merge_deltas  # noqa: E402
+from sens_peft.store import load_sensitivity  # noqa: E402
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _spd(n: int, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(3 * n, n, generator=gen, dtype=torch.float64)
+    return x.T @ x / (3 * n)
+
+
+def _regmean_reference(deltas, grams, coeffs, shrink: float = 1.0) -> torch.Tensor:
+    shrunk = [shrink * g + (1 - shrink) * torch.diag(torch.diagonal(g)) for g in grams]
+    rhs = sum(c * d.double() @ g for c, d, g in zip(coeffs, deltas, shrunk))
+    return rhs @ torch.linalg.inv(sum(shrunk))
+
+
+def test_registered():
+    assert {"regmean", "fisher"} <= set(available_methods())
+
+
+@pytest.mark.parametrize("shrink", [1.0, 0.5])
+def test_regmean_dense_hook_matches_float64(shrink):
+    gen = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(5, 7, generator=gen) for _ in range(3)]
+    grams = [_spd(7, gen) for _ in range(3)]
+    coeffs = [0.5, 1.0, 2.0]
+    merged = merge_deltas("regmean", deltas, torch.tensor(coeffs), statistics={"gram": grams},
+                          shrinkage=shrink)
+    torch.testing.assert_close(merged.double(), _regmean_reference(deltas, grams, coeffs, shrink), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_regmean_with_equal_grams_or_none_is_the_average():
+    gen = torch.Generator().manual_seed(1)
+    deltas = [torch.randn(4, 6, generator=gen) for _ in range(3)]
+    gram = _spd(6, gen)
+    average = sum(deltas) / 3
+    equal = merge_deltas("regmean", deltas, torch.ones(3), statistics={"gram": [gram] * 3})
+    torch.testing.assert_close(equal, average, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(merge_deltas("regmean", deltas, torch.ones(3)), average)
+
+
+def test_fisher_dense_hook():
+    gen = torch.Generator().manual_seed(2)
+    deltas = [torch.randn(4, 6, generator=gen) for _ in range(2)]
+    fishers = [torch.rand(4, 6, generator=gen) for _ in range(2)]
+    coeffs = torch.tensor([1.0, 3.0])
+    merged = merge_deltas("fisher", deltas, coeffs, statistics={"fisher": fishers})
+    reference = (fishers[0] * deltas[0] + 3 * fishers[1] * deltas[1]) / (fishers[0] + fishers[1])
+    torch.testing.assert_close(merged, reference, rtol=1e-5, atol=1e-6)
+    # equal Fisher: the coefficient-weighted average, i.e. task arithmetic with λ/K
+    same = merge_deltas("fisher", deltas, coeffs, statistics={"fisher": [fishers[0]] * 2})
+    torch.testing.assert_close(same, merge_deltas("task_arithmetic", deltas, coeffs, scale=0.5), rtol=1e-5,
+                               atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+@pytest.fixture(scope="module")
+def lora_experts(tmp_path_factory):
+    """Two LoRA experts on q/v with sidecars captured by compute_sensitivity (full Grams + Fisher)."""
+    root = tmp_path_factory.mktemp("regmean_lora")
+    folders = []
+    for k in range(2):
+        folder = make_lora_adapter(tiny_llama, root / f"e{k}", seed=k + 1)
+        compute_sensitivity(str(folder), TokenData(n=6, length=9, seed=30 + k), base_model=tiny_llama(seed=0),
+                            save_to=folder, calibration_samples=6, gram="full", fisher=True, store_probe=False)
+        folders.append(folder)
+    return folders
+
+
+def _lora_deltas(folders, name: str = Q0) -> list[torch.Tensor]:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(tiny_llama(seed=0), str(folders[0]), adapter_name="e0")
+    for k, folder in enumerate(folders[1:], 1):
+        model.load_adapter(str(folder), adapter_name=f"e{k}")
+    module = dict(model.base_model.model.named_modules())[name.removesuffix(".weight")]
+    return [module.get_delta_weight(f"e{k}").detach() for k in range(len(folders))]
+
+
+def _mean_grams(folders, name: str = Q0) -> list[torch.Tensor]:
+    records = [load_sensitivity(f) for f in folders]
+    return [r.statistic("gram", name).double() / r.statistic_count("gram", name) for r in records]
+
+
+@pytest.mark.parametrize("output", ["lora", "full"])
+def test_merge_adapters_regmean(lora_experts, output):
+    report = merge_adapters(tiny_llama(seed=0), lora_experts, method="regmean", output=output, sens=None,
+                            device="cpu", progress=False)
+    reference = _regmean_reference(_lora_deltas(lora_experts), _mean_grams(lora_experts), [1.0, 1.0])
+    if output == "full":
+        merged = report.model.state_dict()[Q0] - tiny_llama(seed=0).state_dict()[Q0]
+    else:
+        module = dict(report.model.base_model.model.named_modules())[Q0.removesuffix(".weight")]
+        merged = module.get_delta_weight(report.adapter_name)
+        assert report.details["rank"] == 8  # exact factors: the sum of the experts' ranks
+    torch.testing.assert_close(merged.double(), reference, rtol=1e-4, atol=1e-6)
+    average = sum(_lora_deltas(lora_experts)) / 2
+    assert not torch.allclose(merged, average, atol=1e-4)  # the Grams matter here
+
+
+def test_merge_adapters_fisher(lora_experts):
+    report = merge_adapters(tiny_llama(seed=0), lora_experts, method="fisher", output="full", sens=None,
+                            device="cpu", progress=False)
+    deltas = _lora_deltas(lora_experts)
+    fishers = [load_sensitivity(f).statistic("fisher", Q0) for f in lora_experts]
+    reference = (fishers[0] * deltas[0] + fishers[1] * deltas[1]) / (fishers[0] + fishers[1])
+    merged = report.model.state_dict()[Q0] - tiny_llama(seed=0).state_dict()[Q0]
+    torch.testing.assert_close(merged, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_regmean_without_grams_is_refused(tmp_path):
+    folders = []
+    for k in range(2):
+        folder = make_lora_adapter(tiny_llama, tmp_path / f"e{k}", seed=k + 1)
+        compute_sensitivity(str(folder), TokenData(n=4, length=8, seed=k), base_model=tiny_llama(seed=0),
+                            save_to=folder, calibration_samples=4, gram="none", fisher=False, store_probe=False)
+        folders.append(folder)
+    with pytest.raises(MergeError, match=r"regmean.*'gram'.*gram="):
+        merge_adapters(tiny_llama(seed=0), folders, method="regmean", sens=None, device="cpu", progress=False)
+
+
+def test_merge_models_regmean(tmp_path):
+    base_model = tiny_llama(seed=0)
+    base = save_model(base_model, tmp_path / "base")
+    experts = []
+    for k in range(2):
+        folder = make_full_expert(base_model, tmp_path / f"x{k}", seed=k + 1)
+        from transformers import AutoModelForCausalLM
+
+        expert = AutoModelForCausalLM.from_pretrained(str(folder))
+        compute_sensitivity(expert, TokenData(n=5, length=9, seed=40 + k), save_to=folder, calibration_samples=5,
+                            gram="full", fisher=False, store_probe=False)
+        experts.append(folder)
+    merge_models(base, experts, tmp_path / "out", method="regmean", sens=None, device="cpu", progress=False)
+    from safetensors.torch import load_file
+
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base_state = base_model.state_dict()
+    states = [load_file(str(f / "model.safetensors")) for f in experts]
+    deltas = [s[Q0] - base_state[Q0] for s in states]
+    reference = base_state[Q0].double() + _regmean_reference(deltas, _mean_grams(experts), [1.0, 1.0])
+    torch.testing.assert_close(out[Q0].double(), reference, rtol=1e-4, atol=1e-6)
+    # a tensor no Linear reads (the embedding) is averaged
+    emb = "model.embed_tokens.weight"
+    torch.testing.assert_close(out[emb], (states[0][emb] + states[1][emb]) / 2, rtol=1e-5, atol=1e-6)
