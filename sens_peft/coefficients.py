@@ -413,12 +413,30 @@ def _softmax_arguments(sens, alpha: Tensor | None, tau: Tensor | None, num: int,
     return torch.where(tied[None, :], torch.zeros_like(arg), arg)  # type: ignore[arg-type]
 
 
+def safe_temperature(arguments: Tensor, temperature: float, max_ratio: float | None) -> float:
+    """The smallest ``T' >= temperature`` at which ``K·softmax_k(arg / T')`` keeps ``max_k c / min_k c <= max_ratio``
+    in every group (column of ``arguments``).
+
+    The ratio of two softmax entries is ``exp(Δarg / T)``, so ``T' = max(T, max_g spread_g / ln max_ratio)``.
+    Why: the paper's arguments ``α·τ`` have no fixed scale, and at some normalisations ``T = 1`` hands a whole layer
+    to one expert (the quick start's Sens-TA fell below the base model that way); the bound keeps the paper's
+    ordering of the experts while capping how far any one of them is pushed.
+    """
+    if max_ratio is None:
+        return float(temperature)
+    if not max_ratio > 1.0:
+        raise ValueError(f"max_ratio must be > 1 (or None), got {max_ratio!r}")
+    spread = float((arguments.max(dim=0).values - arguments.min(dim=0).values).max()) if arguments.numel() else 0.0
+    return max(float(temperature), spread / math.log(max_ratio))
+
+
 def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, transfer: Tensor | None, *,
                          expert_names: Sequence[str], sens: str | None = MergeConfig.sens,
                          temperature: float = MergeConfig.temperature, normalization: str = MergeConfig.normalization,
                          granularity: str = MergeConfig.granularity,
                          weights: Sequence[float] | Tensor | None = None, scale: float = 1.0,
                          tau_normalization: str = MergeConfig.tau_normalization,
+                         max_ratio: float | None = MergeConfig.max_ratio,
                          config: MergeConfig | None = None) -> CoefficientTable:
     """Sens-Merging coefficients ``c[k][g] = K * softmax_k(arg[k][g] / T) * w_k * λ``.
 
@@ -440,6 +458,8 @@ def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, tra
         weights: Per-expert user weights ``w_k`` (default 1).
         scale: Global coefficient λ.
         tau_normalization: τ normalisation across experts: ``exp_z``, ``zscore``, ``sum1``, ``mean1`` (default).
+        max_ratio: Bound on ``max_k c / min_k c`` within any group: the temperature actually used is raised to
+            :func:`safe_temperature` when ``T`` would exceed it (None: ``T`` as given, the paper's behaviour).
         config: Take every setting above from this merge configuration instead.
 
     Returns:
@@ -451,7 +471,7 @@ def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, tra
     if config is not None:
         sens, temperature, normalization = config.sens, config.temperature, config.normalization
         tau_normalization, granularity = config.tau_normalization, config.granularity
-        weights, scale = config.weights, config.resolved_scale()
+        weights, scale, max_ratio = config.weights, config.resolved_scale(), config.max_ratio
     names, w, records = _checked_inputs(records, transfer, expert_names, sens, temperature, normalization,
                                         granularity, weights, scale)
     num = len(names)
@@ -467,12 +487,19 @@ def compute_coefficients(records: Sequence[SensitivityRecord | None] | None, tra
             raise ValueError(f"transferability matrix has shape {tuple(t.shape)}, expected ({num}, {num}) "
                              f"for experts {names}")
         tau = transfer_scores(t, tau_normalization, names)
-    factors = _k_softmax(_softmax_arguments(sens, alpha, tau, num, len(groups)) / float(temperature))
+    arguments = _softmax_arguments(sens, alpha, tau, num, len(groups))
+    used_t = safe_temperature(arguments, float(temperature), max_ratio)
+    if used_t != float(temperature):
+        logger.info("Sens-Merging temperature raised from %g to %.4g so that no group's coefficients differ by more "
+                    "than max_ratio=%g", temperature, used_t, max_ratio)
+    factors = _k_softmax(arguments / used_t)
     values = factors * w[:, None] * float(scale)
 
     settings = {
         "sens": sens,
         "temperature": float(temperature),
+        "temperature_used": used_t,
+        "max_ratio": max_ratio,
         "normalization": normalization,
         "tau_normalization": tau_normalization,
         "granularity": granularity,

@@ -235,6 +235,9 @@ class MergeConfig(_ConfigMixin):
         sens: Which Sens-Merging factors scale the experts: ``"task+cross"``, ``"task"``, ``"cross"``, or
             ``None`` for the plain method.
         temperature: Softmax temperature ``T`` of ``c = K * softmax_k(alpha * tau / T)``.
+        max_ratio: Safety bound of the Sens coefficients: within any group, the largest ``c`` is at most
+            ``max_ratio`` times the smallest (``T`` is raised per merge as needed; the table records the ``T``
+            used). Default 2. None gives the paper's unbounded softmax, which collapses merges at some readings.
         normalization: How per-layer scores become ``alpha`` within an expert.
         tau_normalization: How the transferability row means become ``tau`` across experts (``exp_z``:
             standardised then exponentiated, mean 1; ``sum1``: the third-party L1 reading; see
@@ -272,6 +275,7 @@ class MergeConfig(_ConfigMixin):
     majority_sign_method: MajoritySign = field(default="total", metadata=_recipe("parameters", "majority_sign_method"))
     sens: SensMode = field(default=None, metadata=_recipe("sens", "mode"))
     temperature: float = field(default=1.0, metadata=_recipe("sens", "temperature"))
+    max_ratio: Optional[float] = field(default=2.0, metadata=_recipe("sens", "max_ratio"))
     normalization: Normalization = field(default="l2", metadata=_recipe("sens", "normalization"))
     tau_normalization: TauNormalization = field(default="mean1", metadata=_recipe("sens", "tau_normalization"))
     alignment: Alignment = field(default="cosine", metadata=_recipe("sens", "alignment"))
@@ -314,6 +318,8 @@ class MergeConfig(_ConfigMixin):
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
         if not float(self.temperature) > 0.0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.max_ratio is not None and not float(self.max_ratio) > 1.0:
+            raise ValueError(f"max_ratio must be > 1 or None, got {self.max_ratio!r}")
         for name, kind in (("majority_sign_method", MajoritySign), ("sens", SensMode),
                            ("normalization", Normalization), ("alignment", Alignment),
                            ("tau_normalization", TauNormalization), ("granularity", Granularity),

@@ -670,44 +670,37 @@ def warn_unused_options(config: Any, *, sensitivities: Any = None, probes: Any =
     _warn_changed_but_unused(config)
 
 
-# MergeConfig fields that only some methods / sens modes read: field -> (applies?, why not)
-_METHOD_ONLY = {
-    "density": (lambda c: c.method != "task_arithmetic", "task_arithmetic keeps every entry"),
-    "majority_sign_method": (lambda c: "ties" in c.method, "only TIES methods elect signs"),
-    "seed": (lambda c: c.method.startswith("dare"), "only DARE methods draw random masks"),
-    "dare_rng": (lambda c: c.method.startswith("dare"), "only DARE methods draw random masks"),
+# Method-dependent MergeConfig fields: each method declares the ones it reads (MergeMethod.uses).
+_METHOD_FIELDS = ("density", "majority_sign_method", "trim_by", "weighted_election", "seed", "dare_rng")
+# Sens fields: field -> (applies?, why not)
+_SENS_ONLY = {
     "temperature": (lambda c: c.sens is not None, "sens=None uses no Sens-Merging coefficients"),
+    "max_ratio": (lambda c: c.sens is not None, "sens=None uses no Sens-Merging coefficients"),
     "normalization": (lambda c: c.sens in ("task", "task+cross"), "no task term (sens has no 'task')"),
     "granularity": (lambda c: c.sens is not None, "sens=None uses no Sens-Merging coefficients"),
     "tau_normalization": (lambda c: c.sens in ("cross", "task+cross"), "no cross term (sens has no 'cross')"),
     "alignment": (lambda c: c.sens in ("cross", "task+cross"), "no cross term (sens has no 'cross')"),
 }
-_KNOWN_EXTRAS = ("weighted_election",)
 
 
 def _warn_changed_but_unused(config: Any) -> None:
     """Warn for each option set away from its default that this method / sens mode does not read."""
     import dataclasses
 
-    if not dataclasses.is_dataclass(config):
+    from .methods import get_method
+
+    if not dataclasses.is_dataclass(config) or not hasattr(config, "method"):
         return
     defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
-    for name, (applies, why) in _METHOD_ONLY.items():
-        if name in defaults and getattr(config, name, defaults[name]) != defaults[name]:
-            try:
-                used = applies(config)
-            except (AttributeError, TypeError):  # another config type: nothing to say
-                continue
-            if not used:
-                logger.warning("%s=%r is ignored with method=%r, sens=%r: %s", name, getattr(config, name),
-                               getattr(config, "method", None), getattr(config, "sens", None), why)
-    if getattr(config, "trim_by", "auto") == "sensitivity" and getattr(config, "method", "ties") != "ties":
-        logger.warning("trim_by='sensitivity' applies to TIES trimming; method=%r does not trim by it",
-                       config.method)
-    unknown = sorted(set(getattr(config, "extra", None) or {}) - set(_KNOWN_EXTRAS))
-    if unknown:
-        logger.warning("extra options %s are not used by any merge method (known: %s)", unknown,
-                       list(_KNOWN_EXTRAS))
+    changed = [n for n in defaults if getattr(config, n) != defaults[n]]
+    uses = set(get_method(config.method).uses)
+    for name in changed:
+        if name in _METHOD_FIELDS and name not in uses:
+            logger.warning("%s=%r is ignored with method=%r, sens=%r: the method does not read it (it reads %s)",
+                           name, getattr(config, name), config.method, config.sens, sorted(uses) or "none of them")
+        elif name in _SENS_ONLY and not _SENS_ONLY[name][0](config):
+            logger.warning("%s=%r is ignored with method=%r, sens=%r: %s", name, getattr(config, name),
+                           config.method, config.sens, _SENS_ONLY[name][1])
 
 
 def warn_unused_sensitivity_options(config: Any) -> None:

@@ -18,14 +18,14 @@ from sens_peft.coefficients import (
 )
 from sens_peft.store import SensitivityRecord
 
-PAPER = dict(sens="task+cross", normalization="mean1", tau_normalization="exp_z")
+# the formula as the paper writes it (unbounded softmax)
+PAPER = dict(sens="task+cross", normalization="mean1", tau_normalization="exp_z", max_ratio=None)
 
 
 def coefficients(*args, **kwargs):
     """compute_coefficients in the paper's reading (sens="task+cross", mean1 / exp_z) unless a test sets otherwise:
     the settings these tests were written for (the library's defaults are MergeConfig's)."""
     return compute_coefficients(*args, **{**PAPER, **kwargs})
-
 
 
 def record(scores, groups=None, tensor_names=None, tensor_scores=None):
@@ -309,3 +309,29 @@ def test_table_shape_checked():
     with pytest.raises(ValueError, match="expected \\(2, 1\\)"):
         CoefficientTable(experts=["a", "b"], groups=["*"], values=torch.ones(1, 2), alpha=None, tau=None,
                          settings={})
+
+
+def test_max_ratio_bounds_every_group_and_keeps_the_order():
+    """The safety bound: the temperature is raised just enough that no group's coefficients differ by more than
+    max_ratio, the experts' order in each group is the paper's, and a bound that is not reached changes nothing."""
+    from sens_peft.coefficients import safe_temperature
+
+    arg = torch.tensor([[3.0, 0.1], [0.0, 0.0], [1.0, 0.2]], dtype=torch.float64)
+    t = safe_temperature(arg, 1.0, 2.0)
+    assert t == pytest.approx(3.0 / math.log(2.0))
+    c = 3 * torch.softmax(arg / t, dim=0)
+    assert float((c.max(0).values / c.min(0).values).max()) == pytest.approx(2.0)
+    assert torch.equal(c.argsort(0), arg.argsort(0))
+    assert safe_temperature(arg, 10.0, 2.0) == 10.0  # already within the bound
+    assert safe_temperature(arg, 1.0, None) == 1.0
+    with pytest.raises(ValueError, match="max_ratio"):
+        safe_temperature(arg, 1.0, 1.0)
+
+
+def test_bounded_table_records_the_temperature_used():
+    records = [record([10.0, 0.1]), record([0.1, 10.0])]
+    table = compute_coefficients(records, None, expert_names=["a", "b"], sens="task", normalization="mean1",
+                                 max_ratio=1.5)
+    ratio = table.values.max(0).values / table.values.min(0).values
+    assert float(ratio.max()) == pytest.approx(1.5, rel=1e-5)
+    assert table.settings["temperature_used"] > 1.0 and table.settings["max_ratio"] == 1.5

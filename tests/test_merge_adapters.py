@@ -264,7 +264,7 @@ def test_sens_coefficients_map_to_modules(adapter_dirs, sens_dirs, sens):
     """Each module's merged ΔW is Σ_k c_k[group of the module] ΔW_k with the report's table, and the layers
     really get different coefficients."""
     report = merge_adapters(_base(), [sens_dirs[n] for n in NAMES], method="task_arithmetic", sens=sens,
-                            temperature=0.5, normalization="mean1", tau_normalization="exp_z", device="cpu",
+                            temperature=0.5, normalization="mean1", tau_normalization="exp_z", max_ratio=None, device="cpu",
                             progress=False)
     table, model = report.coefficients, report.model
     assert table.experts == NAMES

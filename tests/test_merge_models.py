@@ -239,7 +239,7 @@ def test_sens_task_cross_full_experts(models, tmp_path):
         write_sidecars(folder, scores, probe_seed=k)
         experts.append(folder)
     report = merge_models(models["base"], experts, tmp_path / "out", method="task_arithmetic", sens="task+cross",
-                          temperature=0.5, normalization="mean1", tau_normalization="exp_z", device="cpu",
+                          temperature=0.5, normalization="mean1", tau_normalization="exp_z", max_ratio=None, device="cpu",
                           progress=False)
     assert report.transfer is not None and tuple(report.transfer.shape) == (3, 3)
     table = report.coefficients

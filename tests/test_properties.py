@@ -10,7 +10,8 @@ from sens_peft.coefficients import compute_coefficients, normalize_scores, trans
 from sens_peft.methods import merge_deltas
 from sens_peft.store import SensitivityRecord
 
-PAPER = dict(sens="task+cross", normalization="mean1", tau_normalization="exp_z")
+# the formula as the paper writes it (unbounded softmax)
+PAPER = dict(sens="task+cross", normalization="mean1", tau_normalization="exp_z", max_ratio=None)
 
 
 def coefficients(*args, **kwargs):
