@@ -250,14 +250,14 @@ class Statistic:
             (the control a method reading this statistic is compared with).
     """
 
-    load: Callable[["Cell", Any], Any]
+    load: Callable[[Cell, Any], Any]
     shuffle: Callable[[Any, int], Any]
 
 
 STATISTICS: dict[str, Statistic] = {}
 
 
-def register_statistic(kind: str, load: Callable[["Cell", Any], Any], shuffle: Callable[[Any, int], Any]) -> None:
+def register_statistic(kind: str, load: Callable[[Cell, Any], Any], shuffle: Callable[[Any, int], Any]) -> None:
     """Declare a statistic (e.g. ``"gram"`` for RegMean's per-module input Gram matrices, ``"fisher"``): a method
     that lists it in ``uses`` gets a control entry that reads ``shuffle(load(...))`` instead."""
     STATISTICS[kind] = Statistic(load, shuffle)
@@ -269,7 +269,7 @@ def _permute_within(t: torch.Tensor, seed: int) -> torch.Tensor:
     return flat[torch.randperm(flat.numel(), generator=gen)].reshape(t.shape)
 
 
-def _load_element_maps(cell: "Cell", name: str) -> list[torch.Tensor]:
+def _load_element_maps(cell: Cell, name: str) -> list[torch.Tensor]:
     maps = []
     for k, r in enumerate(cell.records):
         if name not in r.element_maps:
@@ -284,7 +284,7 @@ def _shuffle_element_maps(maps: list[torch.Tensor], seed: int) -> list[torch.Ten
     return [_permute_within(m, stable_int(seed, k)) for k, m in enumerate(maps)]
 
 
-def _load_sens_table(cell: "Cell", reading_key: str):
+def _load_sens_table(cell: Cell, reading_key: str):
     reading = json.loads(reading_key)
     values, groups, _ = lib_coefficients(cell.records, cell.transfer[reading["alignment"]], cell.tasks, reading)
     return values, groups
@@ -340,7 +340,7 @@ class Cell:
             self._stats[ck] = value
         return self._stats[ck]
 
-    def with_shuffled(self, kinds: Sequence[str]) -> "Cell":
+    def with_shuffled(self, kinds: Sequence[str]) -> Cell:
         """A view of this cell whose statistics ``kinds`` are shuffled (the information-free control)."""
         key = frozenset(kinds)
         views = self._stats.setdefault(("views",), {})
