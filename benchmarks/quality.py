@@ -133,10 +133,12 @@ METHODS: list[Method] = [
     Method("PEFT cat", _peft_grid("cat", None), _peft("cat"), kinds=("lora",)),
     Method("PEFT ties_svd", _peft_grid("ties_svd", "ties"), _peft("ties_svd"), kinds=("lora",)),
     Method("PEFT dare_ties_svd", _peft_grid("dare_ties_svd", "dare"), _peft("dare_ties_svd"), kinds=("lora",)),
-    Method("Default (MergeConfig())", lambda g: [ql.lib_default_setting()], ql.merge_fast, tuned=False),
+    Method("Default (MergeConfig(), public API)", lambda g: [ql.lib_default_setting()], ql.merge_default,
+           tuned=False),
     Method("Base (no merge)", lambda g: [_plain("task_arithmetic", 0.0)], ql.merge_fast, tuned=False),
 ]
 REFERENCE = "TA"
+DEFAULT = "Default (MergeConfig(), public API)"
 CONTROL_LABEL = {"element_maps": "shuffled maps", "sens_table": "random coefficients"}
 
 
@@ -237,8 +239,8 @@ def run_cell(cell: ql.Cell, methods: list[Method], grid: dict[str, Any], scorers
             "setting": best, "budget": len(settings), "tuned": m.tuned, "control_of": m.control_of,
             "lam_at_grid_edge": bool(edge),
             "val": {k: val[k] for k in ("avg_norm", "avg_acc", "loglik", "norm")},
-            "test": {k: test[k] for k in ("avg_norm", "avg_acc", "loglik", "norm", "acc", "c_min", "c_max")
-                     if k in test},
+            "test": {k: test[k] for k in ("avg_norm", "avg_acc", "loglik", "norm", "acc", "c_min", "c_max",
+                                          "api_fallback") if k in test},
             "items": test["items"],
         }
     runner.flush()
@@ -378,7 +380,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             if row and row["vs_TA"]:
                 grid[i, j] = row["vs_TA"]["diff"]
     lim = max(1.0, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cols), 0.9 + 0.42 * len(names)))
+    fig, ax = plt.subplots(figsize=(5.5 + 1.2 * len(cols), 1.2 + 0.42 * len(names)))
     im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
     for i in range(len(names)):
         for j in range(len(cols)):
@@ -462,7 +464,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 time.perf_counter() - t0,
                                 {t: round(a, 2) for t, a in res["expert_acc"]["test"].items()},
                                 100 * r["TA"]["test"]["avg_norm"],
-                                100 * r["Default (MergeConfig())"]["test"]["avg_norm"],
+                                100 * r[DEFAULT]["test"]["avg_norm"],
                                 100 * r["Base (no merge)"]["test"]["avg_norm"])
     report = {
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -80,7 +80,7 @@ def lib_default_setting() -> dict[str, Any]:
     trim = "sensitivity" if cfg.trim_by in ("auto", "sensitivity") else "magnitude"  # every expert has maps here
     setting = {"method": cfg.method, "density": cfg.density, "trim_by": trim, "lam": cfg.resolved_scale(trim)}
     if cfg.sens is not None:
-        setting.update(coef="sens", **lib_sens_reading(), sens=cfg.sens, T=cfg.temperature)
+        setting.update({**lib_sens_reading(), "coef": "sens", "sens": cfg.sens, "T": cfg.temperature})
     return setting
 
 
@@ -146,9 +146,24 @@ def lib_merge_adapters_default(peft, tasks: Sequence[str], records, transfer) ->
     """The public API with no merge arguments: ``merge_adapters(..., output="full")`` (the LoRA default row)."""
     from sens_peft.merge import merge_adapters
 
-    report = merge_adapters(peft, list(tasks), output="full", sensitivities=records, transferability=transfer,
-                            device="cpu")
+    report = merge_adapters(copy.deepcopy(peft), list(tasks), output="full", sensitivities=records,
+                            transferability=transfer, device="cpu")
     return report.model
+
+
+def lib_merge_models_default(base_dir: Path, expert_dirs: Sequence[Path], out_dir: Path, records,
+                             transfer) -> Any:
+    """The public API with no merge arguments for full experts: ``merge_models`` folder to folder, loaded back."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    from sens_peft.merge import merge_models
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    merge_models(base_dir, list(expert_dirs), out_dir, sensitivities=records, transferability=transfer,
+                 device="cpu", progress=False)
+    return LlamaForCausalLM.from_pretrained(out_dir).eval()
 
 
 # ==========================================================================================================
@@ -324,6 +339,7 @@ class Cell:
     expert_scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> {task: scores}
     base_scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     train_seconds: float = 0.0
+    root: Optional[Path] = None  # where the experts are saved (``<root>/<task>/model``)
     shuffled: frozenset = frozenset()
     _stats: dict = field(default_factory=dict)
 
@@ -387,8 +403,8 @@ def prepare_cell(base, family: str, regime: str, kind: str, seed: int, workdir: 
                  alignments: Sequence[str] = ("cosine",)) -> Cell:
     """Train (or load cached) the experts of one cell, their sidecars, transferability, ΔW and reference scores.
 
-    Full experts are merged on the tensors their sidecars hold element maps for (the 2-D weights of the
-    decoder layers: the LoRA targets), so LoRA and full cells merge the same modules.
+    Full experts are merged on every tensor their sidecars hold an element map for (all parameters of the toy
+    Llama: embeddings, norms and head included); LoRA experts on their adapted modules.
     """
     from peft import PeftModel
     from transformers import LlamaForCausalLM
@@ -433,7 +449,7 @@ def prepare_cell(base, family: str, regime: str, kind: str, seed: int, workdir: 
         del models
     transfer_cache.write_text(json.dumps({k: v.tolist() for k, v in transfer.items()}))
     cell = Cell(family, regime, kind, seed, tasks, base, deltas, records, transfer, peft,
-                train_seconds=train_seconds)
+                train_seconds=train_seconds, root=root)
     _reference_scores(cell, root / "reference_scores.json", scorers)
     return cell
 
@@ -499,6 +515,23 @@ def merge_fast(setting: dict[str, Any], cell: Cell) -> tuple[dict[str, torch.Ten
             seed=cell.seed, name=name, importance=cell.stat("element_maps", name) if needs_maps else None,
             trim_by=setting.get("trim_by", "magnitude"))
     return out, spread
+
+
+def merge_default(setting: dict[str, Any], cell: Cell) -> tuple[Any, dict]:
+    """What a user gets with no merge arguments, through the public API (``merge_adapters`` / ``merge_models``).
+
+    Falls back to the fast path with ``MergeConfig()``'s choices (and says so in the spread dict) if the public
+    call fails, so that one library error does not cost the grid of the whole cell.
+    """
+    try:
+        if cell.kind == "lora":
+            return lib_merge_adapters_default(cell.peft, cell.tasks, cell.records, cell.transfer["cosine"]), {}
+        return lib_merge_models_default(Path(cell.base.name_or_path), [cell.root / t / "model" for t in cell.tasks],
+                                        cell.root / "default_merge", cell.records, cell.transfer["cosine"]), {}
+    except Exception as err:  # noqa: BLE001
+        logger.warning("%s: the public API default merge failed (%r); using the fast path", cell.label(), err)
+        merged, spread = merge_fast(lib_default_setting(), cell)
+        return merged, {**spread, "api_fallback": 1.0}
 
 
 def peft_weighted(cell: Cell, combination: str, lam: float, density: Optional[float]) -> Any:

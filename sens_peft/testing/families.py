@@ -20,7 +20,8 @@ Regimes:
   that :meth:`Family.known` accepts (for ``maps`` this is exactly :func:`toy.pretrain_base`). Experts learn the
   missing part: small task vectors, as with a real pre-trained LLM.
 * ``A`` -- the base knows none of them: pre-trained on generic text plus a *copy* task over the family's inputs
-  (the answer format, no task). Experts learn whole tasks: large task vectors, heavy interference.
+  (the answer format, no task) and, where a family defines one, a *skill* task of the same kind on other data
+  (``recall``: facts about 40 other keys). Experts learn whole tasks: large task vectors, heavy interference.
 
 Bases are cached like :func:`toy.pretrain_base` (``<cache>/<family>-<regime>-<hash>``)::
 
@@ -63,6 +64,8 @@ class Family:
         inputs: ``rng -> input string`` from the family's input distribution (regime A's copy rows).
         known: ``(task, input) -> bool``: whether the regime-B base is pre-trained on this input of the task.
         description: One line for tables.
+        skill: Optional regime-A *skill* task: the same kind of task as the family's on other data (e.g. recall of
+            facts about other keys), so the base knows how to do such a task but none of the tasks themselves.
     """
 
     name: str
@@ -70,6 +73,7 @@ class Family:
     inputs: Callable[[random.Random], str]
     known: Callable[[str, str], bool]
     description: str = ""
+    skill: toy.Task | None = None
 
 
 def _seeded(*parts: Any) -> random.Random:
@@ -110,29 +114,32 @@ def _recall_known_keys(task: str) -> frozenset[str]:
 RECALL_KNOWN_KEYS = {t: _recall_known_keys(t) for t in RECALL_TASKS}
 
 
-def _recall_solver(task: str) -> Callable[[str], str]:
-    table = RECALL_TABLES[task]
+def _skill_table() -> dict[str, str]:
+    """Regime A's recall skill: facts about keys no task uses (the base learns *how* to recall, not what)."""
+    used = {k for table in RECALL_TABLES.values() for k in table}
+    free = sorted(a + b for a in toy.LETTERS for b in toy.LETTERS if a + b not in used)
+    rng = _seeded("recall-skill", FAMILY_VERSION)
+    return {k: str(rng.randrange(10)) for k in rng.sample(free, 2 * RECALL_KEYS)}
+
+
+RECALL_SKILL_TABLE = _skill_table()
+
+
+def _table_task(name: str, tag: str, table: dict[str, str]) -> toy.Task:
+    keys = sorted(table)
 
     def solve(x: str) -> str:
         return "".join(table[x[i : i + 2]] for i in range(0, len(x), 2))
-
-    return solve
-
-
-def _recall_generator(task: str) -> Callable[[random.Random], tuple[str, str]]:
-    keys = sorted(RECALL_TABLES[task])
-    solve = _recall_solver(task)
 
     def generate(rng: random.Random) -> tuple[str, str]:
         x = "".join(rng.choice(keys) for _ in range(RECALL_ARITY))
         return x, solve(x)
 
-    return generate
+    return toy.Task(name, tag, generate, solve, f"{RECALL_ARITY} keys of {len(keys)} -> their one-digit values")
 
 
 def _recall_inputs(rng: random.Random) -> str:
-    task = rng.choice(RECALL_TASKS)
-    return _recall_generator(task)(rng)[0]
+    return toy.get_task(rng.choice(RECALL_TASKS)).generate(rng)[0]
 
 
 def _recall_known(task: str, x: str) -> bool:
@@ -194,8 +201,7 @@ def _maps_known(task: str, x: str) -> bool:
 
 def _register() -> dict[str, Family]:
     for task in RECALL_TASKS:
-        toy.register_task(toy.Task(task, f"r{task[-1]}:", _recall_generator(task), _recall_solver(task),
-                                   f"{RECALL_ARITY} keys of {RECALL_KEYS} -> their one-digit values"))
+        toy.register_task(_table_task(task, f"r{task[-1]}:", RECALL_TABLES[task]))
     for task, op in CONFLICT_OPS.items():
         toy.register_task(toy.Task(task, CONFLICT_TAGS[task], _conflict_generator(op), op,
                                    f"{task.split('_')[1]} on 4 digits (same inputs as the other conflict tasks)"))
@@ -203,7 +209,8 @@ def _register() -> dict[str, Family]:
         "maps": Family("maps", tuple(toy.TASK_NAMES), _maps_inputs, _maps_known,
                        "per-position symbol maps, one tag per task (the original toy suite)"),
         "recall": Family("recall", RECALL_TASKS, _recall_inputs, _recall_known,
-                         "key -> value facts, disjoint keys per task"),
+                         "key -> value facts, disjoint keys per task",
+                         skill=_table_task("recall_skill", "rz:", RECALL_SKILL_TABLE)),
         "conflict": Family("conflict", tuple(CONFLICT_OPS), _digits,
                            lambda task, x: set(x) <= CONFLICT_KNOWN[task],
                            "four different answers on the same 4-digit inputs, task tag in the prompt"),
@@ -282,6 +289,9 @@ def pretraining_rows(tokenizer, settings: FamilyBaseSettings, n: int) -> list[li
             task = rng.choice(fam.tasks)
             x, y = rng.choice(known[task])
             rows.append(toy.encode_example(tokenizer, task, x, y)["input_ids"])
+        elif fam.skill is not None and rng.random() < 0.5:
+            x, y = fam.skill.generate(rng)
+            rows.append(toy.encode_example(tokenizer, fam.skill, x, y)["input_ids"])
         else:
             x = fam.inputs(rng)
             rows.append(toy.encode_example(tokenizer, copy_task, x, x)["input_ids"])
