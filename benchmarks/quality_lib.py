@@ -374,7 +374,7 @@ def _train_expert(base, task: str, cell_dir: Path, kind: str, regime: str, seed:
     start = time.perf_counter()
     folder = cell_dir / task
     cb = lib_callback(task, seed)
-    kwargs = families.expert_kwargs(regime, lora=kind == "lora")
+    kwargs = families.expert_kwargs(regime, lora=kind == "lora", family=families.family_of(task))
     if steps is not None:
         kwargs["steps"] = steps
     model = toy.train_expert(base, task, callbacks=[cb], output_dir=str(folder / "trainer"), seed=seed,
