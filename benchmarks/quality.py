@@ -456,7 +456,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     t0 = time.perf_counter()
                     cell = ql.prepare_cell(base, family, regime, kind, seed, workdir, tokenizer, scorers=scorers,
                                            steps=args.steps)
-                    root = workdir / family / regime / kind / f"seed{seed}"
+                    root = ql.cell_root(workdir, family, regime, kind, seed, args.steps)
                     res = run_cell(cell, methods, args.grid, scorers, root, tokenizer)
                     cells.append(res)
                     r = res["methods"]

@@ -398,6 +398,14 @@ def _full_deltas(base, models: Sequence[Any], names: Sequence[str]) -> dict[str,
     return out
 
 
+def cell_root(workdir: Path, family: str, regime: str, kind: str, seed: int, steps: Optional[int]) -> Path:
+    """A cell's cache folder; named by its training recipe too, so a changed recipe never reuses old experts."""
+    recipe = {"train": families.expert_kwargs(regime, kind == "lora", family), "steps": steps,
+              "callback": repr(lib_callback("x", seed).config)}
+    tag = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    return workdir / family / regime / kind / f"seed{seed}-{tag}"
+
+
 def prepare_cell(base, family: str, regime: str, kind: str, seed: int, workdir: Path, tokenizer, *,
                  scorers: dict[str, Scorer], steps: Optional[int] = None,
                  alignments: Sequence[str] = ("cosine",)) -> Cell:
@@ -410,7 +418,7 @@ def prepare_cell(base, family: str, regime: str, kind: str, seed: int, workdir: 
     from transformers import LlamaForCausalLM
 
     tasks = list(families.get_family(family).tasks)
-    root = workdir / family / regime / kind / f"seed{seed}"
+    root = cell_root(workdir, family, regime, kind, seed, steps)
     train_seconds = 0.0
     for task in tasks:
         if not (root / task / "done.json").exists():
