@@ -16,6 +16,13 @@ Normalised accuracy = accuracy ÷ the task's own expert's accuracy, mean over th
 paired bootstraps over test items (resampled within task and cell) of each method − tuned TA and each method −
 its control, per suite (mean over seeds) and over all suites (mean of suite means).
 
+Adding a method is one entry; a data-aware one also declares its statistic once, e.g. RegMean::
+
+    ql.register_statistic("gram", load=lambda cell, name: input_grams(cell, name),   # per expert, cached per cell
+                          shuffle=lambda grams, seed: permuted_grams(grams, seed))  # its information-free version
+    METHODS.append(Method("RegMean", lambda g: [{"alpha": a, "lam": 1.0} for a in ALPHAS_OF_BUDGET], regmean,
+                          uses=("gram",)))   # -> rows "RegMean" and "RegMean [control: shuffled gram]"
+
 Usage::
 
     python benchmarks/quality.py --quick          # recall + conflict, regime A, LoRA, 1 seed (<= 15 min, 2 cores)
