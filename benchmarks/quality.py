@@ -329,6 +329,12 @@ def ci(c: Optional[dict[str, float]]) -> str:
     return "—" if not c else f"{c['diff']:+.1f} [{c['lo']:+.1f}, {c['hi']:+.1f}]"
 
 
+def _pm(values: list[float]) -> str:
+    """``mean ± std`` over seeds in percent (just the mean for one seed)."""
+    m, sd = ql.mean_std([100 * v for v in values])
+    return f"{m:.1f} ± {sd:.1f}" if len(values) > 1 else f"{m:.1f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     agg = report["aggregate"]
     suites = agg["suites"]
@@ -342,10 +348,10 @@ def markdown(report: dict[str, Any]) -> str:
              "validation). Suite = family/regime/kind; regime B: base half-knows every task; A: base knows none. "
              "`mean` = mean of the suite means (methods absent from a suite, e.g. PEFT on full experts, are "
              "averaged over the suites they have). Intervals: paired bootstrap over test items, 95%, points.", "",
-             "## Normalised accuracy per suite", "",
+             "## Normalised accuracy per suite (mean ± std over seeds)", "",
              "| method | " + " | ".join(suites) + " | mean |", "|---|" + "---|" * (len(suites) + 1)]
     for n in names:
-        cells = [f"{100 * agg['per_suite'][s]['methods'][n]['test']:.1f}" if n in agg["per_suite"][s]["methods"]
+        cells = [_pm(agg["per_suite"][s]["methods"][n]["seeds"]) if n in agg["per_suite"][s]["methods"]
                  else "—" for s in suites]
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {100 * agg['mean'][n]['test']:.1f} |")
     for title, key in (("Gain over tuned TA", "vs_TA"), ("Gain over the information-free control", "vs_control")):
