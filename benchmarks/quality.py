@@ -25,7 +25,7 @@ Adding a method is one entry; a data-aware one also declares its statistic once,
 
 Usage::
 
-    python benchmarks/quality.py --quick          # recall + conflict, regime A, LoRA, 1 seed (<= 15 min, 2 cores)
+    python benchmarks/quality.py --quick          # maps + conflict, regime B, LoRA, 1 seed (<= 15 min, 2 cores)
     python benchmarks/quality.py                  # 3 families × 2 regimes × LoRA/full × 3 seeds (hours; resumable)
     python benchmarks/quality.py --families maps --regimes B --kinds lora --seeds 1
 """
@@ -416,7 +416,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="recall + conflict, regime A, LoRA, 1 seed, grid budget 4, 100 val / 200 test items")
+                   help="maps + conflict, regime B, LoRA, 1 seed, grid budget 4, 100 val / 200 test items")
     p.add_argument("--families", default=None, help="comma list (default: maps,recall,conflict)")
     p.add_argument("--regimes", default=None, help="comma list of A,B (default: both)")
     p.add_argument("--kinds", default=None, help="comma list of lora,full (default: both)")
@@ -432,8 +432,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--resamples", type=int, default=2000)
     args = p.parse_args(argv)
     q = args.quick
-    args.families = (args.families or ("recall,conflict" if q else "maps,recall,conflict")).split(",")
-    args.regimes = (args.regimes or ("A" if q else "A,B")).split(",")
+    args.families = (args.families or ("maps,conflict" if q else "maps,recall,conflict")).split(",")
+    args.regimes = (args.regimes or ("B" if q else "A,B")).split(",")
     args.kinds = (args.kinds or ("lora" if q else "lora,full")).split(",")
     args.seeds = args.seeds or (1 if q else 3)
     args.val_n = args.val_n or (100 if q else 200)
