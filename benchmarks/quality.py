@@ -56,15 +56,15 @@ logger = logging.getLogger("quality")
 # Every tuned method gets exactly ``budget`` grid points.
 GRIDS: dict[str, dict[str, Any]] = {
     "full": {"budget": 8,
-             "ta_lams": [0.15, 0.25, 0.35, 0.45, 0.6, 0.75, 0.9, 1.1],
-             "ties": {"density": [0.2, 0.5], "lams": [0.6, 1.0, 1.5, 2.0]},
-             "dare": {"density": [0.3, 0.6], "lams": [0.6, 1.0, 1.5, 2.0]},
-             "sens": {"T": [1.0, 4.0], "lams": [0.25, 0.4, 0.6, 0.9]}},
+             "ta_lams": [0.1, 0.15, 0.25, 0.35, 0.45, 0.6, 0.75, 0.9],
+             "ties": {"density": [0.2, 0.5], "lams": [0.4, 0.8, 1.3, 2.0]},
+             "dare": {"density": [0.3, 0.6], "lams": [0.4, 0.8, 1.3, 2.0]},
+             "sens": {"T": [1.0, 4.0], "lams": [0.15, 0.3, 0.5, 0.8]}},
     "quick": {"budget": 4,
-              "ta_lams": [0.25, 0.4, 0.6, 0.9],
-              "ties": {"density": [0.4], "lams": [0.6, 1.0, 1.5, 2.0]},
-              "dare": {"density": [0.5], "lams": [0.6, 1.0, 1.5, 2.0]},
-              "sens": {"T": [1.0], "lams": [0.25, 0.4, 0.6, 0.9]}},
+              "ta_lams": [0.15, 0.3, 0.5, 0.8],
+              "ties": {"density": [0.4], "lams": [0.4, 0.8, 1.3, 2.0]},
+              "dare": {"density": [0.5], "lams": [0.4, 0.8, 1.3, 2.0]},
+              "sens": {"T": [1.0], "lams": [0.15, 0.3, 0.5, 0.8]}},
 }
 
 

@@ -11,8 +11,9 @@ skill the experts learn and in how the experts interfere:
   with a one-digit value each; an input is three keys, the answer their three values. Skill: memorising many facts
   (MLP capacity); interference: facts that only one expert learns, competing for the same weights.
 * ``conflict`` -- four tasks on the *same* inputs (4 digits) with the same output alphabet and different answers
-  (``add3``: d+3, ``neg``: 9-d, ``mul3``: 3d, ``rinc``: reverse then +1, all mod 10); only the tag in the
-  prompt tells them apart. Interference: direct conflicts, every expert rewrites the same input->output entries.
+  (per digit ``add3``: d+3, ``neg``: 9-d, ``mul3``: 3d, ``mul7``: 7d, all mod 10); only the tag in the prompt
+  tells them apart. (A fifth candidate, reverse-then-increment, was dropped: its LoRA experts stayed at 0% exact
+  match after 150 steps at 1e-3 and 250 at 3e-3, and the regime-B base did not learn it either.) Interference: direct conflicts, every expert rewrites the same input->output entries.
 
 Regimes:
 
@@ -154,9 +155,9 @@ CONFLICT_OPS: dict[str, Callable[[str], str]] = {
     "conflict_add3": lambda x: "".join(str((int(c) + 3) % 10) for c in x),
     "conflict_neg": lambda x: "".join(str(9 - int(c)) for c in x),
     "conflict_mul3": lambda x: "".join(str((3 * int(c)) % 10) for c in x),
-    "conflict_rinc": lambda x: "".join(str((int(c) + 1) % 10) for c in reversed(x)),
+    "conflict_mul7": lambda x: "".join(str((7 * int(c)) % 10) for c in x),
 }
-CONFLICT_TAGS = {"conflict_add3": "add:", "conflict_neg": "neg:", "conflict_mul3": "mul:", "conflict_rinc": "rin:"}
+CONFLICT_TAGS = {"conflict_add3": "add:", "conflict_neg": "neg:", "conflict_mul3": "mul:", "conflict_mul7": "sev:"}
 CONFLICT_KNOWN_DIGITS = 7  # regime B: per task, the base sees inputs made of 7 of the 10 digits -> ~(0.7)^4 = 24%
 
 

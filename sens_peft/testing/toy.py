@@ -287,6 +287,10 @@ def get_task(task: str | Task) -> Task:
     if isinstance(task, Task):
         return task
     found = TASKS.get(task) or EXTRA_TASKS.get(task)
+    if found is None and not EXTRA_TASKS:
+        from . import families  # noqa: F401  (importing it registers the other families' tasks)
+
+        found = EXTRA_TASKS.get(task)
     if found is None:
         raise KeyError(f"unknown toy task {task!r}; available: {TASK_NAMES + list(EXTRA_TASKS)}")
     return found
