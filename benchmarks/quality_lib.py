@@ -1,24 +1,27 @@
-"""Building blocks of ``benchmarks/quality.py``: experts per seed (cached), fast scoring, coefficients, merges, stats.
+"""Building blocks of ``benchmarks/quality.py``: the library adapter, experts per cell (cached), fast scoring,
+statistics with their information-free controls, merges, and paired-bootstrap statistics.
 
-Speed is what makes a grid of hundreds of merges per seed possible on two shared CPU cores:
+A *cell* is one (family, regime, kind, seed): a base, K experts (LoRA or full) trained on the family's tasks,
+their sensitivity sidecars and transferability matrix. Speed is what makes a grid of merges per cell possible on
+two shared CPU cores:
 
-* each expert's ΔW per module is computed once (fp32), and a merge is ``methods.merge_deltas`` per module with the
-  coefficient vector of that module's group, added into one reusable evaluation model (no PEFT round trip);
+* each expert's ΔW per tensor is computed once (fp32), and a merge is one library call per tensor, added into one
+  reusable evaluation model (no PEFT round trip);
 * scoring is *teacher-forced exact match*: greedy decoding reproduces the answer iff, given the true prefix, the
-  argmax at every answer position is the true token (and the end is EOS / pad). One forward pass over all items
-  gives the same per-item verdict as ``toy.evaluate``'s generation (agreement is measured and reported) and the
-  answer log-likelihood (the tie-breaker) for free.
+  argmax at every answer position is the true token (and the end is EOS / pad). One forward pass gives the same
+  per-item verdict as ``toy.evaluate``'s generation (agreement is measured and reported) and the answer
+  log-likelihood (the tie-breaker).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
-import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,56 +29,156 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from sens_peft.coefficients import compute_coefficients
-from sens_peft.groups import layer_group
-from sens_peft.methods import MergeMethod, magnitude_trim_mask, merge_deltas, register_method
-from sens_peft.store import (
-    ProbeSet,
-    SensitivityRecord,
-    load_probe,
-    load_sensitivity,
-    save_probe,
-    save_sensitivity,
-)
-from sens_peft.testing import toy
+from sens_peft.testing import families, toy
 
 logger = logging.getLogger("quality")
 
-ALIGNMENTS = ("cosine", "neg_l2", "neg_kl", "l2")
-# (weight_source, mode) pairs measured per expert; element maps are kept for theta/delta (|w ⊙ G| of the full
-# weight names, what merge.py's trim_by="sensitivity" and the importance method read for LoRA experts).
-SOURCES = (("theta", "after"), ("delta", "after"), ("adapter", "after"), ("adapter", "during"))
-
-
-class TrimmedTaskArithmetic(MergeMethod):
-    """Benchmark-only method: TIES's per-tensor trim (by |ΔW| or by importance), then a plain weighted sum.
-
-    The TA-side test of sensitivity-guided trimming: no sign election, no disjoint mean.
-    """
-
-    name = "trim_ta"
-    description = "Benchmark-only: TIES's trim, then a plain weighted sum"
-    uses = ("density", "trim_by")
-
-    def combine(self, stacked, coefficients, ctx):
-        density, trim_by, importance = ctx.params["density"], ctx.params["trim_by"], ctx.statistic("element_maps")
-        if density < 1.0:
-            scores = stacked.abs() if trim_by == "magnitude" else importance
-            keep = torch.stack([magnitude_trim_mask(scores[k], density) for k in range(stacked.shape[0])])
-            stacked = stacked * keep
-        return (stacked * coefficients.reshape(-1, *([1] * (stacked.dim() - 1)))).sum(dim=0)
-
-
-register_method(TrimmedTaskArithmetic)
-
 
 def stable_int(*parts: Any) -> int:
+    """A process-independent 63-bit seed from ``parts`` (unlike ``hash``)."""
     return int.from_bytes(hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ==========================================================================================================
+# Library adapter: every call from the benchmark into sens_peft goes through the functions of this section,
+# so that a refactor of sens_peft.methods / sens_peft.merge is ported here and nowhere else.
+# ==========================================================================================================
+
+
+def lib_merge_tensor(method: str, deltas: Sequence[torch.Tensor], coefficients: torch.Tensor, *, density: float,
+                     scale: float, seed: int, name: str, importance: Optional[Sequence[torch.Tensor]] = None,
+                     trim_by: str = "magnitude", statistics: Optional[dict[str, Any]] = None,
+                     **params: Any) -> torch.Tensor:
+    """One tensor's merged delta (``scale * combine(deltas)``) by a registered merge method."""
+    from sens_peft.methods import merge_deltas
+
+    return merge_deltas(method, deltas, coefficients, density=density, scale=scale, seed=seed, name=name,
+                        importance=importance, trim_by=trim_by, statistics=statistics, **params)
+
+
+def lib_statistic(record, kind: str, name: str) -> Optional[torch.Tensor]:
+    """An expert's captured statistic of one tensor as the merge engine reads it (Grams as means ``E[x xᵀ]``)."""
+    from sens_peft.merging.plan import statistic_of
+
+    return statistic_of(record, kind, name)
+
+
+def lib_coefficients(records, transfer: torch.Tensor, tasks: Sequence[str], reading: dict[str, Any]):
+    """Sens-Merging coefficients (without λ): ``(values [K, G], groups, name -> [K] lookup)``."""
+    from sens_peft.coefficients import compute_coefficients
+
+    table = compute_coefficients(records, transfer, expert_names=list(tasks), sens=reading["sens"],
+                                 temperature=reading["T"], normalization=reading["normalization"],
+                                 granularity=reading["granularity"], tau_normalization=reading["tau_norm"])
+    return table.values.clone(), list(table.groups), table
+
+
+def lib_group(name: str, granularity: str) -> str:
+    """The coefficient group of a tensor name."""
+    from sens_peft.groups import layer_group
+
+    return layer_group(name, granularity)
+
+
+def lib_default_setting() -> dict[str, Any]:
+    """``MergeConfig()``'s choices as a benchmark setting (what a user gets with no arguments)."""
+    from sens_peft.config import MergeConfig
+
+    cfg = MergeConfig()
+    trim = "sensitivity" if cfg.trim_by in ("auto", "sensitivity") else "magnitude"  # every expert has maps here
+    setting = {"method": cfg.method, "density": cfg.density, "trim_by": trim, "lam": cfg.resolved_scale(trim)}
+    if cfg.sens is not None:
+        setting.update({**lib_sens_reading(), "coef": "sens", "sens": cfg.sens, "T": cfg.temperature})
+    return setting
+
+
+def lib_sens_reading() -> dict[str, Any]:
+    """The reading of the paper's method the library recommends (``MergeConfig``'s defaults), sens task+cross."""
+    from sens_peft.config import MergeConfig
+
+    cfg = MergeConfig()
+    return {"sens": "task+cross", "normalization": cfg.normalization, "tau_norm": cfg.tau_normalization,
+            "alignment": cfg.alignment, "granularity": cfg.granularity}
+
+
+def lib_callback(task: str, seed: int):
+    """The sensitivity callback of a benchmark expert: the calibration pass after training, with element maps,
+    input Grams (RegMean) and Fisher maps."""
+    from sens_peft.config import SensitivityConfig
+    from sens_peft.sensitivity.callback import SensitivityCallback
+
+    return SensitivityCallback(SensitivityConfig(task=task, mode="after", seed=seed, element_maps=True,
+                                                 gram="full", fisher=True, probe_samples=16,
+                                                 calibration_samples=32))
+
+
+def lib_save_sidecars(record, probe, folder: Path) -> None:
+    from sens_peft.store import save_probe, save_sensitivity
+
+    save_sensitivity(record, folder / "sensitivity.safetensors")
+    save_probe(probe, folder / "probe.safetensors")
+
+
+def lib_load_sidecars(folder: Path):
+    from sens_peft.store import load_probe, load_sensitivity
+
+    return load_sensitivity(folder / "sensitivity.safetensors"), load_probe(folder / "probe.safetensors")
+
+
+def lib_lora_deltas(peft, tasks: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+    """``{full weight name: [ΔW_k]}`` of every LoRA module adapted by all ``tasks`` (fp32, CPU)."""
+    from sens_peft.lora import delta_weight, lora_modules
+
+    out = {}
+    for module in lora_modules(peft):
+        factors = [module.factors(t) for t in tasks]
+        if any(f is None for f in factors):
+            raise RuntimeError(f"module {module.name} is not adapted by every expert")
+        out[module.weight_name] = [delta_weight(module, f, torch.device("cpu")) for f in factors]
+    return out
+
+
+def lib_transfer_lora(peft, tasks: Sequence[str], probes, alignment: str) -> torch.Tensor:
+    from sens_peft.transfer import transferability_for_adapters
+
+    return transferability_for_adapters(peft, list(tasks), probes, alignment=alignment, device="cpu",
+                                        vocab_size=peft.config.vocab_size)
+
+
+def lib_transfer_full(models: Sequence[Any], probes, alignment: str, vocab_size: int) -> torch.Tensor:
+    from sens_peft.transfer import transferability_for_models
+
+    return transferability_for_models(lambda i: models[i], len(models), probes, alignment=alignment, device="cpu",
+                                      vocab_size=vocab_size)
+
+
+def lib_merge_adapters_default(peft, tasks: Sequence[str], records, transfer) -> Any:
+    """The public API with no merge arguments: ``merge_adapters(..., output="full")`` (the LoRA default row)."""
+    from sens_peft.merge import merge_adapters
+
+    report = merge_adapters(copy.deepcopy(peft), list(tasks), output="full", sensitivities=records,
+                            transferability=transfer, device="cpu")
+    return report.model
+
+
+def lib_merge_models_default(base_dir: Path, expert_dirs: Sequence[Path], out_dir: Path, records,
+                             transfer) -> Any:
+    """The public API with no merge arguments for full experts: ``merge_models`` folder to folder, loaded back."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    from sens_peft.merge import merge_models
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    merge_models(base_dir, list(expert_dirs), out_dir, sensitivities=records, transferability=transfer,
+                 device="cpu", progress=False)
+    return LlamaForCausalLM.from_pretrained(out_dir).eval()
+
+
+# ==========================================================================================================
 # Scoring
-# ----------------------------------------------------------------------------------------------------------
+# ==========================================================================================================
 
 
 class Scorer:
@@ -157,216 +260,359 @@ def unbits(s: str) -> np.ndarray:
     return np.frombuffer(s.encode(), dtype=np.uint8) == ord("1")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Experts of one seed
-# ----------------------------------------------------------------------------------------------------------
+# ==========================================================================================================
+# Statistics and their information-free controls
+# ==========================================================================================================
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A per-expert statistic a data-aware method reads, and its information-free version.
+
+    Args:
+        load: ``(cell, key) -> value`` (e.g. the element maps of one tensor, a coefficient table of a reading).
+        shuffle: ``(value, seed) -> value`` with the same values and no alignment with the weights/experts
+            (the control a method reading this statistic is compared with).
+    """
+
+    load: Callable[[Cell, Any], Any]
+    shuffle: Callable[[Any, int], Any]
+
+
+STATISTICS: dict[str, Statistic] = {}
+
+
+def register_statistic(kind: str, load: Callable[[Cell, Any], Any], shuffle: Callable[[Any, int], Any]) -> None:
+    """Declare a statistic (e.g. ``"gram"`` for RegMean's per-module input Gram matrices, ``"fisher"``): a method
+    that lists it in ``uses`` gets a control entry that reads ``shuffle(load(...))`` instead."""
+    STATISTICS[kind] = Statistic(load, shuffle)
+
+
+def _permute_within(t: torch.Tensor, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    flat = t.reshape(-1)
+    return flat[torch.randperm(flat.numel(), generator=gen)].reshape(t.shape)
+
+
+def _load_element_maps(cell: Cell, name: str) -> list[torch.Tensor]:
+    maps = []
+    for k, r in enumerate(cell.records):
+        if name not in r.element_maps:
+            raise KeyError(f"expert {cell.tasks[k]} ({cell.label()}) has no element map for {name!r}; "
+                           f"it has {sorted(r.element_maps)[:3]}...")
+        maps.append(r.element_maps[name])
+    return maps
+
+
+def _shuffle_element_maps(maps: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """Each map's entries permuted within its tensor (independently per expert)."""
+    return [_permute_within(m, stable_int(seed, k)) for k, m in enumerate(maps)]
+
+
+def _load_sens_table(cell: Cell, reading_key: str):
+    reading = json.loads(reading_key)
+    values, groups, _ = lib_coefficients(cell.records, cell.transfer[reading["alignment"]], cell.tasks, reading)
+    return values, groups
+
+
+def _shuffle_sens_table(table, seed: int):
+    """Per group, the K coefficients assigned to the experts in a random order (same values, same spread)."""
+    values, groups = table
+    gen = torch.Generator().manual_seed(seed)
+    out = values.clone()
+    for g in range(values.shape[1]):
+        out[:, g] = values[torch.randperm(values.shape[0], generator=gen), g]
+    return out, groups
+
+
+def _load_records_statistic(kind: str) -> Callable[[Cell, str], Optional[list[torch.Tensor]]]:
+    """The experts' statistic ``kind`` of one tensor, or None when no expert has one for it (e.g. no Gram for a
+    tensor that is no Linear's weight); an expert lacking what the others have is an error."""
+    def load(cell: Cell, name: str) -> Optional[list[torch.Tensor]]:
+        values = [lib_statistic(r, kind, name) for r in cell.records]
+        if all(v is None for v in values):
+            return None
+        if any(v is None for v in values):
+            raise KeyError(f"{cell.label()}: some experts have no {kind!r} statistic for {name!r}")
+        return values
+
+    return load
+
+
+def _permute_grams(grams: Optional[list[torch.Tensor]], seed: int) -> Optional[list[torch.Tensor]]:
+    """Each Gram's input features permuted (``P G Pᵀ``, independently per expert): the same spectrum and scale,
+    positive semi-definite, no alignment with the weights' input columns."""
+    if grams is None:
+        return None
+    out = []
+    for k, g in enumerate(grams):
+        perm = torch.randperm(g.shape[-1], generator=torch.Generator().manual_seed(stable_int(seed, k)))
+        out.append(g[perm][:, perm] if g.dim() == 2 else g[perm])
+    return out
+
+
+def _shuffle_fisher(maps: Optional[list[torch.Tensor]], seed: int) -> Optional[list[torch.Tensor]]:
+    return None if maps is None else _shuffle_element_maps(maps, seed)
+
+
+register_statistic("element_maps", _load_element_maps, _shuffle_element_maps)
+register_statistic("gram", _load_records_statistic("gram"), _permute_grams)
+register_statistic("fisher", _load_records_statistic("fisher"), _shuffle_fisher)
+register_statistic("sens_table", _load_sens_table, _shuffle_sens_table)
+
+
+# ==========================================================================================================
+# Cells: the experts of one (family, regime, kind, seed)
+# ==========================================================================================================
 
 
 @dataclass
-class SeedData:
+class Cell:
+    family: str
+    regime: str
+    kind: str  # "lora" or "full"
     seed: int
     tasks: list[str]
-    peft: Any  # PeftModel holding every expert adapter (named by task)
-    deltas: dict[str, list[torch.Tensor]]  # full weight name -> K ΔW (fp32)
-    records: dict[tuple[str, str], list[SensitivityRecord]]
-    probes: list[ProbeSet]
-    transfer: dict[str, torch.Tensor] = field(default_factory=dict)
-    expert_scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> summary of own experts
+    base: Any
+    deltas: dict[str, list[torch.Tensor]]  # tensor name -> K ΔW (fp32)
+    records: list[Any]  # one SensitivityRecord per expert (theta, after, with element maps)
+    transfer: dict[str, torch.Tensor]  # alignment -> [K, K]
+    peft: Any = None  # LoRA: a PeftModel holding every expert adapter (named by task)
+    expert_scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> {task: scores}
     base_scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     train_seconds: float = 0.0
-    w0: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights of the adapted modules
+    root: Optional[Path] = None  # where the experts are saved (``<root>/<task>/model``)
+    shuffled: frozenset = frozenset()
+    _stats: dict = field(default_factory=dict)
+
+    def label(self) -> str:
+        return f"{self.family}/{self.regime}/{self.kind}/seed{self.seed}"
+
+    def stat(self, kind: str, key: Any) -> Any:
+        """A statistic (cached), shuffled when this cell is a control view for ``kind``."""
+        ck = (kind, key)
+        if ck not in self._stats:
+            value = STATISTICS[kind].load(self, key)
+            if kind in self.shuffled:
+                value = STATISTICS[kind].shuffle(value, stable_int("shuffle", self.seed, kind, key))
+            self._stats[ck] = value
+        return self._stats[ck]
+
+    def with_shuffled(self, kinds: Sequence[str]) -> Cell:
+        """A view of this cell whose statistics ``kinds`` are shuffled (the information-free control)."""
+        key = frozenset(kinds)
+        views = self._stats.setdefault(("views",), {})
+        if key not in views:
+            views[key] = dataclasses.replace(self, shuffled=key, _stats={})
+        return views[key]
 
 
-def _train_one(base, task: str, seed: int, folder: Path, steps: Optional[int], calib: int, tokenizer) -> float:
-    from sens_peft.config import SensitivityConfig
-    from sens_peft.sensitivity.calibrate import compute_sensitivity
-    from sens_peft.sensitivity.callback import SensitivityCallback
+def expert_acc(cell: Cell, split: str) -> dict[str, float]:
+    return {t: float(v["correct"].mean()) for t, v in cell.expert_scores[split].items()}
 
+
+def _train_expert(base, task: str, cell_dir: Path, kind: str, regime: str, seed: int, steps: Optional[int],
+                  tokenizer) -> float:
     start = time.perf_counter()
-    cb = SensitivityCallback(SensitivityConfig(task=task, mode="during", seed=seed, probe_samples=16))
-    kwargs = {} if steps is None else {"steps": steps}
+    folder = cell_dir / task
+    cb = lib_callback(task, seed)
+    kwargs = families.expert_kwargs(regime, lora=kind == "lora", family=families.family_of(task))
+    if steps is not None:
+        kwargs["steps"] = steps
     model = toy.train_expert(base, task, callbacks=[cb], output_dir=str(folder / "trainer"), seed=seed,
-                             tokenizer=tokenizer, **kwargs)
+                             lora=kind == "lora", tokenizer=tokenizer, **kwargs)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder / "adapter"))
-    cb.detach() if hasattr(cb, "detach") else None
-    save_sensitivity(cb.record, folder / "sens_adapter_during.safetensors")
-    save_probe(cb.probe, folder / "probe.safetensors")
-    data = toy.task_dataset(task, "train", tokenizer)
-    for source, mode in SOURCES:
-        if mode != "after":
-            continue
-        cfg = SensitivityConfig(task=task, mode="after", weight_source=source, seed=seed, calibration_samples=calib,
-                                element_maps=source in ("theta", "delta"), store_probe=False)
-        record = compute_sensitivity(model, data, cfg)
-        save_sensitivity(record, folder / f"sens_{source}_{mode}.safetensors")
-    (folder / "done.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
-    return time.perf_counter() - start
+    model.save_pretrained(str(folder / "model"))
+    if cb.record is None or cb.probe is None:
+        raise RuntimeError(f"{folder}: the sensitivity callback produced no record/probe")
+    lib_save_sidecars(cb.record, cb.probe, folder)
+    seconds = time.perf_counter() - start
+    (folder / "done.json").write_text(json.dumps({"seconds": seconds}))
+    return seconds
 
 
-def prepare_seed(base, seed: int, workdir: Path, tasks: Sequence[str], tokenizer, *, steps: Optional[int] = None,
-                 calib: int = 32, scorers: dict[str, Scorer]) -> SeedData:
-    """Train (or load cached) experts for ``seed``, their sidecars, transferability, ΔW and reference scores."""
+def _full_deltas(base, models: Sequence[Any], names: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+    params0 = dict(base.named_parameters())
+    out = {}
+    for name in names:
+        ps = [dict(m.named_parameters())[name].detach().float() for m in models]
+        out[name] = [p - params0[name].detach().float() for p in ps]
+    return out
+
+
+def cell_root(workdir: Path, family: str, regime: str, kind: str, seed: int, steps: Optional[int]) -> Path:
+    """A cell's cache folder; named by its training recipe too, so a changed recipe never reuses old experts."""
+    recipe = {"train": families.expert_kwargs(regime, kind == "lora", family), "steps": steps,
+              "callback": repr(lib_callback("x", seed).config)}
+    tag = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    return workdir / family / regime / kind / f"seed{seed}-{tag}"
+
+
+def prepare_cell(base, family: str, regime: str, kind: str, seed: int, workdir: Path, tokenizer, *,
+                 scorers: dict[str, Scorer], steps: Optional[int] = None,
+                 alignments: Sequence[str] = ("cosine",)) -> Cell:
+    """Train (or load cached) the experts of one cell, their sidecars, transferability, ΔW and reference scores.
+
+    Full experts are merged on every tensor their sidecars hold an element map for (all parameters of the toy
+    Llama: embeddings, norms and head included); LoRA experts on their adapted modules.
+    """
     from peft import PeftModel
+    from transformers import LlamaForCausalLM
 
-    from sens_peft.lora import delta_weight, lora_modules
-    from sens_peft.transfer import transferability_for_adapters
-
-    root = workdir / f"seed{seed}"
+    tasks = list(families.get_family(family).tasks)
+    root = cell_root(workdir, family, regime, kind, seed, steps)
     train_seconds = 0.0
     for task in tasks:
-        folder = root / task
-        if not (folder / "done.json").exists():
-            logger.info("seed %d: training expert %s", seed, task)
-            secs = _train_one(base, task, seed, folder, steps, calib, tokenizer)
-            logger.info("seed %d: expert %s trained + calibrated in %.0f s", seed, task, secs)
-        train_seconds += json.loads((folder / "done.json").read_text())["seconds"]
+        if not (root / task / "done.json").exists():
+            logger.info("%s: training expert %s", root, task)
+            secs = _train_expert(base, task, root, kind, regime, seed, steps, tokenizer)
+            logger.info("%s: expert %s trained + calibrated in %.0f s", root, task, secs)
+        train_seconds += json.loads((root / task / "done.json").read_text())["seconds"]
+    loaded = [lib_load_sidecars(root / t) for t in tasks]
+    records, probes = [r for r, _ in loaded], [p for _, p in loaded]
 
+    transfer_cache = root / "transfer.json"
+    transfer = ({k: torch.tensor(v) for k, v in json.loads(transfer_cache.read_text()).items()}
+                if transfer_cache.exists() else {})
     peft = None
-    for task in tasks:
-        path = str(root / task / "adapter")
-        if peft is None:
-            peft = PeftModel.from_pretrained(copy.deepcopy(base), path, adapter_name=task)
-        else:
-            peft.load_adapter(path, adapter_name=task)
-    peft.eval()
-    records = {sm: [load_sensitivity(root / t / f"sens_{sm[0]}_{sm[1]}.safetensors") for t in tasks]
-               for sm in SOURCES}
-    probes = [load_probe(root / t / "probe.safetensors") for t in tasks]
-
-    cache = root / "transfer.json"
-    transfer: dict[str, torch.Tensor] = {}
-    if cache.exists():
-        transfer = {k: torch.tensor(v) for k, v in json.loads(cache.read_text()).items()}
-    for alignment in ALIGNMENTS:
-        if alignment not in transfer:
-            transfer[alignment] = transferability_for_adapters(
-                peft, list(tasks), probes, alignment=alignment, device="cpu", vocab_size=peft.config.vocab_size)
-    cache.write_text(json.dumps({k: v.tolist() for k, v in transfer.items()}))
-
-    deltas: dict[str, list[torch.Tensor]] = {}
-    for module in lora_modules(peft):
-        factors = [module.factors(t) for t in tasks]
-        if any(f is None for f in factors):
-            raise RuntimeError(f"module {module.name} is not adapted by every expert")
-        deltas[module.weight_name] = [delta_weight(module, f, torch.device("cpu")) for f in factors]
-
-    base_params = dict(base.named_parameters())
-    w0 = {n: base_params[n].detach().float().clone() for n in deltas}
-    data = SeedData(seed, list(tasks), peft, deltas, records, probes, transfer, train_seconds=train_seconds, w0=w0)
-    ref_cache = root / "reference_scores.json"
-    if ref_cache.exists():
-        ref = json.loads(ref_cache.read_text())
+    if kind == "lora":
+        for task in tasks:
+            path = str(root / task / "model")
+            if peft is None:
+                peft = PeftModel.from_pretrained(copy.deepcopy(base), path, adapter_name=task)
+            else:
+                peft.load_adapter(path, adapter_name=task)
+        peft.eval()
+        deltas = lib_lora_deltas(peft, tasks)
+        for a in alignments:
+            if a not in transfer:
+                transfer[a] = lib_transfer_lora(peft, tasks, probes, a)
     else:
+        models = [LlamaForCausalLM.from_pretrained(root / t / "model").eval() for t in tasks]
+        names = [n for n in records[0].element_maps if n in dict(base.named_parameters())]
+        if not names:
+            raise RuntimeError(f"{root}: the full experts' sidecars hold no element maps of base parameters")
+        deltas = _full_deltas(base, models, names)
+        for a in alignments:
+            if a not in transfer:
+                transfer[a] = lib_transfer_full(models, probes, a, base.config.vocab_size)
+        del models
+    transfer_cache.write_text(json.dumps({k: v.tolist() for k, v in transfer.items()}))
+    cell = Cell(family, regime, kind, seed, tasks, base, deltas, records, transfer, peft,
+                train_seconds=train_seconds, root=root)
+    _reference_scores(cell, root / "reference_scores.json", scorers)
+    return cell
+
+
+def _reference_scores(cell: Cell, cache: Path, scorers: dict[str, Scorer]) -> None:
+    """Each expert alone on its own task, and the base, per split (cached as bit strings)."""
+    if cache.exists():
+        ref = json.loads(cache.read_text())
+    else:
+        mm = MergedModel(cell.base, list(cell.deltas))
         ref = {}
         for split, scorer in scorers.items():
             own = {}
-            for task in tasks:
-                peft.set_adapter(task)
-                s = scorer.score(peft)
+            for k, task in enumerate(cell.tasks):
+                model = mm.load({n: d[k] for n, d in cell.deltas.items()})
+                s = scorer.score(model)
                 own[task] = {"correct": bits(s[task]["correct"]), "loglik": s[task]["loglik"]}
-            with peft.disable_adapter():
-                b = scorer.score(peft)
+            b = scorer.score(mm.load({n: torch.zeros_like(d[0]) for n, d in cell.deltas.items()}))
             ref[split] = {"experts": own, "base": {t: {"correct": bits(v["correct"]), "loglik": v["loglik"]}
                                                    for t, v in b.items()}}
-        ref_cache.write_text(json.dumps(ref))
+        cache.write_text(json.dumps(ref))
     for split in scorers:
-        data.expert_scores[split] = {t: {"correct": unbits(v["correct"]), "loglik": v["loglik"]}
+        cell.expert_scores[split] = {t: {"correct": unbits(v["correct"]), "loglik": v["loglik"]}
                                      for t, v in ref[split]["experts"].items()}
-        data.base_scores[split] = {t: {"correct": unbits(v["correct"]), "loglik": v["loglik"]}
+        cell.base_scores[split] = {t: {"correct": unbits(v["correct"]), "loglik": v["loglik"]}
                                    for t, v in ref[split]["base"].items()}
-    return data
 
 
-def expert_acc(data: SeedData, split: str) -> dict[str, float]:
-    return {t: float(v["correct"].mean()) for t, v in data.expert_scores[split].items()}
+# ==========================================================================================================
+# Merges
+# ==========================================================================================================
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Coefficients
-# ----------------------------------------------------------------------------------------------------------
-
-
-def random_coefficients(num: int, groups: Sequence[str], temperature: float, draw_seed: int) -> dict[str, torch.Tensor]:
-    """The random control: ``c[:, g] = K * softmax(N(0, 1) / T)`` per group, independent per group."""
-    gen = torch.Generator().manual_seed(draw_seed)
-    z = torch.randn(num, len(groups), generator=gen, dtype=torch.float64)
-    c = num * torch.softmax(z / temperature, dim=0)
-    return {g: c[:, i].float() for i, g in enumerate(groups)}
-
-
-def coefficient_fn(setting: dict[str, Any], data: SeedData):
-    """``name -> [K] coefficients`` for a setting (without λ), plus a summary of the spread of ``c``."""
-    num = len(data.tasks)
-    kind = setting.get("coef", "plain")
-    if kind == "plain":
+def coefficient_lookup(setting: dict[str, Any], cell: Cell) -> tuple[Callable[[str], torch.Tensor], dict]:
+    """``name -> [K]`` coefficients (without λ) for a setting, and the spread of ``c`` (min / max)."""
+    num = len(cell.tasks)
+    if setting.get("coef", "plain") == "plain":
         ones = torch.ones(num)
-        return (lambda name: ones), {"min": 1.0, "max": 1.0}
-    if kind == "random":
-        gran = setting.get("granularity", "layer")
-        groups = sorted({layer_group(n, gran) for n in data.deltas})
-        table = random_coefficients(num, groups, setting["T"], stable_int("ctrl", data.seed, setting["draw"]))
-        vals = torch.stack(list(table.values()))
-        return (lambda name: table[layer_group(name, gran)]), {"min": float(vals.min()), "max": float(vals.max())}
-    if kind == "onehot":  # one expert alone (the "pick a single expert" reference)
-        onehot = torch.zeros(num)
-        onehot[int(setting["expert"])] = 1.0
-        return (lambda name: onehot), {"min": 0.0, "max": 1.0}
-    if kind == "sens":
-        records = data.records[(setting.get("source", "theta"), setting.get("mode", "after"))]
-        transfer = data.transfer[setting.get("alignment", "cosine")]
-        table = compute_coefficients(
-            records, transfer, expert_names=data.tasks, sens=setting.get("sens", "task+cross"),
-            temperature=setting["T"], normalization=setting.get("normalization", "mean1"),
-            granularity=setting.get("granularity", "layer"),
-            tau_normalization=setting.get("tau_norm", "exp_z"))
-        return table.for_name, {"min": float(table.values.min()), "max": float(table.values.max())}
-    raise ValueError(f"unknown coefficient kind {kind!r}")
+        return (lambda name: ones), {"c_min": 1.0, "c_max": 1.0}
+    if setting["coef"] != "sens":
+        raise ValueError(f"unknown coefficient kind {setting['coef']!r}")
+    reading = {k: setting[k] for k in ("sens", "normalization", "tau_norm", "alignment", "granularity", "T")}
+    values, groups = cell.stat("sens_table", json.dumps(reading, sort_keys=True))
+    index = {g: i for i, g in enumerate(groups)}
+    gran = reading["granularity"]
+    ones = torch.ones(num)
+
+    def lookup(name: str) -> torch.Tensor:
+        g = lib_group(name, gran)
+        return values[:, index[g]] if g in index else ones
+
+    return lookup, {"c_min": float(values.min()), "c_max": float(values.max())}
 
 
-def importance_maps(setting: dict[str, Any], data: SeedData, name: str) -> Optional[list[torch.Tensor]]:
-    """Per-element importance of each expert for one tensor.
-
-    ``theta`` / ``delta``: the stored maps mean |w ⊙ g| (w = W0 + ΔW_k or ΔW_k). ``grad``: mean |g| itself,
-    recovered exactly as the theta map ÷ |W0 + ΔW_k| (w is fixed during calibration). ``theta_perm``: the theta
-    maps with their entries shuffled within each tensor (same values, no alignment with the weights): the control
-    for per-element importance.
-    """
-    src = setting.get("imp_source")
-    if not src:
-        return None
-    if src in ("theta", "delta"):
-        return [r.element_maps[name] for r in data.records[(src, "after")]]
-    maps = [r.element_maps[name] for r in data.records[("theta", "after")]]
-    if src == "grad":
-        return [m / (data.w0[name] + d).abs().clamp_min(1e-6) for m, d in zip(maps, data.deltas[name])]
-    if src == "theta_perm":
-        out = []
-        for k, m in enumerate(maps):
-            gen = torch.Generator().manual_seed(stable_int("perm", data.seed, name, k))
-            flat = m.reshape(-1)
-            out.append(flat[torch.randperm(flat.numel(), generator=gen)].reshape(m.shape))
-        return out
-    raise ValueError(f"unknown importance source {src!r}")
-
-
-def merged_deltas(setting: dict[str, Any], data: SeedData) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    coef, spread = coefficient_fn(setting, data)
+def merge_fast(setting: dict[str, Any], cell: Cell) -> tuple[dict[str, torch.Tensor], dict]:
+    """Merged ΔW per tensor for a setting (method, λ, density, trim_by, coefficients), via the library."""
+    coef, spread = coefficient_lookup(setting, cell)
+    needs_maps = setting["method"] == "importance" or setting.get("trim_by") == "sensitivity"
+    kinds = {"regmean": "gram", "fisher": "fisher"}  # the statistic each data-aware method reads
+    kind = kinds.get(setting["method"])
+    params = {"shrinkage": setting["shrinkage"]} if "shrinkage" in setting else {}
     out = {}
-    for name, deltas in data.deltas.items():
-        out[name] = merge_deltas(
-            setting["method"], deltas, coef(name), density=setting.get("density", 1.0),
-            scale=setting["lam"], seed=setting.get("dare_seed", data.seed), name=name,
-            importance=importance_maps(setting, data, name), trim_by=setting.get("trim_by", "magnitude"))
+    for name, deltas in cell.deltas.items():
+        stats = cell.stat(kind, name) if kind else None
+        out[name] = lib_merge_tensor(
+            setting["method"], deltas, coef(name), density=setting.get("density", 1.0), scale=setting["lam"],
+            seed=cell.seed, name=name, importance=cell.stat("element_maps", name) if needs_maps else None,
+            trim_by=setting.get("trim_by", "magnitude"), statistics={kind: stats} if stats is not None else None,
+            **params)
     return out, spread
 
 
+def merge_default(setting: dict[str, Any], cell: Cell) -> tuple[Any, dict]:
+    """What a user gets with no merge arguments, through the public API (``merge_adapters`` / ``merge_models``).
+
+    Falls back to the fast path with ``MergeConfig()``'s choices (and says so in the spread dict) if the public
+    call fails, so that one library error does not cost the grid of the whole cell.
+    """
+    try:
+        if cell.kind == "lora":
+            return lib_merge_adapters_default(cell.peft, cell.tasks, cell.records, cell.transfer["cosine"]), {}
+        return lib_merge_models_default(Path(cell.base.name_or_path), [cell.root / t / "model" for t in cell.tasks],
+                                        cell.root / "default_merge", cell.records, cell.transfer["cosine"]), {}
+    except Exception as err:  # noqa: BLE001
+        logger.warning("%s: the public API default merge failed (%r); using the fast path", cell.label(), err)
+        merged, spread = merge_fast(lib_default_setting(), cell)
+        return merged, {**spread, "api_fallback": 1.0}
+
+
+def peft_weighted(cell: Cell, combination: str, lam: float, density: Optional[float]) -> Any:
+    """PEFT ``add_weighted_adapter`` on the cell's LoRA experts; returns the PeftModel with the merge active."""
+    name = "qmerged"
+    if name in cell.peft.peft_config:
+        cell.peft.delete_adapter(name)
+    kwargs: dict[str, Any] = {}
+    if density is not None:
+        kwargs["density"] = density
+    torch.manual_seed(cell.seed)  # PEFT's DARE draws from the global RNG
+    cell.peft.add_weighted_adapter(cell.tasks, [lam] * len(cell.tasks), name, combination_type=combination,
+                                   **kwargs)
+    cell.peft.set_adapter(name)
+    return cell.peft
+
+
 class MergedModel:
-    """One evaluation model whose adapted weights are rewritten to ``W0 + merged ΔW`` for every setting."""
+    """One evaluation model whose merged weights are rewritten to ``W0 + merged ΔW`` for every setting."""
 
     def __init__(self, base, names: Sequence[str]):
         self.model = copy.deepcopy(base).eval()
         params = dict(self.model.named_parameters())
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise KeyError(f"MergedModel: the base has no parameters {missing[:3]} (of {len(missing)})")
         self.params = {n: params[n] for n in names}
         self.w0 = {n: p.detach().clone() for n, p in self.params.items()}
 
@@ -377,69 +623,51 @@ class MergedModel:
         return self.model
 
 
-# ----------------------------------------------------------------------------------------------------------
-# PEFT add_weighted_adapter
-# ----------------------------------------------------------------------------------------------------------
-
-
-def peft_weighted(data: SeedData, combination: str, lam: float, density: Optional[float]) -> str:
-    name = "qmerged"
-    if name in data.peft.peft_config:
-        data.peft.delete_adapter(name)
-    kwargs: dict[str, Any] = {}
-    if density is not None:
-        kwargs["density"] = density
-    torch.manual_seed(data.seed)  # PEFT's DARE draws from the global RNG
-    data.peft.add_weighted_adapter(data.tasks, [lam] * len(data.tasks), name, combination_type=combination, **kwargs)
-    data.peft.set_adapter(name)
-    return name
-
-
-# ----------------------------------------------------------------------------------------------------------
+# ==========================================================================================================
 # Statistics
-# ----------------------------------------------------------------------------------------------------------
+# ==========================================================================================================
 
 
 def paired_bootstrap(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]], norms: list[dict[str, float]],
-                     *, resamples: int = 2000, seed: int = 0) -> dict[str, float]:
-    """95% interval of mean-over-seeds normalised-accuracy difference ``a - b`` (points), items resampled per task.
+                     *, groups: Optional[Sequence[Any]] = None, resamples: int = 2000,
+                     seed: int = 0) -> dict[str, float]:
+    """95% interval of the normalised-accuracy difference ``a - b`` (points), items resampled within each task.
+
+    The statistic is the mean over groups (suites) of the mean over a group's cells (seeds) of the mean over
+    tasks of ``(correct_a - correct_b) / expert accuracy``; each cell's items are resampled independently.
 
     Args:
-        a, b: Per seed, ``{task: bool [n]}`` per-item correctness on the same items.
-        norms: Per seed, ``{task: own expert accuracy}`` (held fixed).
+        a, b: Per cell, ``{task: bool [n]}`` per-item correctness on the same items.
+        norms: Per cell, ``{task: own expert accuracy}`` (held fixed).
+        groups: Per cell, its group (suite); default: one group.
+        resamples: Bootstrap resamples.
+        seed: Resampling seed.
 
     Returns:
         ``{"diff", "lo", "hi", "p_le0"}`` in normalised-accuracy points (×100).
     """
+    groups = list(groups) if groups is not None else [0] * len(a)
+    if not (len(a) == len(b) == len(norms) == len(groups)):
+        raise ValueError(f"paired_bootstrap: {len(a)}, {len(b)}, {len(norms)}, {len(groups)} cells differ")
+    count = {g: groups.count(g) for g in set(groups)}
     rng = np.random.default_rng(seed)
     total = np.zeros(resamples)
     point = 0.0
-    for sa, sb, nm in zip(a, b, norms):
-        tasks = list(sa)
-        for t in tasks:
+    for sa, sb, nm, g in zip(a, b, norms, groups):
+        w = 1.0 / (len(count) * count[g] * len(sa))
+        for t in sa:
             d = (sa[t].astype(float) - sb[t].astype(float)) / (nm[t] if nm[t] > 0 else 1.0)
             idx = rng.integers(0, d.size, size=(resamples, d.size))
-            total += d[idx].mean(1) / len(tasks)
-            point += d.mean() / len(tasks)
-    total /= len(a)
-    point /= len(a)
+            total += w * d[idx].mean(1)
+            point += w * d.mean()
     lo, hi = np.percentile(total, [2.5, 97.5])
     return {"diff": 100 * point, "lo": 100 * float(lo), "hi": 100 * float(hi), "p_le0": float((total <= 0).mean())}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return float(arr.mean()), (float(arr.std(ddof=1)) if arr.size > 1 else 0.0)
 
 
 def setting_key(setting: dict[str, Any]) -> str:
     return json.dumps(setting, sort_keys=True)
-
-
-def fmt_pm(values: Sequence[float], scale: float = 100.0) -> str:
-    m, s = mean_std([v * scale for v in values])
-    return f"{m:.1f} ± {s:.1f}"
-
-
-def isfinite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -13,8 +13,9 @@ Steps (each a few lines below):
   2. one LoRA expert per task with `transformers.Trainer` + `SensitivityCallback(SensitivityConfig(task=...))`;
      `trainer.save_model(dir)` writes the adapter and the callback's sidecars (sensitivity + probe) next to it;
   3. merge: averaging (TA, scale 1/K), then TA, TIES, DARE-TIES, each plain (sens=None) and with the paper's
-     Sens-Merging coefficients (sens="task+cross"), and the library default `MergeConfig()`: TIES whose trim keeps
-     each expert's most sensitive entries (the per-element maps in the sidecars; see benchmarks/README.md);
+     Sens-Merging coefficients (sens="task+cross", in the library's bounded reading, max_ratio=2); the
+     data-aware merges RegMean (the experts' input Grams) and Fisher (their E[g²]), both captured by the callback;
+     TIES trimmed by the stored per-element sensitivity; and the library default `MergeConfig()`;
   4. a table of exact-match accuracy per task and normalised accuracy (merged acc / that task's expert acc);
      the best merged adapter is saved (`save_to=`) with its merge card.
 
@@ -47,8 +48,15 @@ MERGES = [  # (label, MergeConfig fields) of the plain methods; the Sens variant
     ("TIES", dict(method="ties", density=0.5, scale=1.0, trim_by="magnitude")),
     ("DARE-TIES", dict(method="dare_ties", density=0.5, scale=1.0)),
 ]
-# the paper's layer-wise coefficients, alpha of mean 1 and tau standardised (see sens_peft.coefficients)
-PAPER_SENS = dict(sens="task+cross", normalization="mean1", tau_normalization="exp_z")
+# data-aware merges from the statistics the callback captured (input Grams, Fisher); no Sens variant
+DATA_AWARE = [
+    ("RegMean", dict(method="regmean", params={"shrinkage": 0.9})),
+    ("Fisher", dict(method="fisher")),
+]
+# the paper's layer-wise coefficients, alpha of mean 1 and tau standardised (see sens_peft.coefficients), in the
+# library's recommended reading: bounded so that no expert gets more than twice another's coefficient in a layer
+# (max_ratio=2, MergeConfig's default; max_ratio=None is the unbounded softmax that collapsed this table's merges)
+PAPER_SENS = dict(sens="task+cross", normalization="mean1", tau_normalization="exp_z", max_ratio=2.0)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -141,10 +149,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if label != "Avg":
             runs.append((f"Sens-{label}", MergeConfig(seed=args.seed, temperature=args.temperature,
                                                       **fields, **PAPER_SENS)))
-    # the library's default: TIES that keeps each expert's most *sensitive* entries (element maps of the sidecars)
-    runs.append(("SensTrim-TIES", MergeConfig(seed=args.seed)))
+    runs += [(label, MergeConfig(seed=args.seed, **fields)) for label, fields in DATA_AWARE]
+    # TIES that keeps each expert's most *sensitive* entries (element maps of the sidecars)
+    runs.append(("SensTrim-TIES", MergeConfig(seed=args.seed, method="ties", trim_by="sensitivity", scale=1.5)))
+    runs.append(("MergeConfig()", MergeConfig(seed=args.seed)))  # the library default
     for name, config in runs:
-        report = merge_adapters(model, args.tasks, config=config, adapter_name=name.replace("-", "_"),
+        report = merge_adapters(model, args.tasks, config=config, adapter_name=name.replace("-", "_").strip("()"),
                                 sensitivities=dirs, probes=dirs)
         model.set_adapter(report.adapter_name)
         rows[name] = toy.evaluate(model, args.tasks, n=args.n_test, tokenizer=tok)

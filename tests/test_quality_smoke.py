@@ -59,26 +59,62 @@ def test_scorer_teacher_forced_exact_match():
     assert res["correct"].all()
 
 
-def test_paired_bootstrap_and_random_coefficients():
-    a = [{"x": np.array([1, 1, 1, 1] * 25, bool)}]
+def test_paired_bootstrap_known_intervals():
+    # every item differs by the same amount -> the interval is that point, exactly
+    a = [{"x": np.ones(100, bool)}]
     b = [{"x": np.array([1, 1, 1, 0] * 25, bool)}]
     ci = ql.paired_bootstrap(a, b, [{"x": 0.5}], resamples=500)
     assert ci["diff"] == pytest.approx(50.0)  # 25 points of accuracy ÷ expert accuracy 0.5
-    assert ci["lo"] > 0 and ci["hi"] < 100
     same = ql.paired_bootstrap(a, a, [{"x": 1.0}], resamples=100)
-    assert same["lo"] == same["hi"] == 0
-    c = ql.random_coefficients(4, ["layers.0", "layers.1"], 1.0, draw_seed=3)
-    assert torch.allclose(torch.stack(list(c.values())).sum(1), torch.full((2,), 4.0))
-    again = ql.random_coefficients(4, ["layers.0", "layers.1"], 1.0, draw_seed=3)
-    assert all(again[g].equal(c[g]) for g in c)  # a draw is a function of its seed
-    assert not ql.random_coefficients(4, ["layers.0", "layers.1"], 1.0, draw_seed=4)["layers.0"].equal(c["layers.0"])
+    assert same["lo"] == same["hi"] == same["diff"] == 0
+    const = ql.paired_bootstrap([{"x": np.ones(40, bool)}], [{"x": np.zeros(40, bool)}], [{"x": 0.8}], resamples=50)
+    assert const["lo"] == pytest.approx(125.0) and const["hi"] == pytest.approx(125.0)
+    # d = +1 on a fraction p of n items, else 0: the 95% interval is ~ p ± 1.96 sqrt(p (1 - p) / n)
+    n, p = 400, 0.25
+    d = [{"x": np.arange(n) < p * n}]
+    ci = ql.paired_bootstrap(d, [{"x": np.zeros(n, bool)}], [{"x": 1.0}], resamples=4000, seed=1)
+    half = 100 * 1.96 * np.sqrt(p * (1 - p) / n)
+    assert ci["diff"] == pytest.approx(25.0)
+    assert ci["lo"] == pytest.approx(25.0 - half, abs=0.6) and ci["hi"] == pytest.approx(25.0 + half, abs=0.6)
+    assert ci["p_le0"] == 0.0
+
+
+def test_paired_bootstrap_mean_of_suite_means():
+    # suite s1 has two cells (+100 and +0 points), suite s2 one cell (+50): mean of suite means = (50 + 50) / 2
+    one, zero = np.ones(10, bool), np.zeros(10, bool)
+    a = [{"t": one}, {"t": zero}, {"t": np.arange(10) < 5}]
+    b = [{"t": zero}, {"t": zero}, {"t": zero}]
+    norms = [{"t": 1.0}] * 3
+    grouped = ql.paired_bootstrap(a, b, norms, groups=["s1", "s1", "s2"], resamples=200)
+    assert grouped["diff"] == pytest.approx(50.0)
+    pooled = ql.paired_bootstrap(a, b, norms, resamples=200)  # one group: mean over cells
+    assert pooled["diff"] == pytest.approx(50.0)
+    skewed = ql.paired_bootstrap(a, b, norms, groups=["s1", "s2", "s2"], resamples=200)
+    assert skewed["diff"] == pytest.approx((100 + 25) / 2)
+    with pytest.raises(ValueError):
+        ql.paired_bootstrap(a, b[:2], norms)
+
+
+def test_method_list_shares_one_grid_budget():
+    import quality
+
+    methods = quality.with_controls(quality.METHODS)
+    for grid in quality.GRIDS.values():
+        quality.check_budget(methods, grid)
+        for m in methods:
+            settings = m.grid(grid)
+            assert len({ql.setting_key(s) for s in settings}) == len(settings), m.name  # no duplicate points
+    names = [m.name for m in methods]
+    for m in methods:  # every data-aware method is followed by its control, with the same grid
+        if m.uses:
+            ctrl = methods[names.index(m.name) + 1]
+            assert ctrl.control_of == m.name and ctrl.grid is m.grid and not ctrl.uses
 
 
 @pytest.fixture(scope="module")
 def tiny_seed():
     from peft import get_peft_model
 
-    from sens_peft.lora import delta_weight, lora_modules
     from sens_peft.sensitivity.calibrate import compute_sensitivity
 
     tok = toy.build_tokenizer()
@@ -102,28 +138,45 @@ def tiny_seed():
         else:
             peft.add_adapter(task, toy.lora_config(r=4, alpha=8))
         peft.load_state_dict(state, strict=False)
-    deltas = {m.weight_name: [delta_weight(m, m.factors(t), torch.device("cpu")) for t in tasks]
-              for m in lora_modules(peft)}
+    deltas = ql.lib_lora_deltas(peft, tasks)
     transfer = torch.tensor([[1.0, 0.2, 0.5], [0.3, 1.0, 0.1], [0.6, 0.4, 1.0]])
-    data = ql.SeedData(0, tasks, peft, deltas, {("theta", "after"): records}, [], {"cosine": transfer})
-    return base, data
+    cell = ql.Cell("maps", "B", "lora", 0, tasks, base, deltas, records, {"cosine": transfer}, peft)
+    return base, cell
+
+
+def test_shuffled_statistics_keep_values_and_break_alignment(tiny_seed):
+    _, cell = tiny_seed
+    name = next(iter(cell.deltas))
+    maps = cell.stat("element_maps", name)
+    ctrl = cell.with_shuffled(["element_maps"])
+    assert cell.with_shuffled(["element_maps"]) is ctrl  # one control view per cell
+    shuffled = ctrl.stat("element_maps", name)
+    for m, s in zip(maps, shuffled):
+        assert torch.equal(m.flatten().sort().values, s.flatten().sort().values) and not torch.equal(m, s)
+    assert torch.equal(ctrl.stat("element_maps", name)[0], shuffled[0])  # a control is a fixed draw
+    key = '{"T": 1.0, "alignment": "cosine", "granularity": "layer", "normalization": "mean1", ' \
+          '"sens": "task+cross", "tau_norm": "exp_z"}'
+    values, groups = cell.stat("sens_table", key)
+    rand, groups2 = cell.with_shuffled(["sens_table"]).stat("sens_table", key)
+    assert groups2 == groups
+    assert torch.equal(values.sort(0).values, rand.sort(0).values)  # per group, the same K values
+    assert not torch.equal(values, rand)
 
 
 @pytest.mark.parametrize("method,density", [("task_arithmetic", 1.0), ("ties", 0.5), ("dare_ties", 0.5)])
 def test_fast_path_equals_merge_adapters_full(tiny_seed, method, density):
     from sens_peft.merge import merge_adapters
 
-    base, data = tiny_seed
+    base, cell = tiny_seed
     setting = {"coef": "sens", "method": method, "lam": 0.7, "density": density, "T": 1.0, "sens": "task+cross",
-               "normalization": "mean1", "alignment": "cosine", "tau_norm": "exp_z", "source": "theta",
-               "mode": "after", "granularity": "layer"}
-    merged, spread = ql.merged_deltas(setting, data)
-    assert spread["max"] > 1.01 * 0.7 or spread["min"] < 0.99 * 0.7 or spread["max"] > 1.01  # c is not uniform
-    peft = copy.deepcopy(data.peft)
-    report = merge_adapters(peft, data.tasks, method=method, density=density, scale=0.7, sens="task+cross",
+               "normalization": "mean1", "alignment": "cosine", "tau_norm": "exp_z", "granularity": "layer"}
+    merged, spread = ql.merge_fast(setting, cell)
+    assert spread["c_max"] > 1.01 or spread["c_min"] < 0.99  # c is not uniform
+    peft = copy.deepcopy(cell.peft)
+    report = merge_adapters(peft, cell.tasks, method=method, density=density, scale=0.7, sens="task+cross",
                             temperature=1.0, normalization="mean1", tau_normalization="exp_z", trim_by="magnitude",
-                            output="full", sensitivities=data.records[("theta", "after")],
-                            transferability=data.transfer["cosine"], seed=0, device="cpu")
+                            output="full", sensitivities=cell.records,
+                            transferability=cell.transfer["cosine"], seed=0, device="cpu")
     params, w0 = dict(report.model.named_parameters()), dict(base.named_parameters())
     for name, d in merged.items():
         torch.testing.assert_close(params[name].detach(), w0[name].detach() + d, atol=1e-6, rtol=0)

@@ -5,4 +5,6 @@ benchmark share one synthetic suite, but nothing here is covered by the library'
 
 * :mod:`sens_peft.testing.toy` -- the character-level toy suite (tokenizer, tasks, a tiny Llama base pre-trained
   on demand, LoRA/full expert training, evaluation).
+* :mod:`sens_peft.testing.families` -- task families over that suite (``maps``, ``recall``, ``conflict``), each in
+  two regimes (``B``: the base half-knows every task; ``A``: it knows none), for ``benchmarks/quality.py``.
 """

@@ -264,13 +264,36 @@ def _task_splits_cached(task: str, seed: int, sizes: tuple) -> dict[str, list[tu
     return {k: list(v) for k, v in _SPLIT_CACHE[key].items()}
 
 
+# Tasks of other families (sens_peft.testing.families) register here, so that splits, datasets, training and
+# evaluation below serve every family through one name lookup.
+EXTRA_TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Make ``task`` known to :func:`get_task` (and so to splits, datasets, training and evaluation).
+
+    Raises:
+        ValueError: if another task already uses the name.
+    """
+    known = TASKS.get(task.name) or EXTRA_TASKS.get(task.name)
+    if known is not None and known is not task:
+        raise ValueError(f"register_task: a toy task named {task.name!r} already exists")
+    EXTRA_TASKS[task.name] = task
+    return task
+
+
 def get_task(task: str | Task) -> Task:
     """Look up a task by name (or pass a :class:`Task` through)."""
     if isinstance(task, Task):
         return task
-    if task not in TASKS:
-        raise KeyError(f"unknown toy task {task!r}; available: {TASK_NAMES}")
-    return TASKS[task]
+    found = TASKS.get(task) or EXTRA_TASKS.get(task)
+    if found is None and not EXTRA_TASKS:
+        from . import families  # noqa: F401  (importing it registers the other families' tasks)
+
+        found = EXTRA_TASKS.get(task)
+    if found is None:
+        raise KeyError(f"unknown toy task {task!r}; available: {TASK_NAMES + list(EXTRA_TASKS)}")
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -516,20 +539,34 @@ def pretrain_base(
     tokenizer = build_tokenizer()
     model = build_model(settings, tokenizer)
     rows = pretraining_rows(tokenizer, settings, settings.steps * settings.batch_size)
-    collate = ToyCollator(tokenizer.pad_token_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, settings.steps // 20)
+    start = time.perf_counter()
+    pretrain_loop(model, rows, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
+                  pad_id=tokenizer.pad_token_id, progress=progress)
+    save_base(model, tokenizer, path, dataclasses.asdict(settings))
+    logger.info("toy base: pre-trained in %.1f s, cached at %s", time.perf_counter() - start, path)
+    return model
+
+
+def pretrain_loop(model, rows: list[list[int]], *, steps: int, batch_size: int, lr: float, pad_id: int,
+                  progress: bool = False) -> None:
+    """Plain AdamW pre-training (full next-token loss, cosine schedule, 5% warm-up) over ``rows`` in order.
+
+    Shared by every toy family's base; ``rows`` holds ``steps * batch_size`` token-id sequences.
+    """
+    collate = ToyCollator(pad_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
 
     def lr_at(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, settings.steps - warmup)))
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
     start = time.perf_counter()
-    for step in range(settings.steps):
-        chunk = rows[step * settings.batch_size : (step + 1) * settings.batch_size]
+    for step in range(steps):
+        chunk = rows[step * batch_size : (step + 1) * batch_size]
         batch = collate([{"input_ids": r} for r in chunk])
         loss = model(**batch).loss
         loss.backward()
@@ -538,14 +575,17 @@ def pretrain_base(
         sched.step()
         opt.zero_grad(set_to_none=True)
         if progress and (step + 1) % 100 == 0:
-            logger.info("toy base: step %d/%d loss %.3f (%.0f s)", step + 1, settings.steps, loss.item(),
+            logger.info("toy base: step %d/%d loss %.3f (%.0f s)", step + 1, steps, loss.item(),
                         time.perf_counter() - start)
     model.eval()
 
+
+def save_base(model, tokenizer, path: Path, settings: dict[str, Any]) -> None:
+    """Write a pre-trained base atomically to ``path`` (a concurrent writer's copy wins); sets its name_or_path."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "toy_settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=1))
+    (tmp / "toy_settings.json").write_text(json.dumps(settings, indent=1))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, path)
@@ -555,8 +595,6 @@ def pretrain_base(
         shutil.rmtree(tmp, ignore_errors=True)
     model.name_or_path = str(path)
     model.config._name_or_path = str(path)
-    logger.info("toy base: pre-trained in %.1f s, cached at %s", time.perf_counter() - start, path)
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------------

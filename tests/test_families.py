@@ -1,0 +1,91 @@
+"""Task families of the toy suite (sens_peft.testing.families): splits, solvers, regimes (no training)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sens_peft.testing import families, toy
+
+NEW_TASKS = [t for name in ("recall", "conflict") for t in families.get_family(name).tasks]
+
+
+@pytest.mark.parametrize("task", NEW_TASKS)
+def test_splits_deterministic_disjoint_and_solved(task):
+    a = toy.task_splits(task)
+    toy._SPLIT_CACHE.clear()  # regenerate from the seed rather than reading the memo
+    assert toy.task_splits(task) == a
+    inputs = {split: {x for x, _ in pairs} for split, pairs in a.items()}
+    assert {s: len(p) for s, p in a.items()} == toy.SPLIT_SIZES
+    assert all(len(inputs[s]) == len(a[s]) for s in a)
+    assert not inputs["train"] & inputs["test"] and not inputs["train"] & inputs["validation"]
+    assert not inputs["validation"] & inputs["test"]
+    spec = toy.get_task(task)
+    assert all(spec.solve(x) == y for pairs in a.values() for x, y in pairs)
+    assert toy.MAX_ANSWER_TOKENS >= max(len(y) for _, y in a["test"]) + 1
+
+
+def test_conflict_solvers_by_hand():
+    x = "0719"
+    expected = {"conflict_add3": "3042", "conflict_neg": "9280", "conflict_mul3": "0137", "conflict_mul7": "0973"}
+    for task, y in expected.items():
+        assert toy.get_task(task).solve(x) == y
+    # same inputs for every conflict task: the test inputs of one task are valid inputs of all
+    tasks = families.get_family("conflict").tasks
+    first = [x for x, _ in toy.task_splits(tasks[0])["test"]]
+    assert all(len(x) == 4 and x.isdigit() for x in first)
+    prompts = {toy.get_task(t).prompt("0719") for t in tasks}
+    assert len(prompts) == len(tasks)  # only the tag tells the tasks apart
+
+
+def test_recall_tables_and_solver_by_hand():
+    tables = families.RECALL_TABLES
+    keys = [set(t) for t in tables.values()]
+    assert all(len(k) == families.RECALL_KEYS for k in keys)
+    assert len(set().union(*keys)) == sum(len(k) for k in keys)  # disjoint keys: facts only one expert learns
+    # pinned draws (a change of the generator must be deliberate: bump FAMILY_VERSION)
+    assert (tables["recall_a"]["at"], tables["recall_a"]["bq"], tables["recall_d"]["as"]) == ("2", "3", "7")
+    assert toy.get_task("recall_a").solve("atbqat") == "232"
+    x, y = toy.task_splits("recall_a")["test"][0]
+    assert y == "".join(tables["recall_a"][x[i : i + 2]] for i in (0, 2, 4))
+
+
+@pytest.mark.parametrize("name", ["recall", "conflict", "maps"])
+def test_regime_b_knows_part_of_every_task(name):
+    fam = families.get_family(name)
+    for task in fam.tasks:
+        train = toy.task_splits(task)["train"]
+        known = families.known_train(task, fam)
+        assert 0.1 < len(known) / len(train) < 0.5, (task, len(known))
+        assert set(known) <= set(train)
+    if name == "maps":  # the same inputs as the original toy base's restricted pre-training
+        assert families.known_train("inc", fam) == toy.restricted_train("inc", toy.ToySettings().known["inc"])
+
+
+def test_pretraining_rows_per_regime():
+    tok = toy.build_tokenizer()
+    tag_ids = {t: tok.encode(toy.get_task(t).tag, add_special_tokens=False) for t in families.RECALL_TASKS}
+    copy_ids = tok.encode(families.COPY_TAG, add_special_tokens=False)
+
+    def starts(row, ids):
+        return row[1 : 1 + len(ids)] == ids
+
+    a = families.pretraining_rows(tok, families.FamilyBaseSettings("recall", "A"), 300)
+    b = families.pretraining_rows(tok, families.FamilyBaseSettings("recall", "B"), 300)
+    assert a == families.pretraining_rows(tok, families.FamilyBaseSettings("recall", "A"), 300)  # deterministic
+    assert not any(starts(r, ids) for r in a for ids in tag_ids.values())  # A: no task at all
+    skill_ids = tok.encode(families.get_family("recall").skill.tag, add_special_tokens=False)
+    assert sum(starts(r, copy_ids) for r in a) > 60 and sum(starts(r, skill_ids) for r in a) > 60
+    skill_keys = set(families.RECALL_SKILL_TABLE)
+    assert not skill_keys & set().union(*map(set, families.RECALL_TABLES.values()))  # the skill's facts are others
+    task_rows = [r for r in b if any(starts(r, ids) for ids in tag_ids.values())]
+    assert len(task_rows) > 150 and not any(starts(r, copy_ids) for r in b)
+    known = {tuple(toy.encode_example(tok, t, x, y)["input_ids"]) for t in families.RECALL_TASKS
+             for x, y in families.known_train(t, families.get_family("recall"))}
+    assert all(tuple(r) in known for r in task_rows)  # B: only what the base is meant to know
+    s = families.FamilyBaseSettings("recall", "A")
+    assert s.digest() != families.FamilyBaseSettings("recall", "B").digest()
+    assert families.base_path(s, "/c").name.startswith("recall-A-")
+    with pytest.raises(KeyError):
+        families.get_family("nope")
+    with pytest.raises(ValueError):
+        toy.register_task(toy.Task("recall_a", "x:", lambda r: ("", ""), lambda x: x))
