@@ -13,10 +13,11 @@ from helpers import hash_tree, make_full_expert, save_model, tiny_llama
 from safetensors.torch import load_file, save_file
 
 import sens_peft.fused
-import sens_peft.io as sio
 import sens_peft.merging.streaming as smerge
 import sens_peft.methods.dare as dare_module
 import sens_peft.methods.ties as ties_module
+import sens_peft.shards as shards
+import sens_peft.sources as sources
 from sens_peft.io import BufferPool, MergeError, TensorSource
 from sens_peft.merge import merge_models
 
@@ -75,14 +76,14 @@ def test_buffer_pool_reuses_by_size_and_respects_its_cap():
 def test_streamed_merge_equals_merge_without_mapping_or_threads(models, tmp_path, monkeypatch):
     kw = dict(method="ties", density=0.5, sens=None, device="cpu", progress=False, max_shard_size="30KB")
     merge_models(models["base"], models["experts"], tmp_path / "fast", **kw)
-    monkeypatch.setattr(sio, "CAN_MAP", False)  # pread, as on platforms without mmap flags
+    monkeypatch.setattr(sources, "CAN_MAP", False)  # pread, as on platforms without mmap flags
     merge_models(models["base"], models["experts"], tmp_path / "pread", **kw)
     assert hash_tree(tmp_path / "fast") == hash_tree(tmp_path / "pread")
 
 
 def test_write_failure_on_the_writer_thread_leaves_nothing(models, tmp_path, monkeypatch):
     calls = []
-    original = sio._pwrite_all
+    original = shards._pwrite_all
 
     def failing(fd, data, offset):
         calls.append(offset)
@@ -90,7 +91,7 @@ def test_write_failure_on_the_writer_thread_leaves_nothing(models, tmp_path, mon
             raise OSError(28, "No space left on device (simulated)")
         original(fd, data, offset)
 
-    monkeypatch.setattr(sio, "_pwrite_all", failing)
+    monkeypatch.setattr(shards, "_pwrite_all", failing)
     before = hash_tree(models["base"])
     with pytest.raises(OSError, match="simulated"):
         merge_models(models["base"], models["experts"], tmp_path / "out", method="dare_ties", density=0.5,
