@@ -41,6 +41,27 @@ def _dare_note(cfg: dict[str, Any]) -> str:
     return f" (DARE masks: `{cfg.get('dare_rng')}`)" if random and cfg.get("dare_rng") else ""
 
 
+def _statistics_lines(statistics: Optional[dict[str, Any]]) -> list[str]:
+    """What captured statistics a data-aware method read, and from how many samples/tokens per expert."""
+    if not statistics:
+        return []
+    return [f"- Captured statistics used: `{kind}` ("
+            + ", ".join(f"{name}: {count if count is not None else '?'} {unit}" for name, count in per.items()) + ")"
+            for kind, (unit, per) in statistics.items()]
+
+
+def _spread_lines(coefficients: Any) -> list[str]:
+    """The spread of the final coefficients, and the Sens temperature used when the bound raised it."""
+    if coefficients is None or not hasattr(coefficients, "summary"):
+        return []
+    stats, settings = coefficients.summary(), getattr(coefficients, "settings", {}) or {}
+    line = f"- Coefficient spread: min {stats['min']:.4g}, mean {stats['mean']:.4g}, max {stats['max']:.4g}"
+    used = settings.get("temperature_used")
+    if used is not None and settings.get("sens") and used != settings.get("temperature"):
+        line += f" (temperature raised to {used:.4g} by max_ratio={settings.get('max_ratio')})"
+    return [line]
+
+
 def merge_record(
     config_dict: dict[str, Any],
     experts: list[str],
@@ -97,6 +118,8 @@ def render_card(record: dict[str, Any], coefficients: Any, *, library_name: str)
             f"alignment {cfg.get('alignment')}, granularity {cfg.get('granularity')})" if sens else ""),
         f"- Scale λ: {cfg.get('scale')}, density: {cfg.get('density')}, seed: {cfg.get('seed')}" + _dare_note(cfg),
         f"- Output: {record['kind']}",
+        *_statistics_lines(record.get("statistics")),
+        *_spread_lines(coefficients),
         "",
         "## Experts",
         "",

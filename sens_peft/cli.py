@@ -79,6 +79,16 @@ def describe_expert(directory: str) -> str:
         total = float(record.group_scores.sum()) or 1.0
         for group, score in zip(record.groups, record.group_scores.tolist()):
             lines.append(f"    {group:<24} {score:12.5g}  ({100 * score / total:5.1f}%)")
+        lines.append(f"  element maps: {len(record.element_maps)} tensors  Fisher maps: {len(record.fisher)} tensors"
+                     f" ({record.metadata.get('fisher_samples', '?')} samples)")
+        if record.grams:
+            full = sum(1 for n in record.grams if n not in record.gram_factors and
+                       len(record.statistic('gram', n).shape) == 2)
+            tokens = sorted(set(record.gram_tokens.values()))
+            lines.append(f"  input Grams (RegMean): {len(record.grams)} stored ({full} full) for "
+                         f"{len(record.grams) + len(record.gram_aliases)} modules, tokens {tokens}")
+        else:
+            lines.append("  input Grams (RegMean): none")
     if (path / PROBE_FILE).is_file():
         probe = load_probe(path)
         scored = int((probe.labels != -100).sum())

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .errors import MergeError
 from .groups import canonical_name
+from .names import portable_name
 
 logger = logging.getLogger(__name__)
 
@@ -164,17 +165,17 @@ def trainable_parameters(model: nn.Module, adapter: Optional[str] = None) -> lis
 
 
 def base_model_name(model: nn.Module) -> Optional[str]:
-    """The base model's hub id or path, from the adapter config or the model config."""
+    """The base model's hub id (or a local folder's name, never its path), from the adapter or model config."""
     model = unwrap_model(model)
     config = getattr(model, "peft_config", None)
     adapter = active_adapter_name(model)
     if isinstance(config, dict) and adapter in config:
         name = getattr(config[adapter], "base_model_name_or_path", None)
         if name:
-            return str(name)
+            return portable_name(name)
     cfg = getattr(model, "config", None)
     name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
-    return str(name) if name else None
+    return portable_name(name)
 
 
 def model_dtype(model: nn.Module) -> str:

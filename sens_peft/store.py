@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 from .errors import SidecarError  # noqa: F401  (re-exported: defined in sens_peft.errors)
 from .groups import canonical_name
+from .names import portable_name
 
 SENSITIVITY_FILE = "sensitivity.safetensors"
 PROBE_FILE = "probe.safetensors"
@@ -298,6 +299,8 @@ def save_sensitivity(record: SensitivityRecord, path: PathLike) -> Path:
     metadata.setdefault("estimator", "taylor_abs")
     metadata.setdefault("weight_source", "theta")
     metadata.setdefault("mode", "after")
+    if metadata.get("base_model"):  # the sidecar travels to the hub with the adapter: no local paths in it
+        metadata["base_model"] = portable_name(metadata["base_model"])
     return _atomic_save(tensors, _stringify(metadata), target)
 
 
@@ -522,6 +525,8 @@ def save_probe(probe: ProbeSet, path: PathLike) -> Path:
         )
     metadata = dict(probe.metadata)
     metadata.update(format=PROBE_FORMAT, format_version=str(PROBE_FORMAT_VERSION))
+    if metadata.get("tokenizer"):  # travels with the adapter: a hub id, or a local folder's name only
+        metadata["tokenizer"] = portable_name(metadata["tokenizer"])
     tensors = {
         "input_ids": probe.input_ids.long(),
         "attention_mask": probe.attention_mask.long(),

@@ -21,6 +21,7 @@ from ..io import atomic_output_dir
 from ..lora import LoraModule, delta_weight, lora_modules, svd_factors
 from ..lowrank import randomized_factors
 from ..methods import MergeContext, merge_deltas, merge_streamed
+from ..names import portable_name
 from ..validation import (
     check_adapter_files,
     check_adapters_loaded,
@@ -282,7 +283,7 @@ def merge_adapters(
         if cfg.dtype is not None:
             result_model = result_model.to(dtype_of(cfg.dtype))
             check_model_finite(result_model)
-    sources = [str(f) if f else f"adapter:{n}" for n, f in zip(names, folders)]
+    sources = [portable_name(f) if f else f"adapter:{n}" for n, f in zip(names, folders)]
     output_dir = None
     if save_to is not None:
         output_dir = _save(save_to, overwrite, peft_model, result_model, plan, sources, adapter_name, new_rank,
@@ -484,8 +485,9 @@ def _save(save_to: PathLike, overwrite: bool, peft_model, result_model, plan: Me
             result_model.save_pretrained(tmp)
             base_id = getattr(getattr(result_model, "config", None), "_name_or_path", None)
         record = card.merge_record(cfg.to_dict(), plan.experts, sources, plan.table,
-                                   kind=f"lora (rank {new_rank})" if lora else "full", base_model=base_id or None,
-                                   extra={"adapter_name": adapter_name if lora else None})
+                                   kind=f"lora (rank {new_rank})" if lora else "full", base_model=portable_name(base_id),
+                                   extra={"adapter_name": adapter_name if lora else None,
+                                          "statistics": plan.statistics_summary()})
         card.write_card(tmp, record, plan.table, library_name="peft" if lora else "transformers")
         write_extra_files(tmp, extra_files)
     output_dir = Path(save_to).resolve()

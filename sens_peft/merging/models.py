@@ -56,6 +56,7 @@ from ..io import (
     plan_shards,
     read_model_config,
 )
+from ..names import portable_name
 from ..validation import (
     check_path_list,
     check_record_matches,
@@ -294,9 +295,11 @@ def _finish_folder(tmp: Path, inputs: _Inputs, plan: MergePlan, files: list[str]
     copied_files = copy_model_files(inputs.base, tmp)
     if inputs.out_dtype is not None and (tmp / "config.json").is_file():
         _set_config_dtype(tmp / "config.json", inputs.out_dtype)
-    record = card.merge_record(plan.config.to_dict(), inputs.names, [str(e) for e in inputs.experts], plan.table,
-                               kind="full", base_model=inputs.base_cfg.get("_name_or_path") or str(inputs.base),
-                               extra={"shards": files, "merged_tensors": merged, "copied_tensors": copied})
+    record = card.merge_record(plan.config.to_dict(), inputs.names, [portable_name(e) for e in inputs.experts],
+                               plan.table,
+                               kind="full", base_model=portable_name(inputs.base_cfg.get("_name_or_path"), inputs.base),
+                               extra={"shards": files, "merged_tensors": merged, "copied_tensors": copied,
+                                      "statistics": plan.statistics_summary()})
     card.write_card(tmp, record, plan.table, library_name="transformers")
     planning.write_extra_files(tmp, extra_files)
     logger.info("output: %d shard(s) %s, %d tensors merged, %d copied, files copied from base: %s",

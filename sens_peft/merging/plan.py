@@ -95,6 +95,22 @@ class MergePlan:
     def params(self) -> dict[str, Any]:
         return self.config.method_params()
 
+    def statistics_summary(self) -> dict[str, tuple[str, dict[str, Optional[int]]]]:
+        """For the merge card: each statistic kind the method read, and per expert how many samples (or, for
+        Grams, tokens of the first module) it averages."""
+        out = {}
+        for kind in self.needs:
+            unit = "tokens" if kind == "gram" else "samples"
+            counts = {}
+            for name, record in zip(self.experts, self.records or [None] * len(self.experts)):
+                count = None
+                if record is not None and hasattr(record, "statistic_count"):
+                    first = next(iter(record.grams), None) if kind == "gram" else None
+                    count = record.statistic_count(kind, first)
+                counts[name] = count
+            out[kind] = (unit, counts)
+        return out
+
     def statistics(self, name: str, idx: Sequence[int]) -> dict[str, list[torch.Tensor]]:
         return statistics_for(self.records, name, idx, self.needs, self.method.optional_statistics, self.experts)
 
