@@ -7,7 +7,15 @@ Each subclass also derives from the built-in type callers caught before the hier
 
 from __future__ import annotations
 
-__all__ = ["SensPeftError", "MergeError", "SidecarError", "RecipeError", "UnsupportedSetupError"]
+__all__ = [
+    "SensPeftError",
+    "MergeError",
+    "SidecarError",
+    "RecipeError",
+    "UnsupportedSetupError",
+    "InputTypeError",
+    "DataError",
+]
 
 
 class SensPeftError(Exception):
@@ -28,3 +36,11 @@ class RecipeError(SensPeftError, ValueError):
 
 class UnsupportedSetupError(SensPeftError, RuntimeError):
     """The training setup cannot be scored correctly (raised instead of writing wrong scores)."""
+
+
+class InputTypeError(SensPeftError, TypeError):
+    """An argument has the wrong type (e.g. one string where a list of folders is expected)."""
+
+
+class DataError(SensPeftError, ValueError):
+    """Calibration or probe data the model cannot take (token ids outside its vocabulary, ...)."""
