@@ -4,6 +4,7 @@
     python benchmarks/speed.py --small         # smoke run, tens of MB
     python benchmarks/speed.py --only floor,sens   # subsets: floor, sens, mergekit, adapters, callback, paired
     python benchmarks/speed.py --only paired --repeat 5   # floor and merge back to back: per-pair ratios
+    python benchmarks/speed.py --scale [scale.py options]  # out-of-core: 3B base + 3 experts, cold page cache
 
 Every measured job runs in a fresh subprocess; its peak RSS is that child's own ``ru_maxrss`` (from
 ``os.wait4``), so one job's memory never contaminates another's. Times are measured inside the child around
@@ -119,6 +120,22 @@ def job_floor(args: dict) -> None:
     writer.close()
     seconds = time.perf_counter() - t0
     _result({"seconds": seconds, "read_s": read_s, "write_s": write_s})
+
+
+def job_seqread(args: dict) -> None:
+    """Read every input file from start to end in 16 MiB ``readinto`` calls (no parsing, no writes): the disk's
+    sequential read speed when the page cache was dropped before (the scale test), memory speed otherwise."""
+    folders = [Path(args["base"]), *map(Path, args["experts"])]
+    buf = bytearray(16 << 20)
+    total = 0
+    t0 = time.perf_counter()
+    for folder in folders:
+        for path in syn.input_files(folder):
+            with open(path, "rb", buffering=0) as fh:
+                while got := fh.readinto(buf):
+                    total += got
+    seconds = time.perf_counter() - t0
+    _result({"seconds": seconds, "bytes": total, "gb_per_s": total / seconds / 1e9})
 
 
 def job_sens(args: dict) -> None:
@@ -427,6 +444,7 @@ def run_child(cmd: list[str], log: Path, timeout: float) -> dict:
             payload = json.loads(line[len("RESULT "):])
     payload.update(whole_s=wall, peak_rss_mb=_maxrss_mb(usage.ru_maxrss), rc=proc.returncode,
                    peak_anon_mb=peak["RssAnon"] / 1024, peak_file_mapped_mb=peak["RssFile"] / 1024,
+                   peak_vmrss_mb=peak["VmRSS"] / 1024,
                    load_before=load_before, load_after=os.getloadavg()[0])
     if proc.returncode != 0 or "seconds" not in payload:
         tail = "\n".join(text.splitlines()[-15:])
@@ -502,6 +520,11 @@ def build_table(jobs: dict, floor_key: str) -> str:
 
 
 def main() -> None:
+    if "--scale" in sys.argv[1:]:  # the out-of-core test has its own options (benchmarks/scale.py)
+        import scale
+
+        scale.main([a for a in sys.argv[1:] if a != "--scale"])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/sens_peft_speed")
     parser.add_argument("--small", action="store_true", help="tens-of-MB smoke run")
@@ -527,7 +550,7 @@ def main() -> None:
 
     if args.job:
         {"floor": job_floor, "sens": job_sens, "adapters": job_adapters, "callback": job_callback,
-         "profile": job_profile}[args.job](json.loads(args.job_args))
+         "profile": job_profile, "seqread": job_seqread}[args.job](json.loads(args.job_args))
         return
 
     global THREADS
