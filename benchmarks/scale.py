@@ -94,6 +94,14 @@ def _vmstat(keys=("pswpin", "pswpout", "pgmajfault")) -> dict[str, int]:
         return {k: int(v) for k, v in pairs if k in keys}
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of the whole machine since boot (/proc/stat; iowait counts as idle)."""
+    with open("/proc/stat") as fh:
+        vals = [int(v) for v in fh.readline().split()[1:]]
+    idle = vals[3] + vals[4]
+    return sum(vals[:8]) - idle, sum(vals[:8])
+
+
 class MemorySampler:
     """Lowest MemAvailable and highest swap use of the whole machine while a job runs (every 0.25 s)."""
 
@@ -187,10 +195,12 @@ def run_cold(key: str, cmd: list[str], folders: list[Path], out_root: Path, logs
     t0 = time.perf_counter()
     how = drop_page_cache(folders, ctx["cache"])
     prep_s = time.perf_counter() - t0
-    disk0, vm0 = _disk_bytes(ctx["dev"]), _vmstat()
+    disk0, vm0, cpu0 = _disk_bytes(ctx["dev"]), _vmstat(), _cpu_ticks()
     with MemorySampler() as mem:
         payload = speed.run_child(cmd, logs / f"{key.replace(' ', '_')}.log", ctx["timeout"])
-    disk1, vm1 = _disk_bytes(ctx["dev"]), _vmstat()
+    disk1, vm1, cpu1 = _disk_bytes(ctx["dev"]), _vmstat(), _cpu_ticks()
+    # how busy the machine's cores were during the job (this job included): the merges need CPU, the floors little
+    machine_busy = (cpu1[0] - cpu0[0]) / max(1, cpu1[1] - cpu0[1])
     t1 = time.perf_counter()
     os.sync()  # the output's dirty pages that were not yet written back (not part of any job's time)
     payload.update(
@@ -198,7 +208,8 @@ def run_cold(key: str, cmd: list[str], folders: list[Path], out_root: Path, logs
         disk_read_gb=(disk1[0] - disk0[0]) / 1e9 if disk0 else None,
         disk_written_gb=(disk1[1] - disk0[1]) / 1e9 if disk0 else None,
         swap_in_pages=vm1["pswpin"] - vm0["pswpin"], swap_out_pages=vm1["pswpout"] - vm0["pswpout"],
-        major_faults=vm1["pgmajfault"] - vm0["pgmajfault"],
+        major_faults=vm1["pgmajfault"] - vm0["pgmajfault"], machine_cpu_busy=machine_busy,
+        child_cpu_s=(payload.get("cpu_user_s") or 0) + (payload.get("cpu_sys_s") or 0),
         min_mem_available_gb=(mem.min_available_kb or 0) / 2**20, max_swap_used_mb=mem.max_swap_used_kb / 1024,
     )
     if out_root.exists():
@@ -207,8 +218,9 @@ def run_cold(key: str, cmd: list[str], folders: list[Path], out_root: Path, logs
     print(f"  {key:34s} {speed.fmt(payload.get('seconds'), '8.1f')} s  disk read "
           f"{speed.fmt(payload['disk_read_gb'], '.1f')} GB  rss {speed.fmt(payload.get('peak_rss_mb'), '.0f')} MB "
           f"(anon {speed.fmt(payload.get('peak_anon_mb'), '.0f')})  swap in/out {payload['swap_in_pages']}/"
-          f"{payload['swap_out_pages']}  min avail {payload['min_mem_available_gb']:.1f} GiB  load "
-          f"{payload['load_before']:.1f} {err}", flush=True)
+          f"{payload['swap_out_pages']}  min avail {payload['min_mem_available_gb']:.1f} GiB  cpu "
+          f"{payload['child_cpu_s']:.0f} s, machine busy {machine_busy:.0%}  load {payload['load_before']:.1f} {err}",
+          flush=True)
     return payload
 
 
@@ -238,6 +250,9 @@ def summarize(rounds: list[dict], input_bytes: int, methods: list[str]) -> dict:
             "peak_rss_mb": rss, "peak_anon_mb": max(j["peak_anon_mb"] for j, _ in runs),
             "peak_vmrss_sampled_mb": max(j.get("peak_vmrss_mb", 0) for j, _ in runs),
             "disk_read_gb": [j["disk_read_gb"] for j, _ in runs], "swap": swapped,
+            "child_cpu_s": [j.get("child_cpu_s") for j, _ in runs],
+            "machine_cpu_busy": [j.get("machine_cpu_busy") for j, _ in runs],
+            "load_before": [j.get("load_before") for j, _ in runs],
             "goal_ratio_met": ratio <= GOALS["ratio"], "goal_rss_met": rss <= GOALS["peak_rss_mb"],
             "goal_no_swap_met": swapped == 0,
         }
@@ -274,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="rounds of floors + merges (ratios per round)")
     parser.add_argument("--methods", default=",".join(speed.METHODS))
     parser.add_argument("--floors", default="pread,overlap", help="floor modes of speed.job_floor")
+    parser.add_argument("--floor-after", action="store_true", help="run the last floor mode again after "
+                        "the merges of each round (ratios use the fastest floor of the round)")
     parser.add_argument("--shard-size", default="5GB", help="input and output shard size")
     parser.add_argument("--cache", choices=("auto", "drop", "fadvise"), default="auto")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every child")
@@ -332,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
             todo = [("seqread", "seqread", {})] if rep == 0 else []
             todo += [(f"floor {mode}", "floor", {"mode": mode}) for mode in args.floors.split(",") if mode]
             todo += [(f"sens-peft {speed.SHORT[m]}", "sens", {"method": m, "sens": False}) for m in methods]
+            if args.floor_after:  # the disk's speed drifts: a floor on each side of the merges
+                mode = args.floors.split(",")[-1]
+                todo.append((f"floor {mode} after", "floor", {"mode": mode}))
             for key, job, extra in todo:
                 cmd = [*me, "--job", job, "--job-args", json.dumps({**common, **extra})]
                 row[key] = run_cold(f"{key} r{rep}", cmd, folders, out_root, work / "logs", ctx)

@@ -444,7 +444,7 @@ def run_child(cmd: list[str], log: Path, timeout: float) -> dict:
             payload = json.loads(line[len("RESULT "):])
     payload.update(whole_s=wall, peak_rss_mb=_maxrss_mb(usage.ru_maxrss), rc=proc.returncode,
                    peak_anon_mb=peak["RssAnon"] / 1024, peak_file_mapped_mb=peak["RssFile"] / 1024,
-                   peak_vmrss_mb=peak["VmRSS"] / 1024,
+                   peak_vmrss_mb=peak["VmRSS"] / 1024, cpu_user_s=usage.ru_utime, cpu_sys_s=usage.ru_stime,
                    load_before=load_before, load_after=os.getloadavg()[0])
     if proc.returncode != 0 or "seconds" not in payload:
         tail = "\n".join(text.splitlines()[-15:])
