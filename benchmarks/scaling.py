@@ -1,6 +1,6 @@
 """Scaling curves: merge time against the number of experts K and against the model size, full and LoRA.
 
-    python benchmarks/scaling.py                       # writes benchmarks/results/scaling.json and .png
+    python benchmarks/scaling.py                       # writes benchmarks/results/scale_curves.json and .png
     python benchmarks/scaling.py --parts lora_k --repeat 1 --append    # one curve again, merged into the JSON
     python benchmarks/scaling.py --plot-only           # redraw the plot from the JSON
 
@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the synthetic inputs")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--small", action="store_true", help="smoke run: tiny shapes, K up to 4")
-    parser.add_argument("--out", default=str(HERE / "results" / "scaling.json"))
+    parser.add_argument("--out", default=str(HERE / "results" / "scale_curves.json"))
     args = parser.parse_args()
     out = Path(args.out)
     if args.plot_only:
