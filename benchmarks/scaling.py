@@ -163,6 +163,8 @@ def plot(result: dict, path: Path) -> None:
                 ax.plot(x, [y[0] * UNITS[curve](p) / u0 for p in points], ":", color=line.get_color(), alpha=0.6)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(x, [f"{v:g}" if curve.endswith("_k") else f"{v:.0f}" if v >= 10 else f"{v:.2g}" for v in x])
+        ax.minorticks_off()
         ax.set_xlabel(xlabels[curve])
         ax.set_ylabel("seconds (min of repeats)")
         ax.grid(True, which="both", alpha=0.3)
