@@ -12,7 +12,8 @@
 #      6.0 GB per model, 24 GB of inputs for base + 3 experts) with merge_models(device="cuda"), the page cache
 #      dropped before every job (drop_caches as root, else posix_fadvise per file): floors + TA/TIES/DARE-TIES.
 #      Needs ~31 GB of disk (the inputs are deleted at the end); ~6 cold passes over 24 GB: at 2 GB/s about
-#      3 minutes with generation, budget 420 s (SCALE_LAYERS=8 for 1.0B parameters and ~1 minute),
+#      3 minutes with generation, budget 420 s (SCALE_LAYERS=8 for 1.0B parameters and ~1 minute). On a
+#      machine with more RAM than 24 GB this is a cold-cache test, not an out-of-core one,
 #   6. a short table.
 # Results go to $OUT (the device tool's output folder) or /tmp/sens_peft_gpu.
 # Usage: bash benchmarks/gpu_check.sh            (LAYERS=2 bash ... for a shorter run)
