@@ -66,6 +66,7 @@ class Runner:
 
     def job(self, key: str, job: str, args: dict, warm: list[Path]) -> dict:
         best: dict = {}
+        runs: list = []
         for rep in range(self.repeat):
             if self.out_root.exists():
                 shutil.rmtree(self.out_root)
@@ -73,9 +74,10 @@ class Runner:
             speed.warm_cache(warm)
             cmd = [*self.me, "--job", job, "--job-args", json.dumps({**args, "out": str(self.out_root)})]
             payload = speed.run_child(cmd, self.work / "logs" / f"{key.replace(' ', '_')}.{rep}.log", self.timeout)
+            runs.append(payload.get("seconds"))
             if not best or (payload.get("seconds") or 1e18) < (best.get("seconds") or 1e18):
                 best = payload
-            best.setdefault("runs_s", []).append(payload.get("seconds"))
+        best["runs_s"] = runs
         if self.out_root.exists():
             shutil.rmtree(self.out_root)
         err = best.get("error", "").splitlines()[-1:] if "error" in best else ""
@@ -88,10 +90,20 @@ class Runner:
         self.out.write_text(json.dumps(self.result, indent=2))
 
 
+def in_child(fn, *args):
+    """``fn(*args)`` in a spawned process: generating inputs would otherwise grow this parent, and a child's
+    ``ru_maxrss`` starts from the RSS of the parent that spawned it (Linux keeps the high-water mark across fork and
+    exec), which would inflate every later job's peak RSS."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def full_point(run: Runner, curve: str, label: str, root: Path, shape: syn.ModelShape, k: int,
                generator: str = "tiled", methods=FULL_METHODS, floor: bool = True, make_k: int = 0) -> None:
     """One point: ``k`` experts out of a cached set of ``max(k, make_k)`` (the K curve shares one set)."""
-    base, experts = syn.make_full_experts(root, shape, max(k, make_k), "500MB", generator=generator)
+    base, experts = in_child(syn.make_full_experts, root, shape, max(k, make_k), "500MB", 0.002, generator)
     experts = experts[:k]
     folders = [base, *experts]
     common = {"base": str(base), "experts": [str(e) for e in experts], "shard_size": "500MB", "device": "cpu"}
@@ -108,13 +120,42 @@ def full_point(run: Runner, curve: str, label: str, root: Path, shape: syn.Model
 
 
 def lora_point(run: Runner, curve: str, label: str, root: Path, shape: syn.ModelShape, k: int) -> None:
-    base, experts = syn.make_lora_experts(root, shape, k)
+    base, experts = in_child(syn.make_lora_experts, root, shape, k)
     common = {"base": str(base), "experts": [str(e) for e in experts], "impl": "sens"}
     point = {"label": label, "k": k, "hidden": shape.hidden, "lora_numel_m": lora_numel(shape) / 1e6, "jobs": {}}
     for method, short in (("task_arithmetic", "TA"), ("ties", "TIES")):
         point["jobs"][short] = run.job(f"{curve} {label} {short}", "adapters", {**common, "method": method}, [])
     run.result.setdefault("curves", {}).setdefault(curve, []).append(point)
     run.save()
+
+
+def generator_check(run: Runner, work: Path, rounds: int) -> None:
+    """TA and TIES at 168M, K = 4 on tiled and on fully drawn inputs, alternated over ``rounds`` (the machine's
+    speed drifts: only ratios within a round count): does the cheap generator change the merge time?"""
+    roots = {g: work / f"gen_{g}" for g in ("tiled", "randn")}
+    sets = {g: in_child(syn.make_full_experts, r, FULL_K_SHAPE, SIZE_K, "500MB", 0.002, g) for g, r in roots.items()}
+    rows = []
+    for rep in range(rounds):
+        row: dict = {}
+        for g, (base, experts) in sets.items():
+            common = {"base": str(base), "experts": [str(e) for e in experts], "shard_size": "500MB",
+                      "device": "cpu"}
+            for method in FULL_METHODS:
+                job = run.job(f"generator {g} {speed.SHORT[method]} r{rep}", "sens",
+                              {**common, "method": method, "sens": False}, [base, *experts])
+                row[f"{g} {speed.SHORT[method]}"] = {k: job.get(k) for k in ("seconds", "cpu_user_s", "load_before")}
+        rows.append(row)
+    summary = {}
+    for method in FULL_METHODS:
+        m = speed.SHORT[method]
+        ratios = [r[f"randn {m}"]["seconds"] / r[f"tiled {m}"]["seconds"] for r in rows
+                  if r[f"randn {m}"]["seconds"] and r[f"tiled {m}"]["seconds"]]
+        summary[m] = {"randn_over_tiled": ratios, "median": sorted(ratios)[len(ratios) // 2] if ratios else None}
+    run.result["generator_check"] = {"rounds": rows, "summary": summary}
+    run.save()
+    print("  generator check, randn / tiled time:", json.dumps(summary), flush=True)
+    for r in roots.values():
+        shutil.rmtree(r, ignore_errors=True)
 
 
 def relative_cost(points: list[dict], unit) -> dict:
@@ -190,7 +231,8 @@ def use_small_shapes() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/sens_peft_scaling")
-    parser.add_argument("--parts", default="full_k,full_size,lora_k,lora_size")
+    parser.add_argument("--parts", default="full_k,full_size,lora_k,lora_size",
+                        help="curves to run, plus 'generator' (tiled vs randn inputs, alternated)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per point (min is reported)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900)
@@ -214,6 +256,8 @@ def main() -> None:
     if args.append and out.exists():
         old = json.loads(out.read_text())
         result["curves"] = {k: v for k, v in old.get("curves", {}).items() if k not in parts}
+        if "generator_check" in old and "generator" not in parts:
+            result["generator_check"] = old["generator_check"]
         result["earlier_runs"] = old.get("earlier_runs", []) + [
             {k: old.get(k) for k in ("load_start", "load_end", "sens_peft_commit")}]
     run = Runner(work, result, out, args.repeat, args.timeout)
@@ -237,6 +281,8 @@ def main() -> None:
         for path in (k_root, work / "full_168M_randn"):
             if path.exists() and not args.keep:
                 shutil.rmtree(path)
+        if "generator" in parts:
+            generator_check(run, work, rounds=3)
         if "lora_k" in parts:
             for k in KS:
                 lora_point(run, "lora_k", f"K={k}", work / f"lora_k{k}", LORA_K_SHAPE, k)
