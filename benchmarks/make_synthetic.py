@@ -196,14 +196,14 @@ class TiledValues:
     inputs cost the disk's write time. 1-D tensors (norms) are drawn in full (they are tiny).
     """
 
-    def __init__(self, num_experts: int, delta_std: float):
+    def __init__(self, num_experts: int, delta_std: float, scales: tuple[float, ...] = TILE_DELTA_SCALES):
         gen = torch.Generator().manual_seed(_seed("tile", "base"))
         base = 0.02 * torch.randn(TILE, generator=gen)
         self.delta_std = delta_std
         self.blocks = [[base.to(torch.bfloat16)]]
         for k in range(1, num_experts + 1):
             noise = torch.randn(TILE, generator=torch.Generator().manual_seed(_seed("tile", "delta", k)))
-            self.blocks.append([(base + s * delta_std * noise).to(torch.bfloat16) for s in TILE_DELTA_SCALES])
+            self.blocks.append([(base + s * delta_std * noise).to(torch.bfloat16) for s in scales])
 
     def tensor(self, model: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Tensor ``name`` of model ``model`` (0: the base, k ≥ 1: expert k)."""
@@ -215,16 +215,17 @@ class TiledValues:
             return tensor
         numel = math.prod(shape)
         offset = _seed("offset", name) % TILE
-        block = self.blocks[model][_seed("scale", model, name) % len(TILE_DELTA_SCALES) if model else 0]
+        block = self.blocks[model][_seed("scale", model, name) % len(self.blocks[model]) if model else 0]
         return block.repeat(-(-(offset + numel) // TILE))[offset: offset + numel].view(shape)
 
 
 def make_full_experts(root: Path, shape: ModelShape, num_experts: int = 3, shard_size: str = "500MB",
-                      delta_std: float = 0.002, generator: str = "randn") -> tuple[Path, list[Path]]:
+                      delta_std: float = 0.002, generator: str = "randn",
+                      tile_scales: tuple[float, ...] = TILE_DELTA_SCALES) -> tuple[Path, list[Path]]:
     """Base + ``num_experts`` full fine-tunes under ``root`` (cached). Returns (base_dir, expert_dirs).
 
     ``generator``: ``"randn"`` draws every element (base N(0, 0.02²), deltas N(0, delta_std²)); ``"tiled"`` uses
-    :class:`TiledValues` (the same distributions, one memory copy per tensor).
+    :class:`TiledValues` (one memory copy per tensor; ``tile_scales``: the delta scales hashed per tensor).
     """
     if generator not in ("randn", "tiled"):
         raise ValueError(f"generator must be 'randn' or 'tiled', not {generator!r}")
@@ -232,7 +233,7 @@ def make_full_experts(root: Path, shape: ModelShape, num_experts: int = 3, shard
     spec = {"kind": "full", "shape": asdict(shape), "num_experts": num_experts, "shard_size": shard_size,
             "delta_std": delta_std, "version": 2}
     if generator != "randn":  # (the randn spec is unchanged, so existing caches stay valid)
-        spec.update(generator=generator, tile=TILE, tile_scales=list(TILE_DELTA_SCALES))
+        spec.update(generator=generator, tile=TILE, tile_scales=list(tile_scales))
     base = root / "base"
     experts = [root / f"expert{k}" for k in range(num_experts)]
     if _spec_matches(root, spec):
@@ -244,7 +245,7 @@ def make_full_experts(root: Path, shape: ModelShape, num_experts: int = 3, shard
     max_bytes = parse_size(shard_size)
     config = shape.config()
     config.architectures = ["LlamaForCausalLM"]
-    tiled = TiledValues(num_experts, delta_std) if generator == "tiled" else None
+    tiled = TiledValues(num_experts, delta_std, tuple(tile_scales)) if generator == "tiled" else None
     for k, folder in enumerate([base, *experts]):
         writer = StreamedShardWriter(folder, entries, max_bytes)
         for idx in writer.order:

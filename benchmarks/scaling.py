@@ -90,20 +90,10 @@ class Runner:
         self.out.write_text(json.dumps(self.result, indent=2))
 
 
-def in_child(fn, *args):
-    """``fn(*args)`` in a spawned process: generating inputs would otherwise grow this parent, and a child's
-    ``ru_maxrss`` starts from the RSS of the parent that spawned it (Linux keeps the high-water mark across fork and
-    exec), which would inflate every later job's peak RSS."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
-
-
 def full_point(run: Runner, curve: str, label: str, root: Path, shape: syn.ModelShape, k: int,
                generator: str = "tiled", methods=FULL_METHODS, floor: bool = True, make_k: int = 0) -> None:
     """One point: ``k`` experts out of a cached set of ``max(k, make_k)`` (the K curve shares one set)."""
-    base, experts = in_child(syn.make_full_experts, root, shape, max(k, make_k), "500MB", 0.002, generator)
+    base, experts = speed.in_child(syn.make_full_experts, root, shape, max(k, make_k), "500MB", 0.002, generator)
     experts = experts[:k]
     folders = [base, *experts]
     common = {"base": str(base), "experts": [str(e) for e in experts], "shard_size": "500MB", "device": "cpu"}
@@ -120,7 +110,7 @@ def full_point(run: Runner, curve: str, label: str, root: Path, shape: syn.Model
 
 
 def lora_point(run: Runner, curve: str, label: str, root: Path, shape: syn.ModelShape, k: int) -> None:
-    base, experts = in_child(syn.make_lora_experts, root, shape, k)
+    base, experts = speed.in_child(syn.make_lora_experts, root, shape, k)
     common = {"base": str(base), "experts": [str(e) for e in experts], "impl": "sens"}
     point = {"label": label, "k": k, "hidden": shape.hidden, "lora_numel_m": lora_numel(shape) / 1e6, "jobs": {}}
     for method, short in (("task_arithmetic", "TA"), ("ties", "TIES")):
@@ -132,8 +122,12 @@ def lora_point(run: Runner, curve: str, label: str, root: Path, shape: syn.Model
 def generator_check(run: Runner, work: Path, rounds: int) -> None:
     """TA and TIES at 168M, K = 4 on tiled and on fully drawn inputs, alternated over ``rounds`` (the machine's
     speed drifts: only ratios within a round count): does the cheap generator change the merge time?"""
-    roots = {g: work / f"gen_{g}" for g in ("tiled", "randn")}
-    sets = {g: in_child(syn.make_full_experts, r, FULL_K_SHAPE, SIZE_K, "500MB", 0.002, g) for g, r in roots.items()}
+    # "tiled": the scale test's generator (delta scales 0.5 / 1 / 2 hashed per expert and tensor); "tiled s=1":
+    # the same with every scale 1, as in "randn" (full draws): separates the tiling from the scale mix.
+    variants = {"tiled": ("tiled", syn.TILE_DELTA_SCALES), "tiled s=1": ("tiled", (1.0,)), "randn": ("randn", ())}
+    roots = {v: work / f"gen_{v.replace(' ', '_').replace('=', '')}" for v in variants}
+    sets = {v: speed.in_child(syn.make_full_experts, roots[v], FULL_K_SHAPE, SIZE_K, "500MB", 0.002, g,
+                              scales or syn.TILE_DELTA_SCALES) for v, (g, scales) in variants.items()}
     rows = []
     for rep in range(rounds):
         row: dict = {}
@@ -148,12 +142,15 @@ def generator_check(run: Runner, work: Path, rounds: int) -> None:
     summary = {}
     for method in FULL_METHODS:
         m = speed.SHORT[method]
-        ratios = [r[f"randn {m}"]["seconds"] / r[f"tiled {m}"]["seconds"] for r in rows
-                  if r[f"randn {m}"]["seconds"] and r[f"tiled {m}"]["seconds"]]
-        summary[m] = {"randn_over_tiled": ratios, "median": sorted(ratios)[len(ratios) // 2] if ratios else None}
+        summary[m] = {}
+        for v in ("tiled", "tiled s=1"):
+            ratios = [r[f"{v} {m}"]["seconds"] / r[f"randn {m}"]["seconds"] for r in rows
+                      if r[f"randn {m}"]["seconds"] and r[f"{v} {m}"]["seconds"]]
+            summary[m][f"{v} / randn"] = {"per_round": ratios,
+                                          "median": sorted(ratios)[len(ratios) // 2] if ratios else None}
     run.result["generator_check"] = {"rounds": rows, "summary": summary}
     run.save()
-    print("  generator check, randn / tiled time:", json.dumps(summary), flush=True)
+    print("  generator check, time on tiled / on randn inputs:", json.dumps(summary), flush=True)
     for r in roots.values():
         shutil.rmtree(r, ignore_errors=True)
 

@@ -373,6 +373,16 @@ def mergekit_yaml(method: str, base: Path, experts: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def in_child(fn, *args):
+    """``fn(*args)`` in a spawned process: generating inputs would otherwise grow this parent, and a child's
+    ``ru_maxrss`` starts from the RSS of the parent that spawned it (Linux keeps the high-water mark across fork and
+    exec), which would inflate every later job's peak RSS."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def warm_cache(folders: list[Path]) -> float:
     t0 = time.perf_counter()
     for folder in folders:
@@ -568,7 +578,7 @@ def main() -> None:
         shape = syn.ModelShape(hidden, inter, layers, hidden // 128, hidden // 128, vocab)
         tag = "full_" + args.shape.replace(",", "_")
     t0 = time.perf_counter()
-    base, experts = syn.make_full_experts(work / tag, shape, K, args.shard_size)
+    base, experts = in_child(syn.make_full_experts, work / tag, shape, K, args.shard_size)
     gen_s = time.perf_counter() - t0
     model_gb = syn.folder_bytes(base) / 1e9
     print(f"inputs: base + {K} experts, {shape.num_params() / 1e6:.0f}M params, {model_gb:.2f} GB each "
@@ -699,7 +709,8 @@ def main() -> None:
                     args.mergekit_python, str(runner), str(c), str(out_root), str(syn.parse_size(args.shard_size))])
     if "adapters" in parts:
         lshape = syn.LORA_SMALL_SHAPE if args.small else syn.LORA_SHAPE
-        lbase, lexperts = syn.make_lora_experts(work / ("lora_small" if args.small else "lora"), lshape, K)
+        lbase, lexperts = in_child(syn.make_lora_experts, work / ("lora_small" if args.small else "lora"), lshape,
+                                   K)
         result["inputs"]["lora"] = {"shape": lshape.__dict__, "rank": 16, "targets": list(syn.LORA_TARGETS),
                                     "note": "smaller shape than the full-model part: PEFT ties_svd runs one SVD "
                                             "per module on the CPU"}
