@@ -264,10 +264,15 @@ def run_step(args) -> None:
     if args.step == "generate":
         shape = syn.SMALL_SHAPE if args.small else scale_shape(args.layers)
         root = Path(args.workdir) / ("small" if args.small else f"scale_{args.layers}l_{args.experts}e")
-        base, experts = syn.make_full_experts(root, shape, args.experts, args.shard_size, generator="tiled")
+        base, experts = syn.make_full_experts(root, shape, args.experts, args.shard_size, generator="tiled",
+                                              tile_scales=_scales(args))
         print("STEP " + json.dumps([str(base), [str(e) for e in experts]]))
     else:
         print("STEP " + json.dumps(tiled_realism(args.experts)))
+
+
+def _scales(args) -> tuple[float, ...]:
+    return tuple(float(x) for x in args.tile_scales.split(","))
 
 
 def _step(step: str, argv: list[str] | None):
@@ -291,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--floors", default="pread,overlap", help="floor modes of speed.job_floor")
     parser.add_argument("--floor-after", action="store_true", help="run the last floor mode again after "
                         "the merges of each round (ratios use the fastest floor of the round)")
+    parser.add_argument("--tile-scales", default=",".join(str(x) for x in syn.TILE_DELTA_SCALES),
+                        help="delta scales of the tiled generator, hashed per expert and tensor (e.g. 1 for one)")
     parser.add_argument("--shard-size", default="5GB", help="input and output shard size")
     parser.add_argument("--cache", choices=("auto", "drop", "fadvise"), default="auto")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every child")
@@ -328,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
             "gb_per_model": syn.folder_bytes(base) / 1e9, "input_gb": input_bytes / 1e9,
             "input_gib": input_bytes / 2**30, "mem_total_gib": mem_total / 2**30,
             "output_gb": syn.folder_bytes(base) / 1e9, "shards_per_model": len(syn.input_files(base)),
-            "shard_size": args.shard_size, "generator": "tiled", "generate_and_sync_s": gen_s}
+            "shard_size": args.shard_size, "generator": "tiled", "tile_scales": list(_scales(args)),
+            "generate_and_sync_s": gen_s}
         result["disk"] = {"device": str(dev.resolve()) if dev else None, "read_ahead_kb": _read_ahead_kb(dev)}
         print(f"inputs: base + {args.experts} experts, {shape.num_params() / 1e9:.2f}B params, "
               f"{input_bytes / 1e9:.1f} GB ({input_bytes / 2**30:.1f} GiB) on a {mem_total / 2**30:.1f} GiB machine; "
