@@ -119,12 +119,13 @@ def lora_point(run: Runner, curve: str, label: str, root: Path, shape: syn.Model
     run.save()
 
 
-def generator_check(run: Runner, work: Path, rounds: int) -> None:
+def generator_check(run: Runner, work: Path, rounds: int, single_scales: tuple[float, ...] = (1.0,)) -> None:
     """TA and TIES at 168M, K = 4 on tiled and on fully drawn inputs, alternated over ``rounds`` (the machine's
     speed drifts: only ratios within a round count): does the cheap generator change the merge time?"""
     # "tiled": the scale test's generator (delta scales 0.5 / 1 / 2 hashed per expert and tensor); "tiled s=1":
     # the same with every scale 1, as in "randn" (full draws): separates the tiling from the scale mix.
-    variants = {"tiled": ("tiled", syn.TILE_DELTA_SCALES), "tiled s=1": ("tiled", (1.0,)), "randn": ("randn", ())}
+    variants = {"tiled": ("tiled", syn.TILE_DELTA_SCALES),
+                **{f"tiled s={x:g}": ("tiled", (x,)) for x in single_scales}, "randn": ("randn", ())}
     roots = {v: work / f"gen_{v.replace(' ', '_').replace('=', '')}" for v in variants}
     sets = {v: speed.in_child(syn.make_full_experts, roots[v], FULL_K_SHAPE, SIZE_K, "500MB", 0.002, g,
                               scales or syn.TILE_DELTA_SCALES) for v, (g, scales) in variants.items()}
@@ -143,7 +144,7 @@ def generator_check(run: Runner, work: Path, rounds: int) -> None:
     for method in FULL_METHODS:
         m = speed.SHORT[method]
         summary[m] = {}
-        for v in ("tiled", "tiled s=1"):
+        for v in [v for v in variants if v != "randn"]:
             ratios = [r[f"{v} {m}"]["seconds"] / r[f"randn {m}"]["seconds"] for r in rows
                       if r[f"randn {m}"]["seconds"] and r[f"{v} {m}"]["seconds"]]
             summary[m][f"{v} / randn"] = {"per_round": ratios,
@@ -235,6 +236,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--append", action="store_true", help="keep the curves in --out that this run skips")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic inputs")
+    parser.add_argument("--gen-scales", default="1", help="generator check: the single delta scales whose tiled "
+                        "inputs are compared too (besides the default mix and full draws)")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--small", action="store_true", help="smoke run: tiny shapes, K up to 4")
     parser.add_argument("--out", default=str(HERE / "results" / "scale_curves.json"))
@@ -279,7 +282,7 @@ def main() -> None:
             if path.exists() and not args.keep:
                 shutil.rmtree(path)
         if "generator" in parts:
-            generator_check(run, work, rounds=3)
+            generator_check(run, work, rounds=3, single_scales=tuple(float(x) for x in args.gen_scales.split(",")))
         if "lora_k" in parts:
             for k in KS:
                 lora_point(run, "lora_k", f"K={k}", work / f"lora_k{k}", LORA_K_SHAPE, k)
@@ -293,7 +296,8 @@ def main() -> None:
                                                 UNITS[c]) for c, pts in result["curves"].items()}
     result["total_s"] = time.perf_counter() - t0
     run.save()
-    plot(result, out.with_suffix(".png"))
+    if result["curves"]:
+        plot(result, out.with_suffix(".png"))
     print(json.dumps(result["relative_cost"], indent=1))
 
 
