@@ -7,15 +7,25 @@
 #      1.07B parameters, 2.1 GB per model in bf16) with merge_models(device="cuda"): floor + TA/TIES/DARE-TIES,
 #      plain and Sens,
 #   4. the quick start (recipes/quickstart.py) on the GPU,
-#   5. a short table.
+#   5. optional (SCALE=1): the out-of-core scale test (benchmarks/scale.py) at the 3B shape (hidden 3072,
+#      intermediate 8192, 24/8 heads, vocab 32000; SCALE_LAYERS decoder layers, default 28 = 3.02B parameters,
+#      6.0 GB per model, 24 GB of inputs for base + 3 experts) with merge_models(device="cuda"), the page cache
+#      dropped before every job (drop_caches as root, else posix_fadvise per file): floors + TA/TIES/DARE-TIES.
+#      Needs ~31 GB of disk (the inputs are deleted at the end); ~6 cold passes over 24 GB: at 2 GB/s about
+#      3 minutes with generation, budget 420 s (SCALE_LAYERS=8 for 1.0B parameters and ~1 minute). On a
+#      machine with more RAM than 24 GB this is a cold-cache test, not an out-of-core one,
+#   6. a short table.
 # Results go to $OUT (the device tool's output folder) or /tmp/sens_peft_gpu.
 # Usage: bash benchmarks/gpu_check.sh            (LAYERS=2 bash ... for a shorter run)
+#        SCALE=1 SCALE_LAYERS=28 bash benchmarks/gpu_check.sh     (with the scale step)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 OUT=${OUT:-/tmp/sens_peft_gpu}
 LAYERS=${LAYERS:-4}
 WORK=${WORK:-/tmp/sens_peft_speed_gpu}
+SCALE=${SCALE:-0}
+SCALE_LAYERS=${SCALE_LAYERS:-28}
 mkdir -p "$OUT"
 T0=$(date +%s)
 
@@ -74,7 +84,19 @@ fi
 QS_S=$(python -c "import time; print(f'{time.time() - $QS_T0:.1f}')")
 tail -15 "$OUT/quickstart.log"
 
+SCALE_RC=skipped
+if [ "$SCALE" = "1" ]; then
+  echo "== scale test: 3B shape, ${SCALE_LAYERS} layers, cold page cache, device=cuda (budget 420 s)"
+  rm -rf "$WORK"/full_*  # step 3's inputs: free the disk for the 30 GB of this step
+  df -h "$WORK" | tail -1
+  timeout 420 python benchmarks/scale.py --device cuda --layers "$SCALE_LAYERS" --workdir "$WORK/scale" \
+    --out "$OUT/scale_gpu.json" 2>&1 | tee "$OUT/scale_gpu.log"
+  SCALE_RC=${PIPESTATUS[0]}
+  rm -rf "$WORK/scale"  # (scale.py deletes its inputs itself, also on errors; this covers a timeout)
+fi
+
 echo "== summary"
+echo "scale step: rc=$SCALE_RC (table above, JSON in $OUT/scale_gpu.json)"
 python - "$OUT/speed_gpu.json" "$SPEED_RC" "$QS_RC" "$QS_S" <<'EOF'
 import json, sys
 path, speed_rc, qs_rc, qs_s = sys.argv[1:5]

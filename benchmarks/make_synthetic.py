@@ -8,6 +8,9 @@ memory. Each expert folder also gets a synthetic ``sensitivity.safetensors`` sid
 ``make_lora_experts`` writes K rank-r LoRA adapters (``adapter_model.safetensors`` + ``adapter_config.json``)
 on all projections of a Llama shape, plus sidecars, and the base model folder.
 
+``generator="tiled"`` (the scale test's 3B inputs, the scaling curves) makes every 2-D tensor a window into one
+random block per model instead of drawing every element: see :class:`TiledValues` for what it keeps realistic.
+
 Everything is cached: a folder whose ``synthetic.json`` matches the requested spec is reused.
 """
 
@@ -174,12 +177,63 @@ def _spec_matches(folder: Path, spec: dict) -> bool:
     return marker.exists() and json.loads(marker.read_text()) == spec
 
 
+# Tile length of the "tiled" generator: odd and not a divisor of any hidden size, so that consecutive rows of a
+# tensor start at different places in the block (no column sees one value repeated down the rows).
+TILE = (1 << 20) + 7
+# Per (expert, tensor) scale of the delta, picked by a hash: tensors differ in how far they moved.
+TILE_DELTA_SCALES = (0.5, 1.0, 2.0)
+
+
+class TiledValues:
+    """Cheap synthetic weights: every 2-D tensor is a window into a random block of ``TILE`` values.
+
+    The base block is ``0.02·N(0,1)``; expert k's blocks are ``bf16(base_block + s·delta_std·N_k(0,1))`` for each
+    ``s`` in ``TILE_DELTA_SCALES``, with an independent ``N_k`` per expert. A tensor starts at an offset given by a
+    hash of its name (the same in every model), so ``expert − base`` at each position is that expert's own
+    independent draw (TIES sign election sees independent signs; top-k thresholds see the full spread of a
+    Gaussian, rounded through bf16 as a real fine-tune is), and which scale a tensor gets is hashed per (expert,
+    tensor). Generating a tensor is one memory copy, not ``numel`` Gaussian draws: ~50x cheaper, so 24 GB of
+    inputs cost the disk's write time. 1-D tensors (norms) are drawn in full (they are tiny).
+    """
+
+    def __init__(self, num_experts: int, delta_std: float, scales: tuple[float, ...] = TILE_DELTA_SCALES):
+        gen = torch.Generator().manual_seed(_seed("tile", "base"))
+        base = 0.02 * torch.randn(TILE, generator=gen)
+        self.delta_std = delta_std
+        self.blocks = [[base.to(torch.bfloat16)]]
+        for k in range(1, num_experts + 1):
+            noise = torch.randn(TILE, generator=torch.Generator().manual_seed(_seed("tile", "delta", k)))
+            self.blocks.append([(base + s * delta_std * noise).to(torch.bfloat16) for s in scales])
+
+    def tensor(self, model: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Tensor ``name`` of model ``model`` (0: the base, k ≥ 1: expert k)."""
+        if len(shape) == 1:
+            tensor = _base_tensor(name, shape)
+            if model:
+                gen = torch.Generator().manual_seed(_seed("delta", model, name))
+                tensor = (tensor.float() + self.delta_std * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+            return tensor
+        numel = math.prod(shape)
+        offset = _seed("offset", name) % TILE
+        block = self.blocks[model][_seed("scale", model, name) % len(self.blocks[model]) if model else 0]
+        return block.repeat(-(-(offset + numel) // TILE))[offset: offset + numel].view(shape)
+
+
 def make_full_experts(root: Path, shape: ModelShape, num_experts: int = 3, shard_size: str = "500MB",
-                      delta_std: float = 0.002) -> tuple[Path, list[Path]]:
-    """Base + ``num_experts`` full fine-tunes under ``root`` (cached). Returns (base_dir, expert_dirs)."""
+                      delta_std: float = 0.002, generator: str = "randn",
+                      tile_scales: tuple[float, ...] = TILE_DELTA_SCALES) -> tuple[Path, list[Path]]:
+    """Base + ``num_experts`` full fine-tunes under ``root`` (cached). Returns (base_dir, expert_dirs).
+
+    ``generator``: ``"randn"`` draws every element (base N(0, 0.02²), deltas N(0, delta_std²)); ``"tiled"`` uses
+    :class:`TiledValues` (one memory copy per tensor; ``tile_scales``: the delta scales hashed per tensor).
+    """
+    if generator not in ("randn", "tiled"):
+        raise ValueError(f"generator must be 'randn' or 'tiled', not {generator!r}")
     root = Path(root)
     spec = {"kind": "full", "shape": asdict(shape), "num_experts": num_experts, "shard_size": shard_size,
             "delta_std": delta_std, "version": 2}
+    if generator != "randn":  # (the randn spec is unchanged, so existing caches stay valid)
+        spec.update(generator=generator, tile=TILE, tile_scales=list(tile_scales))
     base = root / "base"
     experts = [root / f"expert{k}" for k in range(num_experts)]
     if _spec_matches(root, spec):
@@ -191,10 +245,14 @@ def make_full_experts(root: Path, shape: ModelShape, num_experts: int = 3, shard
     max_bytes = parse_size(shard_size)
     config = shape.config()
     config.architectures = ["LlamaForCausalLM"]
+    tiled = TiledValues(num_experts, delta_std, tuple(tile_scales)) if generator == "tiled" else None
     for k, folder in enumerate([base, *experts]):
         writer = StreamedShardWriter(folder, entries, max_bytes)
         for idx in writer.order:
             name, tshape, _ = entries[idx]
+            if tiled is not None:
+                writer.write(name, tiled.tensor(k, name, tshape))
+                continue
             tensor = _base_tensor(name, tshape)
             if k > 0:
                 gen = torch.Generator().manual_seed(_seed("delta", k, name))

@@ -4,6 +4,7 @@
     python benchmarks/speed.py --small         # smoke run, tens of MB
     python benchmarks/speed.py --only floor,sens   # subsets: floor, sens, mergekit, adapters, callback, paired
     python benchmarks/speed.py --only paired --repeat 5   # floor and merge back to back: per-pair ratios
+    python benchmarks/speed.py --scale [scale.py options]  # out-of-core: 3B base + 3 experts, cold page cache
 
 Every measured job runs in a fresh subprocess; its peak RSS is that child's own ``ru_maxrss`` (from
 ``os.wait4``), so one job's memory never contaminates another's. Times are measured inside the child around
@@ -119,6 +120,22 @@ def job_floor(args: dict) -> None:
     writer.close()
     seconds = time.perf_counter() - t0
     _result({"seconds": seconds, "read_s": read_s, "write_s": write_s})
+
+
+def job_seqread(args: dict) -> None:
+    """Read every input file from start to end in 16 MiB ``readinto`` calls (no parsing, no writes): the disk's
+    sequential read speed when the page cache was dropped before (the scale test), memory speed otherwise."""
+    folders = [Path(args["base"]), *map(Path, args["experts"])]
+    buf = bytearray(16 << 20)
+    total = 0
+    t0 = time.perf_counter()
+    for folder in folders:
+        for path in syn.input_files(folder):
+            with open(path, "rb", buffering=0) as fh:
+                while got := fh.readinto(buf):
+                    total += got
+    seconds = time.perf_counter() - t0
+    _result({"seconds": seconds, "bytes": total, "gb_per_s": total / seconds / 1e9})
 
 
 def job_sens(args: dict) -> None:
@@ -356,6 +373,16 @@ def mergekit_yaml(method: str, base: Path, experts: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def in_child(fn, *args):
+    """``fn(*args)`` in a spawned process: generating inputs would otherwise grow this parent, and a child's
+    ``ru_maxrss`` starts from the RSS of the parent that spawned it (Linux keeps the high-water mark across fork and
+    exec), which would inflate every later job's peak RSS."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def warm_cache(folders: list[Path]) -> float:
     t0 = time.perf_counter()
     for folder in folders:
@@ -427,6 +454,7 @@ def run_child(cmd: list[str], log: Path, timeout: float) -> dict:
             payload = json.loads(line[len("RESULT "):])
     payload.update(whole_s=wall, peak_rss_mb=_maxrss_mb(usage.ru_maxrss), rc=proc.returncode,
                    peak_anon_mb=peak["RssAnon"] / 1024, peak_file_mapped_mb=peak["RssFile"] / 1024,
+                   peak_vmrss_mb=peak["VmRSS"] / 1024, cpu_user_s=usage.ru_utime, cpu_sys_s=usage.ru_stime,
                    load_before=load_before, load_after=os.getloadavg()[0])
     if proc.returncode != 0 or "seconds" not in payload:
         tail = "\n".join(text.splitlines()[-15:])
@@ -502,6 +530,11 @@ def build_table(jobs: dict, floor_key: str) -> str:
 
 
 def main() -> None:
+    if "--scale" in sys.argv[1:]:  # the out-of-core test has its own options (benchmarks/scale.py)
+        import scale
+
+        scale.main([a for a in sys.argv[1:] if a != "--scale"])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/sens_peft_speed")
     parser.add_argument("--small", action="store_true", help="tens-of-MB smoke run")
@@ -527,7 +560,7 @@ def main() -> None:
 
     if args.job:
         {"floor": job_floor, "sens": job_sens, "adapters": job_adapters, "callback": job_callback,
-         "profile": job_profile}[args.job](json.loads(args.job_args))
+         "profile": job_profile, "seqread": job_seqread}[args.job](json.loads(args.job_args))
         return
 
     global THREADS
@@ -545,7 +578,7 @@ def main() -> None:
         shape = syn.ModelShape(hidden, inter, layers, hidden // 128, hidden // 128, vocab)
         tag = "full_" + args.shape.replace(",", "_")
     t0 = time.perf_counter()
-    base, experts = syn.make_full_experts(work / tag, shape, K, args.shard_size)
+    base, experts = in_child(syn.make_full_experts, work / tag, shape, K, args.shard_size)
     gen_s = time.perf_counter() - t0
     model_gb = syn.folder_bytes(base) / 1e9
     print(f"inputs: base + {K} experts, {shape.num_params() / 1e6:.0f}M params, {model_gb:.2f} GB each "
@@ -676,7 +709,8 @@ def main() -> None:
                     args.mergekit_python, str(runner), str(c), str(out_root), str(syn.parse_size(args.shard_size))])
     if "adapters" in parts:
         lshape = syn.LORA_SMALL_SHAPE if args.small else syn.LORA_SHAPE
-        lbase, lexperts = syn.make_lora_experts(work / ("lora_small" if args.small else "lora"), lshape, K)
+        lbase, lexperts = in_child(syn.make_lora_experts, work / ("lora_small" if args.small else "lora"), lshape,
+                                   K)
         result["inputs"]["lora"] = {"shape": lshape.__dict__, "rank": 16, "targets": list(syn.LORA_TARGETS),
                                     "note": "smaller shape than the full-model part: PEFT ties_svd runs one SVD "
                                             "per module on the CPU"}
