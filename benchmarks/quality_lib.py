@@ -82,9 +82,11 @@ def lib_group(name: str, granularity: str) -> str:
 
 def lib_default_setting() -> dict[str, Any]:
     """``MergeConfig()``'s choices as a benchmark setting (what a user gets with no arguments)."""
-    from sens_peft.config import MergeConfig
+    from sens_peft.config import MergeConfig, choose_method
 
     cfg = MergeConfig()
+    if cfg.method is None:  # the benchmark's experts store every statistic
+        cfg = dataclasses.replace(cfg, method=choose_method({"element_maps", "gram", "fisher"}))
     trim = "sensitivity" if cfg.trim_by in ("auto", "sensitivity") else "magnitude"  # every expert has maps here
     setting = {"method": cfg.method, "density": cfg.density, "trim_by": trim, "lam": cfg.resolved_scale(trim)}
     if cfg.sens is not None:

@@ -212,21 +212,42 @@ def _recipe(section: str, key: str) -> dict[str, Any]:
 #: are its own, declared by the method and set through ``MergeConfig.params``.
 SHARED_METHOD_FIELDS = ("density", "majority_sign_method", "trim_by", "weighted_election", "seed", "dare_rng")
 
+#: What ``method=None`` (the default) merges with: the first of these whose captured statistics every expert's
+#: sidecar holds. RegMean was the only method never below tuned task arithmetic on any suite of
+#: ``benchmarks/quality.py`` (benchmarks/README.md, Quality); without Grams nothing else met that rule, so the
+#: fallback is task arithmetic itself.
+AUTO_METHODS = ("regmean", "task_arithmetic")
+
+
+def choose_method(available: Any) -> str:
+    """The method ``method=None`` resolves to, given the statistic kinds every expert has stored."""
+    from .methods import get_method
+
+    for name in AUTO_METHODS:
+        if set(get_method(name).needs) <= set(available):
+            return name
+    return AUTO_METHODS[-1]
+
 
 @dataclass
 class MergeConfig(_ConfigMixin):
     """How experts are combined.
 
-    The defaults are the best validated choices of ``benchmarks/quality.py`` (3 seeds, test split, see
-    benchmarks/README.md): TIES at density 0.4 whose trim keeps each expert's entries with the largest stored
-    sensitivity ``mean|theta * dL/dtheta|`` instead of the largest ``|delta|`` (``trim_by="auto"`` picks this
-    whenever every expert's sidecar has element maps): +8.6 points [95% CI +7.2, +10.0] over magnitude TIES.
-    The paper's layer-wise coefficients (``sens=...``) did not beat the plain methods there with any reading,
-    so they are off by default; when turned on, the readings that hurt least are the defaults below
-    (``normalization="l2"``, ``tau_normalization="mean1"``).
+    The default method (``method=None``) is chosen by the rule of ``benchmarks/quality.py`` (several task
+    families, validation-tuned baselines with one grid budget, paired intervals, information-free controls; see
+    benchmarks/README.md): a default may not be below tuned task arithmetic on any suite. RegMean from the input
+    Grams the callback captures met it on every suite measured (LoRA experts, regime B: +12.6 / +23.6 / +36.4
+    points of normalised accuracy over tuned TA on the maps / recall / conflict families, +24.2 [95% CI +22.3,
+    +26.1] on their mean, +33.5 over the same merge with permuted Grams), so ``None`` resolves to ``"regmean"``
+    whenever every expert's sidecar has Grams, else to ``"task_arithmetic"`` (:data:`AUTO_METHODS`). The former
+    default, TIES trimmed by sensitivity, was below tuned TA on the conflict family (-5.4), and the paper's
+    layer-wise coefficients (``sens=...``) moved results by at most +2 points, no more than random coefficients
+    with the same grid, so they stay off by default; when on, they are bounded by ``max_ratio``.
 
     Args:
-        method: A registered merge method (:func:`sens_peft.methods.available_methods`).
+        method: A registered merge method (:func:`sens_peft.methods.available_methods`), or None (default):
+            ``"regmean"`` when every expert's sidecar holds input Grams, else ``"task_arithmetic"`` (decided
+            when the merge reads the sidecars; the report, card and ``merge_config.json`` name the method used).
         weights: Per-expert user weights ``w_k`` (default 1 each).
         scale: Global coefficient ``lambda`` of the base method. ``None`` (default): the method's default for
             these settings (:meth:`resolved_scale`; 1.5 for TIES trimmed by sensitivity, else 1.0).
@@ -268,7 +289,7 @@ class MergeConfig(_ConfigMixin):
         device: Device for the math (default: CUDA when available, else CPU).
     """
 
-    method: str = field(default="ties", metadata=_recipe("", "method"))
+    method: Optional[str] = field(default=None, metadata=_recipe("", "method"))
     weights: Optional[list[float]] = field(default=None, metadata=_recipe("experts", "weight"))
     scale: Optional[float] = field(default=None, metadata=_recipe("parameters", "scale"))
     density: float = field(default=0.4, metadata=_recipe("parameters", "density"))
@@ -296,7 +317,8 @@ class MergeConfig(_ConfigMixin):
         from .methods import get_method  # local import: the methods package imports this module
 
         values = {name: getattr(self, name) for name in SHARED_METHOD_FIELDS}
-        values.update({p.name: p.default for p in get_method(self.method).parameters})
+        if self.method is not None:  # None: the method is picked per merge, and has no own parameters yet
+            values.update({p.name: p.default for p in get_method(self.method).parameters})
         values.update(self.params)
         values.update(overrides)
         return values
@@ -307,13 +329,19 @@ class MergeConfig(_ConfigMixin):
 
         if self.scale is not None:
             return float(self.scale)
-        return float(get_method(self.method).default_scale(self.method_params(trim_by=trim_by or self.trim_by)))
+        params = self.method_params(trim_by=trim_by or self.trim_by)
+        scales = {float(get_method(name).default_scale(params))
+                  for name in ((self.method,) if self.method is not None else AUTO_METHODS)}
+        if len(scales) > 1:
+            raise ValueError("method=None has no scale before the merge picks its method; pass scale= or a method")
+        return scales.pop()
 
     def __post_init__(self) -> None:
         from .methods import available_methods, get_method
 
-        if self.method not in available_methods():
-            raise ValueError(f"unknown merge method {self.method!r}; available: {available_methods()}")
+        if self.method is not None and self.method not in available_methods():
+            raise ValueError(f"unknown merge method {self.method!r}; available: {available_methods()} (or None: "
+                             "RegMean when every expert has input Grams, else task arithmetic)")
         if not (0.0 < float(self.density) <= 1.0):
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
         if not float(self.temperature) > 0.0:
@@ -334,4 +362,9 @@ class MergeConfig(_ConfigMixin):
             self.scale = float(self.scale)
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"rank must be a positive integer or None, got {self.rank!r}")
-        self.params = get_method(self.method).check_params(dict(self.params or {}))
+        if self.method is None:
+            if self.params:
+                raise ValueError(f"params={self.params!r} need an explicit method (method=None picks one per merge)")
+            self.params = {}
+        else:
+            self.params = get_method(self.method).check_params(dict(self.params or {}))

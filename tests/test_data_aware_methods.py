@@ -165,3 +165,17 @@ def test_merge_models_regmean(tmp_path):
     # a tensor no Linear reads (the embedding) is averaged
     emb = "model.embed_tokens.weight"
     torch.testing.assert_close(out[emb], (states[0][emb] + states[1][emb]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_default_method_is_regmean_with_grams_else_task_arithmetic(lora_experts, tmp_path):
+    """MergeConfig(): RegMean when every expert's sidecar has input Grams (the benchmark's rule), else TA."""
+    report = merge_adapters(tiny_llama(seed=0), lora_experts, output="full", device="cpu", progress=False)
+    assert report.config.method == "regmean"
+    reference = _regmean_reference(_lora_deltas(lora_experts), _mean_grams(lora_experts), [1.0, 1.0])
+    merged = report.model.state_dict()[Q0] - tiny_llama(seed=0).state_dict()[Q0]
+    torch.testing.assert_close(merged.double(), reference, rtol=1e-4, atol=1e-6)
+    plain = [make_lora_adapter(tiny_llama, tmp_path / f"p{k}", seed=k + 1) for k in range(2)]  # no sidecars
+    report = merge_adapters(tiny_llama(seed=0), plain, output="full", device="cpu", progress=False)
+    assert report.config.method == "task_arithmetic"
+    merged = report.model.state_dict()[Q0] - tiny_llama(seed=0).state_dict()[Q0]
+    torch.testing.assert_close(merged, sum(_lora_deltas(plain)), rtol=1e-5, atol=1e-6)

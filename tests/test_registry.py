@@ -134,7 +134,7 @@ def test_every_entry_point_resolves_the_same_defaults(tmp_path):
         assert table.settings[key] == bare.settings[key] == getattr(default, key)
     assert table.settings["scale"] == default.resolved_scale()
     # the method owns its default scale: TIES trimmed by sensitivity 1.5, else 1.0
-    assert MergeConfig(trim_by="sensitivity").resolved_scale() == 1.5 == get_method("ties").default_scale(
+    assert MergeConfig(method="ties", trim_by="sensitivity").resolved_scale() == 1.5 == get_method("ties").default_scale(
         {"trim_by": "sensitivity"})
     assert MergeConfig(method="task_arithmetic", trim_by="sensitivity").resolved_scale() == 1.0
 

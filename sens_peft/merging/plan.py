@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..config import MergeConfig
+from ..config import MergeConfig, choose_method
 from ..errors import MergeError, SidecarError
 from ..methods import get_method
 from ..validation import check_output_dtype, check_path_list, check_probe
@@ -219,6 +219,10 @@ def resolve_settings(cfg: MergeConfig, sensitivities, folders: Sequence[Optional
     if sources and all(s is not None for s in sources):
         kinds = [_sidecar_kinds(s) for s in sources]
         available = set.intersection(*kinds) if kinds else set()
+    if cfg.method is None:
+        cfg = dataclasses.replace(cfg, method=choose_method(available))
+        logger.info("method=None: merging with %s (statistics every expert has: %s)", cfg.method,
+                    sorted(available) or "none")
     updates = get_method(cfg.method).resolve(cfg.method_params(), available)
     if cfg.trim_by == "auto" and updates.get("trim_by"):
         logger.info("trim_by='auto': %s trims by %s", cfg.method, updates["trim_by"])

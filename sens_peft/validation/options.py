@@ -74,7 +74,10 @@ def _warn_changed_but_unused(config: Any) -> None:
         return
     defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
     changed = [n for n in defaults if getattr(config, n) != defaults[n]]
-    uses = set(get_method(config.method).uses)
+    from ..config import AUTO_METHODS
+
+    candidates = AUTO_METHODS if config.method is None else (config.method,)  # None: whichever it resolves to
+    uses = set.intersection(*(set(get_method(name).uses) for name in candidates))
     for name in changed:
         if name in _METHOD_FIELDS and name not in uses:
             logger.warning("%s=%r is ignored with method=%r, sens=%r: the method does not read it (it reads %s)",
