@@ -39,7 +39,9 @@ def test_auto_maps_for_lora_theta(monkeypatch):
     assert compute_sensitivity(model, data, calibration_samples=3).element_maps == {}
 
 
-def test_default_merge_trims_by_sensitivity_when_maps_exist(tmp_path):
+def test_ties_auto_trim_is_by_sensitivity_when_maps_exist(tmp_path):
+    """TIES with trim_by="auto" (the default of that field) trims by the stored maps when every expert has them.
+    (Until the multi-suite benchmark, this was also the default method; MergeConfig() now picks RegMean.)"""
     from safetensors.torch import load_file
 
     from sens_peft import merge_adapters
@@ -57,12 +59,12 @@ def test_default_merge_trims_by_sensitivity_when_maps_exist(tmp_path):
         compute_sensitivity(model, TokenData(n=4, length=10, seed=i), calibration_samples=3, save_to=folder)
         folders.append(folder)
 
-    auto = merge_adapters(tiny_llama(seed=0), folders, save_to=tmp_path / "auto", device="cpu")
+    auto = merge_adapters(tiny_llama(seed=0), folders, method="ties", save_to=tmp_path / "auto", device="cpu")
     assert (auto.config.method, auto.config.trim_by, auto.config.sens) == ("ties", "sensitivity", None)
     assert auto.config.scale == 1.5  # the sensitivity trim's default lambda
-    merge_adapters(tiny_llama(seed=0), folders, trim_by="sensitivity", save_to=tmp_path / "explicit",
+    merge_adapters(tiny_llama(seed=0), folders, method="ties", trim_by="sensitivity", save_to=tmp_path / "explicit",
                    device="cpu")
-    merge_adapters(tiny_llama(seed=0), folders, trim_by="magnitude", save_to=tmp_path / "magnitude",
+    merge_adapters(tiny_llama(seed=0), folders, method="ties", trim_by="magnitude", save_to=tmp_path / "magnitude",
                    device="cpu")
     a, b, c = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("auto", "explicit", "magnitude"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -70,5 +72,5 @@ def test_default_merge_trims_by_sensitivity_when_maps_exist(tmp_path):
 
     # an expert without element maps: "auto" falls back to the magnitude trim
     (folders[1] / "sensitivity.safetensors").unlink()
-    fallback = merge_adapters(tiny_llama(seed=0), folders, device="cpu")
+    fallback = merge_adapters(tiny_llama(seed=0), folders, method="ties", device="cpu")
     assert fallback.config.trim_by == "magnitude" and fallback.config.scale == 1.0
