@@ -23,14 +23,6 @@ from .model_files import PathLike
 logger = logging.getLogger(__name__)
 
 
-def _is_relative_to(path: Path, other: Path) -> bool:
-    try:
-        path.relative_to(other)
-        return True
-    except ValueError:
-        return False
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -46,14 +46,6 @@ def check_distinct_inputs(items: Iterable[Any], what: str) -> None:
         seen[key] = item
 
 
-def _is_within(path: Path, other: Path) -> bool:
-    try:
-        path.relative_to(other)
-        return True
-    except ValueError:
-        return False
-
-
 def check_output_location(out: PathLike, inputs: Iterable[Optional[PathLike]]) -> None:
     """MergeError when the output folder is an input folder, lies inside one, or contains one."""
     out_path = Path(out).expanduser().resolve()
@@ -63,7 +55,7 @@ def check_output_location(out: PathLike, inputs: Iterable[Optional[PathLike]]) -
         inp_path = Path(inp).expanduser().resolve()
         if not inp_path.exists():
             continue  # an adapter name, not a folder
-        if out_path == inp_path or _is_within(out_path, inp_path) or _is_within(inp_path, out_path):
+        if out_path == inp_path or out_path.is_relative_to(inp_path) or inp_path.is_relative_to(out_path):
             raise MergeError(
                 f"output folder {out_path} overlaps the input folder {inp_path}; choose an output outside the inputs "
                 "(the base model's folder is an input too)"
