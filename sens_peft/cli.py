@@ -54,7 +54,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .recipe import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
-    report = run_recipe(recipe, out_dir=args.out, device=args.device, overwrite=args.overwrite)
+    report = run_recipe(recipe, out_dir=args.out, device=args.device, overwrite=args.overwrite,
+                        allow_pickle=args.allow_pickle)
     print(report.coefficients)
     print(f"merged {len(recipe.experts)} experts with {recipe.config.method} into {report.output_dir} "
           f"in {report.seconds:.1f} s")
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="device for the math (default: CUDA if available)")
     p.add_argument("--out", default=None, help="output folder (overrides output.path)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept .bin (pickle) weight files; unpickling an untrusted file can run code")
     p.set_defaults(func=cmd_merge)
 
     def add_coefficient_options(p: argparse.ArgumentParser) -> None:

@@ -282,10 +282,12 @@ def run_recipe(
     out_dir: Optional[os.PathLike] = None,
     device: Optional[str] = None,
     overwrite: bool = False,
+    allow_pickle: bool = False,
 ):
     """Run a validated recipe; returns the :class:`~sens_peft.merging.MergeReport`.
 
-    The recipe itself is copied into the output folder as ``sens_peft_recipe.yaml``.
+    The recipe itself is copied into the output folder as ``sens_peft_recipe.yaml``. ``allow_pickle`` accepts
+    ``.bin`` weight files (base, adapters, experts): unpickling an untrusted file can run code, so it is off.
     """
     from .merging import merge_adapters, merge_models  # heavy imports only when a merge runs
     from .validation import check_pretrained_source
@@ -298,9 +300,12 @@ def run_recipe(
     # the recipe is written inside the merge's atomic output folder, so it is there iff the merge is
     extra = {"sens_peft_recipe.yaml": yaml.safe_dump(recipe.source, sort_keys=False)}
     if recipe.expert_type == "full":
-        return merge_models(recipe.base_model, paths, out, config=config, overwrite=overwrite, extra_files=extra)
+        return merge_models(recipe.base_model, paths, out, config=config, overwrite=overwrite, extra_files=extra,
+                            allow_pickle=allow_pickle)
     from transformers import AutoModelForCausalLM
 
-    check_pretrained_source(recipe.base_model, "recipe: base_model")  # from_pretrained would unpickle a .bin
-    base = AutoModelForCausalLM.from_pretrained(recipe.base_model)
-    return merge_adapters(base, paths, config=config, save_to=out, overwrite=overwrite, extra_files=extra)
+    # from_pretrained would unpickle a .bin
+    check_pretrained_source(recipe.base_model, "recipe: base_model", allow_pickle=allow_pickle)
+    base = AutoModelForCausalLM.from_pretrained(recipe.base_model, use_safetensors=not allow_pickle or None)
+    return merge_adapters(base, paths, config=config, save_to=out, overwrite=overwrite, extra_files=extra,
+                          allow_pickle=allow_pickle)

@@ -225,6 +225,12 @@ def test_pickle_cli_base_model(world, tmp_path):
     assert done.returncode != 0, done.stdout
     assert "pytorch_model.bin" in done.stderr and "allow_pickle" in done.stderr
     assert not out.exists() and hash_tree(base) == before
+    assert "Traceback" not in done.stderr  # one line, exit code 2
+    assert done.returncode == 2
+    # with consent, the same recipe merges
+    allowed = _cli("merge", str(_recipe(tmp_path, base, world["loras"], out)), "--device", "cpu", "--allow-pickle")
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert (out / "adapter_model.safetensors").is_file() and hash_tree(base) == before
 
 
 def test_pickle_callback_resume_state(tmp_path):
