@@ -145,7 +145,8 @@ class SensitivityConfig(_ConfigMixin):
         seed: Seed for picking calibration and probe examples.
         log_scores: Add the per-group scores to the Trainer's logs as ``sensitivity/<group>`` (e.g.
             ``sensitivity/layers.3``), so every ``report_to`` integration (TensorBoard, W&B, MLflow, ...) shows
-            them: in ``during``/``both`` mode the running values at each logging step (``sensitivity/during/<group>``
+            them (TensorBoard and W&B show ``train/sensitivity/<group>``: they prefix non-eval keys with
+            ``train/``): in ``during``/``both`` mode the running values at each logging step (``sensitivity/during/<group>``
             in ``both`` mode), and the final scores once at the end of training, after the calibration pass. The
             callback places itself before the integrations' callbacks so that they see the added entries.
             ``False`` leaves the logs untouched.

@@ -90,13 +90,14 @@ def test_flag_off_leaves_logs_and_order_alone(tmp_path, monkeypatch):
     assert (rec.group_scores > 0).all()  # scoring itself is unaffected
 
 
-def test_tensorboard_event_files(tmp_path):
+def test_tensorboard_event_files(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed: the event-file read-back needs it")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logdir = tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logdir))  # transformers 5 reads it from here
     cb = SensitivityCallback(mode="during", store_probe=False)
-    args = train_args(tmp_path / "run", logging_steps=1, report_to="tensorboard", logging_dir=str(logdir))
+    args = train_args(tmp_path / "run", logging_steps=1, report_to="tensorboard")
     trainer = Trainer(model=lora(tiny_llama(seed=0), init_random=False), args=args, train_dataset=TokenData(),
                       callbacks=[cb])
     trainer.train()
@@ -105,8 +106,8 @@ def test_tensorboard_event_files(tmp_path):
     events = [EventAccumulator(str(p.parent)).Reload() for p in logdir.rglob("events.out.tfevents.*")]
     assert events
     for group, value in rec.group_dict().items():
-        scalars = [s for acc in events if f"sensitivity/{group}" in acc.Tags()["scalars"]
-                   for s in acc.Scalars(f"sensitivity/{group}")]
+        tag = f"train/sensitivity/{group}"  # the integrations prefix non-eval keys with "train/"
+        scalars = [s for acc in events if tag in acc.Tags()["scalars"] for s in acc.Scalars(tag)]
         assert [s.step for s in scalars][:4] == [1, 2, 3, 4]
         assert scalars[-1].value == pytest.approx(value, rel=1e-6)
         assert torch.isfinite(torch.tensor([s.value for s in scalars])).all()
