@@ -181,6 +181,9 @@ def build_probe(
 
     Labels follow the Hugging Face causal-LM convention (unshifted: ``labels[t]`` scores the prediction made at
     position ``t-1``), with ``loss_tokens`` deciding which tokens count like in the calibration pass.
+
+    Raises:
+        DataError: the data has no tokenised examples (e.g. the prompt-only rows of TRL's ``GRPOTrainer``).
     """
     dataset, collate = _as_dataset_and_collate(data, pad_id)
     index = select_examples(dataset, config.probe_samples, config.seed)
