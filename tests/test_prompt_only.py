@@ -100,3 +100,52 @@ def test_tokenised_rows_without_labels_through_identity_collator(tmp_path):
     assert load_sensitivity(tmp_path / "final").metadata["num_samples"] == "2"
     assert len(load_probe(tmp_path / "final", vocab_size=64)) == 2
     cb.detach()
+
+
+def _grpo(tmp_path, cb):
+    """A real TRL GRPOTrainer on a tiny character-level Llama (offline, about a second on one core)."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    if not hasattr(trl, "GRPOTrainer"):
+        pytest.skip(f"trl {trl.__version__} has no GRPOTrainer")
+    from peft import LoraConfig
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    ds = datasets.Dataset.from_dict({"prompt": ["hello world", "the quick fox", "lorem ipsum", "abc def"]})
+    args = trl.GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, num_generations=2,
+                          max_completion_length=4, bf16=False, use_cpu=True, report_to="none",
+                          save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0)
+    return trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+                           args=args, train_dataset=ds, processing_class=tok, callbacks=[cb],
+                           peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  task_type="CAUSAL_LM"))
+
+
+def test_real_grpo_trainer_during(tmp_path):
+    cb = SensitivityCallback(mode="during", task="grpo")
+    trainer = _grpo(tmp_path, cb)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    rec = load_sensitivity(tmp_path / "final")
+    assert rec.metadata["num_steps"] == "2" and rec.groups == ["layers.0", "layers.1"]
+    assert (rec.tensor_scores[1::2] > 0).all()  # the lora_B factors (lora_A's |A * dA| is 0 while B = 0)
+    assert not (tmp_path / "final" / "probe.safetensors").exists()
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+    final = trainer.state.log_history[-1]
+    assert {k: v for k, v in final.items() if k != "step"} == {f"sensitivity/{g}": v
+                                                               for g, v in rec.group_dict().items()}
+
+
+def test_real_grpo_trainer_after_refused(tmp_path):
+    trainer = _grpo(tmp_path, SensitivityCallback(mode="after"))
+    with pytest.raises(SensPeftError, match="Use mode='during'"):
+        trainer.train()
