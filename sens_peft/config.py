@@ -148,7 +148,9 @@ class SensitivityConfig(_ConfigMixin):
             them (TensorBoard and W&B show ``train/sensitivity/<group>``: they prefix non-eval keys with
             ``train/``): in ``during``/``both`` mode the running values at each logging step (``sensitivity/during/<group>``
             in ``both`` mode), and the final scores once at the end of training, after the calibration pass. The
-            callback places itself before the integrations' callbacks so that they see the added entries.
+            callback places itself before the integrations' callbacks so that they see the added entries. With
+            ``report_to="tensorboard"`` (and matplotlib installed) the final alpha per group, normalised as the
+            merge's default ``normalization``, is also drawn as an image (``sensitivity/alpha``).
             ``False`` leaves the logs untouched.
     """
 

@@ -111,3 +111,22 @@ def test_tensorboard_event_files(tmp_path, monkeypatch):
         assert [s.step for s in scalars][:4] == [1, 2, 3, 4]
         assert scalars[-1].value == pytest.approx(value, rel=1e-6)
         assert torch.isfinite(torch.tensor([s.value for s in scalars])).all()
+    images = [img for acc in events if "sensitivity/alpha" in acc.Tags()["images"]
+              for img in acc.Images("sensitivity/alpha")]
+    assert len(images) == 1 and images[0].step == 4 and images[0].width > 0 and images[0].height > 0
+    assert images[0].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_flag_off(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed: the event-file read-back needs it")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir = tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logdir))
+    cb = SensitivityCallback(mode="during", store_probe=False, log_scores=False)
+    args = train_args(tmp_path / "run", logging_steps=1, report_to="tensorboard")
+    Trainer(model=lora(tiny_llama(seed=0), init_random=False), args=args, train_dataset=TokenData(),
+            callbacks=[cb]).train()
+    tags = [EventAccumulator(str(p.parent)).Reload().Tags() for p in logdir.rglob("events.out.tfevents.*")]
+    assert any("train/loss" in t["scalars"] for t in tags)
+    assert not any("sensitivity" in name for t in tags for name in t["scalars"] + t["images"])

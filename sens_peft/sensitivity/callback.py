@@ -407,6 +407,42 @@ class SensitivityCallback(TrainerCallback):
             self._handler.on_log(args, state, control, logs)
         finally:
             self._emitting = False
+        self._log_alpha_image(record, int(state.global_step))
+
+    def _log_alpha_image(self, record: SensitivityRecord, step: int) -> None:
+        """Draw the expert's alpha per group (the merge's default normalisation) into TensorBoard, if it reports there.
+
+        Other integrations get the scalars only: the Trainer's log path carries numbers, not images.
+        """
+        try:
+            from transformers.integrations import TensorBoardCallback
+        except ImportError:  # pragma: no cover - moved in a future transformers
+            return
+        writers = [cb.tb_writer for cb in self._handler.callbacks
+                   if isinstance(cb, TensorBoardCallback) and getattr(cb, "tb_writer", None) is not None]
+        if not writers:
+            return
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            logger.info("SensitivityCallback: matplotlib is not installed; no alpha heatmap in TensorBoard")
+            return
+        from ..coefficients import normalize_scores
+        from ..config import MergeConfig
+
+        method = MergeConfig().normalization
+        alpha = normalize_scores(record.group_scores, method).float().numpy()[:, None]  # [G, 1]
+        fig = Figure(figsize=(3.0, 1.5 + 0.3 * len(record.groups)))
+        ax = fig.add_subplot()
+        image = ax.imshow(alpha, aspect="auto", cmap="viridis")
+        ax.set_title(f"alpha ({method})")
+        ax.set_xticks([0], [self.config.task or "expert"])
+        ax.set_yticks(range(len(record.groups)), record.groups)
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        for writer in writers:
+            writer.add_figure("sensitivity/alpha", fig, global_step=step, close=False)
+            writer.flush()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any):
         if self._emitting or not self.config.log_scores or logs is None or not self._during:
