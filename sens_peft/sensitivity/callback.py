@@ -35,6 +35,20 @@ Where the files go (main process only):
   (the last ``checkpoint-<global_step>``, or the best one with ``load_best_model_at_end``). In ``"during"`` /
   ``"both"`` mode every checkpoint holds the during-scores accumulated so far.
 
+Logs (``SensitivityConfig.log_scores``, on by default): the per-group scores join the Trainer's logs as
+``sensitivity/<group>`` so every ``report_to`` integration shows them: the running values at each logging step in
+``during``/``both`` mode (``sensitivity/during/<group>`` in ``both``), and the final scores once at the end of
+training, through the Trainer's log path (``state.log_history`` and every integration's ``on_log``). The Trainer
+hands its callbacks one ``logs`` dict in list order, integrations first, so the callback moves itself before the
+first integration callback (it finds the Trainer's callback handler on the call stack; callbacks get no reference
+to it). Under ``report_to="tensorboard"`` the final alpha per group is also drawn as an image.
+
+Data: the calibration pass and the probe need tokenised examples (``input_ids`` [+ ``labels``]); the trainer's own
+collator is used when it yields ``input_ids`` (TRL's DPO collator does), tokenised rows it does not collate are
+padded here. Prompt-only data (TRL's ``GRPOTrainer``) has nothing to score: ``mode="after"``/``"both"`` raise at
+train start, ``"during"`` scores the trainer's own loss and skips the probe with a warning (pass ``probes=`` at
+merge time).
+
 Distributed: DDP needs no reduction (save on rank 0); FSDP sums local shards and all-reduces the per-tensor vector;
 DeepSpeed has its ZeRO optimizer's ``step`` wrapped (no Trainer event sees its gradients). The ``after`` pass is
 not supported under FSDP/DeepSpeed (the model is sharded): that raises at train start; run
