@@ -421,7 +421,10 @@ class SensitivityCallback(TrainerCallback):
             self._handler.on_log(args, state, control, logs)
         finally:
             self._emitting = False
-        self._log_alpha_image(record, int(state.global_step))
+        try:
+            self._log_alpha_image(record, int(state.global_step))
+        except Exception:  # a picture must not stop training from returning (and the user's save_model after it)
+            logger.warning("SensitivityCallback: drawing the alpha heatmap into TensorBoard failed", exc_info=True)
 
     def _log_alpha_image(self, record: SensitivityRecord, step: int) -> None:
         """Draw the expert's alpha per group (the merge's default normalisation) into TensorBoard, if it reports there.
