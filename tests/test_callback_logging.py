@@ -80,6 +80,24 @@ def test_after_scores_logged_once_equal_sidecar(tmp_path, monkeypatch):
     assert sum(1 for logs in trainer.state.log_history if "sensitivity/layers.0" in logs) == 1
 
 
+def test_callback_added_after_init(tmp_path, monkeypatch):
+    """trainer.add_callback(cb) gets no on_init_end: on_train_begin finds the handler and reorders (mid-loop)."""
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "recorder", Recorder)
+    args = train_args(tmp_path / "run", logging_steps=2)
+    args.report_to = ["recorder"]
+    trainer = Trainer(model=lora(tiny_llama(seed=0), init_random=False), args=args, train_dataset=TokenData())
+    cb = SensitivityCallback(mode="during", store_probe=False)
+    trainer.add_callback(cb)
+    recorder = next(c for c in trainer.callback_handler.callbacks if isinstance(c, Recorder))
+    trainer.train()
+    order = trainer.callback_handler.callbacks
+    assert order.index(cb) < order.index(recorder)
+    assert sum(isinstance(c, SensitivityCallback) for c in order) == 1
+    steps = [step for step, logs in recorder.logs if "loss" in logs and _sens(logs)]
+    assert steps == [2, 4]
+    assert recorder.logs[-1][1] == {f"sensitivity/{g}": v for g, v in cb.record.group_dict().items()}
+
+
 def test_flag_off_leaves_logs_and_order_alone(tmp_path, monkeypatch):
     cb = SensitivityCallback(mode="during", store_probe=False, log_scores=False)
     trainer, recorder, rec = _run(tmp_path, monkeypatch, cb)
