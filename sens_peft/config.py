@@ -143,6 +143,15 @@ class SensitivityConfig(_ConfigMixin):
         ema: Optional EMA factor for ``during`` mode (``None``: plain mean over steps).
         every_n_steps: In ``during`` mode, measure every n-th optimizer step.
         seed: Seed for picking calibration and probe examples.
+        log_scores: Add the per-group scores to the Trainer's logs as ``sensitivity/<group>`` (e.g.
+            ``sensitivity/layers.3``), so every ``report_to`` integration (TensorBoard, W&B, MLflow, ...) shows
+            them (TensorBoard and W&B show ``train/sensitivity/<group>``: they prefix non-eval keys with
+            ``train/``): in ``during``/``both`` mode the running values at each logging step (``sensitivity/during/<group>``
+            in ``both`` mode), and the final scores once at the end of training, after the calibration pass. The
+            callback places itself before the integrations' callbacks so that they see the added entries. With
+            ``report_to="tensorboard"`` (and matplotlib installed) the final alpha per group, normalised as the
+            merge's default ``normalization``, is also drawn as an image (``sensitivity/alpha``).
+            ``False`` leaves the logs untouched.
     """
 
     task: Optional[str] = None
@@ -163,6 +172,7 @@ class SensitivityConfig(_ConfigMixin):
     ema: Optional[float] = None
     every_n_steps: int = 1
     seed: int = 0
+    log_scores: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -186,6 +196,8 @@ class SensitivityConfig(_ConfigMixin):
             raise ValueError(f"fisher must be True, False or 'auto', got {self.fisher!r}")
         if self.ema is not None and not (0.0 < float(self.ema) < 1.0):
             raise ValueError(f"ema must be in (0, 1) or None, got {self.ema!r}")
+        if not isinstance(self.log_scores, bool):
+            raise ValueError(f"log_scores must be True or False, got {self.log_scores!r}")
 
     def resolve_weight_source(self, expert_type: str, mode: str) -> str:
         """The concrete weight source for an expert type (``"lora"``/``"full"``) and mode.

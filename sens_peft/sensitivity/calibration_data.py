@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..config import SensitivityConfig
+from ..errors import DataError
 from ..lora import unwrap_model as _unwrap
 from ..store import ProbeSet
 
@@ -69,6 +70,41 @@ def select_examples(dataset: Any, count: int, seed: int) -> list[int]:
     return torch.randperm(size, generator=gen)[: min(count, size)].tolist()
 
 
+def _row_keys(example: Any) -> str:
+    if isinstance(example, Mapping):
+        return f"rows with keys {sorted(map(str, example))}"
+    return f"rows of type {type(example).__name__}"
+
+
+def _checked_collate(collate: Callable, pad_id: int) -> Callable:
+    """``collate`` that always returns a dict with a 2-D ``input_ids`` tensor, or raises :class:`DataError`.
+
+    Trainers' own collators differ: TRL's DPO collator builds ``input_ids`` from prompt/chosen/rejected ids (kept),
+    GRPO's is the identity (a list of untokenised prompt rows, which the model cannot score). Tokenised rows that
+    the collator does not turn into a batch are padded by :func:`collate_examples` instead.
+    """
+
+    def run(examples: Sequence[Any]) -> dict[str, Tensor]:
+        error: Optional[Exception] = None
+        try:
+            batch = collate(examples)
+        except Exception as err:  # a trainer's collator may refuse rows it does not expect; say why below
+            batch, error = None, err
+        if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), Tensor) and batch["input_ids"].dim() == 2:
+            return dict(batch)
+        if examples and all(isinstance(ex, Mapping) and "input_ids" in ex for ex in examples):
+            return collate_examples(examples, pad_id)
+        reason = f"; the collator raised {type(error).__name__}: {error}" if error is not None else ""
+        raise DataError(
+            f"calibration/probe data has {_row_keys(examples[0]) if examples else 'no rows'} and its collator "
+            f"gives no 'input_ids' tensor{reason}. The sensitivity pass and the probe need tokenised examples "
+            "(input_ids [+ attention_mask, labels]); prompt-only data (e.g. TRL's GRPOTrainer) has no completions "
+            "to score"
+        ) from error
+
+    return run
+
+
 def _as_dataset_and_collate(data: Any, pad_id: int) -> tuple[Any, Callable]:
     if isinstance(data, torch.utils.data.DataLoader):
         collate = data.collate_fn
@@ -76,8 +112,23 @@ def _as_dataset_and_collate(data: Any, pad_id: int) -> tuple[Any, Callable]:
         # torch's default collate cannot pad ragged sequences; use ours then.
         if collate is None or getattr(collate, "__name__", "") == "default_collate":
             collate = lambda exs: collate_examples(exs, pad_id)  # noqa: E731
-        return dataset, collate
-    return data, (lambda exs: collate_examples(exs, pad_id))
+        return dataset, _checked_collate(collate, pad_id)
+    return data, _checked_collate(lambda exs: collate_examples(exs, pad_id), pad_id)
+
+
+def unusable_data_reason(data: Any, config: SensitivityConfig, *, pad_id: int = 0) -> Optional[str]:
+    """Why ``data`` cannot feed the calibration pass or the probe (``None`` when it can).
+
+    Collates the first seeded example only, so that a trainer can refuse a setup at train start instead of
+    failing at the end of training or inside ``save_model``.
+    """
+    try:
+        dataset, collate = _as_dataset_and_collate(data, pad_id)
+        index = select_examples(dataset, 1, config.seed)
+        collate([dataset[index[0]]])
+    except (DataError, TypeError, ValueError, KeyError, IndexError) as err:
+        return str(err)
+    return None
 
 
 def _loss_labels(batch: dict[str, Tensor], loss_tokens: str, pad_id: int) -> Tensor:
@@ -113,7 +164,7 @@ def iter_calibration_batches(
     bs = config.calibration_batch_size
     for start in range(0, len(index), bs):
         batch = collate([dataset[i] for i in index[start : start + bs]])
-        batch = _truncate(dict(batch), config.max_length)
+        batch = _truncate(batch, config.max_length)
         batch["labels"] = _loss_labels(batch, config.loss_tokens, pad_id)
         yield batch
 
@@ -130,12 +181,15 @@ def build_probe(
 
     Labels follow the Hugging Face causal-LM convention (unshifted: ``labels[t]`` scores the prediction made at
     position ``t-1``), with ``loss_tokens`` deciding which tokens count like in the calibration pass.
+
+    Raises:
+        DataError: the data has no tokenised examples (e.g. the prompt-only rows of TRL's ``GRPOTrainer``).
     """
     dataset, collate = _as_dataset_and_collate(data, pad_id)
     index = select_examples(dataset, config.probe_samples, config.seed)
     rows = []
     for i in index:
-        batch = _truncate(dict(collate([dataset[i]])), config.max_length)
+        batch = _truncate(collate([dataset[i]]), config.max_length)
         labels = _loss_labels(batch, config.loss_tokens, pad_id)
         mask = batch.get("attention_mask")
         if mask is None:

@@ -35,6 +35,20 @@ Where the files go (main process only):
   (the last ``checkpoint-<global_step>``, or the best one with ``load_best_model_at_end``). In ``"during"`` /
   ``"both"`` mode every checkpoint holds the during-scores accumulated so far.
 
+Logs (``SensitivityConfig.log_scores``, on by default): the per-group scores join the Trainer's logs as
+``sensitivity/<group>`` so every ``report_to`` integration shows them: the running values at each logging step in
+``during``/``both`` mode (``sensitivity/during/<group>`` in ``both``), and the final scores once at the end of
+training, through the Trainer's log path (``state.log_history`` and every integration's ``on_log``). The Trainer
+hands its callbacks one ``logs`` dict in list order, integrations first, so the callback moves itself before the
+first integration callback (it finds the Trainer's callback handler on the call stack; callbacks get no reference
+to it). Under ``report_to="tensorboard"`` the final alpha per group is also drawn as an image.
+
+Data: the calibration pass and the probe need tokenised examples (``input_ids`` [+ ``labels``]); the trainer's own
+collator is used when it yields ``input_ids`` (TRL's DPO collator does), tokenised rows it does not collate are
+padded here. Prompt-only data (TRL's ``GRPOTrainer``) has nothing to score: ``mode="after"``/``"both"`` raise at
+train start, ``"during"`` scores the trainer's own loss and skips the probe with a warning (pass ``probes=`` at
+merge time).
+
 Distributed: DDP needs no reduction (save on rank 0); FSDP sums local shards and all-reduces the per-tensor vector;
 DeepSpeed has its ZeRO optimizer's ``step`` wrapped (no Trainer event sees its gradients). The ``after`` pass is
 not supported under FSDP/DeepSpeed (the model is sharded): that raises at train start; run
@@ -49,12 +63,14 @@ import functools
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 from ..config import SensitivityConfig
 from ..lora import active_adapter_name, base_model_name, clean_param_name, detect_expert_type
@@ -67,6 +83,7 @@ from . import estimators as est
 from .accumulator import SensitivityAccumulator
 from .calibrate import build_probe, run_calibration
 from .calibrate import pad_id_of as _pad_id
+from .calibration_data import unusable_data_reason
 from .distributed import (
     UnsupportedSetupError,
     all_reduce_sum,
@@ -135,6 +152,9 @@ class SensitivityCallback(TrainerCallback):
         self._saved_checkpoints: set[str] = set()
         self._warned_none = False
         self._resumed_without_state: Optional[int] = None
+        self._handler: Optional[CallbackHandler] = None
+        self._probe_disabled = False
+        self._emitting = False
 
     # ------------------------------------------------------------------ attach / detach save_pretrained
     def _attach(self, model: Optional[nn.Module]) -> None:
@@ -237,16 +257,27 @@ class SensitivityCallback(TrainerCallback):
     def _get_probe(self) -> Optional[ProbeSet]:
         if not self.config.store_probe or self.config.probe_samples == 0:
             return None
-        if self.probe is None:
+        if self.probe is None and not self._probe_disabled:
             data = self._data()
             if data is None:
                 return None
             model = self._model
             vocab = getattr(getattr(model, "config", None), "vocab_size", None) if model is not None else None
             name = getattr(self._tokenizer, "name_or_path", None) or None
-            self.probe = build_probe(data, self.config, pad_id=_pad_id(model, self._tokenizer),
-                                     vocab_size=vocab, tokenizer_name=name)
+            try:
+                self.probe = build_probe(data, self.config, pad_id=_pad_id(model, self._tokenizer),
+                                         vocab_size=vocab, tokenizer_name=name)
+            except Exception as err:  # the probe is optional: it must never make the user's save_model fail
+                self._skip_probe(f"{type(err).__name__}: {err}")
         return self.probe
+
+    def _skip_probe(self, reason: str) -> None:
+        self._probe_disabled = True
+        logger.warning(
+            "SensitivityCallback: no probe.safetensors will be written (%s). The sensitivity scores are saved as "
+            "usual; for the merge's cross-task term pass probes= to the merge (tokenised examples of this task), "
+            "or calibration_data= (tokenised input_ids [+ labels]) to the callback.", reason,
+        )
 
     def _data(self) -> Any:
         return self.calibration_data if self.calibration_data is not None else self._train_dataloader
@@ -318,9 +349,127 @@ class SensitivityCallback(TrainerCallback):
         )
         self._resumed_without_state = int(state.global_step)
 
+    # ------------------------------------------------------------------ logs (report_to integrations)
+    def _find_handler(self) -> Optional[CallbackHandler]:
+        """The Trainer's ``CallbackHandler`` that is calling this event (found on the call stack), if any.
+
+        Callbacks get no reference to the trainer or its handler, and the handler passes one ``logs`` dict to
+        its callbacks in list order, the ``report_to`` integrations (added by the Trainer before the user's
+        callbacks) first. So entries added in ``on_log`` reach the integrations only if this callback runs before
+        them, and the final scores (known only in ``on_train_end``) need the handler to be logged at all.
+        """
+        frame = sys._getframe(1)
+        for _ in range(8):
+            if frame is None:
+                break
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, CallbackHandler) and any(cb is self for cb in owner.callbacks):
+                return owner
+            frame = frame.f_back
+        return None
+
+    def _hook_logs(self) -> None:
+        """Remember the handler and move this callback before the first ``report_to`` integration callback."""
+        if not self.config.log_scores:
+            return
+        handler = self._find_handler()
+        if handler is None:
+            return
+        self._handler = handler
+        try:
+            from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+        except ImportError:  # pragma: no cover - moved in a future transformers
+            return
+        kinds = tuple(INTEGRATION_TO_CALLBACK.values())
+        callbacks = handler.callbacks
+        first = next((i for i, cb in enumerate(callbacks) if isinstance(cb, kinds)), None)
+        mine = next(i for i, cb in enumerate(callbacks) if cb is self)
+        if first is not None and first < mine:
+            # Moving an entry to an earlier index leaves every later entry where it was, so the handler's loop
+            # over this list (running right now) neither skips nor repeats a callback.
+            callbacks.insert(first, callbacks.pop(mine))
+
+    def _score_logs(self, record: SensitivityRecord, prefix: str) -> dict[str, float]:
+        return {f"{prefix}{group}": float(value) for group, value in record.group_dict().items()}
+
+    def _running_logs(self) -> dict[str, float]:
+        acc = self.accumulator
+        if acc is None or acc.num_updates == 0:
+            return {}
+        record = acc.to_record(include_signed=False, element_maps=False)
+        return self._score_logs(record, "sensitivity/during/" if self.config.mode == "both" else "sensitivity/")
+
+    def _log_final(self, args: Any, state: Any, control: Any) -> None:
+        """Send the final per-group scores through the trainer's log path once (log history + every integration)."""
+        record = self.current_record()
+        if not self.config.log_scores or record is None:
+            return
+        if self._handler is None:
+            logger.info("SensitivityCallback: no Trainer callback handler found; final scores not logged")
+            return
+        logs: dict[str, float] = {}
+        if self.config.mode == "both" and record.metadata.get("mode") == "during":  # the after pass failed
+            logs.update(self._score_logs(record, "sensitivity/during/"))
+        else:
+            logs.update(self._score_logs(record, "sensitivity/"))
+            if self.config.mode == "both":
+                logs.update(self._running_logs())
+        # What Trainer.log does, minus its epoch / token counters (the trainer itself is out of reach)
+        state.log_history.append({**logs, "step": state.global_step})
+        self._emitting = True
+        try:
+            self._handler.on_log(args, state, control, logs)
+        finally:
+            self._emitting = False
+        try:
+            self._log_alpha_image(record, int(state.global_step))
+        except Exception:  # a picture must not stop training from returning (and the user's save_model after it)
+            logger.warning("SensitivityCallback: drawing the alpha heatmap into TensorBoard failed", exc_info=True)
+
+    def _log_alpha_image(self, record: SensitivityRecord, step: int) -> None:
+        """Draw the expert's alpha per group (the merge's default normalisation) into TensorBoard, if it reports there.
+
+        Other integrations get the scalars only: the Trainer's log path carries numbers, not images.
+        """
+        try:
+            from transformers.integrations import TensorBoardCallback
+        except ImportError:  # pragma: no cover - moved in a future transformers
+            return
+        writers = [cb.tb_writer for cb in self._handler.callbacks
+                   if isinstance(cb, TensorBoardCallback) and getattr(cb, "tb_writer", None) is not None]
+        if not writers:
+            return
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            logger.info("SensitivityCallback: matplotlib is not installed; no alpha heatmap in TensorBoard")
+            return
+        from ..coefficients import normalize_scores
+        from ..config import MergeConfig
+
+        method = MergeConfig().normalization
+        alpha = normalize_scores(record.group_scores, method).float().numpy()[:, None]  # [G, 1]
+        fig = Figure(figsize=(3.0, 1.5 + 0.3 * len(record.groups)))
+        ax = fig.add_subplot()
+        image = ax.imshow(alpha, aspect="auto", cmap="viridis")
+        ax.set_title(f"alpha ({method})")
+        ax.set_xticks([0], [self.config.task or "expert"])
+        ax.set_yticks(range(len(record.groups)), record.groups)
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        for writer in writers:
+            writer.add_figure("sensitivity/alpha", fig, global_step=step, close=False)
+            writer.flush()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any):
+        if self._emitting or not self.config.log_scores or logs is None or not self._during:
+            return
+        logs.update(self._running_logs())
+
     # ------------------------------------------------------------------ events
     def on_init_end(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None, **kwargs: Any):
         self._attach(model)
+        self._hook_logs()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None,
                        optimizer: Any = None, train_dataloader: Any = None, processing_class: Any = None,
@@ -328,6 +477,7 @@ class SensitivityCallback(TrainerCallback):
         if model is None:
             raise UnsupportedSetupError("SensitivityCallback needs the model in the callback kwargs")
         self._attach(model)
+        self._hook_logs()
         self._args, self._state = args, state
         self._is_main = bool(state.is_world_process_zero)
         self._train_dataloader = train_dataloader
@@ -343,6 +493,7 @@ class SensitivityCallback(TrainerCallback):
             )
         if self._after and self._data() is None:
             raise UnsupportedSetupError("mode='after' needs training data or calibration_data= for the pass")
+        self._check_data()
         unwrapped = _unwrap(model)
         adapter = active_adapter_name(unwrapped) if self._expert_type == "lora" else None
         named = [(clean_param_name(n, adapter), p) for n, p in unwrapped.named_parameters() if p.requires_grad]
@@ -380,6 +531,24 @@ class SensitivityCallback(TrainerCallback):
                 self._load_state(args, state)
             if self._backend == "deepspeed":
                 self._install_deepspeed(args, optimizer)
+
+    def _check_data(self) -> None:
+        """Refuse an ``after`` pass on data it cannot score; skip the probe (with a warning) where it cannot be built."""
+        data = self._data()
+        wants_probe = self.config.store_probe and self.config.probe_samples > 0
+        self._probe_disabled = False
+        if data is None or not (self._after or wants_probe):
+            return
+        reason = unusable_data_reason(data, self.config, pad_id=_pad_id(self._model, self._tokenizer))
+        if reason is None:
+            return
+        if self._after:
+            raise UnsupportedSetupError(
+                f"SensitivityCallback(mode={self.config.mode!r}) cannot run its calibration pass: {reason}. Use "
+                "mode='during' (scores the gradients of whatever loss the trainer optimises), or pass "
+                "calibration_data= with tokenised prompt+completion examples."
+            )
+        self._skip_probe(reason)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any):
         if not self._during or self._backend == "deepspeed" or self.accumulator is None:
@@ -423,6 +592,7 @@ class SensitivityCallback(TrainerCallback):
                 )
         elif not self._after:
             self.record = self._during_record()
+        self._log_final(args, state, control)
         if not state.is_world_process_zero or self.record is None:
             return
         target = None
