@@ -445,7 +445,8 @@ def _full_deltas(base, models: Sequence[Any], names: Sequence[str]) -> dict[str,
 def cell_root(workdir: Path, family: str, regime: str, kind: str, seed: int, steps: Optional[int]) -> Path:
     """A cell's cache folder; named by its training recipe too, so a changed recipe never reuses old experts."""
     recipe = {"train": families.expert_kwargs(regime, kind == "lora", family), "steps": steps,
-              "callback": repr(lib_callback("x", seed).config)}
+              # logging-only settings do not change the experts: left out so that caches stay valid
+              "callback": repr(lib_callback("x", seed).config).replace(", log_scores=True", "")}
     tag = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
     return workdir / family / regime / kind / f"seed{seed}-{tag}"
 
