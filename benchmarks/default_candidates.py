@@ -22,7 +22,7 @@ import quality_lib as ql  # noqa: E402
 
 from sens_peft.testing import families, toy  # noqa: E402
 
-CANDIDATES = {f"regmean shrinkage {a}": q._plain("regmean", 1.0, shrinkage=a) for a in (0.8, 0.9, 1.0)}
+CANDIDATES = {f"regmean shrinkage {a}": q._plain("regmean", 1.0, shrinkage=a) for a in (0.8, 0.9, 0.95, 0.98, 0.99, 1.0)}
 
 
 def main() -> None:

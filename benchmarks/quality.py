@@ -61,7 +61,7 @@ GRIDS: dict[str, dict[str, Any]] = {
              "dare": {"density": [0.3, 0.6], "lams": [0.4, 0.8, 1.3, 2.0]},
              "sens": {"T": [1.0, 4.0], "lams": [0.15, 0.3, 0.5, 0.8]},
              # RegMean and Fisher are averages (λ = 1 is the method itself): shrinkage × λ around 1
-             "regmean": {"shrinkage": [0.5, 0.8, 0.9, 1.0], "lams": [1.0, 1.3]},
+             "regmean": {"shrinkage": [0.8, 0.95, 0.99, 1.0], "lams": [1.0, 1.3]},
              "fisher_lams": [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0]},
     "quick": {"budget": 4,
               "ta_lams": [0.15, 0.3, 0.5, 0.8],

@@ -50,7 +50,7 @@ MERGES = [  # (label, MergeConfig fields) of the plain methods; the Sens variant
 ]
 # data-aware merges from the statistics the callback captured (input Grams, Fisher); no Sens variant
 DATA_AWARE = [
-    ("RegMean", dict(method="regmean", params={"shrinkage": 0.9})),
+    ("RegMean", dict(method="regmean", params={"shrinkage": 1.0})),  # the paper's; the default is 0.99
     ("Fisher", dict(method="fisher")),
 ]
 # the paper's layer-wise coefficients, alpha of mean 1 and tau standardised (see sens_peft.coefficients), in the

@@ -108,7 +108,7 @@ def _mean_grams(folders, name: str = Q0) -> list[torch.Tensor]:
 def test_merge_adapters_regmean(lora_experts, output):
     report = merge_adapters(tiny_llama(seed=0), lora_experts, method="regmean", output=output, sens=None,
                             device="cpu", progress=False)
-    reference = _regmean_reference(_lora_deltas(lora_experts), _mean_grams(lora_experts), [1.0, 1.0])
+    reference = _regmean_reference(_lora_deltas(lora_experts), _mean_grams(lora_experts), [1.0, 1.0], 0.99)
     if output == "full":
         merged = report.model.state_dict()[Q0] - tiny_llama(seed=0).state_dict()[Q0]
     else:
@@ -160,7 +160,7 @@ def test_merge_models_regmean(tmp_path):
     base_state = base_model.state_dict()
     states = [load_file(str(f / "model.safetensors")) for f in experts]
     deltas = [s[Q0] - base_state[Q0] for s in states]
-    reference = base_state[Q0].double() + _regmean_reference(deltas, _mean_grams(experts), [1.0, 1.0])
+    reference = base_state[Q0].double() + _regmean_reference(deltas, _mean_grams(experts), [1.0, 1.0], 0.99)
     torch.testing.assert_close(out[Q0].double(), reference, rtol=1e-4, atol=1e-6)
     # a tensor no Linear reads (the embedding) is averaged
     emb = "model.embed_tokens.weight"
@@ -170,8 +170,8 @@ def test_merge_models_regmean(tmp_path):
 def test_default_method_is_regmean_with_grams_else_task_arithmetic(lora_experts, tmp_path):
     """MergeConfig(): RegMean when every expert's sidecar has input Grams (the benchmark's rule), else TA."""
     report = merge_adapters(tiny_llama(seed=0), lora_experts, output="full", device="cpu", progress=False)
-    assert report.config.method == "regmean"
-    reference = _regmean_reference(_lora_deltas(lora_experts), _mean_grams(lora_experts), [1.0, 1.0])
+    assert report.config.method == "regmean" and report.config.method_params()["shrinkage"] == 0.99
+    reference = _regmean_reference(_lora_deltas(lora_experts), _mean_grams(lora_experts), [1.0, 1.0], 0.99)
     merged = report.model.state_dict()[Q0] - tiny_llama(seed=0).state_dict()[Q0]
     torch.testing.assert_close(merged.double(), reference, rtol=1e-4, atol=1e-6)
     plain = [make_lora_adapter(tiny_llama, tmp_path / f"p{k}", seed=k + 1) for k in range(2)]  # no sidecars
