@@ -179,3 +179,21 @@ def test_default_method_is_regmean_with_grams_else_task_arithmetic(lora_experts,
     assert report.config.method == "task_arithmetic"
     merged = report.model.state_dict()[Q0] - tiny_llama(seed=0).state_dict()[Q0]
     torch.testing.assert_close(merged, sum(_lora_deltas(plain)), rtol=1e-5, atol=1e-6)
+
+
+def test_regmean_refuses_conv1d_lora(tmp_path):
+    """GPT-2's Conv1D weights are [in, out]: RegMean's [in, in] Grams would be applied the wrong way round."""
+    from helpers import tiny_gpt2
+
+    folders = []
+    for k in range(2):
+        folder = make_lora_adapter(tiny_gpt2, tmp_path / f"g{k}", seed=k + 1, target_modules=("c_attn",),
+                                   fan_in_fan_out=True)
+        compute_sensitivity(str(folder), TokenData(n=4, length=8, seed=k), base_model=tiny_gpt2(), save_to=folder,
+                            calibration_samples=4, gram="full", fisher=False, store_probe=False)
+        folders.append(folder)
+    with pytest.raises(MergeError, match="Conv1D"):
+        merge_adapters(tiny_gpt2(), folders, method="regmean", sens=None, device="cpu", progress=False)
+    # the default does not pick RegMean there: task arithmetic, with a warning
+    report = merge_adapters(tiny_gpt2(), folders, sens=None, device="cpu", progress=False)
+    assert report.config.method == "task_arithmetic"

@@ -265,11 +265,13 @@ def merge_adapters(
                         kind=cfg.output)
     peft_model, names, folders = _prepare_peft_model(model, adapters, allow_pickle=allow_pickle)
     owners, modules = _adapted_modules(peft_model, names, folders, adapter_name, cfg)
+    cfg = _default_for_layouts(cfg, modules)
     device = device_of(cfg)
     plan = plan_merge(cfg, names, folders, sensitivities=sensitivities, transferability=transferability,
                       compute_transfer=functools.partial(_transfer, peft_model, names, folders, probes, cfg, device),
                       check_record=functools.partial(_check_record, peft_model, modules))
     cfg = plan.config
+    _check_layouts(plan, modules)
     work = [(module, [k for k, a in enumerate(names) if a in module.adapters()]) for module in modules]
     new_rank, exact = _output_rank(plan, work)
     logger.info("merging %d modules of %d experts with %s (output=%s%s) on %s", len(work), len(names), cfg.method,
@@ -294,6 +296,25 @@ def merge_adapters(
                        model=result_model, sources=sources,
                        details={"modules": len(work), "rank": new_rank if cfg.output == "lora" else None,
                                 "device": str(device)})
+
+
+def _default_for_layouts(cfg: MergeConfig, modules: list[LoraModule]) -> MergeConfig:
+    """``method=None`` with fan_in_fan_out (Conv1D) layers: task arithmetic, since RegMean cannot read them yet."""
+    if cfg.method is None and any(m.transposed for m in modules):
+        logger.warning("method=None: fan_in_fan_out (Conv1D) LoRA layers are not supported by RegMean yet; merging "
+                       "with task_arithmetic")
+        return dataclasses.replace(cfg, method="task_arithmetic")
+    return cfg
+
+
+def _check_layouts(plan: MergePlan, modules: list[LoraModule]) -> None:
+    """Input Grams are [in, in] for torch Linear weights [out, in]; a fan_in_fan_out (Conv1D) weight is [in, out],
+    which a square layer would take silently the wrong way round: refused until that layout is supported."""
+    if "gram" in plan.needs:
+        flipped = [m.name for m in modules if m.transposed]
+        if flipped:
+            raise MergeError(f"method {plan.config.method!r} reads input Grams, which are not supported for "
+                             f"fan_in_fan_out (Conv1D) LoRA layers yet: {flipped[:3]}; use another method")
 
 
 def _check_request(model, adapters: list, adapter_name: str, save_to: Optional[PathLike], overwrite: bool) -> None:
