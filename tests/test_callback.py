@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from sens_toys import TokenData, lora, tiny_llama, train_args  # noqa: E402
+from sens_toys import TokenData, char_llama, lora, tiny_llama, train_args  # noqa: E402
 
 from sens_peft.sensitivity.callback import STATE_FILE, SensitivityCallback  # noqa: E402
 from sens_peft.sensitivity.distributed import UnsupportedSetupError  # noqa: E402
@@ -168,17 +168,7 @@ def test_trl_sft_trainer(tmp_path):
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
     from peft import LoraConfig
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    model, tok = char_llama()
     ds = datasets.Dataset.from_dict({"text": ["hello world " * 2, "the quick brown fox", "lorem ipsum dolor"] * 4})
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, max_length=32,
                          bf16=False, gradient_checkpointing=False, use_cpu=True, report_to="none",
@@ -192,7 +182,7 @@ def test_trl_sft_trainer(tmp_path):
     rec = load_sensitivity(tmp_path / "final")
     assert rec.metadata["task"] == "sft" and rec.metadata["during.num_steps"] == "2"
     assert rec.groups == ["layers.0", "layers.1"] and (rec.tensor_scores > 0).all()
-    probe = load_probe(tmp_path / "final", vocab_size=len(vocab))
+    probe = load_probe(tmp_path / "final", vocab_size=len(tok))
     assert len(probe) == 4 and (probe.attention_mask.sum(1) > 0).all()
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
 

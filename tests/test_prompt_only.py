@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from sens_toys import lora, tiny_llama  # noqa: E402
+from sens_toys import char_llama, lora, tiny_llama  # noqa: E402
 
 from sens_peft.config import SensitivityConfig  # noqa: E402
 from sens_peft.errors import DataError, SensPeftError  # noqa: E402
@@ -109,17 +109,7 @@ def _grpo(tmp_path, cb):
     if not hasattr(trl, "GRPOTrainer"):
         pytest.skip(f"trl {trl.__version__} has no GRPOTrainer")
     from peft import LoraConfig
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    model, tok = char_llama()
     ds = datasets.Dataset.from_dict({"prompt": ["hello world", "the quick fox", "lorem ipsum", "abc def"]})
     args = trl.GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, num_generations=2,
                           max_completion_length=4, bf16=False, use_cpu=True, report_to="none",

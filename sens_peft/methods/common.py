@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_CHUNK", "chunks", "compute_dtype", "delta_into", "weights_view"]
+__all__ = ["DEFAULT_CHUNK", "chunks", "compute_dtype", "delta_into", "padded_factors", "weights_view"]
 
 # Flat chunk processed at a time: a few fp32 buffers of this size stay in cache and bound the scratch memory,
 # whatever the tensor's size (a 65M-entry embedding is not materialised as K fp32 copies).
@@ -41,3 +41,12 @@ def weights_view(coefficients: Tensor, ndim: int) -> Tensor:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the merge math: fp64 inputs stay fp64, everything else runs in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def padded_factors(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Exact LoRA factors ``A [r, in]``, ``B [out, r]`` zero-padded to ``rank`` (fp32): ``B @ A`` is unchanged."""
+    A_out = torch.zeros(rank, A.shape[1], dtype=torch.float32, device=A.device)
+    B_out = torch.zeros(B.shape[0], rank, dtype=torch.float32, device=B.device)
+    A_out[: A.shape[0]] = A
+    B_out[:, : B.shape[1]] = B
+    return A_out, B_out

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..regmean import regmean_lora_factors, regmean_merge
 from .base import MergeContext, MergeMethod, Param
-from .common import weights_view
+from .common import padded_factors, weights_view
 from .registry import register_method
 
 
@@ -68,9 +68,4 @@ class RegMean(MergeMethod):
         else:
             scalings = [c * s for (_, _, s), c in zip(factors, coefficients)]
             A_cat, _ = regmean_lora_factors(As, Bs, scalings, list(grams), float(ctx.params.get("shrinkage", 1.0)))
-        B_cat = torch.cat(Bs, 1)
-        A = torch.zeros(rank, A_cat.shape[1], dtype=torch.float32, device=device)
-        B = torch.zeros(B_cat.shape[0], rank, dtype=torch.float32, device=device)
-        A[: A_cat.shape[0]] = A_cat.to(torch.float32)
-        B[:, : B_cat.shape[1]] = B_cat
-        return A, B
+        return padded_factors(A_cat.to(torch.float32), torch.cat(Bs, 1), rank)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .base import MergeContext, MergeMethod
-from .common import weights_view
+from .common import padded_factors, weights_view
 from .registry import register_method
 from .streamed import StreamJob, linear_kernel
 
@@ -38,9 +38,4 @@ class TaskArithmetic(MergeMethod):
         ``sum_k c_k s_k B_k A_k``."""
         parts_a = [a.to(device=device, dtype=torch.float32) * (c * s) for (a, _, s), c in zip(factors, coefficients)]
         parts_b = [b.to(device=device, dtype=torch.float32) for _, b, _ in factors]
-        A_cat, B_cat = torch.cat(parts_a, 0), torch.cat(parts_b, 1)
-        A = torch.zeros(rank, A_cat.shape[1], dtype=torch.float32, device=device)
-        B = torch.zeros(B_cat.shape[0], rank, dtype=torch.float32, device=device)
-        A[: A_cat.shape[0]] = A_cat
-        B[:, : B_cat.shape[1]] = B_cat
-        return A, B
+        return padded_factors(torch.cat(parts_a, 0), torch.cat(parts_b, 1), rank)

@@ -50,3 +50,19 @@ def train_args(out, **overrides):
               disable_tqdm=True, logging_steps=1000, seed=0, dataloader_pin_memory=False)
     kw.update(overrides)
     return TrainingArguments(**kw)
+
+
+def char_llama(seed: int = 0):
+    """A tiny Llama and a character-level tokenizer for TRL trainers that tokenise text themselves."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    return model, tok
