@@ -197,3 +197,12 @@ def test_regmean_refuses_conv1d_lora(tmp_path):
     # the default does not pick RegMean there: task arithmetic, with a warning
     report = merge_adapters(tiny_gpt2(), folders, sens=None, device="cpu", progress=False)
     assert report.config.method == "task_arithmetic"
+
+
+def test_factorization_ignored_for_exact_factors_warns(lora_experts, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sens_peft"):
+        merge_adapters(tiny_llama(seed=0), lora_experts, method="task_arithmetic", factorization="exact",
+                       sens=None, device="cpu", progress=False)
+    assert any("factorization='exact' is ignored" in r.getMessage() for r in caplog.records)

@@ -507,6 +507,7 @@ def test_push_to_hub_leaves_pickles_out(world, tmp_path):
     (dict(method="ties", sens=None, temperature=2.0), "temperature=2.0 is ignored"),
     (dict(method="ties", sens="task", alignment="neg_kl"), "alignment='neg_kl' is ignored"),
     (dict(method="dare_linear", trim_by="sensitivity"), "trim_by='sensitivity' is ignored with method='dare_linear'"),
+    (dict(method="task_arithmetic", factorization="exact"), "factorization='exact' is ignored"),
 ])
 def test_options_that_cannot_apply_warn_merge_models(world, tmp_path, caplog, kwargs, message):
     with caplog.at_level(logging.WARNING, logger="sens_peft"):

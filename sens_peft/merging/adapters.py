@@ -401,6 +401,9 @@ def _output_rank(plan: MergePlan, work: list) -> tuple[int, bool]:
         if cfg.rank is not None:
             logger.warning("rank=%d is ignored for %s with output='lora' (exact factors, rank %d)", cfg.rank,
                            cfg.method, new_rank)
+        if cfg.factorization != MergeConfig.factorization:
+            logger.warning("factorization=%r is ignored for %s with output='lora': its factors are exact",
+                           cfg.factorization, cfg.method)
         return new_rank, True
     return cfg.rank or max(r for rs in ranks for r in rs), False
 

@@ -48,6 +48,9 @@ def warn_unused_options(config: Any, *, sensitivities: Any = None, probes: Any =
     if kind in ("full", "models") and getattr(config, "rank", None) is not None:
         logger.warning("rank=%r is ignored: it sets the rank of a merged LoRA adapter, and this merge writes full "
                        "weights", config.rank)
+    if kind in ("full", "models") and getattr(config, "factorization", "randomized") != "randomized":
+        logger.warning("factorization=%r is ignored: it factorises a merged LoRA adapter, and this merge writes full "
+                       "weights", config.factorization)
     _warn_changed_but_unused(config)
 
 
