@@ -275,6 +275,32 @@ def test_full_finetune_dpo_uses_the_ref_model(tmp_path):
     assert float(rec.tensor_scores[rec.tensor_names.index(name)]) == pytest.approx(expected, rel=1e-5)
 
 
+def test_precomputed_reference_log_probs(tmp_path):
+    """precompute_ref_log_probs=True: the pass reads TRL's ref_*_logps columns; same scores as computing them."""
+    runs = {}
+    for precompute in (False, True):
+        cb = SensitivityCallback(mode="after", calibration_samples=2, store_probe=False)
+        _dpo(tmp_path / str(precompute), cb, precompute_ref_log_probs=precompute).train()
+        runs[precompute] = cb.record
+    assert "reference=precomputed" in runs[True].metadata["calibration_loss_detail"]
+    assert "reference=ref_adapter" in runs[False].metadata["calibration_loss_detail"]
+    torch.testing.assert_close(runs[True].tensor_scores, runs[False].tensor_scores, rtol=1e-4, atol=0)
+
+
+def test_compute_sensitivity_on_pairs_without_a_trainer(caplog):
+    """No trainer to read beta / the reference from: the chosen completions' LM loss, said in a warning and the
+    metadata."""
+    from sens_peft import compute_sensitivity
+
+    model, _ = _policy(torch.float32)
+    rows = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 1], "rejected_ids": [9, 8, 1]} for _ in range(3)]
+    with caplog.at_level("WARNING", logger="sens_peft.sensitivity.calibrate"):
+        rec = compute_sensitivity(model, rows, calibration_samples=2, store_probe=False)
+    assert rec.metadata["calibration_loss"] == "chosen_lm"
+    assert "not available" in rec.metadata["calibration_loss_reason"]
+    assert any("chosen_lm" in r.getMessage() for r in caplog.records)
+
+
 # ---------------------------------------------------------------------------------------------- KTO
 def _kto(tmp_path, cb, labels=None, **config):
     model, tok = _policy()

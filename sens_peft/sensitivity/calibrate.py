@@ -17,6 +17,10 @@ What is scored (``weight_source``):
 
 For LoRA the signed scores are always the module's ``<dW, G>`` (= ``<A, dL/dA>`` = ``<B, dL/dB>``).
 
+What is differentiated: the model's LM loss on the batch's labels, or for TRL's preference data the loss that
+:mod:`sens_peft.sensitivity.calibration_loss` picks (DPO loss against the trainer's reference, or the chosen /
+desirable completions' LM loss).
+
 The same pass captures the data-aware merge statistics (input Gram matrices per Linear, diagonal Fisher maps
 ``E[g^2]`` per scored tensor; ``SensitivityConfig.gram`` / ``fisher``): see :mod:`sens_peft.sensitivity.stats`.
 The examples, their batches and the probe set come from :mod:`sens_peft.sensitivity.calibration_data`.

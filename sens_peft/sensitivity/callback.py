@@ -43,11 +43,17 @@ hands its callbacks one ``logs`` dict in list order, integrations first, so the 
 first integration callback (it finds the Trainer's callback handler on the call stack; callbacks get no reference
 to it). Under ``report_to="tensorboard"`` the final alpha per group is also drawn as an image.
 
-Data: the calibration pass and the probe need tokenised examples (``input_ids`` [+ ``labels``]); the trainer's own
-collator is used when it yields ``input_ids`` (TRL's DPO collator does), tokenised rows it does not collate are
-padded here. Prompt-only data (TRL's ``GRPOTrainer``) has nothing to score: ``mode="after"``/``"both"`` raise at
-train start, ``"during"`` scores the trainer's own loss and skips the probe with a warning (pass ``probes=`` at
-merge time).
+Data and loss: ``"during"`` scores the gradients of whatever loss the trainer optimises (SFT, DPO, KTO, GRPO, ...).
+The ``after`` pass differentiates a calibration loss chosen at train start from the data's columns and the trainer
+(:mod:`~sens_peft.sensitivity.calibration_loss`; the trainer is found on the call stack, like the callback
+handler): the LM loss of tokenised examples (``input_ids`` [+ ``labels``]; the trainer's own collator is used when
+it yields ``input_ids``, tokenised rows it does not collate are padded here); for TRL's preference pairs
+(``DPOTrainer``) the DPO loss per pair against the trainer's reference, or the chosen completions' LM loss where
+that cannot be computed (a warning and ``calibration_loss_reason`` in the metadata); for KTO's unpaired rows the
+desirable completions' LM loss. The sidecar's ``calibration_loss`` metadata says which (absent: the LM loss), and
+``trainer`` names the trainer class. Preference data's probe set is the chosen completions. Prompt-only data (TRL's
+``GRPOTrainer``) has nothing to score: ``mode="after"``/``"both"`` raise at train start, ``"during"`` skips the probe
+with a warning (pass ``probes=`` at merge time).
 
 Distributed: DDP needs no reduction (save on rank 0); FSDP sums local shards and all-reduces the per-tensor vector;
 DeepSpeed has its ZeRO optimizer's ``step`` wrapped (no Trainer event sees its gradients). The ``after`` pass is
