@@ -1,4 +1,4 @@
-"""SensitivityCallback under TRL's preference trainers (DPOTrainer, KTOTrainer) on a tiny character-level Llama.
+"""SensitivityCallback under TRL's preference trainers (DPOTrainer, KTOTrainer, ORPO) on a tiny character-level Llama.
 
 The after pass of a DPO expert differentiates the DPO loss against the trainer's reference; the during mode scores
 the gradients the trainer's optimizer consumes (the DPO loss's). Both are checked against hand computations with
@@ -354,6 +354,35 @@ def test_kto_without_desirable_rows_refused():
     with pytest.raises(SensPeftError, match=r"no desirable \(label=True\) completion.*Use mode='during'"):
         cb.on_train_begin(args, state, None, model=_policy(torch.float32)[0], train_dataloader=loader)
     cb.detach()
+
+
+# ---------------------------------------------------------------------------------------------- ORPO (trl.experimental)
+def test_orpo_during_and_after_on_the_chosen_lm_loss(tmp_path):
+    """TRL 1.16 keeps ORPO in trl.experimental with whole-sequence columns: during scores its loss, after the
+    chosen sequences' LM loss (prompt masked by its chosen_labels), said in the metadata."""
+    try:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    except ImportError as err:
+        pytest.skip(f"no ORPOTrainer in this trl: {err}")
+    model, tok = _policy()
+    cb = SensitivityCallback(mode="both", calibration_samples=1, probe_samples=2)
+    args = ORPOConfig(**dict(COMMON, output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4,
+                             max_length=64))
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=_pairs(), processing_class=tok, callbacks=[cb])
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    rec = load_sensitivity(tmp_path / "final")
+    assert rec.metadata["calibration_loss"] == "chosen_lm" and rec.metadata["trainer"] == "ORPOTrainer"
+    assert "ORPO" in rec.metadata["calibration_loss_reason"]
+    assert (rec.extra["during.tensor_scores"] > 0).all()
+    rows = trainer.train_dataset
+    row = rows[select_examples(rows, 1, 0)[0]]
+    ids, labels = torch.tensor([row["chosen_input_ids"]]), torch.tensor([row["chosen_labels"]])
+    assert (labels[0, : len(row["prompt_input_ids"])] == -100).all()
+    expected = _layer_theta_scores(trainer.model, lambda m: m(input_ids=ids, labels=labels).loss)
+    for layer, value in rec.group_dict().items():
+        assert value == pytest.approx(expected[layer], rel=1e-5)
+    assert len(load_probe(tmp_path / "final", vocab_size=model.config.vocab_size)) == 2
 
 
 # ---------------------------------------------------------------------------------------------- pure functions

@@ -14,8 +14,10 @@ cover and which sequences form the probe set. :func:`select_calibration_loss` pi
   ``"ref"`` adapter, like TRL); or the ``ref_*_logps`` columns TRL precomputed. Chosen and rejected sequences go
   through one forward (a LoRA module is used once per backward); the input Grams cover the chosen sequences only
   (prompt + chosen completion, padding excluded).
-* :class:`CompletionLMLoss` (the fallback for preference pairs, and KTO's unpaired rows with a ``label``): the LM
-  loss of the chosen (KTO: desirable) completions, prompt tokens masked.
+* :class:`CompletionLMLoss` (the fallback for preference pairs, KTO's unpaired rows with a ``label``, and the
+  whole-sequence pairs ``chosen_input_ids`` / ``chosen_labels`` of TRL's experimental ORPO / CPO trainers): the LM
+  loss of the chosen (KTO: desirable) completions, prompt tokens masked. KTO's own loss compares each completion
+  with a batch-level KL baseline, so it has no per-example form; ORPO's odds-ratio term is not implemented.
 
 The probe set of the cross-task factor is always the chosen / desirable completions (prompt masked) for preference
 data. Pure tensor functions (:func:`completion_logps`, :func:`preference_loss`) hold the math.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -57,6 +59,7 @@ __all__ = [
 CALIBRATION_LOSSES = ("auto", "preference", "completion")
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 UNPAIRED_COLUMNS = ("prompt_ids", "completion_ids", "label")
+CONCATENATED_PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids")
 #: DPO loss types :func:`preference_loss` implements (TRL's formulas); others fall back to the chosen LM loss.
 PREFERENCE_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sft")
 
@@ -167,27 +170,44 @@ def row_columns(data: Any) -> set[str]:
     return set(map(str, first)) if isinstance(first, Mapping) else set()
 
 
+def prompt_completion_example(completion_key: str) -> Callable[[Mapping[str, Any]], dict[str, list[int]]]:
+    """Row -> example for rows of ``prompt_ids`` + ``<completion_key>`` (TRL 1.x DPO / KTO): prompt labelled -100."""
+
+    def to_example(row: Mapping[str, Any]) -> dict[str, list[int]]:
+        prompt, completion = list(row["prompt_ids"]), list(row[completion_key])
+        return {"input_ids": prompt + completion, "attention_mask": [1] * (len(prompt) + len(completion)),
+                "labels": [-100] * len(prompt) + completion}
+
+    return to_example
+
+
+def concatenated_chosen_example(row: Mapping[str, Any]) -> dict[str, list[int]]:
+    """Row -> example for rows holding the whole chosen sequence (``chosen_input_ids`` / ``chosen_labels``, prompt
+    already labelled -100: TRL's experimental ORPO / CPO trainers)."""
+    ids = list(row["chosen_input_ids"])
+    mask = list(row.get("chosen_attention_mask") or [1] * len(ids))
+    return {"input_ids": ids, "attention_mask": mask, "labels": list(row["chosen_labels"])}
+
+
 class CompletionRows(torch.utils.data.Dataset):
-    """A view of tokenised prompt/completion rows as ``input_ids`` / ``labels`` rows (prompt tokens labelled -100).
+    """A view of tokenised preference rows as ``input_ids`` / ``attention_mask`` / ``labels`` examples.
 
     Args:
-        rows: The dataset (rows with ``prompt_ids`` and ``completion_key``).
-        completion_key: ``"chosen_ids"`` (preference pairs) or ``"completion_ids"`` (KTO's unpaired rows).
-        keep: Only the rows whose ``label`` is truthy (KTO's desirable completions).
+        rows: The dataset.
+        to_example: Row -> example (prompt tokens labelled -100).
+        keep_desirable: Only the rows whose ``label`` is truthy (KTO's desirable completions).
     """
 
-    def __init__(self, rows: Any, completion_key: str, keep_desirable: bool = False) -> None:
-        self.rows, self.key = rows, completion_key
+    def __init__(self, rows: Any, to_example: Callable[[Mapping[str, Any]], dict[str, list[int]]],
+                 keep_desirable: bool = False) -> None:
+        self.rows, self.to_example = rows, to_example
         self.index = [i for i in range(len(rows)) if not keep_desirable or bool(rows[i]["label"])]
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
-        row = self.rows[self.index[i]]
-        prompt, completion = list(row["prompt_ids"]), list(row[self.key])
-        return {"input_ids": prompt + completion, "attention_mask": [1] * (len(prompt) + len(completion)),
-                "labels": [-100] * len(prompt) + completion}
+        return self.to_example(self.rows[self.index[i]])
 
 
 # ---------------------------------------------------------------------------------------------- the losses
@@ -250,17 +270,18 @@ class CompletionLMLoss(CalibrationLoss):
     """The LM loss of tokenised completions after their prompt (prompt tokens masked), one completion per example.
 
     Args:
-        completion_key: ``"chosen_ids"`` or ``"completion_ids"``.
+        to_example: Row -> example (:func:`prompt_completion_example`, :func:`concatenated_chosen_example`).
         keep_desirable: Keep only rows with a truthy ``label`` (KTO's desirable completions).
         reason: Why this loss stands in for the trainer's own (stored as ``calibration_loss_reason``).
     """
 
-    def __init__(self, completion_key: str, keep_desirable: bool = False, reason: Optional[str] = None) -> None:
-        self.completion_key, self.keep_desirable, self.reason = completion_key, keep_desirable, reason
+    def __init__(self, to_example: Callable[[Mapping[str, Any]], dict[str, list[int]]], keep_desirable: bool = False,
+                 reason: Optional[str] = None) -> None:
+        self.to_example, self.keep_desirable, self.reason = to_example, keep_desirable, reason
         self.name = "desirable_lm" if keep_desirable else "chosen_lm"
 
     def _view(self, data: Any) -> CompletionRows:
-        return CompletionRows(_dataset_of(data), self.completion_key, self.keep_desirable)
+        return CompletionRows(_dataset_of(data), self.to_example, self.keep_desirable)
 
     def batches(self, data: Any, config: SensitivityConfig, pad_id: int) -> Iterable[dict[str, Tensor]]:
         return iter_calibration_batches(self._view(data), config, pad_id=pad_id)
@@ -308,7 +329,7 @@ class PreferenceLoss(CalibrationLoss):
             yield collate_pairs([rows[i] for i in index[start : start + size]], pad_id, config.max_length)
 
     def probe_data(self, data: Any) -> Any:
-        return CompletionRows(_dataset_of(data), "chosen_ids")
+        return CompletionRows(_dataset_of(data), prompt_completion_example("chosen_ids"))
 
     def unusable_reason(self, data: Any, config: SensitivityConfig, pad_id: int) -> Optional[str]:
         rows = _dataset_of(data)
@@ -445,7 +466,7 @@ def select_calibration_loss(
                 "calibration_loss='completion' (LM loss of the chosen completions) or mode='during' (scores the "
                 "gradients of the trainer's own loss)."
             )
-        return CompletionLMLoss("chosen_ids", reason=reason)
+        return CompletionLMLoss(prompt_completion_example("chosen_ids"), reason=reason)
     if set(UNPAIRED_COLUMNS) <= columns:
         reason = "KTO's loss compares each completion with a batch-level KL baseline; no per-example loss"
         if choice == "preference":
@@ -453,7 +474,16 @@ def select_calibration_loss(
                 f"calibration_loss='preference' is not available for unpaired (KTO) data: {reason}. Use "
                 "calibration_loss='auto' (LM loss of the desirable completions) or mode='during'."
             )
-        return CompletionLMLoss("completion_ids", keep_desirable=True, reason=reason)
+        return CompletionLMLoss(prompt_completion_example("completion_ids"), keep_desirable=True, reason=reason)
+    if set(CONCATENATED_PAIR_COLUMNS) <= columns:
+        reason = ("pairs stored as whole chosen/rejected sequences (TRL's experimental ORPO / CPO trainers): their "
+                  "preference terms are not implemented in the calibration pass")
+        if choice == "preference":
+            raise UnsupportedSetupError(
+                f"calibration_loss='preference' is not available for these pairs: {reason}. Use "
+                "calibration_loss='auto' (LM loss of the chosen completions) or mode='during'."
+            )
+        return CompletionLMLoss(concatenated_chosen_example, reason=reason)
     if choice == "preference":
         raise UnsupportedSetupError(
             f"calibration_loss='preference' needs tokenised preference pairs ({', '.join(PAIR_COLUMNS)}); the data "
