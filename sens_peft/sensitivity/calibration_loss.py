@@ -101,7 +101,8 @@ def preference_loss(
     """The preference loss of a batch of pairs (a scalar: each term averaged over the pairs, then weighted).
 
     ``chosen`` / ``rejected``: summed completion log-probs under the policy, ``ref_*`` under the reference
-    (``[pairs]``); ``*_tokens``: completion lengths (IPO's and SFT's per-token normalisation). Formulas as TRL's
+    (``[pairs]``); ``*_tokens``: scored completion lengths (IPO's and SFT's per-token normalisation; TRL's IPO
+    counts the completion mask before the shift, the same number unless the prompt is empty). Formulas as TRL's
     ``DPOTrainer`` (``f_divergence_type="reverse_kl"``): ``d = (chosen - ref_chosen) - (rejected - ref_rejected)``;
     sigmoid ``-log sigmoid(beta d)``, hinge ``relu(1 - beta d)``, IPO ``(d_per_token - 1/(2 beta))^2``, SFT the
     chosen tokens' mean negative log-likelihood.
