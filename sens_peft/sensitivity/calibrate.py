@@ -17,6 +17,10 @@ What is scored (``weight_source``):
 
 For LoRA the signed scores are always the module's ``<dW, G>`` (= ``<A, dL/dA>`` = ``<B, dL/dB>``).
 
+What is differentiated: the model's LM loss on the batch's labels, or for TRL's preference data the loss that
+:mod:`sens_peft.sensitivity.calibration_loss` picks (DPO loss against the trainer's reference, or the chosen /
+desirable completions' LM loss).
+
 The same pass captures the data-aware merge statistics (input Gram matrices per Linear, diagonal Fisher maps
 ``E[g^2]`` per scored tensor; ``SensitivityConfig.gram`` / ``fisher``): see :mod:`sens_peft.sensitivity.stats`.
 The examples, their batches and the probe set come from :mod:`sens_peft.sensitivity.calibration_data`.
@@ -68,6 +72,7 @@ from .calibration_data import (
     pad_id_of,
     select_examples,
 )
+from .calibration_loss import CalibrationLoss, LMLoss, select_calibration_loss
 from .stats import CalibrationStats
 
 logger = logging.getLogger(__name__)
@@ -83,6 +88,7 @@ __all__ = [
     "trainable_parameters",
     "select_examples",
     "collate_examples",
+    "iter_calibration_batches",
     "build_probe",
     "base_model_name",
 ]
@@ -308,17 +314,20 @@ class CalibrationPass:
 
     # -- run -----------------------------------------------------------------------------------
     def run(self, batches: Iterable[dict[str, Tensor]], accumulator: Optional[SensitivityAccumulator] = None,
-            stats: Optional[CalibrationStats] = None) -> SensitivityAccumulator:
+            stats: Optional[CalibrationStats] = None, loss: Optional[CalibrationLoss] = None
+            ) -> SensitivityAccumulator:
         """Score every batch; returns the accumulator (mean over batches = mean over samples at batch size 1).
 
-        The Gram / Fisher sums go to ``stats`` (default: a new :meth:`new_stats`), kept as ``self.stats``.
+        ``loss`` says what each batch's scored loss is (default: the model's LM loss on the batch's labels, see
+        :mod:`sens_peft.sensitivity.calibration_loss`). The Gram / Fisher sums go to ``stats`` (default: a new
+        :meth:`new_stats`), kept as ``self.stats``.
         """
         acc = accumulator or self.new_accumulator()
         self.stats = stats = stats if stats is not None else self.new_stats()
+        loss_fn = loss or LMLoss()
         model = self.model
         was_training = model.training
         flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
-        score_dtype = torch.float64
         try:
             model.eval()
             # Only the tensors we need gradients for: LoRA factors (the output-gradient hooks need a graph),
@@ -330,50 +339,49 @@ class CalibrationPass:
                 p.requires_grad_(id(p) in needed)
                 p.grad = None
             for batch in batches:
-                scratch = _Scratch(
-                    torch.zeros(len(self.names), dtype=score_dtype, device=self.device),
-                    torch.zeros(len(self.names), dtype=score_dtype, device=self.device),
-                    fired=[0] * len(self.names),
-                )
-                handles = self._install(scratch)
-                if stats.targets:
-                    handles += stats.install(batch.get("attention_mask"))
-                try:
-                    labels = batch["labels"]
-                    inputs = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
-                    if self._forward_keys is not None:
-                        inputs = {k: v for k, v in inputs.items() if k in self._forward_keys}
-                    inputs = {k: v.to(self.device) for k, v in inputs.items()}
-                    with torch.enable_grad():
-                        out = model(**inputs)
-                        loss = out.loss if hasattr(out, "loss") else out["loss"]
-                        if loss is None:
-                            raise ValueError("the model returned no loss for a calibration batch (labels missing?)")
-                        stats.after_forward()  # Grams from the stashed inputs, freed before the backward
-                        loss.backward()
-                finally:
-                    for h in handles:
-                        h.remove()
-                for p, _ in flags.values():
-                    p.grad = None
-                multi = [self.names[i] for i, n in enumerate(scratch.fired) if n > 1]
-                if multi:
-                    raise RuntimeError(
-                        f"tensors {multi[:3]} received {max(scratch.fired)} gradient contributions in one backward "
-                        "(a module used several times per forward); the per-call scores would not equal the "
-                        "score of the summed gradient. Use weight_source='adapter' for this model."
-                    )
-                tokens = (labels[..., 1:] != -100).sum() if labels.dim() >= 2 else labels.numel()
-                ok = acc.update(scratch.abs, scratch.signed, elements=scratch.elements or None,
-                                samples=float(labels.shape[0]), tokens=tokens.to(self.device, torch.float64)
-                                if isinstance(tokens, Tensor) else float(tokens))
-                stats.update_fisher(scratch.fisher, ok, int(labels.shape[0]))
+                self._score_batch(batch, loss_fn, acc, stats)
         finally:
             for p, flag in flags.values():
                 p.requires_grad_(flag)
                 p.grad = None
             model.train(was_training)
         return acc
+
+    def _score_batch(self, batch: dict[str, Tensor], loss_fn: CalibrationLoss, acc: SensitivityAccumulator,
+                     stats: CalibrationStats) -> None:
+        """One forward + backward of ``loss_fn`` on ``batch``; its scores, Grams and Fisher maps join the sums."""
+        score_dtype = torch.float64
+        scratch = _Scratch(
+            torch.zeros(len(self.names), dtype=score_dtype, device=self.device),
+            torch.zeros(len(self.names), dtype=score_dtype, device=self.device),
+            fired=[0] * len(self.names),
+        )
+        batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        loss_fn.prepare(self.model, batch)  # gradient-free (reference) forwards, before any hook sees them
+        handles = self._install(scratch)
+        if stats.targets:
+            handles += stats.install(loss_fn.gram_mask(batch))
+        try:
+            with torch.enable_grad():
+                loss = loss_fn.loss(self.model, batch, self._forward_keys)
+                stats.after_forward()  # Grams from the stashed inputs, freed before the backward
+                loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
+        for p in self.model.parameters():
+            p.grad = None
+        multi = [self.names[i] for i, n in enumerate(scratch.fired) if n > 1]
+        if multi:
+            raise RuntimeError(
+                f"tensors {multi[:3]} received {max(scratch.fired)} gradient contributions in one backward "
+                "(a module used several times per forward); the per-call scores would not equal the "
+                "score of the summed gradient. Use weight_source='adapter' for this model."
+            )
+        samples, tokens = loss_fn.counts(batch)
+        ok = acc.update(scratch.abs, scratch.signed, elements=scratch.elements or None, samples=float(samples),
+                        tokens=tokens.to(self.device, torch.float64) if isinstance(tokens, Tensor) else float(tokens))
+        stats.update_fisher(scratch.fisher, ok, int(samples))
 
 
 def run_calibration(
@@ -385,13 +393,23 @@ def run_calibration(
     initial_weights: Optional[dict[str, Tensor]] = None,
     trainable_names: Optional[Sequence[str]] = None,
     pad_id: Optional[int] = None,
+    loss: Optional[CalibrationLoss] = None,
 ) -> SensitivityRecord:
-    """The "after" pass shared by the callback and :func:`compute_sensitivity`; returns the record."""
+    """The "after" pass shared by the callback and :func:`compute_sensitivity`; returns the record.
+
+    ``loss``: what the pass differentiates (default: chosen from the data's columns by
+    :func:`~sens_peft.sensitivity.calibration_loss.select_calibration_loss`, without a trainer).
+    """
     cal = CalibrationPass(model, config, expert_type=expert_type, initial_weights=initial_weights,
                           trainable_names=trainable_names)
     pad = pad_id_of(model) if pad_id is None else pad_id
-    acc = cal.run(check_token_batches(iter_calibration_batches(data, config, pad_id=pad), model))
-    return cal.stats.attach(acc.to_record(metadata=cal.metadata()), config.gram_dtype)
+    if loss is None:
+        loss = select_calibration_loss(data, model=model, expert_type=cal.expert_type)
+        if loss.reason:
+            logger.warning("the calibration pass scores the %s loss: %s", loss.name, loss.reason)
+    acc = cal.run(check_token_batches(loss.batches(data, config, pad), model), loss=loss)
+    metadata = {**cal.metadata(), **loss.metadata()}
+    return cal.stats.attach(acc.to_record(metadata=metadata), config.gram_dtype)
 
 
 # ---------------------------------------------------------------------------------------------- public entry
@@ -469,12 +487,16 @@ def compute_sensitivity(
             raise ValueError("weight_source='delta' for a full model needs base_model= (the pre-fine-tuning model)")
         initial = _base_weights(base_model)
     pad = pad_id_of(loaded, tokenizer)
-    record = run_calibration(loaded, data, config, expert_type=expert_type, initial_weights=initial, pad_id=pad)
+    loss = select_calibration_loss(data, model=loaded, expert_type=expert_type)
+    if loss.reason:
+        logger.warning("compute_sensitivity scores the %s loss: %s", loss.name, loss.reason)
+    record = run_calibration(loaded, data, config, expert_type=expert_type, initial_weights=initial, pad_id=pad,
+                             loss=loss)
     if save_to is not None:
         save_sensitivity(record, save_to)
         if config.store_probe and config.probe_samples > 0:
             vocab = getattr(getattr(_unwrap(loaded), "config", None), "vocab_size", None)
-            probe = build_probe(data, config, pad_id=pad, vocab_size=vocab,
+            probe = build_probe(loss.probe_data(data), config, pad_id=pad, vocab_size=vocab,
                                 tokenizer_name=getattr(tokenizer, "name_or_path", None) or None)
             save_probe(probe, save_to)
     return record

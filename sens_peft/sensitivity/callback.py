@@ -43,11 +43,17 @@ hands its callbacks one ``logs`` dict in list order, integrations first, so the 
 first integration callback (it finds the Trainer's callback handler on the call stack; callbacks get no reference
 to it). Under ``report_to="tensorboard"`` the final alpha per group is also drawn as an image.
 
-Data: the calibration pass and the probe need tokenised examples (``input_ids`` [+ ``labels``]); the trainer's own
-collator is used when it yields ``input_ids`` (TRL's DPO collator does), tokenised rows it does not collate are
-padded here. Prompt-only data (TRL's ``GRPOTrainer``) has nothing to score: ``mode="after"``/``"both"`` raise at
-train start, ``"during"`` scores the trainer's own loss and skips the probe with a warning (pass ``probes=`` at
-merge time).
+Data and loss: ``"during"`` scores the gradients of whatever loss the trainer optimises (SFT, DPO, KTO, GRPO, ...).
+The ``after`` pass differentiates a calibration loss chosen at train start from the data's columns and the trainer
+(:mod:`~sens_peft.sensitivity.calibration_loss`; the trainer is found on the call stack, like the callback
+handler): the LM loss of tokenised examples (``input_ids`` [+ ``labels``]; the trainer's own collator is used when
+it yields ``input_ids``, tokenised rows it does not collate are padded here); for TRL's preference pairs
+(``DPOTrainer``) the DPO loss per pair against the trainer's reference, or the chosen completions' LM loss where
+that cannot be computed (a warning and ``calibration_loss_reason`` in the metadata); for KTO's unpaired rows the
+desirable completions' LM loss. The sidecar's ``calibration_loss`` metadata says which (absent: the LM loss), and
+``trainer`` names the trainer class. Preference data's probe set is the chosen completions. Prompt-only data (TRL's
+``GRPOTrainer``) has nothing to score: ``mode="after"``/``"both"`` raise at train start, ``"during"`` skips the probe
+with a warning (pass ``probes=`` at merge time).
 
 Distributed: DDP needs no reduction (save on rank 0); FSDP sums local shards and all-reduces the per-tensor vector;
 DeepSpeed has its ZeRO optimizer's ``step`` wrapped (no Trainer event sees its gradients). The ``after`` pass is
@@ -84,6 +90,7 @@ from .accumulator import SensitivityAccumulator
 from .calibrate import build_probe, run_calibration
 from .calibrate import pad_id_of as _pad_id
 from .calibration_data import unusable_data_reason
+from .calibration_loss import CALIBRATION_LOSSES, CalibrationLoss, select_calibration_loss
 from .distributed import (
     UnsupportedSetupError,
     all_reduce_sum,
@@ -108,6 +115,12 @@ class SensitivityCallback(TrainerCallback):
             DataLoader); default: the trainer's training data, collated by its data collator.
         calibrate_checkpoints: In ``after``/``both`` mode, also run the calibration pass at every checkpoint save
             (costs ``calibration_samples`` forward+backward passes per save).
+        calibration_loss: What the ``after`` pass differentiates (see
+            :mod:`~sens_peft.sensitivity.calibration_loss`): ``"auto"`` (the LM loss for SFT data; for TRL's
+            preference pairs the trainer's DPO loss against its reference model, or the chosen completions' LM
+            loss where that cannot be computed; for KTO's unpaired rows the desirable completions' LM loss),
+            ``"preference"`` (the DPO loss, or an error at train start) or ``"completion"`` (the chosen /
+            desirable completions' LM loss).
         **config_kwargs: Fields of :class:`~sens_peft.config.SensitivityConfig` (e.g. ``task="math"``).
 
     Attributes:
@@ -122,14 +135,20 @@ class SensitivityCallback(TrainerCallback):
         *,
         calibration_data: Any = None,
         calibrate_checkpoints: bool = False,
+        calibration_loss: str = "auto",
         **config_kwargs: Any,
     ) -> None:
+        if calibration_loss not in CALIBRATION_LOSSES:
+            raise ValueError(f"calibration_loss={calibration_loss!r} is not one of {list(CALIBRATION_LOSSES)}")
         config = config or SensitivityConfig()
         if config_kwargs:
             config = dataclasses.replace(config, **config_kwargs)
         self.config = config
         self.calibration_data = calibration_data
         self.calibrate_checkpoints = calibrate_checkpoints
+        self.calibration_loss = calibration_loss
+        self._loss: Optional[CalibrationLoss] = None
+        self._trainer_name: Optional[str] = None
         self.record: Optional[SensitivityRecord] = None
         self.probe: Optional[ProbeSet] = None
         self.accumulator: Optional[SensitivityAccumulator] = None
@@ -223,6 +242,7 @@ class SensitivityCallback(TrainerCallback):
             "torch_dtype": _model_dtype(model) if model is not None else None,
             FINGERPRINT_KEY: model_fingerprint(getattr(model, "config", None)) or None if model is not None else None,
             "config": self.config.to_dict(),
+            "trainer": self._trainer_name,
         }
 
     def _during_record(self) -> Optional[SensitivityRecord]:
@@ -265,7 +285,7 @@ class SensitivityCallback(TrainerCallback):
             vocab = getattr(getattr(model, "config", None), "vocab_size", None) if model is not None else None
             name = getattr(self._tokenizer, "name_or_path", None) or None
             try:
-                self.probe = build_probe(data, self.config, pad_id=_pad_id(model, self._tokenizer),
+                self.probe = build_probe(self._get_loss().probe_data(data), self.config, pad_id=_pad_id(model, self._tokenizer),
                                          vocab_size=vocab, tokenizer_name=name)
             except Exception as err:  # the probe is optional: it must never make the user's save_model fail
                 self._skip_probe(f"{type(err).__name__}: {err}")
@@ -281,6 +301,44 @@ class SensitivityCallback(TrainerCallback):
 
     def _data(self) -> Any:
         return self.calibration_data if self.calibration_data is not None else self._train_dataloader
+
+    def _get_loss(self) -> CalibrationLoss:
+        """The calibration loss chosen at train start (or, outside a Trainer, from the data alone)."""
+        if self._loss is None:
+            self._loss = select_calibration_loss(self._data(), model=self._model, expert_type=self._expert_type,
+                                                 choice=self.calibration_loss)
+        return self._loss
+
+    def _find_trainer(self) -> Any:
+        """The Trainer running this callback (found on the call stack; callbacks get no reference to it).
+
+        Only its preference-loss settings and reference model are read (TRL's DPOTrainer), for the after pass.
+        """
+        frame = sys._getframe(1)
+        for _ in range(10):
+            if frame is None:
+                break
+            owner = frame.f_locals.get("self")
+            handler = getattr(owner, "callback_handler", None)
+            if isinstance(handler, CallbackHandler) and any(cb is self for cb in handler.callbacks):
+                return owner
+            frame = frame.f_back
+        return None
+
+    def _choose_loss(self, model: nn.Module) -> None:
+        """Pick the calibration loss from the data's columns and the trainer; say so when it is a stand-in."""
+        self._loss = None
+        trainer = self._find_trainer()
+        self._trainer_name = type(trainer).__name__ if trainer is not None else None
+        if self._data() is None:
+            return
+        self._loss = select_calibration_loss(self._data(), trainer=trainer, model=model,
+                                             expert_type=self._expert_type, choice=self.calibration_loss)
+        if self._after and self._loss.reason and self.calibration_loss == "auto":
+            logger.warning("SensitivityCallback: the calibration pass will score the %s loss, not the trainer's "
+                           "own: %s (metadata calibration_loss_reason)", self._loss.name, self._loss.reason)
+        elif self._after:
+            logger.info("SensitivityCallback: the calibration pass scores the %s loss", self._loss.name)
 
     def _write_sidecars(self, directory: Any) -> bool:
         record = self.current_record()
@@ -493,6 +551,7 @@ class SensitivityCallback(TrainerCallback):
             )
         if self._after and self._data() is None:
             raise UnsupportedSetupError("mode='after' needs training data or calibration_data= for the pass")
+        self._choose_loss(model)
         self._check_data()
         unwrapped = _unwrap(model)
         adapter = active_adapter_name(unwrapped) if self._expert_type == "lora" else None
@@ -539,16 +598,20 @@ class SensitivityCallback(TrainerCallback):
         self._probe_disabled = False
         if data is None or not (self._after or wants_probe):
             return
-        reason = unusable_data_reason(data, self.config, pad_id=_pad_id(self._model, self._tokenizer))
-        if reason is None:
-            return
+        pad = _pad_id(self._model, self._tokenizer)
+        loss = self._get_loss()
         if self._after:
-            raise UnsupportedSetupError(
-                f"SensitivityCallback(mode={self.config.mode!r}) cannot run its calibration pass: {reason}. Use "
-                "mode='during' (scores the gradients of whatever loss the trainer optimises), or pass "
-                "calibration_data= with tokenised prompt+completion examples."
-            )
-        self._skip_probe(reason)
+            reason = loss.unusable_reason(data, self.config, pad)
+            if reason is not None:
+                raise UnsupportedSetupError(
+                    f"SensitivityCallback(mode={self.config.mode!r}) cannot run its calibration pass: {reason}. "
+                    "Use mode='during' (scores the gradients of whatever loss the trainer optimises), or pass "
+                    "calibration_data= with tokenised prompt+completion examples."
+                )
+        if wants_probe:
+            reason = unusable_data_reason(loss.probe_data(data), self.config, pad_id=pad)
+            if reason is not None:
+                self._skip_probe(reason)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any):
         if not self._during or self._backend == "deepspeed" or self.accumulator is None:
@@ -611,7 +674,7 @@ class SensitivityCallback(TrainerCallback):
         trainable = self._names if self._expert_type == "full" else None
         record = run_calibration(model, data, self.config, expert_type=self._expert_type,
                                  initial_weights=self._initial, trainable_names=trainable,
-                                 pad_id=_pad_id(model, self._tokenizer))
+                                 pad_id=_pad_id(model, self._tokenizer), loss=self._get_loss())
         meta = self._base_metadata()
         meta.pop("expert_type", None)
         for key, value in meta.items():
