@@ -307,6 +307,8 @@ class MergeConfig(_ConfigMixin):
         tensor_settings: Per-tensor values of the per-expert weight and density (what a mergekit recipe's
             per-layer gradient lists and ``filter:`` conditions give; :mod:`sens_peft.tensor_settings`), or None.
             Its weights multiply the coefficients; its densities replace ``density``/``densities`` per tensor.
+        origin: Where the settings came from when not from this class's own fields (a mergekit recipe: its method
+            and how each of its fields was honoured); shown on the merge card. Informative only.
     """
 
     method: Optional[str] = field(default=None, metadata=_recipe("", "method"))
@@ -333,6 +335,7 @@ class MergeConfig(_ConfigMixin):
     dtype: Optional[str] = field(default=None, metadata=_recipe("output", "dtype"))
     device: Optional[str] = field(default=None, metadata=_recipe("", "device"))
     tensor_settings: Optional[dict[str, Any]] = field(default=None, metadata=_recipe("experts", "tensor_settings"))
+    origin: Optional[dict[str, Any]] = field(default=None, metadata=_recipe("experts", "origin"))
 
     def method_params(self, **overrides: Any) -> dict[str, Any]:
         """Every parameter the method sees: the shared fields, then its own (declared defaults, then ``params``)."""

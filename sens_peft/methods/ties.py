@@ -19,7 +19,14 @@ from torch import Tensor
 from .base import MergeContext, MergeMethod, Param
 from .common import weights_view
 from .registry import register_method
-from .selection import DIVISORS, disjoint_mean, elect_sign, expert_densities, magnitude_trim_mask, trim_thresholds
+from .selection import (
+    DIVISORS,
+    disjoint_mean,
+    elect_sign,
+    expert_densities,
+    magnitude_trim_mask,
+    trim_thresholds,
+)
 from .streamed import StreamJob, elect_kernel, ties_trim
 
 __all__ = ["DIVISOR_PARAM", "Ties", "elect_and_mean", "expert_groups"]
