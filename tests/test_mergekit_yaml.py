@@ -422,7 +422,8 @@ import sys, yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 cfg = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
-run_merge(cfg, sys.argv[2], options=MergeOptions(device="cpu", copy_tokenizer=False, lazy_unpickle=False))
+run_merge(cfg, sys.argv[2], options=MergeOptions(device="cpu", copy_tokenizer=False, lazy_unpickle=False,
+                                               write_model_card=False))
 """
 
 
