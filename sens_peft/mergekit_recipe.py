@@ -20,8 +20,10 @@ Refused with an error naming the key: ``int8_mask: true`` (a memory option of me
 counterpart for), ``rescale: true`` for TIES (mergekit's L1-norm rescale of the trimmed deltas), ``rescale: false``
 for DARE (sens-peft's DARE always rescales), ``lambda`` other than 1 with a weight-normalised TIES/DARE-TIES
 (the weighted mean cancels sens-peft's scale), ``normalize: false`` for ``linear``, ``slices`` / ``modules``,
-``tokenizer_source`` other than ``base``, ``tokenizer``, ``chat_template``, LoRA references (``model+lora``), hub
-ids (local folders only) and every other method. Where results still differ: DARE draws other random masks
+``tokenizer_source`` other than ``base``, ``tokenizer``, ``chat_template``, ``model+lora`` references whose model
+is not the base model, hub ids (local folders only) and every other method. ``base+lora`` references (every model
+the base with an adapter) merge the adapters' ``ΔW`` onto the base, as mergekit does after applying each adapter;
+the output is a full model. Where results still differ: DARE draws other random masks
 (sens-peft's seeded counter masks) and rescales by ``1/density`` (mergekit 0.1.5 matches the delta's L1 norm:
 the same in expectation); a TIES trim keeps ``int(density * n)`` entries (mergekit at least one).
 """
@@ -93,20 +95,62 @@ def _check_top(data: Mapping[str, Any], where: str) -> str:
     return method
 
 
-def _model_path(ref: Any, where: str, key: str, root: Path, check_paths: bool) -> str:
-    """A model reference as a local folder (mergekit resolves against the working folder; the recipe's folder is
-    tried next)."""
-    if not isinstance(ref, str) or not ref:
-        raise _fail(where, key, f"must be a model folder (a string), got {ref!r}")
-    if "+" in ref:
-        raise _fail(where, key, f"{ref!r}: LoRA references (model+lora) are not supported from a mergekit recipe; "
-                    "merge the adapters with a sens-peft recipe (experts: [...]) instead")
+def _folder(ref: str, where: str, key: str, root: Path, check_paths: bool) -> str:
+    """A model or adapter reference as a local folder (mergekit resolves against the working folder; the recipe's
+    folder is tried next)."""
     for candidate in (Path(os.path.expanduser(ref)), root / os.path.expanduser(ref)):
         if candidate.is_dir():
             return str(candidate.resolve())
     if check_paths:
         raise _fail(where, key, f"{ref!r} is not a local folder (hub ids are not fetched; download the model first)")
     return ref
+
+
+def _model_ref(ref: Any, where: str, key: str, root: Path, check_paths: bool) -> tuple[str, Optional[str]]:
+    """``(model folder, LoRA adapter folder or None)`` of a reference (``model`` or mergekit's ``model+lora``)."""
+    if not isinstance(ref, str) or not ref:
+        raise _fail(where, key, f"must be a model folder (a string, or model+lora), got {ref!r}")
+    parts = ref.split("+")
+    if len(parts) > 2 or not all(parts):
+        raise _fail(where, key, f"{ref!r} must be a model folder or model+lora_adapter_folder")
+    model = _folder(parts[0], where, key, root, check_paths)
+    if len(parts) == 1:
+        return model, None
+    lora = _folder(parts[1], where, key, root, check_paths)
+    if check_paths and not (Path(lora) / "adapter_config.json").is_file():
+        raise _fail(where, key, f"{parts[1]!r} (after '+') holds no adapter_config.json: not a LoRA adapter")
+    return model, lora
+
+
+def _inputs(entries: list, base_ref: Any, method: str, where: str, root: Path, check_paths: bool
+            ) -> tuple[str, list[tuple[str, dict]], bool, bool]:
+    """``(base folder, [(expert folder, settings)], expert type is LoRA, the base takes part as an input)``.
+
+    With ``model+lora`` references every model part must be the base model: mergekit applies each adapter to its
+    model and merges the results, i.e. ``base + merge(ΔW_k)``, which sens-peft merges from the adapters."""
+    refs = [_model_ref(ref, where, f"models[{i}].model", root, check_paths) for i, (ref, _) in enumerate(entries)]
+    if base_ref is not None:
+        base, base_lora = _model_ref(base_ref, where, "base_model", root, check_paths)
+        if base_lora is not None:
+            raise _fail(where, "base_model", f"{base_ref!r}: a LoRA-applied base model is not supported")
+    else:  # linear without a base: the first model's (its own delta is zero) or the one all adapters apply to
+        base = refs[0][0]
+    loras = [lora is not None for _, lora in refs]
+    if any(loras):
+        for i, (model, _) in enumerate(refs):
+            if model != base:
+                raise _fail(where, f"models[{i}].model", f"{entries[i][0]!r}: with LoRA references every model must "
+                            f"be the base model {base_ref or entries[0][0]!r} (+ an adapter); mixing other full "
+                            "models with adapters is not supported")
+    keys = [lora or model for model, lora in refs]
+    for i, key in enumerate(keys):
+        if keys.index(key) != i:
+            raise _fail(where, f"models[{i}].model", f"{entries[i][0]!r} is listed twice")
+    takes_part = any(lora is None and model == base for model, lora in refs) or (
+        method == "linear" and base_ref is not None)
+    experts = [(key, settings) for key, (_, settings), (model, lora) in zip(keys, entries, refs)
+               if lora is not None or model != base]
+    return base, experts, any(loras), takes_part
 
 
 def _shared(params: Mapping[str, Any], method: str, where: str) -> dict[str, Any]:
@@ -190,7 +234,8 @@ def _scalars(sources: list[list[Any]]) -> Optional[list[float]]:
 
 
 def parse_mergekit_recipe(data: Mapping[str, Any], source: Optional[os.PathLike] = None, check_paths: bool = True):
-    """Validate a mergekit recipe mapping and build a :class:`~sens_peft.recipe.MergeRecipe` (full models)."""
+    """Validate a mergekit recipe mapping and build a :class:`~sens_peft.recipe.MergeRecipe`: full models, or LoRA
+    adapters of the base model given as mergekit's ``base+adapter`` references (merged into a full model)."""
     from .recipe import ExpertSpec, MergeRecipe
 
     where = str(source) if source else "recipe"
@@ -215,32 +260,26 @@ def parse_mergekit_recipe(data: Mapping[str, Any], source: Optional[os.PathLike]
     base_ref = data.get("base_model")
     if base_ref is None and needs_base:
         raise _fail(where, "base_model", f"is required by {method} (the deltas are taken from it)")
-    paths = [_model_path(ref, where, f"models[{i}].model", root, check_paths) for i, (ref, _) in enumerate(entries)]
-    base = None if base_ref is None else _model_path(base_ref, where, "base_model", root, check_paths)
-    if method == "linear" and base is None:
-        base = paths[0]  # any of the models serves as the origin of the deltas: its own delta is zero
-    for i, p in enumerate(paths):
-        if paths.index(p) != i:
-            raise _fail(where, f"models[{i}].model", f"{models[i]} is listed twice")
-    in_list = base in paths
-    experts = [(p, settings) for p, (_, settings) in zip(paths, entries) if p != base]
+    base, experts, lora, takes_part = _inputs(entries, base_ref, method, where, root, check_paths)
     if not experts:
         raise _fail(where, "models", "lists no model besides the base model: nothing to merge")
-    for i, (ref, settings) in enumerate(entries):
-        if paths[i] != base and "weight" not in settings and "weight" not in wide:
-            raise _fail(where, f"models[{i}].parameters.weight", f"{ref}: missing (mergekit requires a weight per "
-                        "model, or parameters.weight)")
+    for folder, settings in experts:
+        if "weight" not in settings and "weight" not in wide:
+            raise _fail(where, "parameters.weight", f"model {portable_name(folder)!r} has none (mergekit requires a "
+                        "weight per model, or parameters.weight)")
     base_weight = None
-    if method == "linear":
-        base_settings = next((s for p, (_, s) in zip(paths, entries) if p == base), {}) if in_list else {}
-        base_weight = [base_settings.get("weight"), wide.get("weight")]
+    if method == "linear" and takes_part:
+        own = [s for (ref, s) in entries if ref == base_ref or (base_ref is None and ref == entries[0][0])]
+        base_weight = [(own[0] if own else {}).get("weight"), wide.get("weight")]
         if all(s is None for s in base_weight):
             raise _fail(where, "base_model", "takes part in a linear merge and has no weight (give it one in "
                         "models: or set parameters.weight)")
     config, notes = _config(method, our_method, shared, wide, experts, base_weight, base, data)
+    if lora:
+        notes["models[].model"] = "model+lora: the adapters' ΔW merged onto the base (output: a full model)"
     return MergeRecipe(base_model=base, experts=[ExpertSpec(path=p) for p, _ in experts], config=config,
-                       output_path=None, expert_type="full", source=dict(data), recipe_format="mergekit",
-                       notes=notes)
+                       output_path=None, expert_type="lora" if lora else "full", source=dict(data),
+                       recipe_format="mergekit", notes=notes)
 
 
 def _config(method: str, our_method: str, shared: dict, wide: dict, experts: list, base_weight: Optional[list],

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import make_full_expert, save_model, tiny_llama
+from helpers import make_full_expert, make_lora_adapter, save_model, tiny_llama
 from safetensors.torch import load_file
 
 from sens_peft.cli import main
@@ -318,7 +318,7 @@ def test_dare_per_model_density_is_honoured(models):
     ({"dtype": "float8"}, "dtype"),
     ({"base_model": None}, "base_model"),
     ({"models": [{"model": "e1", "parameters": {"weight": 1, "gamma": 0.1}}]}, "gamma"),
-    ({"models": [{"model": "e1+lora", "parameters": {"weight": 1}}]}, "model\\+lora"),
+    ({"models": [{"model": "e1+e2", "parameters": {"weight": 1}}]}, "adapter_config"),
     ({"models": [{"model": "e1", "parameters": {"density": 0.5}}]}, "weight"),
     ({"models": [{"model": "e1", "parameters": {"weight": "high"}}]}, "weight"),
     ({"models": [{"model": "no/such/model", "parameters": {"weight": 1}}]}, "not a local folder"),
@@ -415,6 +415,70 @@ def test_mergekit_recipe_copy_and_card_hold_no_local_paths(models, tmp_path):
     assert leaks == []
 
 
+# -- LoRA adapters as mergekit's base+adapter references ------------------------------------------------------
+
+LORA_TIES = """
+models:
+  - model: lbase+a1
+    parameters:
+      weight: 1.0
+      density: 0.3
+  - model: lbase+a2
+    parameters:
+      weight: [0.2, 0.9]
+      density: 0.7
+merge_method: ties
+base_model: lbase
+dtype: float32
+"""
+
+
+@pytest.fixture(scope="module")
+def adapters(models):
+    save_model(tiny_llama(seed=0), models / "lbase")
+    for k in (1, 2):
+        make_lora_adapter(lambda: tiny_llama(seed=0), models / f"a{k}", seed=10 + k,
+                          target_modules=("q_proj", "v_proj", "down_proj"))
+    return models
+
+
+def _lora_deltas(folder: Path) -> dict[str, torch.Tensor]:
+    """ΔW = (alpha / r) B @ A per adapted weight (canonical names), float64, from the adapter's files."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    tensors = {k: v.double() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+    out = {}
+    for key, a in tensors.items():
+        if ".lora_A." in key:
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            name = key.replace("base_model.model.", "", 1).replace(".lora_A.weight", ".weight")
+            out[name] = cfg["lora_alpha"] / cfg["r"] * (b @ a)
+    return out
+
+
+def test_lora_references_merge_the_adapters_like_mergekit(adapters):
+    """base+adapter references (mergekit applies each adapter, then merges): base + TIES of the ΔW, with per-model
+    densities and a weight gradient, against the float64 hand computation on the adapters' ΔW."""
+    data = yaml.safe_load(LORA_TIES)
+    recipe = load_recipe(_write(adapters, data, "lora_ties"))
+    assert recipe.expert_type == "lora" and recipe.config.output == "full"
+    got = _sd(_merge(adapters, data, "out_lora_ties"))
+    base = _sd(adapters / "lbase")
+    deltas = [_lora_deltas(adapters / f"a{k}") for k in (1, 2)]
+    for name, b in base.items():
+        if name not in deltas[0]:
+            assert torch.equal(got[name], b), name  # untouched by every adapter: the base
+            continue
+        t = int(name.split(".")[2])  # layers.N, two layers: t = N
+        w = torch.tensor([1.0, 0.2 + 0.7 * t], dtype=torch.float64)
+        trimmed = torch.stack([_trim(d[name], dens) for d, dens in zip(deltas, (0.3, 0.7))])
+        weighted = trimmed * w.reshape(-1, 1, 1)
+        agree = weighted.sign() == torch.where(weighted.sum(0) >= 0, 1.0, -1.0).double()
+        divisor = (w.reshape(-1, 1, 1) * agree).sum(0)
+        divisor[divisor == 0] = 1
+        want = b + (weighted * agree).sum(0) / divisor
+        assert (got[name] - want).abs().max() <= 2e-6, name
+
+
 # -- mergekit itself, when installed in its own venv ---------------------------------------------------------------
 
 MK_RUNNER = """
@@ -423,15 +487,17 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 cfg = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
 run_merge(cfg, sys.argv[2], options=MergeOptions(device="cpu", copy_tokenizer=False, lazy_unpickle=False,
-                                               write_model_card=False))
+                                               write_model_card=False, lora_merge_cache=sys.argv[2] + "_lora"))
 """
 
 
 @pytest.mark.skipif(not MK_PYTHON.exists(), reason=f"mergekit venv {MK_PYTHON} not installed")
-@pytest.mark.parametrize("example", ["ties", "ties_sum", "linear", "task_arithmetic", "dare_ties_d1"])
-def test_same_output_as_mergekit(models, example):
+@pytest.mark.parametrize("example", ["ties", "ties_sum", "linear", "task_arithmetic", "dare_ties_d1", "lora_ties"])
+def test_same_output_as_mergekit(adapters, example):
+    models = adapters
     data = {"ties": _ties_doc_runnable(), "ties_sum": _ties_doc_runnable(normalize=False),
-            "linear": yaml.safe_load(LINEAR_DOC), "task_arithmetic": yaml.safe_load(TASK_ARITHMETIC)}.get(example)
+            "linear": yaml.safe_load(LINEAR_DOC), "task_arithmetic": yaml.safe_load(TASK_ARITHMETIC),
+            "lora_ties": yaml.safe_load(LORA_TIES)}.get(example)
     if example == "dare_ties_d1":
         data = yaml.safe_load(DARE_TIES_DOC)
         data["parameters"], data["dtype"] = {}, "float32"
