@@ -59,6 +59,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     report = run_recipe(recipe, out_dir=args.out or args.output, device=args.device, overwrite=args.overwrite,
                         allow_pickle=args.allow_pickle)
     print(report.coefficients)
+    if recipe.config.tensor_settings:
+        print("(per-tensor weights/densities of the recipe's gradient lists and filters apply on top of this table; "
+              "see merge_config.json)")
+    if recipe.recipe_format == "mergekit":
+        print(f"mergekit recipe: {recipe.config.origin['merge_method']} run as sens-peft {recipe.config.method}; "
+              "the card lists how each field was honoured")
     print(f"merged {len(recipe.experts)} experts with {recipe.config.method} into {report.output_dir} "
           f"in {report.seconds:.1f} s")
     return 0

@@ -479,6 +479,27 @@ def test_lora_references_merge_the_adapters_like_mergekit(adapters):
         assert (got[name] - want).abs().max() <= 2e-6, name
 
 
+def test_shipped_example_recipe_runs_on_the_quick_start_layout(tmp_path, capsys):
+    """recipes/mergekit_ties.yml on the folders the quick start writes (runs/quickstart/base, experts/<task>
+    adapters), run from the repository root as the recipe says."""
+    shipped = Path(__file__).resolve().parents[1] / "recipes" / "mergekit_ties.yml"
+    quick = tmp_path / "runs" / "quickstart"
+    save_model(tiny_llama(seed=0), quick / "base")
+    for k, task in enumerate(("inc", "cipher", "rcipher")):
+        make_lora_adapter(lambda: tiny_llama(seed=0), quick / "experts" / task, seed=k + 1)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["merge", str(shipped), "runs/merged_mergekit"]) == 0
+    finally:
+        os.chdir(cwd)
+    out = tmp_path / "runs" / "merged_mergekit"
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    card = (out / "README.md").read_text()
+    assert "From a mergekit recipe (merge_method `ties`)" in card and "model+lora" in card
+    assert "mergekit recipe: ties" in capsys.readouterr().out
+
+
 # -- mergekit itself, when installed in its own venv ---------------------------------------------------------------
 
 MK_RUNNER = """
