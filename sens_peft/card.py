@@ -25,7 +25,7 @@ def _method_lines(cfg: dict[str, Any]) -> list[str]:
     lines = [f"- Method: {method.description or name}"]
     if method.reference:
         lines.append(f"- Reference: {method.reference}")
-    shown = [(key, cfg.get(key)) for key in method.uses if key != "density" and key in cfg]
+    shown = [(key, cfg.get(key)) for key in method.uses if key not in ("density", "densities") and key in cfg]
     shown += [(p.name, (cfg.get("params") or {}).get(p.name, p.default)) for p in method.parameters]
     if shown:
         lines.append("- Method parameters: " + ", ".join(f"{key} `{value}`" for key, value in shown))

@@ -81,6 +81,8 @@ def _check_top(data: Mapping[str, Any], where: str) -> str:
         if data.get(key) is not None:
             raise _fail(where, key, why)
     method = data.get("merge_method")
+    if method is None:
+        raise _fail(where, "merge_method", f"is required (one of {sorted(MERGEKIT_METHODS)})")
     if method not in MERGEKIT_METHODS:
         raise _fail(where, "merge_method", f"{method!r} is not supported; sens-peft runs {sorted(MERGEKIT_METHODS)} "
                     "from a mergekit recipe (its other methods: write a sens-peft recipe)")

@@ -90,7 +90,8 @@ def recipe_schema() -> dict[str, Any]:
     """Every recipe key by section, with what it takes, and each registered method's own parameters."""
     from .methods import available_methods, get_method
 
-    schema: dict[str, Any] = {"": {"base_model": "a path or hub id", "experts": "a list of {path, weight}",
+    schema: dict[str, Any] = {"": {"base_model": "a path or hub id",
+                                   "experts": "a list of {path, weight, density} (density: ties / dare_* only)",
                                    "expert_type": "'lora' or 'full' (default: detected)"}}
     for section, fields in _layout().items():
         if section == "experts":
@@ -190,7 +191,7 @@ def parse_recipe(data: dict[str, Any], source: Optional[os.PathLike] = None, che
 
     experts_raw = data.get("experts")
     if not isinstance(experts_raw, list) or not experts_raw:
-        raise RecipeError(f"{where}: 'experts' must be a non-empty list of {{path, weight}} entries")
+        raise RecipeError(f"{where}: 'experts' must be a non-empty list of {{path, weight, density}} entries")
     experts: list[ExpertSpec] = []
     for i, entry in enumerate(experts_raw):
         key = f"experts[{i}]"
