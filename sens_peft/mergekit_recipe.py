@@ -259,6 +259,9 @@ def parse_mergekit_recipe(data: Mapping[str, Any], source: Optional[os.PathLike]
     if not isinstance(models, list) or not models:
         raise _fail(where, "models", "must be a non-empty list of {model, parameters} entries")
     entries = [_per_model(entry, i, where) for i, entry in enumerate(models)]
+    for i, (_, settings) in enumerate(entries):
+        if method == "linear" and "density" in settings:
+            raise _fail(where, f"models[{i}].parameters.density", "is not a parameter of mergekit's linear")
     base_ref = data.get("base_model")
     if base_ref is None and needs_base:
         raise _fail(where, "base_model", f"is required by {method} (the deltas are taken from it)")
@@ -329,6 +332,8 @@ def _notes(method: str, shared: dict, data: Mapping[str, Any], uses_density: boo
              "honoured (an input of the linear mean when given, as in mergekit)"}
     if uses_density:
         notes["models[].parameters.density"] = "honoured" if has_density else "honoured (default 1: nothing dropped)"
+    elif method == "task_arithmetic":
+        notes["models[].parameters.density"] = "no effect (as in mergekit: task arithmetic does not sparsify)"
     notes["parameters.normalize"] = f"honoured ({shared['normalize']})"
     if method != "linear":
         notes["parameters.lambda"] = f"honoured ({shared['lambda']})"

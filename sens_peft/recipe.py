@@ -328,6 +328,8 @@ def run_recipe(
         from .mergekit_recipe import portable_recipe
 
         extra = {"mergekit_config.yml": yaml.safe_dump(portable_recipe(recipe.source), sort_keys=False)}
+        if recipe.expert_type == "lora":  # as mergekit, the base's tokenizer goes with the merged model
+            extra.update(_tokenizer_files(recipe.base_model))
     else:
         extra = {"sens_peft_recipe.yaml": yaml.safe_dump(_portable_source(recipe.source), sort_keys=False)}
     if recipe.expert_type == "full":
@@ -354,4 +356,17 @@ def _portable_source(data: dict[str, Any]) -> dict[str, Any]:
                           for e in out["experts"]]
     if isinstance(out.get("output"), dict) and out["output"].get("path"):
         out["output"] = {**out["output"], "path": portable_name(out["output"]["path"])}
+    return out
+
+
+def _tokenizer_files(base: str) -> dict[str, str]:
+    """The base folder's text tokenizer files (name → content) for a full model merged from adapters (a binary
+    ``tokenizer.model`` is left out: the output folder's extra files are text)."""
+    from .model_files import COPY_FILES
+
+    out = {}
+    for name in COPY_FILES:
+        path = Path(base) / name
+        if name not in ("config.json", "generation_config.json", "tokenizer.model") and path.is_file():
+            out[name] = path.read_text()
     return out

@@ -321,6 +321,7 @@ def test_dare_per_model_density_is_honoured(models):
     ({"models": [{"model": "e1+e2", "parameters": {"weight": 1}}]}, "adapter_config"),
     ({"models": [{"model": "e1", "parameters": {"density": 0.5}}]}, "weight"),
     ({"models": [{"model": "e1", "parameters": {"weight": "high"}}]}, "weight"),
+    ({"merge_method": "linear", "parameters": {}}, "density"),
     ({"models": [{"model": "no/such/model", "parameters": {"weight": 1}}]}, "not a local folder"),
 ])
 def test_refused_with_a_clear_error_before_anything_is_written(models, change, key, capsys):
@@ -483,8 +484,11 @@ def test_shipped_example_recipe_runs_on_the_quick_start_layout(tmp_path, capsys)
     """recipes/mergekit_ties.yml on the folders the quick start writes (runs/quickstart/base, experts/<task>
     adapters), run from the repository root as the recipe says."""
     shipped = Path(__file__).resolve().parents[1] / "recipes" / "mergekit_ties.yml"
+    from sens_peft.testing.toy_tasks import build_tokenizer
+
     quick = tmp_path / "runs" / "quickstart"
     save_model(tiny_llama(seed=0), quick / "base")
+    build_tokenizer().save_pretrained(str(quick / "base"))
     for k, task in enumerate(("inc", "cipher", "rcipher")):
         make_lora_adapter(lambda: tiny_llama(seed=0), quick / "experts" / task, seed=k + 1)
     cwd = os.getcwd()
@@ -497,6 +501,7 @@ def test_shipped_example_recipe_runs_on_the_quick_start_layout(tmp_path, capsys)
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     card = (out / "README.md").read_text()
     assert "From a mergekit recipe (merge_method `ties`)" in card and "model+lora" in card
+    assert (out / "tokenizer_config.json").read_text() == (quick / "base" / "tokenizer_config.json").read_text()
     assert "mergekit recipe: ties" in capsys.readouterr().out
 
 
