@@ -414,3 +414,6 @@ class MergeConfig(_ConfigMixin):
             self.params = {}
         else:
             self.params = get_method(self.method).check_params(dict(self.params or {}))
+        if self.params.get("divisor") == "weights" and self.scale not in (None, 1.0):
+            raise ValueError(f"scale={self.scale} has no effect with divisor='weights' (the weighted mean of the "
+                             "agreeing entries cancels any common factor of the coefficients); leave scale unset")

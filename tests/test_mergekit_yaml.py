@@ -386,6 +386,8 @@ def test_per_expert_density_refused_by_methods_that_ignore_it():
         MergeConfig(method="task_arithmetic", densities=[0.5, 0.5])
     with pytest.raises(ValueError, match=r"densities\[1\]"):
         MergeConfig(method="ties", densities=[0.5, 1.5])
+    with pytest.raises(ValueError, match="divisor='weights'"):
+        MergeConfig(method="ties", scale=2.0, params={"divisor": "weights"})
 
 
 def test_per_expert_density_dense_equals_streamed():
