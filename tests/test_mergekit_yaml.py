@@ -341,7 +341,10 @@ def test_refused_with_a_clear_error_before_anything_is_written(models, change, k
 
 
 def test_detection_by_keys(models):
+    import sens_peft
     from sens_peft.mergekit_recipe import is_mergekit_recipe
+
+    assert sens_peft.load_recipe is load_recipe  # the public entry reads both schemas
 
     assert is_mergekit_recipe(yaml.safe_load(LINEAR_DOC))
     assert not is_mergekit_recipe({"base_model": "b", "experts": ["e1"], "method": "ties"})
