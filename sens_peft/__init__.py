@@ -4,6 +4,7 @@ Public API (imported lazily so that ``import sens_peft`` stays cheap)::
 
     from sens_peft import SensitivityCallback, SensitivityConfig, compute_sensitivity, load_sensitivity
     from sens_peft import merge_adapters, merge_models, MergeConfig
+    from sens_peft import load_recipe, run_recipe     # sens-peft or mergekit YAML recipes
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ _LAZY = {
     "MergeMethod": "sens_peft.methods",
     "available_methods": "sens_peft.methods",
     "register_method": "sens_peft.methods",
+    "load_recipe": "sens_peft.recipe",
+    "run_recipe": "sens_peft.recipe",
 }
 
 __all__ = ["__version__", *_LAZY]

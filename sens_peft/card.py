@@ -25,7 +25,7 @@ def _method_lines(cfg: dict[str, Any]) -> list[str]:
     lines = [f"- Method: {method.description or name}"]
     if method.reference:
         lines.append(f"- Reference: {method.reference}")
-    shown = [(key, cfg.get(key)) for key in method.uses if key != "density" and key in cfg]
+    shown = [(key, cfg.get(key)) for key in method.uses if key not in ("density", "densities") and key in cfg]
     shown += [(p.name, (cfg.get("params") or {}).get(p.name, p.default)) for p in method.parameters]
     if shown:
         lines.append("- Method parameters: " + ", ".join(f"{key} `{value}`" for key, value in shown))
@@ -60,6 +60,31 @@ def _spread_lines(coefficients: Any) -> list[str]:
     if used is not None and settings.get("sens") and used != settings.get("temperature"):
         line += f" (temperature raised to {used:.4g} by max_ratio={settings.get('max_ratio')})"
     return [line]
+
+
+def _origin_lines(cfg: dict[str, Any]) -> list[str]:
+    """Where the settings came from when a recipe of another tool gave them (a mergekit recipe), field by field."""
+    origin = cfg.get("origin")
+    if not origin:
+        return []
+    lines = ["## Recipe", "", f"From a {origin.get('format')} recipe (merge_method `{origin.get('merge_method')}`), "
+             "copied as `mergekit_config.yml`. Its fields, and how this merge honoured them:", ""]
+    lines += [f"- `{key}`: {how}" for key, how in (origin.get("fields") or {}).items()]
+    return lines + [""]
+
+
+def _per_expert_lines(cfg: dict[str, Any]) -> list[str]:
+    """Per-expert densities, and per-tensor weights/densities (gradient lists, filters) when set."""
+    lines = []
+    if cfg.get("densities"):
+        lines.append(f"- Per-expert density: {cfg['densities']}")
+    settings = cfg.get("tensor_settings") or {}
+    keys = [key for key in ("weight", "density") if key in settings]
+    if keys:
+        lines.append(f"- Per-tensor {' and '.join(keys)} (gradient lists over {settings.get('num_layers')} layers "
+                     f"and filters; see merge_config.json)" + (", weights normalised per tensor"
+                                                                if settings.get("normalize") else ""))
+    return lines
 
 
 def merge_record(
@@ -117,10 +142,12 @@ def render_card(record: dict[str, Any], coefficients: Any, *, library_name: str)
             f" (temperature {cfg.get('temperature')}, normalization {cfg.get('normalization')}, "
             f"alignment {cfg.get('alignment')}, granularity {cfg.get('granularity')})" if sens else ""),
         f"- Scale λ: {cfg.get('scale')}, density: {cfg.get('density')}, seed: {cfg.get('seed')}" + _dare_note(cfg),
+        *_per_expert_lines(cfg),
         f"- Output: {record['kind']}",
         *_statistics_lines(record.get("statistics")),
         *_spread_lines(coefficients),
         "",
+        *_origin_lines(cfg),
         "## Experts",
         "",
     ]

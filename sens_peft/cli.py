@@ -53,10 +53,18 @@ def methods_help() -> str:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .recipe import load_recipe, run_recipe
 
+    if args.out and args.output and args.out != args.output:
+        raise SystemExit(f"sens-peft merge: two output folders given ({args.output} and --out {args.out})")
     recipe = load_recipe(args.recipe)
-    report = run_recipe(recipe, out_dir=args.out, device=args.device, overwrite=args.overwrite,
+    report = run_recipe(recipe, out_dir=args.out or args.output, device=args.device, overwrite=args.overwrite,
                         allow_pickle=args.allow_pickle)
     print(report.coefficients)
+    if recipe.config.tensor_settings:
+        print("(per-tensor weights/densities of the recipe's gradient lists and filters apply on top of this table; "
+              "see merge_config.json)")
+    if recipe.recipe_format == "mergekit":
+        print(f"mergekit recipe: {recipe.config.origin['merge_method']} run as sens-peft {recipe.config.method}; "
+              "the card lists how each field was honoured")
     print(f"merged {len(recipe.experts)} experts with {recipe.config.method} into {report.output_dir} "
           f"in {report.seconds:.1f} s")
     return 0
@@ -167,10 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("merge", help="merge experts as described by a YAML recipe",
-                       description="Merge experts as described by a YAML recipe (see sens_peft.recipe).",
+    p = sub.add_parser("merge", help="merge experts as described by a YAML recipe (sens-peft's or mergekit's)",
+                       description="Merge experts as described by a YAML recipe: sens-peft's schema (see "
+                                   "sens_peft.recipe) or a mergekit recipe (merge_method: linear, task_arithmetic, "
+                                   "ties, dare_linear or dare_ties; see sens_peft.mergekit_recipe), recognised by "
+                                   "its keys.",
                        epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="path to the YAML recipe")
+    p.add_argument("output", nargs="?", default=None,
+                   help="output folder (as mergekit-yaml takes it; same as --out)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="device for the math (default: CUDA if available)")
     p.add_argument("--out", default=None, help="output folder (overrides output.path)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -222,7 +222,8 @@ def _recipe(section: str, key: str) -> dict[str, Any]:
 
 #: The MergeConfig fields every method may read (its "shared" parameters); the rest of a method's parameters
 #: are its own, declared by the method and set through ``MergeConfig.params``.
-SHARED_METHOD_FIELDS = ("density", "majority_sign_method", "trim_by", "weighted_election", "seed", "dare_rng")
+SHARED_METHOD_FIELDS = ("density", "densities", "majority_sign_method", "trim_by", "weighted_election", "seed",
+                        "dare_rng")
 
 #: What ``method=None`` (the default) merges with: the first of these whose captured statistics every expert's
 #: sidecar holds. RegMean was the only method never below tuned task arithmetic on any suite of
@@ -265,6 +266,9 @@ class MergeConfig(_ConfigMixin):
         scale: Global coefficient ``lambda`` of the base method. ``None`` (default): the method's default for
             these settings (:meth:`resolved_scale`; 1.5 for TIES trimmed by sensitivity, else 1.0).
         density: Fraction kept by TIES trimming / DARE's Bernoulli keep probability, in (0, 1].
+        densities: Per-expert ``density`` (one per expert, each in (0, 1]; a recipe's ``experts[i].density``),
+            replacing ``density`` for the methods that honour it (``ties``, ``dare_linear``, ``dare_ties``; as
+            mergekit's per-model ``density``). None (default): ``density`` for every expert.
         majority_sign_method: TIES sign election by summed mass (``"total"``) or by count (``"frequency"``).
         sens: Which Sens-Merging factors scale the experts: ``"task+cross"``, ``"task"``, ``"cross"``, or
             ``None`` for the plain method.
@@ -300,12 +304,18 @@ class MergeConfig(_ConfigMixin):
             truncation's Frobenius error and 10x+ faster) or ``"exact"`` (the truncated SVD).
         dtype: Output dtype (default: the base's).
         device: Device for the math (default: CUDA when available, else CPU).
+        tensor_settings: Per-tensor values of the per-expert weight and density (what a mergekit recipe's
+            per-layer gradient lists and ``filter:`` conditions give; :mod:`sens_peft.tensor_settings`), or None.
+            Its weights multiply the coefficients; its densities replace ``density``/``densities`` per tensor.
+        origin: Where the settings came from when not from this class's own fields (a mergekit recipe: its method
+            and how each of its fields was honoured); shown on the merge card. Informative only.
     """
 
     method: Optional[str] = field(default=None, metadata=_recipe("", "method"))
     weights: Optional[list[float]] = field(default=None, metadata=_recipe("experts", "weight"))
     scale: Optional[float] = field(default=None, metadata=_recipe("parameters", "scale"))
     density: float = field(default=0.4, metadata=_recipe("parameters", "density"))
+    densities: Optional[list[float]] = field(default=None, metadata=_recipe("experts", "density"))
     majority_sign_method: MajoritySign = field(default="total", metadata=_recipe("parameters", "majority_sign_method"))
     sens: SensMode = field(default=None, metadata=_recipe("sens", "mode"))
     temperature: float = field(default=1.0, metadata=_recipe("sens", "temperature"))
@@ -324,6 +334,8 @@ class MergeConfig(_ConfigMixin):
     factorization: Factorization = field(default="randomized", metadata=_recipe("output", "factorization"))
     dtype: Optional[str] = field(default=None, metadata=_recipe("output", "dtype"))
     device: Optional[str] = field(default=None, metadata=_recipe("", "device"))
+    tensor_settings: Optional[dict[str, Any]] = field(default=None, metadata=_recipe("experts", "tensor_settings"))
+    origin: Optional[dict[str, Any]] = field(default=None, metadata=_recipe("experts", "origin"))
 
     def method_params(self, **overrides: Any) -> dict[str, Any]:
         """Every parameter the method sees: the shared fields, then its own (declared defaults, then ``params``)."""
@@ -349,6 +361,26 @@ class MergeConfig(_ConfigMixin):
             raise ValueError("method=None has no scale before the merge picks its method; pass scale= or a method")
         return scales.pop()
 
+    def _check_per_expert(self) -> None:
+        """Per-expert densities and per-tensor settings: valid values, and a method that honours them."""
+        from .methods import get_method
+        from .tensor_settings import check_tensor_settings
+
+        if self.densities is not None:
+            if isinstance(self.densities, (str, bytes)) or not hasattr(self.densities, "__iter__"):
+                raise ValueError(f"densities must be a list of numbers (one per expert), got {self.densities!r}")
+            values = list(self.densities)
+            for k, d in enumerate(values):
+                if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < float(d) <= 1.0:
+                    raise ValueError(f"densities[{k}] must be a number in (0, 1], got {d!r}")
+            self.densities = [float(d) for d in values]
+        if self.tensor_settings is not None:
+            self.tensor_settings = check_tensor_settings(self.tensor_settings)
+        wants = self.densities is not None or "density" in (self.tensor_settings or {})
+        if wants and (self.method is None or not getattr(get_method(self.method), "per_expert_density", False)):
+            raise ValueError(f"per-expert densities are honoured by ties, dare_linear and dare_ties; method "
+                             f"{self.method!r} would ignore them")
+
     def __post_init__(self) -> None:
         from .methods import available_methods, get_method
 
@@ -371,6 +403,7 @@ class MergeConfig(_ConfigMixin):
             raise ValueError(f"weighted_election must be True or False, got {self.weighted_election!r}")
         if self.weights is not None:
             self.weights = [float(w) for w in self.weights]
+        self._check_per_expert()
         if self.scale is not None:
             self.scale = float(self.scale)
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
@@ -381,3 +414,6 @@ class MergeConfig(_ConfigMixin):
             self.params = {}
         else:
             self.params = get_method(self.method).check_params(dict(self.params or {}))
+        if self.params.get("divisor") == "weights" and self.scale not in (None, 1.0):
+            raise ValueError(f"scale={self.scale} has no effect with divisor='weights' (the weighted mean of the "
+                             "agreeing entries cancels any common factor of the coefficients); leave scale unset")

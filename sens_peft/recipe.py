@@ -6,6 +6,7 @@ A recipe, in the spirit of mergekit's YAML::
     experts:                         # LoRA adapter folders or full model folders (not mixed)
       - path: runs/math
         weight: 1.0                  # optional user weight w_k
+        density: 0.5                 # optional per-expert density (ties / dare_linear / dare_ties)
       - path: runs/code
     method: ties                     # any registered method (default: MergeConfig's, ties)
     parameters:                      # shared settings (MergeConfig fields) and the method's own parameters
@@ -28,7 +29,11 @@ A recipe, in the spirit of mergekit's YAML::
 
 Every key is checked: unknown keys, wrong types and missing paths raise :class:`RecipeError` naming the key. The keys
 are derived from :class:`~sens_peft.config.MergeConfig`'s fields and the registered methods' parameters
-(:func:`recipe_schema` lists them); unset keys take MergeConfig's defaults.
+(:func:`recipe_schema` lists them); unset keys take MergeConfig's defaults. An expert's ``density`` sets
+``MergeConfig.densities`` (experts without one take ``parameters.density``).
+
+A mergekit recipe (``merge_method``, ``models:``...) is recognised by its keys and read by
+:mod:`sens_peft.mergekit_recipe` with mergekit's meaning.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import yaml
 from .config import MergeConfig
 from .errors import RecipeError  # noqa: F401  (re-exported: defined in sens_peft.errors)
 
-EXPERT_KEYS = {"path", "weight"}
+EXPERT_KEYS = {"path", "weight", "density"}
 _NONE_WORDS = (None, "none")  # `sens: {mode: none}` means the plain method
 
 
@@ -85,7 +90,8 @@ def recipe_schema() -> dict[str, Any]:
     """Every recipe key by section, with what it takes, and each registered method's own parameters."""
     from .methods import available_methods, get_method
 
-    schema: dict[str, Any] = {"": {"base_model": "a path or hub id", "experts": "a list of {path, weight}",
+    schema: dict[str, Any] = {"": {"base_model": "a path or hub id",
+                                   "experts": "a list of {path, weight, density} (density: ties / dare_* only)",
                                    "expert_type": "'lora' or 'full' (default: detected)"}}
     for section, fields in _layout().items():
         if section == "experts":
@@ -102,11 +108,17 @@ def recipe_schema() -> dict[str, Any]:
 class ExpertSpec:
     path: str
     weight: float = 1.0
+    density: Optional[float] = None
 
 
 @dataclass
 class MergeRecipe:
-    """A validated merge recipe."""
+    """A validated merge recipe.
+
+    Attributes:
+        recipe_format: ``"sens-peft"`` (this module's schema) or ``"mergekit"``.
+        notes: For a mergekit recipe, each of its fields and how the merge honours it.
+    """
 
     base_model: str
     experts: list[ExpertSpec]
@@ -114,6 +126,8 @@ class MergeRecipe:
     output_path: Optional[str] = None
     expert_type: str = "lora"
     source: dict[str, Any] = field(default_factory=dict)
+    recipe_format: str = "sens-peft"
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 def _where(path: Optional[os.PathLike], key: str) -> str:
@@ -153,6 +167,10 @@ def parse_recipe(data: dict[str, Any], source: Optional[os.PathLike] = None, che
         source: The recipe file (for error messages and relative paths).
         check_paths: Check that expert folders exist (and the base model, when it is a local path).
     """
+    from .mergekit_recipe import is_mergekit_recipe, parse_mergekit_recipe
+
+    if is_mergekit_recipe(data):
+        return parse_mergekit_recipe(data, source=source, check_paths=check_paths)
     where = str(source) if source else "recipe"
     layout = _layout()
     _check_keys(data, {"base_model", "expert_type", *layout[""], *(k for k in layout if k)}, where)
@@ -173,7 +191,7 @@ def parse_recipe(data: dict[str, Any], source: Optional[os.PathLike] = None, che
 
     experts_raw = data.get("experts")
     if not isinstance(experts_raw, list) or not experts_raw:
-        raise RecipeError(f"{where}: 'experts' must be a non-empty list of {{path, weight}} entries")
+        raise RecipeError(f"{where}: 'experts' must be a non-empty list of {{path, weight, density}} entries")
     experts: list[ExpertSpec] = []
     for i, entry in enumerate(experts_raw):
         key = f"experts[{i}]"
@@ -186,13 +204,19 @@ def parse_recipe(data: dict[str, Any], source: Optional[os.PathLike] = None, che
         if check_paths and not Path(path).is_dir():
             raise RecipeError(f"{where}: {key}.path {path} does not exist or is not a folder")
         weight = float(_typed(entry.get("weight", 1.0), (int, float), _where(source, f"{key}.weight"), "a number"))
-        experts.append(ExpertSpec(path=path, weight=weight))
+        density = entry.get("density")
+        if density is not None:
+            density = float(_typed(density, (int, float), _where(source, f"{key}.density"), "a number in (0, 1]"))
+        experts.append(ExpertSpec(path=path, weight=weight, density=density))
     paths = [e.path for e in experts]
     if len(set(paths)) != len(paths):
         raise RecipeError(f"{where}: the same expert folder is listed twice: {paths}")
 
     kwargs = _config_kwargs(data, source)
     kwargs["weights"] = [e.weight for e in experts]
+    if any(e.density is not None for e in experts):
+        fallback = kwargs.get("density", MergeConfig.density)
+        kwargs["densities"] = [fallback if e.density is None else e.density for e in experts]
     output = data.get("output") or {}
     out_path = output.get("path")
     if out_path is not None:
@@ -294,11 +318,20 @@ def run_recipe(
 
     out = out_dir or recipe.output_path
     if out is None:
-        raise RecipeError("no output folder: set output.path in the recipe or pass --out")
+        raise RecipeError("no output folder: pass --out (a mergekit recipe names none), or set output.path in a "
+                          "sens-peft recipe")
     config = recipe.config if device is None else dataclasses.replace(recipe.config, device=device)
     paths = [e.path for e in recipe.experts]
-    # the recipe is written inside the merge's atomic output folder, so it is there iff the merge is
-    extra = {"sens_peft_recipe.yaml": yaml.safe_dump(recipe.source, sort_keys=False)}
+    # the recipe is written inside the merge's atomic output folder, so it is there iff the merge is; its paths
+    # are reduced to folder names (the copy travels with the merge)
+    if recipe.recipe_format == "mergekit":
+        from .mergekit_recipe import portable_recipe
+
+        extra = {"mergekit_config.yml": yaml.safe_dump(portable_recipe(recipe.source), sort_keys=False)}
+        if recipe.expert_type == "lora":  # as mergekit, the base's tokenizer goes with the merged model
+            extra.update(_tokenizer_files(recipe.base_model))
+    else:
+        extra = {"sens_peft_recipe.yaml": yaml.safe_dump(_portable_source(recipe.source), sort_keys=False)}
     if recipe.expert_type == "full":
         return merge_models(recipe.base_model, paths, out, config=config, overwrite=overwrite, extra_files=extra,
                             allow_pickle=allow_pickle)
@@ -309,3 +342,31 @@ def run_recipe(
     base = AutoModelForCausalLM.from_pretrained(recipe.base_model, use_safetensors=not allow_pickle or None)
     return merge_adapters(base, paths, config=config, save_to=out, overwrite=overwrite, extra_files=extra,
                           allow_pickle=allow_pickle)
+
+
+def _portable_source(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a sens-peft recipe whose paths (base, experts, output) name folders, not this machine's paths."""
+    from .names import portable_name
+
+    out = dict(data)
+    if isinstance(out.get("base_model"), str):
+        out["base_model"] = portable_name(out["base_model"])
+    if isinstance(out.get("experts"), list):
+        out["experts"] = [{**e, "path": portable_name(e.get("path"))} if isinstance(e, dict) else portable_name(e)
+                          for e in out["experts"]]
+    if isinstance(out.get("output"), dict) and out["output"].get("path"):
+        out["output"] = {**out["output"], "path": portable_name(out["output"]["path"])}
+    return out
+
+
+def _tokenizer_files(base: str) -> dict[str, str]:
+    """The base folder's text tokenizer files (name → content) for a full model merged from adapters (a binary
+    ``tokenizer.model`` is left out: the output folder's extra files are text)."""
+    from .model_files import COPY_FILES
+
+    out = {}
+    for name in COPY_FILES:
+        path = Path(base) / name
+        if name not in ("config.json", "generation_config.json", "tokenizer.model") and path.is_file():
+            out[name] = path.read_text()
+    return out

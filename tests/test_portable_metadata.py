@@ -46,3 +46,26 @@ def test_no_local_paths_in_written_files(tmp_path):
     for folder in (*adapters, tmp_path / "merged_lora", tmp_path / "merged_full"):
         assert _leaks(folder, str(tmp_path)) == []
     assert "Captured statistics used: `gram`" in (tmp_path / "merged_lora" / "README.md").read_text()
+
+
+def test_no_local_paths_from_recipes(tmp_path):
+    """The recipe paths (sens-peft's schema and a mergekit YAML with base+adapter references), given as absolute
+    paths, reach no written file: the recipe copies name folders only."""
+    import yaml
+
+    from sens_peft.cli import main
+
+    save_model(tiny_llama(seed=0), tmp_path / "base")
+    adapters = [make_lora_adapter(tiny_llama, tmp_path / f"a{k}", seed=k + 1) for k in range(2)]
+    own = {"base_model": str(tmp_path / "base"), "method": "ties", "sens": None,
+           "experts": [{"path": str(a), "density": 0.5} for a in adapters],
+           "output": {"type": "full", "path": str(tmp_path / "merged_own")}}
+    mergekit = {"merge_method": "ties", "base_model": str(tmp_path / "base"), "dtype": "float32",
+                "models": [{"model": f"{tmp_path / 'base'}+{a}", "parameters": {"weight": 1.0, "density": 0.5}}
+                           for a in adapters]}
+    for name, recipe in (("own", own), ("mergekit", mergekit)):
+        (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(recipe))
+        assert main(["merge", str(tmp_path / f"{name}.yml"), str(tmp_path / f"merged_{name}"), "--device", "cpu"]) == 0
+        written = [f.name for f in (tmp_path / f"merged_{name}").iterdir()]
+        assert ("mergekit_config.yml" if name == "mergekit" else "sens_peft_recipe.yaml") in written
+        assert _leaks(tmp_path / f"merged_{name}", str(tmp_path)) == []

@@ -450,7 +450,7 @@ def _fill_lora(peft_model, plan: MergePlan, work: list, device: torch.device, ad
             raise MergeError(f"the new adapter {adapter_name!r} was not created on module {module.name!r}")
         if abs(new.scaling - 1.0) > 1e-12:
             raise MergeError(f"the new adapter's scaling on {module.name!r} is {new.scaling}, expected 1")
-        coeffs = plan.table.for_name(module.weight_name).to(torch.float32)[idx]
+        coeffs = plan.coefficients(module.weight_name).to(torch.float32)[idx]
         if exact:
             factors = [(f.A, f.B, f.scaling) for f in (module.factors(plan.experts[k]) for k in idx)]
             A, B = plan.method.lora_factors(factors, coeffs.tolist(), new_rank, device,
@@ -480,7 +480,7 @@ def _merge_module(module: LoraModule, idx: list[int], plan: MergePlan, coeffs: t
 
 def _fill_full(peft_model, plan: MergePlan, work: list, device: torch.device, progress: Optional[bool]) -> None:
     for module, idx in progress_bar(work, len(work), "merging modules", progress):
-        coeffs = plan.table.for_name(module.weight_name).to(torch.float32)[idx]
+        coeffs = plan.coefficients(module.weight_name).to(torch.float32)[idx]
         merged = _merge_module(module, idx, plan, coeffs, device)
         weight = module.base_weight()
         with torch.no_grad():

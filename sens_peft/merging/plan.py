@@ -114,6 +114,36 @@ class MergePlan:
     def statistics(self, name: str, idx: Sequence[int]) -> dict[str, list[torch.Tensor]]:
         return statistics_for(self.records, name, idx, self.needs, self.method.optional_statistics, self.experts)
 
+    def tensor_params(self, name: str, idx: Sequence[int]) -> dict[str, Any]:
+        """Every method parameter for tensor ``name`` merged from experts ``idx``: the per-expert ``densities``
+        of those experts (per-tensor ones from ``tensor_settings``, else ``MergeConfig.densities``)."""
+        params = self.params()
+        densities = params.get("densities")
+        per_tensor = self._per_tensor(name, idx).get("densities")
+        if per_tensor is not None:
+            densities = per_tensor
+        elif densities is not None:
+            densities = [densities[k] for k in idx]
+        return {**params, "densities": densities}
+
+    def _per_tensor(self, name: str, idx: Sequence[int]) -> dict[str, Any]:
+        settings = self.config.tensor_settings
+        if not settings:
+            return {}
+        from ..tensor_settings import tensor_values
+
+        try:
+            return tensor_values(settings, name, idx)
+        except ValueError as err:
+            raise MergeError(str(err)) from err
+
+    def coefficients(self, name: str) -> torch.Tensor:
+        """``[K]`` coefficients of tensor ``name``: the table's, times the per-tensor weights of
+        ``tensor_settings`` (when it holds weights)."""
+        table = self.table.for_name(name)
+        weights = self._per_tensor(name, range(len(self.experts))).get("weights")
+        return table if weights is None else table * torch.tensor(weights, dtype=table.dtype)
+
     def tensor_kwargs(self, name: str, idx: Sequence[int], device: Optional[torch.device] = None) -> dict[str, Any]:
         """The keyword arguments of ``merge_deltas`` / ``merge_streamed`` for tensor ``name`` merged from experts
         ``idx``: every method parameter, and the needed statistics (fp32 on ``device``; element maps as
@@ -121,7 +151,7 @@ class MergePlan:
         stats = {kind: [m.to(device=device, dtype=torch.float32) if device is not None else m for m in maps]
                  for kind, maps in self.statistics(name, idx).items()}
         importance = stats.pop("element_maps", None)
-        params = self.params()
+        params = self.tensor_params(name, idx)
         return {**params, "trim_by": params["trim_by"] if importance is not None else "magnitude",
                 "importance": importance, "statistics": stats, "name": name}
 
@@ -337,6 +367,13 @@ def coefficient_table(config: MergeConfig, records, transfer, experts: list[str]
 
     if config.weights is not None and len(config.weights) != len(experts):
         raise MergeError(f"weights has {len(config.weights)} entries for {len(experts)} experts {experts}")
+    if config.densities is not None and len(config.densities) != len(experts):
+        raise MergeError(f"densities has {len(config.densities)} entries for {len(experts)} experts {experts}")
+    for key in ("weight", "density"):
+        per_expert = (config.tensor_settings or {}).get(key)
+        if per_expert is not None and len(per_expert) != len(experts):
+            raise MergeError(f"tensor_settings.{key} has {len(per_expert)} entries for {len(experts)} experts "
+                             f"{experts}")
     need_task, need_cross = sens_parts(config)
     table = compute_coefficients(records if need_task else None, transfer if need_cross else None,
                                  expert_names=experts, config=config)

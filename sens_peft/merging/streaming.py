@@ -243,7 +243,7 @@ class ShardMerger:
         the tensor before (torch releases the GIL inside its ops)."""
         if all(torch.equal(base_t, t) for t in expert_ts):
             return None  # copied, not merged
-        return self.method.stream_prepare(base_t, expert_ts, self.params, name, self.plan.statistics(name, self.everyone),
+        return self.method.stream_prepare(base_t, expert_ts, self.plan.tensor_params(name, self.everyone), name, self.plan.statistics(name, self.everyone),
                                           parts, self.device, self.out_dtype or base_t.dtype)
 
     def emit(self, name: str, tensor: torch.Tensor, done: tuple[torch.Tensor, ...] = ()) -> None:
@@ -283,7 +283,7 @@ class ShardMerger:
         kwargs = dict(out_dtype=dtype, chunk=chunk_for(device), **self.plan.tensor_kwargs(name, self.everyone),
                       **(self.method.prepared(ready) if ready is not None else {}))
         inputs = (self.plan.config.method, base_t.to(device), [t.to(device) for t in expert_ts],
-                  self.plan.table.for_name(name))
+                  self.plan.coefficients(name))
         numel, chunk = base_t.numel(), kwargs["chunk"]
         # halves on chunk borders (on the CPU, where the method's preparation, if any, was done ahead for both)
         if self.helper is not None and alone and numel >= 2 * chunk:
@@ -309,7 +309,7 @@ class ShardMerger:
         device = self.device
         base_f = base_t.to(device=device, dtype=torch.float32)
         deltas = [t.to(device=device, dtype=torch.float32) - base_f for t in expert_ts]
-        coeffs = self.plan.table.for_name(name).to(device=device, dtype=torch.float32)
+        coeffs = self.plan.coefficients(name).to(device=device, dtype=torch.float32)
         merged = base_f + merge_deltas(self.plan.config.method, deltas, coeffs, scale=1.0,
                                        **self.plan.tensor_kwargs(name, self.everyone, device))
         self.reader.recycle(base_t, *expert_ts)

@@ -53,8 +53,9 @@ def unpack_bits(packed: Tensor, numel: int, out: Tensor, scratch: Tensor | None 
     return out.copy_(lanes.view(torch.uint8)[:numel])
 
 
-def draw_dare_masks(numel: int, num: int, density: float, dare_rng: str, seed: int | None, name: str,
-                device: torch.device, chunk: int, experts: Sequence[int] | None = None) -> list[Tensor]:
+def draw_dare_masks(numel: int, num: int, density: float | Sequence[float], dare_rng: str, seed: int | None,
+                    name: str, device: torch.device, chunk: int, experts: Sequence[int] | None = None
+                    ) -> list[Tensor]:
     """The ``num`` DARE keep-masks that :func:`merge_deltas` draws with ``dare_rng``, bit-packed
     (:func:`pack_bits`). Packed, the K masks of a vocabulary-sized tensor take 25 MB instead of 200 MB.
 
@@ -62,8 +63,12 @@ def draw_dare_masks(numel: int, num: int, density: float, dare_rng: str, seed: i
     value per entry, in order, and keeps it when it is below ``p``; ``uniform_`` draws the very same values
     (about 2.5x faster), so ``rand < density`` is the same mask, and drawing it in chunks continues the same
     stream. Other devices keep the reference draw. ``experts`` (``"counter"`` only): the masks of these experts
-    alone, in this order.
+    alone, in this order. ``density``: one for all, or one per expert (an expert at density 1 keeps everything
+    and draws nothing).
     """
+    def prob(k: int) -> float:
+        return float(density) if isinstance(density, (int, float)) else float(density[k])
+
     use_torch = dare_rng == "torch"
     if experts is None:
         experts = range(num)
@@ -71,7 +76,8 @@ def draw_dare_masks(numel: int, num: int, density: float, dare_rng: str, seed: i
         raise ValueError("dare_masks: experts= needs dare_rng='counter' (the 'torch' masks are one stream)")
     generator = torch_generator(seed, name, device) if use_torch else None  # None with seed=None: the global RNG
     if use_torch and device.type != "cpu":
-        return [pack_bits(dare_mask((numel,), density, generator, device)) for _ in range(num)]
+        return [pack_bits(torch.ones(numel, dtype=torch.int8, device=device) if prob(k) >= 1.0 else
+                          dare_mask((numel,), prob(k), generator, device)) for k in range(num)]
     chunk = max(8, min(chunk, numel) - min(chunk, numel) % 8)  # chunk borders on byte borders of the packed mask
     keep = torch.empty(chunk, dtype=torch.int8, device=device)
     if use_torch:
@@ -83,18 +89,21 @@ def draw_dare_masks(numel: int, num: int, density: float, dare_rng: str, seed: i
     masks = []
     for k in experts:
         packed = torch.empty((numel + 7) // 8, dtype=torch.uint8, device=device)
+        if prob(k) >= 1.0:
+            masks.append(pack_bits(torch.ones(numel, dtype=torch.int8, device=device)))
+            continue
         for s, e in chunks(numel, chunk):
             if use_torch:
-                kept = torch.lt(draws[: e - s].uniform_(0.0, 1.0, generator=generator), float(density),
+                kept = torch.lt(draws[: e - s].uniform_(0.0, 1.0, generator=generator), prob(k),
                                 out=keep[: e - s])
             else:
-                kept = counter_keep(keep[: e - s], s, density, key, name, k, scratch)
+                kept = counter_keep(keep[: e - s], s, prob(k), key, name, k, scratch)
             packed[s // 8: (e + 7) // 8] = pack_bits(kept)
         masks.append(packed)
     return masks
 
 
-def dare_masks(numel: int, num: int, density: float, seed: int | None, name: str,
+def dare_masks(numel: int, num: int, density: float | Sequence[float], seed: int | None, name: str,
                device: torch.device | str = "cpu", chunk: int = DEFAULT_CHUNK,
                dare_rng: str = "counter", experts: Sequence[int] | None = None) -> list[Tensor]:
     """The ``num`` DARE keep-masks (bit-packed, see :func:`pack_bits`) that :func:`merge_streamed` draws for

@@ -16,48 +16,61 @@ from .base import MergeContext, MergeMethod
 from .bits import dare_masks
 from .registry import register_method
 from .rng import resolve_seed
+from .selection import expert_densities
 from .streamed import StreamJob, dare_drop, dare_linear_kernel, elect_kernel
 from .task_arithmetic import TaskArithmetic
-from .ties import elect_and_mean, expert_groups
+from .ties import DIVISOR_PARAM, elect_and_mean, expert_groups
 
 __all__ = ["DareLinear", "DareTies", "dare_drop_dense"]
 
 
-def dare_drop_dense(stacked: Tensor, density: float, draw_keep: Callable[[int], Tensor] | None) -> Tensor:
-    """Each expert's delta times its keep-mask, over ``density`` (unchanged at density 1, with no draw)."""
-    if density >= 1.0 or draw_keep is None:
+def dare_drop_dense(stacked: Tensor, density: float | Sequence[float],
+                    draw_keep: Callable[[int], Tensor] | None) -> Tensor:
+    """Each expert's delta times its keep-mask, over its ``density`` (one for all, or one per expert); an expert at
+    density 1 is unchanged, with no draw."""
+    num = stacked.shape[0]
+    densities = [float(density)] * num if isinstance(density, (int, float)) else [float(d) for d in density]
+    if min(densities) >= 1.0 or draw_keep is None:
         return stacked  # nothing dropped; no draw, like PEFT's prune()
     # expert after expert: with the "torch" generator this is the stream PEFT consumes when the global RNG is
     # seeded, so the masks coincide with PEFT's for fp32 inputs
-    return torch.stack([stacked[k] * draw_keep(k).to(stacked.dtype) / density for k in range(stacked.shape[0])])
+    return torch.stack([stacked[k] if densities[k] >= 1.0 else
+                        stacked[k] * draw_keep(k).to(stacked.dtype) / densities[k] for k in range(num)])
+
+
+def _densities(params: Mapping[str, Any], num: int) -> float | list[float]:
+    """What the mask drawers take: the one density, or the per-expert ones."""
+    return params["density"] if params.get("densities") is None else expert_densities(params, num)
 
 
 class _Dare(MergeMethod):
     """What both DARE methods share: the masks, drawn ahead on worker threads by a streamed merge."""
 
     random = True
+    per_expert_density = True
     reference = "Yu et al., Language Models are Super Mario, ICML 2024 (arXiv 2311.03099)"
     #: Whether the fused loops hash counter masks inline (then nothing is drawn ahead).
     inline_counter = False
 
     def _inline(self, params: Mapping[str, Any], device: torch.device) -> bool:
+        # the fused loops take one density for all the experts
         return self.inline_counter and params["dare_rng"] == "counter" and device.type == "cpu" \
-            and _fused.available()
+            and _fused.available() and params.get("densities") is None
 
     def stream_prepare(self, base: Tensor, experts: Sequence[Tensor], params: Mapping[str, Any], name: str,
                        statistics: Mapping[str, Sequence[Tensor]], parts: int, device: torch.device,
                        out_dtype: torch.dtype) -> Optional[list[Callable[[], Any]]]:
-        if params["density"] >= 1.0:
-            return None
         num = len(experts)
+        if min(expert_densities(params, num)) >= 1.0:
+            return None
         if self._inline(params, device) and _fused.supports(base.reshape(-1), [t.reshape(-1) for t in experts],
                                                             base.new_empty(0, dtype=out_dtype)):
             return None  # the fused loops hash the masks inline, for less than unpacking them would cost
         if params["dare_rng"] != "counter":  # one generator stream for all the experts: one job
-            return [functools.partial(dare_masks, base.numel(), num, params["density"], params["seed"], name,
+            return [functools.partial(dare_masks, base.numel(), num, _densities(params, num), params["seed"], name,
                                       dare_rng=params["dare_rng"])]
         seed = resolve_seed(params["seed"])  # one key for every group, also when the seed is None
-        return [functools.partial(dare_masks, base.numel(), num, params["density"], seed, name,
+        return [functools.partial(dare_masks, base.numel(), num, _densities(params, num), seed, name,
                                   dare_rng=params["dare_rng"], experts=group)
                 for group in expert_groups(num, parts)]
 
@@ -65,10 +78,10 @@ class _Dare(MergeMethod):
         return {"dare_masks": [mask for masks in results for mask in masks]}
 
     def prepares(self, params: Mapping[str, Any]) -> bool:
-        return params["density"] < 1.0  # masks to draw
+        return min(expert_densities(params, 1)) < 1.0  # masks to draw
 
     def prepare_bytes(self, numel: int, num: int, params: Mapping[str, Any], device: torch.device) -> int:
-        if params["density"] >= 1.0 or self._inline(params, device):
+        if min(expert_densities(params, num)) >= 1.0 or self._inline(params, device):
             return 0
         return (numel + 7) // 8 * num  # packed masks
 
@@ -79,10 +92,11 @@ class DareLinear(_Dare):
 
     name = "dare_linear"
     description = "DARE (Yu et al., 2024): random drop with rescale, then task arithmetic"
-    uses = ("density", "seed", "dare_rng")
+    uses = ("density", "densities", "seed", "dare_rng")
 
     def combine(self, stacked: Tensor, coefficients: Tensor, ctx: MergeContext) -> Tensor:
-        return TaskArithmetic().combine(dare_drop_dense(stacked, ctx.params["density"], ctx.draw_keep), coefficients)
+        drop = dare_drop_dense(stacked, _densities(ctx.params, stacked.shape[0]), ctx.draw_keep)
+        return TaskArithmetic().combine(drop, coefficients)
 
     def stream(self, job: StreamJob) -> bool:
         return dare_linear_kernel(job, dare_drop(job))
@@ -94,13 +108,14 @@ class DareTies(_Dare):
 
     name = "dare_ties"
     description = "DARE (Yu et al., 2024): random drop with rescale, then TIES sign election"
-    uses = ("density", "majority_sign_method", "weighted_election", "seed", "dare_rng")
+    uses = ("density", "densities", "majority_sign_method", "weighted_election", "seed", "dare_rng")
+    parameters = (DIVISOR_PARAM,)
     inline_counter = True
 
     def combine(self, stacked: Tensor, coefficients: Tensor, ctx: MergeContext) -> Tensor:
         p = ctx.params
-        return elect_and_mean(dare_drop_dense(stacked, p["density"], ctx.draw_keep), coefficients,
-                              p["majority_sign_method"], p["weighted_election"])
+        return elect_and_mean(dare_drop_dense(stacked, _densities(p, stacked.shape[0]), ctx.draw_keep), coefficients,
+                              p["majority_sign_method"], p["weighted_election"], p["divisor"])
 
     def stream(self, job: StreamJob) -> bool:
         return elect_kernel(job, dare_drop(job))

@@ -13,7 +13,7 @@ from .base import MergeContext
 from .common import compute_dtype
 from .registry import get_method
 from .rng import DARE_RNGS, keep_drawer
-from .selection import MAJORITY_SIGN_METHODS
+from .selection import MAJORITY_SIGN_METHODS, check_densities, expert_densities
 
 __all__ = ["PER_ELEMENT_STATISTICS", "TRIM_BY", "merge_deltas"]
 
@@ -66,7 +66,8 @@ def merge_deltas(method: str, deltas: Sequence[Tensor], coefficients: Tensor | S
                  density: float = 1.0, majority_sign_method: str = "total", scale: float = 1.0,
                  seed: int | None = 0, name: str = "", importance: Sequence[Tensor] | None = None,
                  trim_by: str = "magnitude", weighted_election: bool = True, dare_rng: str = "counter",
-                 statistics: Mapping[str, Sequence[Tensor]] | None = None, **params: Any) -> Tensor:
+                 statistics: Mapping[str, Sequence[Tensor]] | None = None,
+                 densities: Sequence[float] | None = None, **params: Any) -> Tensor:
     """Merge the task vectors of one tensor.
 
     Args:
@@ -91,6 +92,8 @@ def merge_deltas(method: str, deltas: Sequence[Tensor], coefficients: Tensor | S
         statistics: Other captured statistics by kind (``K`` tensors each), for methods that need them. A method
             missing a statistic it needs raises (or, like ``importance``, documents its fallback); the merge
             entry points check every expert has what the method declares before any tensor is merged.
+        densities: Per-expert ``density`` (``K`` values in (0, 1]) for the methods that honour it (TIES, DARE);
+            None: ``density`` for every expert.
         **params: The method's own parameters (its declared defaults otherwise).
 
     Returns:
@@ -112,7 +115,8 @@ def merge_deltas(method: str, deltas: Sequence[Tensor], coefficients: Tensor | S
         if value not in allowed:
             raise ValueError(f"merge_deltas{where}: {key}={value!r} is not one of {list(allowed)}")
     values = dict(density=float(density), majority_sign_method=majority_sign_method, trim_by=trim_by,
-                  weighted_election=weighted_election, seed=seed, dare_rng=dare_rng)
+                  weighted_election=weighted_election, seed=seed, dare_rng=dare_rng,
+                  densities=check_densities(densities, num, f"merge_deltas{where}"))
     values.update({p.name: p.default for p in impl.parameters})
     values.update(impl.check_params(params))
 
@@ -126,8 +130,9 @@ def merge_deltas(method: str, deltas: Sequence[Tensor], coefficients: Tensor | S
         raise ValueError(f"merge_deltas{where}: coefficients must be finite, got {coeffs.tolist()}")
     stats = _stack_statistics({**(statistics or {}), "element_maps": importance}, first, num, dtype, where)
     stacked = torch.stack([delta.to(dtype) for delta in deltas])
-    draw_keep = keep_drawer(dare_rng, seed, name, first.shape, density, device) \
-        if impl.random and density < 1.0 else None
+    keep_probs = values["densities"] if values["densities"] is not None else float(density)
+    draw_keep = keep_drawer(dare_rng, seed, name, first.shape, keep_probs, device) \
+        if impl.random and min(expert_densities(values, num)) < 1.0 else None
     ctx = MergeContext(name=name, params=values, statistics=stats, draw_keep=draw_keep, device=device)
     combined = impl.combine(stacked, coeffs, ctx=ctx)
     if scale != 1.0:

@@ -172,12 +172,16 @@ def resolve_seed(seed: int | None) -> int:
     return int(seed) if seed is not None else int(torch.randint(0, 1 << 62, (1,)).item())
 
 
-def keep_drawer(dare_rng: str, seed: int | None, name: str, shape: torch.Size, density: float,
+def keep_drawer(dare_rng: str, seed: int | None, name: str, shape: torch.Size, density: float | Sequence[float],
                  device: torch.device) -> Callable[[int], Tensor]:
-    """``draw(k)``: expert ``k``'s whole DARE keep-mask (fp32 0/1, ``shape``); call it for k = 0, 1, ... in order."""
+    """``draw(k)``: expert ``k``'s whole DARE keep-mask (fp32 0/1, ``shape``); call it for k = 0, 1, ... in order.
+    ``density``: one keep probability, or one per expert."""
+    def prob(k: int) -> float:
+        return float(density) if isinstance(density, (int, float)) else float(density[k])
+
     if dare_rng == "torch":
         generator = torch_generator(seed, name, device)
-        return lambda k: dare_mask(shape, density, generator, device)
+        return lambda k: dare_mask(shape, prob(k), generator, device)
     key = resolve_seed(seed)
-    return lambda k: dare_keep_mask(shape, density, key, name, k, device)
+    return lambda k: dare_keep_mask(shape, prob(k), key, name, k, device)
 

@@ -13,7 +13,7 @@ from .. import fused as _fused
 from ..config import MAJORITY_SIGN_METHODS
 from .common import DEFAULT_CHUNK, chunks, delta_into
 
-__all__ = ["MAJORITY_SIGN_METHODS", "disjoint_mean", "elect_sign", "importance_maps", "keep_chunk",
+__all__ = ["DIVISORS", "MAJORITY_SIGN_METHODS", "check_densities", "disjoint_mean", "expert_densities", "elect_sign", "importance_maps", "keep_chunk",
            "magnitude_trim_mask", "shrink_chunk", "trim_floats", "trim_thresholds"]
 
 
@@ -60,19 +60,56 @@ def elect_sign(stacked: Tensor, method: str = "total") -> Tensor:
     return torch.where(mass >= 0, 1.0, -1.0).to(stacked.dtype)
 
 
-def disjoint_mean(values: Tensor, agree: Tensor) -> Tensor:
+#: What the sum of the agreeing entries of a sign election is divided by: their ``"count"`` (TIES, PEFT), the
+#: sum of their experts' ``"weights"`` (mergekit's ``normalize: true``), or nothing (``"none"``, mergekit's
+#: ``normalize: false``).
+DIVISORS = ("count", "weights", "none")
+
+
+def disjoint_mean(values: Tensor, agree: Tensor, divisor: str = "count", weights: Tensor | None = None) -> Tensor:
     """Mean over dim 0 of the entries where ``agree`` is True (0 where no entry agrees).
 
     Args:
         values: ``[K, ...]`` values to average.
         agree: ``[K, ...]`` boolean mask of the entries that take part.
+        divisor: One of :data:`DIVISORS`. ``"weights"`` divides by the sum of ``weights`` (``[K]``, one per
+            expert) over the agreeing entries, 1 where that sum is 0 (mergekit's rule).
 
     Returns:
         ``[...]`` tensor.
     """
     total = (values * agree).sum(dim=0)
+    if divisor == "none":
+        return total
+    if divisor == "weights":
+        if weights is None:
+            raise ValueError("disjoint_mean: divisor='weights' needs the experts' weights")
+        denom = (agree * weights.reshape(weights.shape + (1,) * (agree.dim() - 1))).sum(dim=0)
+        return total / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if divisor != "count":
+        raise ValueError(f"divisor={divisor!r} is not one of {list(DIVISORS)}")
     count = agree.sum(dim=0).clamp(min=1)
     return total / count
+
+
+def expert_densities(params, num: int) -> list[float]:
+    """Each expert's density: ``params["densities"]`` when set (``num`` unused), else ``params["density"]`` for
+    ``num`` experts."""
+    densities = params.get("densities")
+    return [float(params["density"])] * num if densities is None else [float(d) for d in densities]
+
+
+def check_densities(densities: Sequence[float] | None, num: int, where: str) -> list[float] | None:
+    """``densities`` as floats, checked: ``num`` of them, each in (0, 1] (None stays None)."""
+    if densities is None:
+        return None
+    values = list(densities)
+    if len(values) != num:
+        raise ValueError(f"{where}: got {len(values)} densities for {num} experts (one per expert)")
+    for k, d in enumerate(values):
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < float(d) <= 1.0:
+            raise ValueError(f"{where}: densities[{k}] must be in (0, 1], got {d!r}")
+    return [float(d) for d in values]
 
 
 

@@ -27,6 +27,8 @@ from .registry import get_method
 from .rng import DARE_RNGS, counter_keep, counter_keys, keep_threshold, resolve_seed
 from .selection import (
     MAJORITY_SIGN_METHODS,
+    check_densities,
+    expert_densities,
     importance_maps,
     keep_chunk,
     shrink_chunk,
@@ -95,6 +97,7 @@ def _job(method: str, base: Tensor, experts: Sequence[Tensor], coefficients, par
             raise ValueError(f"merge_streamed: {key}={params[key]!r} is not one of {list(allowed)}")
     if not (0.0 < float(params["density"]) <= 1.0):
         raise ValueError(f"merge_streamed: density must be in (0, 1], got {params['density']!r}")
+    params["densities"] = check_densities(params.get("densities"), len(experts), "merge_streamed")
     coeffs = [float(c) for c in torch.as_tensor(coefficients, dtype=torch.float64).reshape(-1).tolist()]
     if len(coeffs) != len(experts) or not experts:
         raise ValueError(f"merge_streamed: got {len(coeffs)} coefficients for {len(experts)} experts")
@@ -121,7 +124,7 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
                    thresholds: tuple[list[tuple[int, int]], bool] | None = None,
                    dare_rng: str = "counter", span: tuple[int, int] | None = None,
                    fused: bool | None = None, statistics: Mapping[str, Sequence[Tensor]] | None = None,
-                   **params: Any) -> tuple[Tensor, bool]:
+                   densities: Sequence[float] | None = None, **params: Any) -> tuple[Tensor, bool]:
     """``base + merge_deltas(method, [e - base for e in experts], coefficients, ...)`` without the deltas.
 
     The same math as :func:`~sens_peft.methods.merge_deltas` (fp32, coefficients already including the global
@@ -145,7 +148,9 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
             of 8); merging the spans of a partition (e.g. on two threads) gives the same tensor as one call.
         fused: ``None``: the fused C loops when they can take the inputs; ``False``: torch ops; ``True``: the fused
             loops or an error. Both give the same bits.
-        statistics: Other per-expert statistics by kind. **params: The method's own parameters.
+        statistics: Other per-expert statistics by kind. densities: Per-expert ``density`` (as for
+            ``merge_deltas``; the fused loops take one density, so these run the torch ops).
+        **params: The method's own parameters.
 
     Returns:
         ``(merged, finite)``: the merged tensor with the base's shape, and False when a non-finite value was seen
@@ -156,7 +161,7 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
     if not impl.streams:
         raise ValueError(f"merge_streamed: method {method!r} has no chunked hook (merge it with merge_deltas)")
     values = dict(density=float(density), majority_sign_method=majority_sign_method, trim_by=trim_by,
-                  weighted_election=weighted_election, seed=seed, dare_rng=dare_rng)
+                  weighted_election=weighted_election, seed=seed, dare_rng=dare_rng, densities=densities)
     values.update({p.name: p.default for p in impl.parameters})
     values.update(impl.check_params(params))
     prepared = {key: value for key, value in (("dare_masks", dare_masks), ("thresholds", thresholds)) if value is not None}
@@ -227,6 +232,8 @@ class DareDrop:
     def __init__(self, job: StreamJob) -> None:
         p = job.params
         self.density, self.name, self.job = float(p["density"]), job.name, job
+        self.densities = expert_densities(p, job.num)
+        self.uniform = p.get("densities") is None
         self.counter = p["dare_rng"] == "counter" and "dare_masks" not in job.prepared
         self.lanes = torch.empty(2 * (job.chunk // 8 + 1), dtype=torch.int64, device=job.device)
         if self.counter:
@@ -242,20 +249,23 @@ class DareDrop:
                                  f"{job.device}")
             self.masks = list(masks)
         else:
-            self.masks = draw_dare_masks(numel, job.num, self.density, p["dare_rng"], p["seed"], job.name,
+            self.masks = draw_dare_masks(numel, job.num, self.densities, p["dare_rng"], p["seed"], job.name,
                                          job.device, job.chunk)
 
     def keep(self, k: int, s: int, e: int, into: Tensor) -> Tensor:
         """Expert ``k``'s DARE keep-mask of entries ``s:e`` as fp32 0/1 in ``into``."""
         if self.counter:
-            return counter_keep(into, s, self.density, self.key, self.name, k, self.scratch)
+            return counter_keep(into, s, self.densities[k], self.key, self.name, k, self.scratch)
         return unpack_bits(self.masks[k][s // 8: (e + 7) // 8], e - s, into, self.lanes)
 
     def apply(self, k: int, s: int, e: int, d: Tensor, kp: Tensor, check: Tensor) -> None:
         check += d.sum()  # dropped entries must not hide a NaN/Inf
-        d.mul_(self.keep(k, s, e, kp)).div_(self.density)
+        if self.densities[k] < 1.0:  # an expert at density 1 keeps everything
+            d.mul_(self.keep(k, s, e, kp)).div_(self.densities[k])
 
     def fused_args(self) -> Optional[dict]:
+        if not self.uniform:
+            return None  # the fused loops take one density
         if not self.counter:
             return dict(drop="packed", density=self.density, masks=self.masks)
         job = self.job
@@ -272,9 +282,7 @@ class TrimDrop:
     def __init__(self, job: StreamJob, imps: list[Tensor]) -> None:
         thresholds = job.prepared.get("thresholds")
         if thresholds is None:
-            thresholds = trim_thresholds(job.base.reshape(job.shape), [e.reshape(job.shape) for e in job.experts],
-                                         float(job.params["density"]), importance=imps or None, chunk=job.chunk,
-                                         fused=job.fused)
+            thresholds = _trims(job, imps)
         found, self.finite = thresholds
         if len(found) != job.num:
             raise ValueError(f"merge_streamed: thresholds for {len(found)} experts, expected {job.num}")
@@ -296,9 +304,27 @@ class TrimDrop:
         return dict(drop="trim", trims=self.trims)
 
 
+def _trims(job: StreamJob, imps: list[Tensor]) -> tuple[list[tuple[int, int]], bool]:
+    """:func:`trim_thresholds` of every expert, at each one's density (one call per run of equal densities)."""
+    densities = expert_densities(job.params, job.num)
+    found: list[tuple[int, int]] = []
+    finite = True
+    k = 0
+    while k < job.num:
+        end = k + 1
+        while end < job.num and densities[end] == densities[k]:
+            end += 1
+        trims, ok = trim_thresholds(job.base.reshape(job.shape), [e.reshape(job.shape) for e in job.experts[k:end]],
+                                    densities[k], importance=imps[k:end] or None, chunk=job.chunk, fused=job.fused)
+        found.extend(trims)
+        finite = finite and ok
+        k = end
+    return found, finite
+
+
 def dare_drop(job: StreamJob) -> Any:
     """The drop step of a DARE method (none at density 1). Chunks start on byte borders of the packed masks."""
-    if float(job.params["density"]) >= 1.0:
+    if min(expert_densities(job.params, job.num)) >= 1.0:
         return NoDrop()
     job.chunk = max(8, job.chunk - job.chunk % 8)
     return DareDrop(job)
@@ -307,7 +333,7 @@ def dare_drop(job: StreamJob) -> Any:
 def ties_trim(job: StreamJob) -> Any:
     """The drop step of TIES: the magnitude or importance trim (none at density 1)."""
     p = job.params
-    if float(p["density"]) >= 1.0:
+    if min(expert_densities(p, job.num)) >= 1.0:
         return NoDrop()
     imps = []
     if p["trim_by"] == "sensitivity":
@@ -321,7 +347,10 @@ def elect_kernel(job: StreamJob, drop: Any) -> bool:
     # the sign each expert's vote has relative to its delta, and the weight of its vote
     vote_sign = [(c > 0) - (c < 0) if p["weighted_election"] else 1 for c in job.coeffs]
     vote_weight = job.coeffs if p["weighted_election"] else [1.0] * job.num
-    args = drop.fused_args() if job.fused is not False and _fused.supports(job.base, job.experts, job.out) else None
+    # the fused loops divide by the count of agreeing entries only
+    fusable = job.fused is not False and p.get("divisor", "count") == "count" \
+        and _fused.supports(job.base, job.experts, job.out)
+    args = drop.fused_args() if fusable else None
     if args is not None and _fused.available():
         bad = _fused.ties_merge(job.first, job.stop, job.base, job.experts, job.out, coefficients=job.coeffs,
                                 vote_weight=vote_weight, vote_sign=vote_sign,
@@ -342,6 +371,9 @@ def _elect_torch(job: StreamJob, drop: Any, vote_sign: list[int], vote_weight: l
     ``alpha`` fuses a multiply-add and would not); sign(c * d) = sign(c) * sign(d) gives the scaled votes' signs.
     Masks are fp32 0/1: on the CPU, comparisons into and products with bool tensors are several times slower."""
     num, coeffs, by_total = job.num, job.coeffs, job.params["majority_sign_method"] == "total"
+    divisor = job.params.get("divisor", "count")
+    # what each agreeing entry adds to the divisor: 1 (a count) or its expert's coefficient
+    weigh = coeffs if divisor == "weights" else [1.0] * num
     base_f, acc, keep, count, sign, agree = job.buffers(6)
     kept = job.buffers(num)
     ones = torch.ones(job.chunk, dtype=torch.float32, device=job.device)
@@ -377,15 +409,20 @@ def _elect_torch(job: StreamJob, drop: Any, vote_sign: list[int], vote_weight: l
             (torch.gt if vote_sign[k] > 0 else torch.lt)(ag, 0, out=ag)
             if none_yet:
                 torch.mul(kept[k][:n], ag, out=total).mul_(coeffs[k])  # (d * a) * c == (d * c) * a for a in {0, 1}
-                cnt.copy_(ag)
+                cnt.copy_(ag).mul_(weigh[k])
                 none_yet = False
             else:
                 total.addcmul_(kept[k][:n], ag, value=coeffs[k])
-                cnt.add_(ag)
+                cnt.add_(ag, alpha=weigh[k])
         if none_yet:  # every coefficient is zero: nothing agrees
             total.zero_()
             cnt.zero_()
-        bf.addcdiv_(total, cnt.clamp_(min=1))  # base + total / count, rounded as the two steps would be
+        if divisor == "none":
+            bf.add_(total)
+        elif divisor == "weights":  # a zero sum of weights divides by 1 (mergekit's rule)
+            bf.addcdiv_(total, cnt.masked_fill_(cnt == 0, 1.0))
+        else:
+            bf.addcdiv_(total, cnt.clamp_(min=1))  # base + total / count, rounded as the two steps would be
         check += bf.sum()
         job.out[s:e].copy_(bf)
     return bool(torch.isfinite(check))

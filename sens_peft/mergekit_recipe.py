@@ -1,0 +1,367 @@
+"""mergekit YAML recipes: detected by their keys, validated before anything loads, mapped onto sens-peft's methods.
+
+A mergekit recipe (``merge_method``, ``models:`` of ``{model, parameters}``, ``base_model``, ``parameters``,
+``dtype``...) runs here for the methods both libraries have, with mergekit's meaning (read from mergekit 0.1.5's
+``generalized_task_arithmetic.py``, ``linear.py``, ``config.py`` and ``plan.py``):
+
+* ``linear``: ``Σ w_k θ_k / Σ w_k`` over the listed models (and ``base_model`` when given, with the recipe-wide
+  weight, as mergekit adds it). Merged as the base plus ``Σ (w_k / Σ w) δ_k``, which is the same sum.
+* ``task_arithmetic`` / ``dare_linear``: ``θ₀ + λ Σ w_k δ_k`` (divided by ``Σ w_k`` with ``normalize: true``).
+* ``ties`` / ``dare_ties``: each delta trimmed to its top-``density`` entries by magnitude (TIES) or dropped at
+  random with keep probability ``density`` (DARE), weighted, a sign elected on the weighted deltas (``"sum"``),
+  then the agreeing entries summed and divided by the sum of the agreeing experts' weights (``normalize: true``,
+  TIES's default) or not divided (``normalize: false``, DARE-TIES's default), times ``λ``.
+* Per-model ``weight`` and ``density``; numbers, gradient lists over the layers (block ``i`` of ``L`` at
+  ``t = i / (L - 1)``, other tensors at ``t = 0``, linear interpolation) and ``{filter, value}`` conditions; a
+  model's own setting first, then the recipe-wide ``parameters:``.
+* ``dtype`` / ``out_dtype``: the output dtype (the math runs in fp32; mergekit computes in ``dtype``).
+
+Refused with an error naming the key: ``int8_mask: true`` (a memory option of mergekit's mask that sens-peft has no
+counterpart for), ``rescale: true`` for TIES (mergekit's L1-norm rescale of the trimmed deltas), ``rescale: false``
+for DARE (sens-peft's DARE always rescales), ``lambda`` other than 1 with a weight-normalised TIES/DARE-TIES
+(the weighted mean cancels sens-peft's scale), ``normalize: false`` for ``linear``, ``slices`` / ``modules``,
+``tokenizer_source`` other than ``base``, ``tokenizer``, ``chat_template``, ``model+lora`` references whose model
+is not the base model, hub ids (local folders only) and every other method. ``base+lora`` references (every model
+the base with an adapter) merge the adapters' ``ΔW`` onto the base, as mergekit does after applying each adapter;
+the output is a full model. Where results still differ: DARE draws other random masks
+(sens-peft's seeded counter masks) and rescales by ``1/density`` (mergekit 0.1.5 matches the delta's L1 norm:
+the same in expectation); a TIES trim keeps ``int(density * n)`` entries (mergekit at least one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import MergeConfig
+from .errors import RecipeError
+from .names import portable_name
+from .tensor_settings import check_setting
+
+__all__ = ["MERGEKIT_METHODS", "is_mergekit_recipe", "parse_mergekit_recipe"]
+
+#: mergekit method → (sens-peft method, does it take a base model, its ``normalize`` default, ``rescale`` default)
+MERGEKIT_METHODS = {
+    "linear": ("task_arithmetic", False, True, None),
+    "task_arithmetic": ("task_arithmetic", True, False, None),
+    "ties": ("ties", True, True, False),
+    "dare_linear": ("dare_linear", True, False, True),
+    "dare_ties": ("dare_ties", True, False, True),
+}
+_TOP_KEYS = {"merge_method", "models", "base_model", "dtype", "out_dtype", "parameters", "tokenizer_source",
+             "tokenizer", "chat_template", "slices", "modules"}
+_SHARED = {"normalize", "lambda", "int8_mask", "rescale"}
+_PER_MODEL = {"weight", "density"}
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def is_mergekit_recipe(data: Any) -> bool:
+    """Whether a loaded YAML mapping is a mergekit recipe (``merge_method``, or ``models:`` / ``slices:`` without
+    sens-peft's ``experts:``)."""
+    return isinstance(data, Mapping) and "experts" not in data and (
+        "merge_method" in data or "models" in data or "slices" in data)
+
+
+def _fail(where: str, key: str, message: str) -> RecipeError:
+    return RecipeError(f"{where}: mergekit recipe: {key}: {message}")
+
+
+def _check_top(data: Mapping[str, Any], where: str) -> str:
+    """The mergekit method name, after the top-level keys are checked."""
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise _fail(where, ", ".join(unknown), f"unknown key(s); a mergekit recipe has {sorted(_TOP_KEYS)}")
+    for key, why in (("slices", "layer slices (frankenmerges) are not supported; list whole models under models:"),
+                     ("modules", "per-module definitions are not supported; list whole models under models:"),
+                     ("tokenizer", "tokenizer surgery is not supported; the base model's tokenizer is copied"),
+                     ("chat_template", "is not supported; the base model's tokenizer files are copied")):
+        if data.get(key) is not None:
+            raise _fail(where, key, why)
+    method = data.get("merge_method")
+    if method is None:
+        raise _fail(where, "merge_method", f"is required (one of {sorted(MERGEKIT_METHODS)})")
+    if method not in MERGEKIT_METHODS:
+        raise _fail(where, "merge_method", f"{method!r} is not supported; sens-peft runs {sorted(MERGEKIT_METHODS)} "
+                    "from a mergekit recipe (its other methods: write a sens-peft recipe)")
+    source = data.get("tokenizer_source")
+    if source not in (None, "base"):
+        raise _fail(where, "tokenizer_source", f"{source!r} is not supported; only 'base' (the base model's "
+                    "tokenizer, which the merge copies) is")
+    for key in ("dtype", "out_dtype"):
+        value = data.get(key)
+        if value is not None and value not in _DTYPES:
+            raise _fail(where, key, f"{value!r} is not one of {list(_DTYPES)}")
+    return method
+
+
+def _folder(ref: str, where: str, key: str, root: Path, check_paths: bool) -> str:
+    """A model or adapter reference as a local folder (mergekit resolves against the working folder; the recipe's
+    folder is tried next)."""
+    for candidate in (Path(os.path.expanduser(ref)), root / os.path.expanduser(ref)):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    if check_paths:
+        raise _fail(where, key, f"{ref!r} is not a local folder (hub ids are not fetched; download the model first)")
+    return ref
+
+
+def _model_ref(ref: Any, where: str, key: str, root: Path, check_paths: bool) -> tuple[str, Optional[str]]:
+    """``(model folder, LoRA adapter folder or None)`` of a reference (``model`` or mergekit's ``model+lora``)."""
+    if not isinstance(ref, str) or not ref:
+        raise _fail(where, key, f"must be a model folder (a string, or model+lora), got {ref!r}")
+    parts = ref.split("+")
+    if len(parts) > 2 or not all(parts):
+        raise _fail(where, key, f"{ref!r} must be a model folder or model+lora_adapter_folder")
+    model = _folder(parts[0], where, key, root, check_paths)
+    if len(parts) == 1:
+        return model, None
+    lora = _folder(parts[1], where, key, root, check_paths)
+    if check_paths and not (Path(lora) / "adapter_config.json").is_file():
+        raise _fail(where, key, f"{parts[1]!r} (after '+') holds no adapter_config.json: not a LoRA adapter")
+    return model, lora
+
+
+def _inputs(entries: list, base_ref: Any, method: str, where: str, root: Path, check_paths: bool
+            ) -> tuple[str, list[tuple[str, dict]], bool, bool]:
+    """``(base folder, [(expert folder, settings)], expert type is LoRA, the base takes part as an input)``.
+
+    With ``model+lora`` references every model part must be the base model: mergekit applies each adapter to its
+    model and merges the results, i.e. ``base + merge(ΔW_k)``, which sens-peft merges from the adapters."""
+    refs = [_model_ref(ref, where, f"models[{i}].model", root, check_paths) for i, (ref, _) in enumerate(entries)]
+    if base_ref is not None:
+        base, base_lora = _model_ref(base_ref, where, "base_model", root, check_paths)
+        if base_lora is not None:
+            raise _fail(where, "base_model", f"{base_ref!r}: a LoRA-applied base model is not supported")
+    else:  # linear without a base: the first model's (its own delta is zero) or the one all adapters apply to
+        base = refs[0][0]
+    loras = [lora is not None for _, lora in refs]
+    if any(loras):
+        for i, (model, _) in enumerate(refs):
+            if model != base:
+                raise _fail(where, f"models[{i}].model", f"{entries[i][0]!r}: with LoRA references every model must "
+                            f"be the base model {base_ref or entries[0][0]!r} (+ an adapter); mixing other full "
+                            "models with adapters is not supported")
+    keys = [lora or model for model, lora in refs]
+    for i, key in enumerate(keys):
+        if keys.index(key) != i:
+            raise _fail(where, f"models[{i}].model", f"{entries[i][0]!r} is listed twice")
+    takes_part = any(lora is None and model == base for model, lora in refs) or (
+        method == "linear" and base_ref is not None)
+    experts = [(key, settings) for key, (_, settings), (model, lora) in zip(keys, entries, refs)
+               if lora is not None or model != base]
+    return base, experts, any(loras), takes_part
+
+
+def _shared(params: Mapping[str, Any], method: str, where: str) -> dict[str, Any]:
+    """The recipe-wide shared parameters (normalize, lambda, int8_mask, rescale), checked, with mergekit's
+    defaults."""
+    _, _, normalize, rescale = MERGEKIT_METHODS[method]
+    allowed = {"normalize"} if method == "linear" else set(_SHARED)
+    values = {"normalize": normalize, "lambda": 1.0, "int8_mask": False, "rescale": rescale}
+    for key in _SHARED & set(params):
+        if key not in allowed:
+            raise _fail(where, f"parameters.{key}", f"is not a parameter of mergekit's {method}")
+        value = params[key]
+        kind = (int, float) if key == "lambda" else bool
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise _fail(where, f"parameters.{key}", f"must be {'a number' if key == 'lambda' else 'true or false'} "
+                        f"(one value for the whole merge), got {value!r}")
+        values[key] = float(value) if key == "lambda" else value
+    if values["int8_mask"]:
+        raise _fail(where, "parameters.int8_mask", "true is refused: it is a memory option of mergekit's sign mask "
+                    "with no counterpart here (sens-peft's masks are packed bits or fp32); remove it")
+    if method == "ties" and values["rescale"]:
+        raise _fail(where, "parameters.rescale", "true (mergekit's L1-norm rescale of the trimmed deltas) is not "
+                    "supported")
+    if method.startswith("dare") and not values["rescale"]:
+        raise _fail(where, "parameters.rescale", "false is not supported: sens-peft's DARE always rescales the kept "
+                    "entries by 1/density")
+    if method == "linear" and not values["normalize"]:
+        raise _fail(where, "parameters.normalize", "false is not supported for linear (an unnormalised sum of whole "
+                    "models); use task_arithmetic for a sum of deltas")
+    if method in ("ties", "dare_ties") and values["normalize"] and values["lambda"] != 1.0:
+        raise _fail(where, "parameters.lambda", f"{values['lambda']} with normalize: true is not supported (the "
+                    "weighted mean of the agreeing entries cancels sens-peft's scale); use lambda: 1 or normalize: "
+                    "false")
+    return values
+
+
+def _setting(value: Any, where: str, key: str) -> Any:
+    try:
+        return check_setting(value, key)
+    except ValueError as err:
+        raise _fail(where, key, str(err)) from err
+
+
+def _per_model(entry: Any, i: int, where: str) -> tuple[Any, dict[str, Any]]:
+    """``(model reference, {weight, density settings})`` of ``models[i]``."""
+    key = f"models[{i}]"
+    if isinstance(entry, str):
+        entry = {"model": entry}
+    if not isinstance(entry, Mapping) or "model" not in entry or set(entry) - {"model", "parameters"}:
+        raise _fail(where, key, f"must be a mapping with 'model' and optional 'parameters', got {entry!r}")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise _fail(where, f"{key}.parameters", f"must be a mapping, got {params!r}")
+    unknown = sorted(set(params) - _PER_MODEL)
+    if unknown:
+        raise _fail(where, f"{key}.parameters", f"unknown or unsupported per-model key(s) {unknown}; supported: "
+                    f"{sorted(_PER_MODEL)}")
+    return entry["model"], {k: _setting(v, where, f"{key}.parameters.{k}") for k, v in params.items()}
+
+
+def _num_layers(base: str) -> int:
+    """The number of transformer blocks (for gradient lists), from the base's config.json (1 when unknown)."""
+    path = Path(base) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 1
+    cfg = cfg.get("text_config", cfg)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return int(cfg[key])
+    return 1
+
+
+def _scalars(sources: list[list[Any]]) -> Optional[list[float]]:
+    """Each expert's value when every expert's first setting is a plain number, else None."""
+    firsts = [next((s for s in per if s is not None), None) for per in sources]
+    if all(isinstance(v, float) for v in firsts):
+        return firsts  # type: ignore[return-value]
+    return None
+
+
+def parse_mergekit_recipe(data: Mapping[str, Any], source: Optional[os.PathLike] = None, check_paths: bool = True):
+    """Validate a mergekit recipe mapping and build a :class:`~sens_peft.recipe.MergeRecipe`: full models, or LoRA
+    adapters of the base model given as mergekit's ``base+adapter`` references (merged into a full model)."""
+    from .recipe import ExpertSpec, MergeRecipe
+
+    where = str(source) if source else "recipe"
+    method = _check_top(data, where)
+    our_method, needs_base, _, _ = MERGEKIT_METHODS[method]
+    root = Path(source).parent if source else Path.cwd()
+    params = data.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise _fail(where, "parameters", f"must be a mapping, got {params!r}")
+    unknown = sorted(set(params) - _SHARED - _PER_MODEL)
+    if unknown:
+        raise _fail(where, "parameters", f"unknown or unsupported key(s) {unknown}; supported for {method}: "
+                    f"{sorted(({'normalize'} if method == 'linear' else _SHARED) | _PER_MODEL)}")
+    shared = _shared(params, method, where)
+    wide = {k: _setting(params[k], where, f"parameters.{k}") for k in _PER_MODEL & set(params)}
+    if method == "linear" and "density" in wide:
+        raise _fail(where, "parameters.density", "is not a parameter of mergekit's linear")
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise _fail(where, "models", "must be a non-empty list of {model, parameters} entries")
+    entries = [_per_model(entry, i, where) for i, entry in enumerate(models)]
+    for i, (_, settings) in enumerate(entries):
+        if method == "linear" and "density" in settings:
+            raise _fail(where, f"models[{i}].parameters.density", "is not a parameter of mergekit's linear")
+    base_ref = data.get("base_model")
+    if base_ref is None and needs_base:
+        raise _fail(where, "base_model", f"is required by {method} (the deltas are taken from it)")
+    base, experts, lora, takes_part = _inputs(entries, base_ref, method, where, root, check_paths)
+    if not experts:
+        raise _fail(where, "models", "lists no model besides the base model: nothing to merge")
+    for folder, settings in experts:
+        if "weight" not in settings and "weight" not in wide:
+            raise _fail(where, "parameters.weight", f"model {portable_name(folder)!r} has none (mergekit requires a "
+                        "weight per model, or parameters.weight)")
+    base_weight = None
+    if method == "linear" and takes_part:
+        own = [s for (ref, s) in entries if ref == base_ref or (base_ref is None and ref == entries[0][0])]
+        base_weight = [(own[0] if own else {}).get("weight"), wide.get("weight")]
+        if all(s is None for s in base_weight):
+            raise _fail(where, "base_model", "takes part in a linear merge and has no weight (give it one in "
+                        "models: or set parameters.weight)")
+    config, notes = _config(method, our_method, shared, wide, experts, base_weight, base, data)
+    if lora:
+        notes["models[].model"] = "model+lora: the adapters' ΔW merged onto the base (output: a full model)"
+    return MergeRecipe(base_model=base, experts=[ExpertSpec(path=p) for p, _ in experts], config=config,
+                       output_path=None, expert_type="lora" if lora else "full", source=dict(data),
+                       recipe_format="mergekit", notes=notes)
+
+
+def _config(method: str, our_method: str, shared: dict, wide: dict, experts: list, base_weight: Optional[list],
+            base: str, data: Mapping[str, Any]) -> tuple[MergeConfig, dict[str, str]]:
+    """The MergeConfig of a checked mergekit recipe, and what each mergekit field became (for the card)."""
+    weights = [[s.get("weight"), wide.get("weight")] for _, s in experts]
+    densities = [[s.get("density"), wide.get("density")] for _, s in experts]
+    uses_density = method in ("ties", "dare_linear", "dare_ties")
+    has_density = uses_density and any(d is not None for per in densities for d in per)
+    normalize_weights = shared["normalize"] and method in ("linear", "task_arithmetic", "dare_linear")
+    settings: dict[str, Any] = {"num_layers": _num_layers(base), "weight": weights, "normalize": normalize_weights,
+                                "defaults": {"density": 1.0}}
+    if base_weight is not None:
+        settings["base_weight"] = base_weight
+    if has_density:
+        settings["density"] = densities
+    kwargs: dict[str, Any] = dict(method=our_method, sens=None, output="full", trim_by="magnitude",
+                                  weighted_election=True, majority_sign_method="total", scale=shared["lambda"],
+                                  density=1.0, dtype=data.get("out_dtype") or data.get("dtype"))
+    if our_method in ("ties", "dare_ties"):
+        kwargs["params"] = {"divisor": "weights" if shared["normalize"] else "none"}
+    plain_w, plain_d = _scalars(weights), _scalars(densities) if has_density else None
+    if plain_w is not None and not normalize_weights:
+        kwargs["weights"] = plain_w
+        settings.pop("weight")
+    if plain_d is not None:
+        kwargs["densities"] = plain_d
+        settings.pop("density", None)
+    if "weight" in settings or "density" in settings:
+        kwargs["tensor_settings"] = settings
+    notes = _notes(method, shared, data, uses_density, has_density)
+    kwargs["origin"] = {"format": "mergekit", "merge_method": method, "fields": notes}
+    try:
+        return MergeConfig(**kwargs), notes
+    except ValueError as err:
+        raise RecipeError(f"mergekit recipe: {err}") from err
+
+
+def _notes(method: str, shared: dict, data: Mapping[str, Any], uses_density: bool, has_density: bool
+           ) -> dict[str, str]:
+    """mergekit field → how this merge honoured it (the card lists them)."""
+    notes = {"merge_method": f"{method} (sens-peft {MERGEKIT_METHODS[method][0]})",
+             "models[].parameters.weight": "honoured (numbers, gradient lists, filters)",
+             "base_model": "honoured (the origin of the deltas)" if method != "linear" else
+             "honoured (an input of the linear mean when given, as in mergekit)"}
+    if uses_density:
+        notes["models[].parameters.density"] = "honoured" if has_density else "honoured (default 1: nothing dropped)"
+    elif method == "task_arithmetic":
+        notes["models[].parameters.density"] = "no effect (as in mergekit: task arithmetic does not sparsify)"
+    notes["parameters.normalize"] = f"honoured ({shared['normalize']})"
+    if method != "linear":
+        notes["parameters.lambda"] = f"honoured ({shared['lambda']})"
+        notes["parameters.int8_mask"] = "false (true is refused)"
+        notes["parameters.rescale"] = (f"honoured ({shared['rescale']})" if not method.startswith("dare") else
+                                       "true: kept entries rescaled by 1/density (mergekit 0.1.5: to the L1 norm)")
+    for key in ("dtype", "out_dtype"):
+        if data.get(key) is not None:
+            notes[key] = f"{data[key]} (output dtype; the math runs in fp32)"
+    if data.get("tokenizer_source") is not None:
+        notes["tokenizer_source"] = "base (the base model's tokenizer files are copied)"
+    if method.startswith("dare"):
+        notes["random masks"] = "sens-peft's seeded counter masks (mergekit draws torch.bernoulli)"
+    return notes
+
+
+def portable_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a mergekit recipe whose model references name folders, not this machine's paths."""
+    out = dict(data)
+    if out.get("base_model"):
+        out["base_model"] = portable_name(out["base_model"])
+    models = []
+    for entry in out.get("models") or []:
+        if isinstance(entry, Mapping):
+            entry = {**entry, "model": portable_name(entry.get("model"))}
+        elif isinstance(entry, str):
+            entry = portable_name(entry)
+        models.append(entry)
+    if models:
+        out["models"] = models
+    return out
