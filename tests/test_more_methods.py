@@ -119,9 +119,9 @@ def hand_model_stock(deltas, c=None, filter_wise=False):
     return (t[:, None] * mean).reshape(shape)
 
 
-def hand_slerp(a, b, t, rows=True):
-    a2 = a.double().reshape(a.shape[0], -1) if rows else a.double().reshape(1, -1)
-    b2 = b.double().reshape(b.shape[0], -1) if rows else b.double().reshape(1, -1)
+def hand_slerp(a, b, t):
+    """Over the whole tensor (mergekit's slerp: its batch axis is over tensors, not rows)."""
+    a2, b2 = a.double().reshape(1, -1), b.double().reshape(1, -1)
     out = torch.empty_like(a2)
     for i in range(a2.shape[0]):
         x, y = a2[i], b2[i]
@@ -332,31 +332,34 @@ def test_model_stock_edges(tensors):
 # ------------------------------------------------------------------------------------------------ SLERP
 
 
-@pytest.mark.parametrize("granularity", ["row", "tensor"])
-def test_slerp_matches_hand(tensors, granularity):
+def test_slerp_matches_hand(tensors):
     base, experts, _, _ = tensors
     a, b = experts[0], experts[1]
-    for t in (0.0, 0.3, 1.0):
-        merged, finite = merge_streamed("slerp", base, [a, b], [1.0, 1.0], t=t, granularity=granularity, chunk=7)
+    for t in (0.0, 0.3, 0.8, 1.0):
+        merged, finite = merge_streamed("slerp", base, [a, b], [1.0, 1.0], t=t, chunk=7)
         assert finite
-        close(merged, hand_slerp(a, b, t, rows=granularity == "row"), 1e-6)
+        close(merged, hand_slerp(a, b, t), 1e-6)
     close(merge_streamed("slerp", base, [a, b], [1.0, 1.0], t=0.0)[0], a, 1e-6)
     close(merge_streamed("slerp", base, [a, b], [1.0, 1.0], t=1.0)[0], b, 1e-6)
+    # spans (a full-model merge cuts big tensors in two): the angle is still the whole tensor's
+    out = torch.empty(base.shape, dtype=torch.float64)
+    for span in ((0, 32), (32, 66)):
+        merge_streamed("slerp", base, [a, b], [1.0, 1.0], t=0.3, chunk=16, out=out, span=span)
+    close(out, hand_slerp(a, b, 0.3), 1e-6)
 
 
-def test_slerp_colinear_rows_and_vectors():
+def test_slerp_colinear_and_opposite():
     a = torch.randn(3, 8, dtype=torch.float64)
-    b = a.clone()
-    b[0] *= 3.0  # colinear row: linear interpolation
-    b[1] = -a[1]  # opposite row: linear too
-    b[2] = torch.randn(8, dtype=torch.float64)
+    for b in (3.0 * a, -0.5 * a):  # colinear / opposite tensors: linear interpolation
+        merged, _ = merge_streamed("slerp", torch.zeros(3, 8), [a.float(), b.float()], [1.0, 1.0], t=0.25)
+        close(merged, 0.75 * a + 0.25 * b, 1e-6)
+    b = torch.randn(3, 8, dtype=torch.float64)
     merged, _ = merge_streamed("slerp", torch.zeros(3, 8), [a.float(), b.float()], [1.0, 1.0], t=0.25)
-    close(merged[0], 0.75 * a[0] + 0.25 * b[0], 1e-6)
-    close(merged[1], 0.75 * a[1] + 0.25 * b[1], 1e-6)
-    close(merged[2], hand_slerp(a[2:], b[2:], 0.25)[0], 1e-6)
-    # a 1-D tensor: every entry is a row of one (mergekit), so always linear
-    v0, v1 = torch.randn(10), torch.randn(10)
-    close(merge_streamed("slerp", torch.zeros(10), [v0, v1], [1.0, 1.0], t=0.4)[0], 0.6 * v0 + 0.4 * v1, 1e-6)
+    close(merged, hand_slerp(a, b, 0.25), 1e-6)
+    assert (merged.double() - (0.75 * a + 0.25 * b)).abs().max() > 1e-3  # not the linear mix
+    # a zero tensor: its norm reads as 1, the cosine as 0 (mergekit)
+    merged, _ = merge_streamed("slerp", torch.zeros(3, 8), [a.float(), torch.zeros(3, 8)], [1.0, 1.0], t=0.5)
+    close(merged, math.sin(math.pi / 4) * a, 1e-6)
 
 
 def test_slerp_layer_gradient():
@@ -471,7 +474,8 @@ MK_CASES = [
     ("slerp", "slerp", {"t": 0.3}, "slerp", {"t": 0.3}, 2, False),
     ("slerp_gradient", "slerp", {"t": [0.0, 0.5, 1.0]}, "slerp", {"t": [0.0, 0.5, 1.0], "num_layers": 4}, 2, False),
     ("model_stock", "model_stock", {}, "model_stock", {}, 3, False),
-    ("model_stock_fw", "model_stock", {"filter_wise": True}, "model_stock", {"filter_wise": True}, 3, False),
+    ("model_stock_fw", "model_stock", {"filter_wise": True}, "model_stock", {"params": {"filter_wise": True}}, 3,
+     False),
     ("breadcrumbs", "breadcrumbs", {"density": 0.5, "gamma": 0.1}, "breadcrumbs",
      {"density": 0.5, "params": {"gamma": 0.1}}, 3, False),
     ("breadcrumbs_ties", "breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}, "breadcrumbs_ties",
@@ -517,3 +521,9 @@ def test_equals_mergekit(llama_models, tmp_path, monkeypatch, case):
     worst = max((mine[n].double() - theirs[n].double()).abs().max().item() for n in mine)
     print(f"mergekit {label}: max |ours - mergekit| = {worst:.2e}")
     assert worst <= 1e-6
+    if ours.get("density", 1.0) < 1.0:  # the drop did drop: not the same merge without it
+        name = "model.layers.1.mlp.up_proj.weight"
+        b = read_state(base)[name]
+        undropped = merge_deltas(method, [read_state(e)[name] - b for e in experts], [1.0] * num, density=1.0,
+                                 **ours.get("params", {}))
+        assert (theirs[name] - b - undropped).abs().max() > 1e-3

@@ -1,11 +1,10 @@
 """SLERP: spherical linear interpolation between the full weights of exactly two experts, per tensor, as mergekit's
 ``slerp`` (``t = 0`` gives the first expert, ``t = 1`` the second).
 
-Per row of a tensor (its first dimension; mergekit's current convention) or over the whole tensor
-(``granularity="tensor"``, mergekit's earlier one): with ``a``, ``b`` the two experts' rows and ``d`` the cosine
-of their angle (norms below 1e-8 read as 1), the merge is ``sin((1-t)θ)/sin θ · a + sin(tθ)/sin θ · b`` with
-``θ = acos d``, or the linear ``(1-t) a + t b`` where ``|d| > dot_threshold`` (colinear or opposite rows). The
-base model is not part of the formula (it cancels), and weights, ``scale`` and Sens coefficients do not apply.
+Over each whole tensor: with ``a``, ``b`` the two experts' tensors (flattened) and ``d`` the cosine of their angle
+(norms below 1e-8 read as 1), the merge is ``sin((1-t)θ)/sin θ · a + sin(tθ)/sin θ · b`` with ``θ = acos d``, or
+the linear ``(1-t) a + t b`` where ``|d| > dot_threshold`` (colinear or opposite tensors). The base model is not
+part of the formula, and weights, ``scale`` and Sens coefficients do not apply.
 
 ``t`` is a number, or a list interpolated over the layers as mergekit's gradients are: layer ``i`` of
 ``num_layers`` reads the list at ``x = i / (num_layers - 1)``; tensors outside the layers (embeddings, final
@@ -73,7 +72,8 @@ def t_of(name: str, params: Mapping[str, Any]) -> float:
 
 
 def slerp_coefficients(grams: Tensor, t: float, dot_threshold: float) -> tuple[Tensor, Tensor]:
-    """``(coef_a, coef_b)`` per row (float64) from the rows' Gram matrices ``[rows, 2, 2]`` of the two inputs."""
+    """``(coef_a, coef_b)`` (float64 ``[rows]``) from the Gram matrices ``[rows, 2, 2]`` of the two inputs (one row:
+    the whole tensor)."""
     norms = torch.diagonal(grams, dim1=1, dim2=2).clamp(min=0).sqrt()
     norms = torch.where(norms > 1e-8, norms, torch.ones_like(norms))
     dot = (grams[:, 0, 1] / (norms[:, 0] * norms[:, 1])).clamp(-1.0, 1.0)
@@ -91,13 +91,12 @@ class Slerp(MergeMethod):
     """SLERP of the full weights of two experts (``merge_models`` only)."""
 
     name = "slerp"
-    description = ("SLERP: spherical interpolation of two experts' full weights per tensor row (t: number or "
+    description = ("SLERP: spherical interpolation of two experts' full weights per tensor (t: number or "
                    "per-layer list); full-model merges only")
     reference = "Shoemake, Animating Rotation with Quaternion Curves, SIGGRAPH 1985; mergekit's slerp"
     parameters = (
         _NumberOrList("t", float, 0.5, "0: the first expert, 1: the second; a list is read over the layers"),
         Param("num_layers", int, 0, "the base model's number of layers (needed when t is a list)", low=0),
-        Param("granularity", str, "row", "angle per row (mergekit) or per whole tensor", choices=("row", "tensor")),
         Param("dot_threshold", float, 0.9995, "|cos| above which rows are interpolated linearly", low=0.0, high=1.0),
     )
     full_weights = True
@@ -117,14 +116,13 @@ class Slerp(MergeMethod):
         self._check(job)
         p = job.params
         numel = job.base.numel()
-        rows = job.shape[0] if p["granularity"] == "row" and len(job.shape) >= 1 and job.shape[0] > 0 else 1
         first, second = job.experts
 
         def pair(s: int, e: int) -> Tensor:
             return torch.stack([first[s:e].to(torch.float32), second[s:e].to(torch.float32)])
 
         t = t_of(job.name, p)
-        coef_a, coef_b = slerp_coefficients(row_grams(pair, numel, rows, job.chunk, job.device), t,
+        coef_a, coef_b = slerp_coefficients(row_grams(pair, numel, 1, job.chunk, job.device), t,
                                             float(p["dot_threshold"]))
         check = torch.zeros((), dtype=torch.float32, device=job.device)
         for s, e in chunks(job.stop, job.chunk, job.first):
