@@ -426,6 +426,32 @@ def test_merge_adapters_refuses_slerp(tmp_path):
     assert report.adapter_name
 
 
+def test_merge_adapters_sensitivity_ranked_drop_reads_the_maps(tmp_path):
+    """LoRA experts with element maps in their sidecars: merge_adapters ranks each ΔW by the stored maps (the same
+    merge as merge_deltas with those maps, fp32 rounding apart); an expert without maps is refused by name."""
+    from peft import PeftModel
+    from test_importance_entry_points import Q0, _lora_experts
+
+    from sens_peft import merge_adapters
+    from sens_peft.store import load_sensitivity
+
+    folders = _lora_experts(tmp_path)
+    kw = dict(method="della_sensitivity", density=0.5, seed=4, sens=None, device="cpu", progress=False)
+    report = merge_adapters(tiny_llama(seed=0), folders, output="full", **kw)
+    model = PeftModel.from_pretrained(tiny_llama(seed=0), str(folders[0]), adapter_name="e0")
+    model.load_adapter(str(folders[1]), adapter_name="e1")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    deltas = [layer.get_delta_weight(f"e{k}").detach() for k in range(2)]
+    maps = [load_sensitivity(f).element_maps[Q0] for f in folders]
+    want = merge_deltas("della_sensitivity", deltas, [1.0, 1.0], density=0.5, seed=4, name=Q0, importance=maps)
+    got = report.model.state_dict()[Q0] - tiny_llama(seed=0).state_dict()[Q0]
+    close(got, want, 1e-5)
+    assert (want - merge_deltas("della", deltas, [1.0, 1.0], density=0.5, seed=4, name=Q0)).abs().max() > 1e-3
+    without = _lora_experts(tmp_path / "no_maps", maps=(True, False))
+    with pytest.raises(MergeError, match=r"della_sensitivity.*element_maps.*expert 'e1'"):
+        merge_adapters(tiny_llama(seed=0), without, **kw)
+
+
 # ------------------------------------------------------------------------------------------------ mergekit
 
 

@@ -28,10 +28,10 @@ from .selection import elect_sign, keep_chunk, trim_floats, trim_thresholds
 from .streamed import StreamJob
 from .ties import elect_and_mean
 
-_INT32_MAX = (1 << 31) - 1  # a trim threshold above every score: keeps nothing
-
 __all__ = ["OutlierDrop", "RESCALES", "RankedDrop", "check_epsilon", "chunk_kernel", "elect_merge",
            "outlier_keep_mask", "rank_keep_probs", "ranked_drop_dense", "whole_tensor_kernel"]
+
+_INT32_MAX = (1 << 31) - 1  # a trim threshold above every score: keeps nothing
 
 #: How kept entries are rescaled after a MagPrune drop: ``"inverse"`` divides each by its keep probability (the
 #: DELLA paper's ``1 / (1 - p_drop)``; DARE's ``1 / density`` when all are equal), ``"l1"`` restores the tensor's
