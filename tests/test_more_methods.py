@@ -422,8 +422,18 @@ def test_merge_adapters_refuses_slerp(tmp_path):
     folders = [make_lora_adapter(tiny_llama, tmp_path / f"a{k}", seed=k + 1) for k in range(2)]
     with pytest.raises(MergeError, match="'slerp' combines the experts' full weights"):
         merge_adapters(tiny_llama(), folders, method="slerp")
-    report = merge_adapters(tiny_llama(), folders, method="model_stock")  # a ΔW method: SVD of the merged ΔW
-    assert report.adapter_name
+    # Model Stock on the ΔW: exact factors (per-tensor t), equal to the dense formula on PEFT's ΔW
+    from peft import PeftModel
+
+    report = merge_adapters(tiny_llama(), folders, method="model_stock", sens=None, progress=False)
+    assert report.details["rank"] == 8  # 4 + 4, concatenated
+    model = PeftModel.from_pretrained(tiny_llama(), str(folders[0]), adapter_name="e0")
+    model.load_adapter(str(folders[1]), adapter_name="e1")
+    layer = model.base_model.model.model.layers[1].self_attn.v_proj
+    deltas = [layer.get_delta_weight(f"e{k}").detach().double() for k in range(2)]
+    merged = report.model.base_model.model.model.layers[1].self_attn.v_proj.get_delta_weight(report.adapter_name)
+    close(merged, hand_model_stock(deltas), 1e-6)
+    assert hand_model_stock(deltas).abs().max() > 1e-3
 
 
 def test_merge_adapters_sensitivity_ranked_drop_reads_the_maps(tmp_path):

@@ -4,12 +4,14 @@ mean pairwise cosine ``cos`` sets ``t = K cos / (1 + (K - 1) cos)``, and the mer
 norms clamped at 1e-6, cosines clamped to [-1, 1], ``t = 0`` where ``1 + (K - 1) cos`` vanishes).
 
 Coefficients: ``t * sum_k c_k delta_k / K`` (with the default weights 1, the paper's mean); the angles are those of
-the unweighted deltas.
+the unweighted deltas. LoRA output (per-tensor ``t``): exact factors, the experts' concatenated with ``c_k t / K``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -63,6 +65,25 @@ class ModelStock(MergeMethod):
         ratio = stock_ratio(dense_row_grams(stacked, rows)).to(stacked.dtype)
         mean = TaskArithmetic().combine(stacked, coefficients) / num
         return (mean.reshape(rows, -1) * ratio[:, None]).reshape(mean.shape)
+
+    def exact_lora_rank(self, ranks: Sequence[int], params: Mapping[str, Any]) -> Optional[int]:
+        # one t per tensor scales a concatenation of the factors; per-row t would depend on the weight's layout
+        return None if params.get("filter_wise") else sum(ranks)
+
+    def lora_factors(self, factors: Sequence[tuple[Tensor, Tensor, float]], coefficients: Sequence[float],
+                     rank: int, device: torch.device, ctx: Optional[MergeContext] = None) -> tuple[Tensor, Tensor]:
+        """Task arithmetic's concatenated factors with coefficients ``c_k t / K``; ``t`` from the ΔW's inner
+        products ``<s_i B_i A_i, s_j B_j A_j> = s_i s_j sum((B_iᵀ B_j) ⊙ (A_i A_jᵀ))`` (no ΔW is formed)."""
+        num = len(factors)
+        self._check(num, ctx.name if ctx is not None else "")
+        a = [f[0].to(device=device, dtype=torch.float64) for f in factors]
+        b = [f[1].to(device=device, dtype=torch.float64) for f in factors]
+        grams = torch.empty(1, num, num, dtype=torch.float64, device=device)
+        for i in range(num):
+            for j in range(num):
+                grams[0, i, j] = factors[i][2] * factors[j][2] * ((b[i].T @ b[j]) * (a[i] @ a[j].T)).sum()
+        ratio = float(stock_ratio(grams)[0])
+        return TaskArithmetic().lora_factors(factors, [c * ratio / num for c in coefficients], rank, device)
 
     def stream(self, job: StreamJob) -> bool:
         num, numel = job.num, job.base.numel()
