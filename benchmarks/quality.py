@@ -74,13 +74,14 @@ GRIDS: dict[str, dict[str, Any]] = {
 
 # mergekit's sparsifying and geometric methods: DELLA and its sensitivity-ranked drop share DARE's densities and λ
 # grid (so each row compares with DARE-TIES at the same density), epsilon fixed at mergekit's 0.15; Breadcrumbs
-# keeps dense task vectors (TA's λ range); Model Stock's λ multiplies its own t (1 = the method itself).
+# keeps dense task vectors (TA's λ range); Model Stock's λ multiplies its own t (1 = the method itself; t is near 0
+# for near-orthogonal task vectors of different tasks, hence the wide range).
 GRIDS["full"].update({"della": {"density": [0.3, 0.6], "epsilon": 0.15, "lams": [0.4, 0.8, 1.3, 2.0]},
                       "breadcrumbs": {"density": [0.5, 0.9], "gamma": 0.01, "lams": [0.15, 0.3, 0.5, 0.8]},
-                      "model_stock": {"filter_wise": [False, True], "lams": [1.0, 2.0, 4.0, 8.0]}})
+                      "model_stock": {"filter_wise": [False, True], "lams": [1.0, 4.0, 16.0, 64.0]}})
 GRIDS["quick"].update({"della": {"density": [0.5], "epsilon": 0.15, "lams": [0.4, 0.8, 1.3, 2.0]},
                        "breadcrumbs": {"density": [0.9], "gamma": 0.01, "lams": [0.15, 0.3, 0.5, 0.8]},
-                       "model_stock": {"filter_wise": [False], "lams": [1.0, 2.0, 4.0, 8.0]}})
+                       "model_stock": {"filter_wise": [False], "lams": [1.0, 4.0, 16.0, 64.0]}})
 
 # ----------------------------------------------------------------------------------------------------------
 # The method list: one entry per method
