@@ -72,6 +72,16 @@ GRIDS: dict[str, dict[str, Any]] = {
               "fisher_lams": [0.75, 1.25, 2.0, 3.0]},
 }
 
+# mergekit's sparsifying and geometric methods: DELLA and its sensitivity-ranked drop share DARE's densities and λ
+# grid (so each row compares with DARE-TIES at the same density), epsilon fixed at mergekit's 0.15; Breadcrumbs
+# keeps dense task vectors (TA's λ range); Model Stock's λ multiplies its own t (1 = the method itself; t is near 0
+# for near-orthogonal task vectors of different tasks, hence the wide range).
+GRIDS["full"].update({"della": {"density": [0.3, 0.6], "epsilon": 0.15, "lams": [0.4, 0.8, 1.3, 2.0]},
+                      "breadcrumbs": {"density": [0.5, 0.9], "gamma": 0.01, "lams": [0.15, 0.3, 0.5, 0.8]},
+                      "model_stock": {"filter_wise": [False, True], "lams": [1.0, 4.0, 16.0, 64.0]}})
+GRIDS["quick"].update({"della": {"density": [0.5], "epsilon": 0.15, "lams": [0.4, 0.8, 1.3, 2.0]},
+                       "breadcrumbs": {"density": [0.9], "gamma": 0.01, "lams": [0.15, 0.3, 0.5, 0.8]},
+                       "model_stock": {"filter_wise": [False], "lams": [1.0, 4.0, 16.0, 64.0]}})
 
 # ----------------------------------------------------------------------------------------------------------
 # The method list: one entry per method
@@ -152,6 +162,40 @@ METHODS: list[Method] = [
     Method("Default (MergeConfig(), public API)", lambda g: [ql.lib_default_setting()], ql.merge_default,
            tuned=False),
     Method("Base (no merge)", lambda g: [_plain("task_arithmetic", 0.0)], ql.merge_fast, tuned=False),
+]
+
+
+def _own_params(keys: tuple[str, ...], maps: bool = False) -> MergeFn:
+    """:func:`quality_lib.merge_fast` for methods with parameters of their own (``keys`` of the setting) and,
+    with ``maps``, the experts' element maps as ranking scores (shuffled in the control)."""
+    def merge(setting: dict[str, Any], cell: ql.Cell):
+        coef, spread = ql.coefficient_lookup(setting, cell)
+        params = {key: setting[key] for key in keys if key in setting}
+        return {name: ql.lib_merge_tensor(setting["method"], deltas, coef(name), density=setting.get("density", 1.0),
+                                          scale=setting["lam"], seed=cell.seed, name=name,
+                                          importance=cell.stat("element_maps", name) if maps else None, **params)
+                for name, deltas in cell.deltas.items()}, spread
+
+    return merge
+
+
+def _grid(key: str, method: str, axis: str, **fixed: str) -> Callable[[dict], list[dict]]:
+    """``axis`` values × λ of ``GRIDS[...][key]``, with the ``fixed`` settings read from the same entry."""
+    return lambda g: [_plain(method, lam, **{axis: v}, **{k: g[key][f] for k, f in fixed.items()})
+                      for v in g[key][axis] for lam in g[key]["lams"]]
+
+
+# SLERP merges exactly two experts: no row in this 4-expert benchmark.
+METHODS[-2:-2] = [
+    Method("DELLA", _grid("della", "della", "density", epsilon="epsilon"), _own_params(("epsilon",))),
+    Method("DELLA-linear", _grid("della", "della_linear", "density", epsilon="epsilon"), _own_params(("epsilon",))),
+    Method("Sensitivity-ranked drop (DELLA by element maps)",
+           _grid("della", "della_sensitivity", "density", epsilon="epsilon"), _own_params(("epsilon",), maps=True),
+           uses=("element_maps",)),
+    Method("Breadcrumbs", _grid("breadcrumbs", "breadcrumbs", "density", gamma="gamma"), _own_params(("gamma",))),
+    Method("Breadcrumbs-TIES", _grid("breadcrumbs", "breadcrumbs_ties", "density", gamma="gamma"),
+           _own_params(("gamma",))),
+    Method("Model Stock", _grid("model_stock", "model_stock", "filter_wise"), _own_params(("filter_wise",))),
 ]
 REFERENCE = "TA"
 DEFAULT = "Default (MergeConfig(), public API)"

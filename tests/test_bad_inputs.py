@@ -258,8 +258,8 @@ CASES = [
          "temperature 0"),
     Case("M-temperature-negative", _M("full0", "full1", temperature=-1.0), ValueError,
          r"temperature must be > 0, got -1\.0", "temperature -1"),
-    Case("A-unknown-method", _A("lora0", "lora1", method="slerp"), ValueError,
-         r"unknown merge method 'slerp'; available: \[", "method 'slerp'"),
+    Case("A-unknown-method", _A("lora0", "lora1", method="nuslerp"), ValueError,
+         r"unknown merge method 'nuslerp'; available: \[", "method 'nuslerp'"),
     Case("M-unknown-method", _M("full0", "full1", method="tie"), ValueError, r"unknown merge method 'tie'",
          "method 'tie'"),
     # --- output folder

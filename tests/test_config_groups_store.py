@@ -57,7 +57,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="temperature"):
         MergeConfig(temperature=0)
     with pytest.raises(ValueError, match="unknown merge method"):
-        MergeConfig(method="slerp")
+        MergeConfig(method="nuslerp")
     with pytest.raises(ValueError, match="unknown MergeConfig keys"):
         MergeConfig.from_dict({"methd": "ties"})
     with pytest.raises(ValueError, match="mode"):

@@ -72,7 +72,7 @@ def test_full_experts_default_to_full_output(tmp_path):
         ({"parameters": {"density": 1.5}}, r"density must be in \(0, 1\]"),
         ({"parameters": {"dare_rng": "philox"}}, r"dare_rng"),
         ({"sens": {"temperature": 0}}, r"temperature must be > 0"),
-        ({"method": "slerp"}, r"unknown merge method 'slerp'"),
+        ({"method": "nuslerp"}, r"unknown merge method 'nuslerp'"),
         ({"experts": []}, r"'experts' must be a non-empty list"),
         ({"experts": ["math", "missing"]}, r"experts\[1\].path .*missing does not exist"),
         ({"experts": ["math", "math"]}, r"listed twice"),

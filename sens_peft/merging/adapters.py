@@ -309,7 +309,12 @@ def _default_for_layouts(cfg: MergeConfig, modules: list[LoraModule]) -> MergeCo
 
 def _check_layouts(plan: MergePlan, modules: list[LoraModule]) -> None:
     """Input Grams are [in, in] for torch Linear weights [out, in]; a fan_in_fan_out (Conv1D) weight is [in, out],
-    which a square layer would take silently the wrong way round: refused until that layout is supported."""
+    which a square layer would take silently the wrong way round: refused until that layout is supported. A
+    method that combines full weights (SLERP) is refused: LoRA experts' full weights are not formed here."""
+    if plan.method.full_weights:
+        raise MergeError(f"method {plan.config.method!r} combines the experts' full weights, not their deltas, so it "
+                         "cannot merge LoRA adapters; merge full models with merge_models (e.g. after merging "
+                         "each adapter into its base), or use a delta method")
     if "gram" in plan.needs:
         flipped = [m.name for m in modules if m.transposed]
         if flipped:

@@ -9,10 +9,13 @@ Layout (a newcomer finds every formula in one file):
 * ``base.py``: :class:`MergeMethod` (declarations and hooks), :class:`MergeContext`, :class:`Param`.
 * ``registry.py``: :func:`register_method`, :func:`get_method`, :func:`available_methods`.
 * ``task_arithmetic.py``, ``ties.py``, ``dare.py`` (``dare_linear``, ``dare_ties``), ``importance.py``,
-  ``ties_frequency.py``, ``regmean.py``, ``fisher.py``: the methods.
+  ``ties_frequency.py``, ``regmean.py``, ``fisher.py``, ``della.py`` (``della``, ``della_linear``),
+  ``della_sensitivity.py``, ``breadcrumbs.py`` (``breadcrumbs``, ``breadcrumbs_ties``), ``slerp.py``,
+  ``model_stock.py``: the methods.
 * ``dense.py``: :func:`merge_deltas` (whole tensors); ``streamed.py``: :func:`merge_streamed` (chunked, full
   models) and its kernels; ``selection.py``: TIES's exact trim, sign election, disjoint mean; ``rng.py``: DARE's
-  masks; ``bits.py``: bit-packed masks drawn ahead; ``common.py``: small shared helpers.
+  masks; ``bits.py``: bit-packed masks drawn ahead; ``common.py``: small shared helpers; ``drops.py``: the rank-based
+  drops (MagPrune, outlier trim) and their chunk kernel; ``rowstats.py``: per-row inner products (SLERP, Model Stock).
 
 A new method is one new module here, imported below (or by the user before merging): it appears in
 :func:`available_methods`, ``MergeConfig``, YAML recipes, merge cards and ``sens-peft merge --help``.
@@ -20,7 +23,20 @@ A new method is one new module here, imported below (or by the user before mergi
 
 from __future__ import annotations
 
-from . import dare, fisher, importance, regmean, task_arithmetic, ties, ties_frequency  # noqa: F401  (register)
+from . import (  # noqa: F401  (register)
+    breadcrumbs,
+    dare,
+    della,
+    della_sensitivity,
+    fisher,
+    importance,
+    model_stock,
+    regmean,
+    slerp,
+    task_arithmetic,
+    ties,
+    ties_frequency,
+)
 from .base import MergeContext, MergeMethod, Param
 from .bits import dare_masks, pack_bits, unpack_bits
 from .common import DEFAULT_CHUNK

@@ -112,6 +112,8 @@ class MergeMethod:
             Linear weights only); the method then gets no such statistic for that tensor and must say in its
             docstring what it does. A tensor that some experts have it for and others not is still an error.
         random: Whether it draws DARE masks (gets ``ctx.draw_keep``).
+        full_weights: Whether it combines the experts' full weights rather than their deltas (SLERP): it merges
+            full models only (``merge_models``), and ``merge_adapters`` refuses it.
     """
 
     name: ClassVar[str] = ""
@@ -122,6 +124,7 @@ class MergeMethod:
     needs: ClassVar[tuple[str, ...]] = ()
     optional_statistics: ClassVar[tuple[str, ...]] = ()
     random: ClassVar[bool] = False
+    full_weights: ClassVar[bool] = False
 
     # -- declarations that depend on the settings -------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..config import DARE_RNGS
 from .common import chunks
 
-__all__ = ["DARE_RNGS", "counter_keep", "dare_keep_mask", "dare_mask", "keep_drawer", "resolve_seed", "stable_seed",
+__all__ = ["DARE_RNGS", "counter_keep", "counter_keep_probs", "dare_keep_mask", "dare_mask", "keep_drawer", "resolve_seed", "stable_seed",
            "torch_generator"]
 
 
@@ -137,18 +137,47 @@ def counter_keep(out: Tensor, start: int, density: float, seed: int, name: str, 
     while pos < end:
         block, offset = divmod(pos, COUNTER_BLOCK)
         m = min(end - pos, COUNTER_BLOCK - offset)
-        key1, key2 = counter_keys(seed, name, expert, block)
-        x, t = scratch[0][:m], scratch[1][:m]
-        # a Weyl step first: consecutive counters differ in many bits before the rounds (without it, neighbours'
-        # keeps correlated measurably, ~3e-4)
-        torch.add(_arange32(m, device), _signed32(offset + key1), out=x).mul_(_WEYL)
-        for shift, mul, key in ((16, _MUL1, key2), (15, _MUL2, None)):
-            # x ^= x >>> shift (int32 shifts are arithmetic: mask the sign copies off), then x *= mul
-            torch.bitwise_right_shift(x, shift, out=t)
-            x.bitwise_xor_(t.bitwise_and_((1 << (32 - shift)) - 1)).mul_(mul)
-            if key is not None:
-                x.bitwise_xor_(key)
+        x = _hash_block(scratch[0][:m], scratch[1][:m], seed, name, expert, block, offset)
         torch.lt(x, threshold, out=out[pos - start: pos - start + m])
+        pos += m
+    return out
+
+
+def _hash_block(x: Tensor, t: Tensor, seed: int, name: str, expert: int, block: int, offset: int) -> Tensor:
+    """The int32 counter hashes of positions ``offset : offset + len(x)`` of ``block`` into ``x`` (``t``: scratch)."""
+    key1, key2 = counter_keys(seed, name, expert, block)
+    # a Weyl step first: consecutive counters differ in many bits before the rounds (without it, neighbours'
+    # keeps correlated measurably, ~3e-4)
+    torch.add(_arange32(x.numel(), x.device), _signed32(offset + key1), out=x).mul_(_WEYL)
+    for shift, mul, key in ((16, _MUL1, key2), (15, _MUL2, None)):
+        # x ^= x >>> shift (int32 shifts are arithmetic: mask the sign copies off), then x *= mul
+        torch.bitwise_right_shift(x, shift, out=t)
+        x.bitwise_xor_(t.bitwise_and_((1 << (32 - shift)) - 1)).mul_(mul)
+        if key is not None:
+            x.bitwise_xor_(key)
+    return x
+
+
+def counter_keep_probs(probs: Tensor, start: int, seed: int, name: str, expert: int) -> Tensor:
+    """A keep-mask (fp32 0/1) with a keep probability per entry: entry ``start + i`` of expert ``expert``'s delta of
+    tensor ``name`` is kept when its ``"counter"`` hash falls below ``probs[i] * 2**32`` (``probs`` flat).
+
+    The same hash as :func:`counter_keep`: with every probability equal to ``density`` this is exactly DARE's
+    ``"counter"`` mask of that expert and tensor, so a rank-dependent drop (DELLA) with zero spread is DARE.
+    """
+    flat = probs.reshape(-1)
+    n, device = flat.numel(), flat.device
+    # the int32 reading of the hash is below this iff the hash, read unsigned, is below p * 2**32 (keep_threshold)
+    limit = (flat.to(torch.float64) * 2.0 ** 32).round_().clamp_(max=2.0 ** 32 - 1).to(torch.int64) - (1 << 31)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    x, t = torch.empty(n, dtype=torch.int32, device=device), torch.empty(n, dtype=torch.int32, device=device)
+    pos, end = int(start), int(start) + n
+    while pos < end:
+        block, offset = divmod(pos, COUNTER_BLOCK)
+        m = min(end - pos, COUNTER_BLOCK - offset)
+        lo = pos - start
+        hashed = _hash_block(x[lo: lo + m], t[lo: lo + m], seed, name, expert, block, offset)
+        torch.lt(hashed.to(torch.int64), limit[lo: lo + m], out=out[lo: lo + m])
         pos += m
     return out
 
