@@ -257,8 +257,9 @@ class LoraModule:
     def base_weight(self) -> torch.nn.Parameter:
         return self.layer.get_base_layer().weight
 
-    def set_factors(self, adapter: str, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Copy ``A``/``B`` into the (already created) adapter's factors, keeping their device and dtype."""
+    def set_factors(self, adapter: str, A: torch.Tensor, B: torch.Tensor, frozen: bool = False) -> None:
+        """Copy ``A``/``B`` into the (already created) adapter's factors, keeping their device and dtype
+        (``frozen``: and set their ``requires_grad`` to False)."""
         if self.embedding:
             pa, pb = self.layer.lora_embedding_A[adapter], self.layer.lora_embedding_B[adapter]
         else:
@@ -271,6 +272,9 @@ class LoraModule:
         with torch.no_grad():
             pa.copy_(A.to(device=pa.device, dtype=pa.dtype))
             pb.copy_(B.to(device=pb.device, dtype=pb.dtype))
+        if frozen:
+            pa.requires_grad_(False)
+            pb.requires_grad_(False)
 
 
 def lora_modules(peft_model: torch.nn.Module) -> list[LoraModule]:

@@ -68,17 +68,32 @@ def _modules_to_save_of(peft_model, adapter: str) -> set[str]:
 
 
 def _check_lora_finite(modules: list[LoraModule], names: list[str], folders: list[Optional[Path]]) -> None:
-    """A NaN/Inf in any LoRA factor would spread through the merged ΔW: refuse, naming expert and tensor."""
-    for module in modules:
-        for name, folder in zip(names, folders):
-            f = module.factors(name)
-            if f is None:
-                continue
-            where = folder / "adapter_model.safetensors" if folder is not None else None
-            suffixes = ("lora_embedding_A", "lora_embedding_B") if module.embedding else ("lora_A.weight",
-                                                                                          "lora_B.weight")
-            for suffix, tensor in zip(suffixes, (f.A, f.B)):
-                check_finite(tensor.detach(), f"expert {name!r}", f"{module.name}.{suffix}", where)
+    """A NaN/Inf in any LoRA factor would spread through the merged ΔW: refuse, naming expert and tensor.
+
+    A cheap pass over all factors (:func:`_all_finite`), and the per-tensor check only when it finds something,
+    to name the tensor.
+    """
+    found = [(module, name, folder, f) for module in modules for name, folder in zip(names, folders)
+             if (f := module.factors(name)) is not None]
+    tensors = [t for *_, f in found for t in (f.A, f.B) if t.is_floating_point()]
+    if tensors and _all_finite(tensors):
+        return
+    for module, name, folder, f in found:
+        where = folder / "adapter_model.safetensors" if folder is not None else None
+        suffixes = ("lora_embedding_A", "lora_embedding_B") if module.embedding else ("lora_A.weight",
+                                                                                      "lora_B.weight")
+        for suffix, tensor in zip(suffixes, (f.A, f.B)):
+            check_finite(tensor, f"expert {name!r}", f"{module.name}.{suffix}", where)
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value is finite: one sum per tensor (NaN and Inf propagate through it; ~15x faster than
+    ``isfinite`` on the CPU, which writes a mask) and one check per device. A sum can overflow where no value
+    does; that reads as False and the caller's exact per-tensor check then clears it."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_device.setdefault(tensor.device, []).append(tensor.sum(dtype=torch.float32))
+    return all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
 
 
 def _check_lora_config(name: str, cfg) -> None:
@@ -349,7 +364,8 @@ def _adapted_modules(peft_model, names: list[str], folders: list[Optional[Path]]
             f"modules_to_save ({sorted(owners)}) cannot be merged into a full model yet; use output='lora'"
         )
     modules: list[LoraModule] = []
-    for module in lora_modules(peft_model):
+    every = lora_modules(peft_model)
+    for module in every:
         present = [a for a in names if a in module.adapters()]
         if not present:
             continue
@@ -362,7 +378,7 @@ def _adapted_modules(peft_model, names: list[str], folders: list[Optional[Path]]
     if not modules:
         raise MergeError(f"adapters {names} adapt no module of the model")
     _check_lora_finite(modules, names, folders)
-    check_adapters_loaded(lora_modules(peft_model), names, folders)
+    check_adapters_loaded(every, names, folders)
     check_rank(cfg.rank if cfg.output == "lora" else None, modules)
     return owners, modules
 
@@ -418,15 +434,69 @@ def _add_merged_adapter(peft_model, plan: MergePlan, work: list, owners: dict[st
                        "uses the first adapter's value")
     new_cfg = _new_adapter_config(peft_model.peft_config[names[0]], new_rank, {m.name for m, _ in work},
                                   sorted(owners) if owners else None)
-    peft_model.add_adapter(adapter_name, new_cfg)
+    # Without modules_to_save, the new factors are created on the meta device (no random init of values that are
+    # overwritten anyway: that init was most of a task-arithmetic merge's time) and given memory just before filling.
+    lazy = not owners
+    peft_model.add_adapter(adapter_name, new_cfg, low_cpu_mem_usage=lazy)
     try:
-        _fill_lora(peft_model, plan, work, device, adapter_name, new_rank, exact, progress)
+        if lazy:
+            _materialize_adapter(peft_model, {module.name for module, _ in work}, adapter_name)
+        _fill_lora(peft_model, plan, work, device, adapter_name, new_rank, exact, progress, bool(owners))
         for name, owner in owners.items():
             _copy_modules_to_save(peft_model, name, owner, adapter_name)
     except BaseException:
         peft_model.delete_adapter(adapter_name)
         raise
     return peft_model
+
+
+_FACTOR_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+def _materialize_adapter(peft_model, filled: set[str], adapter_name: str) -> None:
+    """Give the new adapter's meta-device factors uninitialised memory, then PEFT's own device/dtype placement.
+
+    This repeats what ``add_adapter`` does without ``low_cpu_mem_usage``, minus the random init: fp32 on the CPU,
+    moved and cast to the base layer's device and dtype, then fp16/bf16 upcast to fp32. So the parameters end with
+    the same device and dtype as before and :meth:`LoraModule.set_factors` writes the same values. Layers that PEFT
+    adapted but the merge does not fill (``filled`` lists the ones it does) get zeros: ``B @ A = 0``, as before.
+    """
+    try:
+        from peft.tuners.tuners_utils import cast_adapter_dtype
+    except ImportError:  # older PEFT: only the tuner's method, which walks the whole model (once, below)
+        cast_adapter_dtype = None
+    cpu = torch.device("cpu")
+    layers = [m for m in lora_modules(peft_model) if adapter_name in m.adapters()]
+    for module in layers:
+        for attr in _FACTOR_CONTAINERS:
+            container = getattr(module.layer, attr, None)
+            if container is None or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, torch.nn.Module):
+                for key, param in list(item.named_parameters(recurse=False)):
+                    if param.is_meta:
+                        setattr(item, key, _empty_param(param, cpu))
+            elif item.is_meta:
+                container[adapter_name] = _empty_param(item, cpu)
+        module.layer._move_adapter_to_device_of_base_layer(adapter_name)
+        if cast_adapter_dtype is not None:
+            cast_adapter_dtype(module.layer, adapter_name=adapter_name, autocast_adapter_dtype=True)
+    if cast_adapter_dtype is None:
+        peft_model.base_model._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=True)
+    for module in layers:
+        left = [name for name, p in module.layer.named_parameters() if p.is_meta]
+        if left:
+            raise MergeError(f"the new adapter {adapter_name!r} still has meta-device parameters on "
+                             f"{module.name!r} after creation: {left}")
+        if module.name not in filled:
+            f = module.factors(adapter_name)
+            module.set_factors(adapter_name, torch.zeros_like(f.A), torch.zeros_like(f.B))
+
+
+def _empty_param(param: torch.Tensor, device: torch.device) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
+                              requires_grad=param.requires_grad)
 
 
 def _module_context(plan: MergePlan, module: LoraModule, idx: list[int], device: torch.device) -> MergeContext:
@@ -443,7 +513,7 @@ def _factorize(cfg: MergeConfig, delta: torch.Tensor, rank: int, name: str) -> t
 
 
 def _fill_lora(peft_model, plan: MergePlan, work: list, device: torch.device, adapter_name: str, new_rank: int,
-               exact: bool, progress: Optional[bool]) -> None:
+               exact: bool, progress: Optional[bool], owners: bool) -> None:
     for module, idx in progress_bar(work, len(work), "merging modules", progress):
         new = module.factors(adapter_name)
         if new is None:
@@ -458,10 +528,11 @@ def _fill_lora(peft_model, plan: MergePlan, work: list, device: torch.device, ad
         else:
             merged = _merge_module(module, idx, plan, coeffs, device)
             A, B = _factorize(plan.config, merged.T if module.transposed else merged, new_rank, module.weight_name)
-        module.set_factors(adapter_name, A, B)
-    for param_name, param in peft_model.named_parameters():
-        if f".{adapter_name}." in param_name:
-            param.requires_grad_(False)
+        module.set_factors(adapter_name, A, B, frozen=True)
+    if owners:  # their modules_to_save copies, the only other parameters of the new adapter
+        for param_name, param in peft_model.named_parameters():
+            if f".{adapter_name}." in param_name:
+                param.requires_grad_(False)
 
 
 def _merge_module(module: LoraModule, idx: list[int], plan: MergePlan, coeffs: torch.Tensor,
