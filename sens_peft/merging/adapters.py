@@ -435,13 +435,15 @@ def _add_merged_adapter(peft_model, plan: MergePlan, work: list, owners: dict[st
     new_cfg = _new_adapter_config(peft_model.peft_config[names[0]], new_rank, {m.name for m, _ in work},
                                   sorted(owners) if owners else None)
     # Without modules_to_save, the new factors are created on the meta device (no random init of values that are
-    # overwritten anyway: that init was most of a task-arithmetic merge's time) and given memory just before filling.
-    lazy = not owners
+    # overwritten anyway: that init was most of a task-arithmetic merge's time) and the merged factors become the
+    # parameters (see _FactorPlacer).
+    lazy = not owners and _cast_adapter_dtype is not None
     peft_model.add_adapter(adapter_name, new_cfg, low_cpu_mem_usage=lazy)
     try:
-        if lazy:
-            _materialize_adapter(peft_model, {module.name for module, _ in work}, adapter_name)
-        _fill_lora(peft_model, plan, work, device, adapter_name, new_rank, exact, progress, bool(owners))
+        placer = _FactorPlacer(adapter_name) if lazy else None
+        _fill_lora(peft_model, plan, work, device, adapter_name, new_rank, exact, progress, placer)
+        if placer is not None:
+            placer.finish(peft_model, {module.name for module, _ in work})
         for name, owner in owners.items():
             _copy_modules_to_save(peft_model, name, owner, adapter_name)
     except BaseException:
@@ -450,48 +452,74 @@ def _add_merged_adapter(peft_model, plan: MergePlan, work: list, owners: dict[st
     return peft_model
 
 
+try:  # the per-layer form of what PeftModel.add_adapter runs over the whole model (PEFT >= 0.15)
+    from peft.tuners.tuners_utils import cast_adapter_dtype as _cast_adapter_dtype
+except ImportError:  # older PEFT: the new adapter is created with PEFT's random init, as before
+    _cast_adapter_dtype = None
+
 _FACTOR_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 
-def _materialize_adapter(peft_model, filled: set[str], adapter_name: str) -> None:
-    """Give the new adapter's meta-device factors uninitialised memory, then PEFT's own device/dtype placement.
+class _FactorPlacer:
+    """Puts the merged factors into a new adapter that PEFT created on the meta device.
 
-    This repeats what ``add_adapter`` does without ``low_cpu_mem_usage``, minus the random init: fp32 on the CPU,
-    moved and cast to the base layer's device and dtype, then fp16/bf16 upcast to fp32. So the parameters end with
-    the same device and dtype as before and :meth:`LoraModule.set_factors` writes the same values. Layers that PEFT
-    adapted but the merge does not fill (``filled`` lists the ones it does) get zeros: ``B @ A = 0``, as before.
+    Where a parameter lives is PEFT's choice: created fp32 on the CPU, moved and cast to the base layer's device
+    and dtype, then fp16/bf16 upcast to fp32 (``add_adapter`` without ``low_cpu_mem_usage``). For the first layer
+    of each kind (base layer type, weight dtype and device, embedding or not) that placement runs on empty memory
+    with PEFT's own functions and the factors are copied in; later layers of the kind get the factors converted
+    to the dtype and device recorded then, as the parameters themselves. Same dtypes, devices and values as
+    copying into PEFT-initialised parameters, without the init and the per-layer moves.
     """
-    try:
-        from peft.tuners.tuners_utils import cast_adapter_dtype
-    except ImportError:  # older PEFT: only the tuner's method, which walks the whole model (once, below)
-        cast_adapter_dtype = None
-    cpu = torch.device("cpu")
-    layers = [m for m in lora_modules(peft_model) if adapter_name in m.adapters()]
-    for module in layers:
-        for attr in _FACTOR_CONTAINERS:
-            container = getattr(module.layer, attr, None)
-            if container is None or adapter_name not in container:
+
+    def __init__(self, adapter: str) -> None:
+        self.adapter = adapter
+        self.places: dict[tuple, tuple[torch.dtype, torch.device, torch.dtype, torch.device]] = {}
+
+    def put(self, module: LoraModule, A: torch.Tensor, B: torch.Tensor) -> None:
+        weight = module.base_weight()
+        key = (type(module.layer.get_base_layer()), weight.dtype, weight.device, module.embedding)
+        place = self.places.get(key)
+        if place is None:
+            _materialize_layer(module, self.adapter)
+            module.set_factors(self.adapter, A, B, frozen=True)
+            new = module.factors(self.adapter)
+            self.places[key] = (new.A.dtype, new.A.device, new.B.dtype, new.B.device)
+            return
+        module.assign_factors(self.adapter, A.to(dtype=place[0], device=place[1]).contiguous(),
+                              B.to(dtype=place[2], device=place[3]).contiguous())
+
+    def finish(self, peft_model, filled: set[str]) -> None:
+        """Layers PEFT adapted that the merge did not fill get zeros (``B @ A = 0``, as PEFT's init gave);
+        nothing may stay on the meta device."""
+        for module in lora_modules(peft_model):
+            if self.adapter not in module.adapters():
                 continue
-            item = container[adapter_name]
-            if isinstance(item, torch.nn.Module):
-                for key, param in list(item.named_parameters(recurse=False)):
-                    if param.is_meta:
-                        setattr(item, key, _empty_param(param, cpu))
-            elif item.is_meta:
-                container[adapter_name] = _empty_param(item, cpu)
-        module.layer._move_adapter_to_device_of_base_layer(adapter_name)
-        if cast_adapter_dtype is not None:
-            cast_adapter_dtype(module.layer, adapter_name=adapter_name, autocast_adapter_dtype=True)
-    if cast_adapter_dtype is None:
-        peft_model.base_model._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=True)
-    for module in layers:
-        left = [name for name, p in module.layer.named_parameters() if p.is_meta]
-        if left:
-            raise MergeError(f"the new adapter {adapter_name!r} still has meta-device parameters on "
-                             f"{module.name!r} after creation: {left}")
-        if module.name not in filled:
-            f = module.factors(adapter_name)
-            module.set_factors(adapter_name, torch.zeros_like(f.A), torch.zeros_like(f.B))
+            left = [name for name, p in module.layer.named_parameters() if p.is_meta]
+            if left and module.name in filled:
+                raise MergeError(f"the new adapter {self.adapter!r} still has meta-device parameters on "
+                                 f"{module.name!r} after the merge: {left}")
+            if left:
+                _materialize_layer(module, self.adapter)
+                f = module.factors(self.adapter)
+                module.set_factors(self.adapter, torch.zeros_like(f.A), torch.zeros_like(f.B), frozen=True)
+
+
+def _materialize_layer(module: LoraModule, adapter: str) -> None:
+    """Empty CPU fp32 memory for the adapter's meta-device factors on one layer, then PEFT's placement of it."""
+    cpu = torch.device("cpu")
+    for attr in _FACTOR_CONTAINERS:
+        container = getattr(module.layer, attr, None)
+        if container is None or adapter not in container:
+            continue
+        item = container[adapter]
+        if isinstance(item, torch.nn.Module):
+            for key, param in list(item.named_parameters(recurse=False)):
+                if param.is_meta:
+                    setattr(item, key, _empty_param(param, cpu))
+        elif item.is_meta:
+            container[adapter] = _empty_param(item, cpu)
+    module.layer._move_adapter_to_device_of_base_layer(adapter)
+    _cast_adapter_dtype(module.layer, adapter_name=adapter, autocast_adapter_dtype=True)
 
 
 def _empty_param(param: torch.Tensor, device: torch.device) -> torch.nn.Parameter:
@@ -513,7 +541,7 @@ def _factorize(cfg: MergeConfig, delta: torch.Tensor, rank: int, name: str) -> t
 
 
 def _fill_lora(peft_model, plan: MergePlan, work: list, device: torch.device, adapter_name: str, new_rank: int,
-               exact: bool, progress: Optional[bool], owners: bool) -> None:
+               exact: bool, progress: Optional[bool], placer: Optional[_FactorPlacer]) -> None:
     for module, idx in progress_bar(work, len(work), "merging modules", progress):
         new = module.factors(adapter_name)
         if new is None:
@@ -525,14 +553,25 @@ def _fill_lora(peft_model, plan: MergePlan, work: list, device: torch.device, ad
             factors = [(f.A, f.B, f.scaling) for f in (module.factors(plan.experts[k]) for k in idx)]
             A, B = plan.method.lora_factors(factors, coeffs.tolist(), new_rank, device,
                                             _module_context(plan, module, idx, device))
+            A, B = _own(A, factors), _own(B, factors)
         else:
             merged = _merge_module(module, idx, plan, coeffs, device)
             A, B = _factorize(plan.config, merged.T if module.transposed else merged, new_rank, module.weight_name)
-        module.set_factors(adapter_name, A, B, frozen=True)
-    if owners:  # their modules_to_save copies, the only other parameters of the new adapter
+        if placer is not None:
+            placer.put(module, A, B)
+        else:
+            module.set_factors(adapter_name, A, B, frozen=True)
+    if placer is None:  # the modules_to_save copies are the new adapter's other parameters
         for param_name, param in peft_model.named_parameters():
             if f".{adapter_name}." in param_name:
                 param.requires_grad_(False)
+
+
+def _own(tensor: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """``tensor``, or a copy of it where it shares memory with an expert's factor (it becomes a parameter)."""
+    ptr = tensor.untyped_storage().data_ptr()
+    shared = any(t.untyped_storage().data_ptr() == ptr for a, b, _ in factors for t in (a, b))
+    return tensor.clone() if shared else tensor
 
 
 def _merge_module(module: LoraModule, idx: list[int], plan: MergePlan, coeffs: torch.Tensor,
