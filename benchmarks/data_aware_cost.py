@@ -53,12 +53,18 @@ def synthetic_gram(n: int, seed: int) -> torch.Tensor:
     return gram * TOKENS
 
 
-def add_grams(sidecar: Path, out: Path, shapes: dict[str, tuple[int, ...]], expert: int) -> Path:
-    """Expert ``expert``'s sidecar plus a full Gram for every Linear weight in ``shapes`` (aliases shared)."""
+def add_grams(sidecar: Path, out: Path, shapes: dict[str, tuple[int, ...]], expert: int, fisher: bool = False,
+              lora_only: bool = False) -> Path:
+    """Expert ``expert``'s sidecar plus a full Gram for every Linear weight in ``shapes`` (aliases shared), and
+    with ``fisher`` a positive Fisher map for every tensor (``lora_only``: for the adapted projections only)."""
     record = load_sensitivity(sidecar)
-    grams, aliases = {}, {}
+    grams, aliases, fishers = {}, {}, {}
     for name, shape in shapes.items():
-        if len(shape) != 2 or "embed" in name or "lm_head" in name:
+        linear = len(shape) == 2 and "embed" not in name and "lm_head" not in name
+        if fisher and (linear or not lora_only):
+            gen = torch.Generator().manual_seed(hash(("fisher", expert, name)) & 0xFFFFFFFF)
+            fishers[name] = torch.rand(shape, generator=gen) + 0.01
+        if not linear:
             continue
         proj = name.rsplit(".", 2)[-2]
         if proj in OWNER:
@@ -66,7 +72,9 @@ def add_grams(sidecar: Path, out: Path, shapes: dict[str, tuple[int, ...]], expe
         else:
             grams[name] = synthetic_gram(shape[1], hash((expert, name)) & 0xFFFFFFFF)
     record = dataclasses.replace(record, grams=grams, gram_aliases=aliases,
-                                 gram_tokens={n: TOKENS for n in grams}, element_maps={}, fisher={})
+                                 gram_tokens={n: TOKENS for n in grams}, element_maps={}, fisher=fishers)
+    if fisher:
+        record.metadata = {**record.metadata, "fisher_samples": "32"}
     out.mkdir(parents=True, exist_ok=True)
     return save_sensitivity(record, out)
 
@@ -90,15 +98,19 @@ def part_full(args, shape: ModelShape, label: str) -> dict:
     root = Path(args.workdir) / f"full_h{shape.hidden}_i{shape.intermediate}_L{shape.layers}"
     base, experts = make_full_experts(root, shape, num_experts=3)
     shapes = dict(shape.tensors())
-    sidecars = [add_grams(e / "sensitivity.safetensors", root / "grams" / e.name, shapes, k + 1)
-                for k, e in enumerate(experts)]
+    sidecars = [add_grams(e / "sensitivity.safetensors", root / ("grams_fisher" if args.fisher else "grams") / e.name,
+                          shapes, k + 1, fisher=args.fisher) for k, e in enumerate(experts)]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         def run(method: str):
             return lambda: merge_models(base, experts, Path(tmp) / method, method=method, sens=None,
-                                        sensitivities=sidecars, device="cpu", dtype="bfloat16", overwrite=True,
-                                        progress=False, max_shard_size="500MB")
-        times = interleaved({"task_arithmetic": run("task_arithmetic"), "regmean": run("regmean")}, args.repeats)
+                                        sensitivities=sidecars, device=args.device, dtype="bfloat16",
+                                        overwrite=True, progress=False, max_shard_size="500MB")
+        times = interleaved({m: run(m) for m in methods(args)}, args.repeats)
     return summarize(label, shape, times)
+
+
+def methods(args) -> list[str]:
+    return ["task_arithmetic", "regmean"] + (["fisher"] if args.fisher else [])
 
 
 def part_quickstart_lora(args) -> dict:
@@ -106,22 +118,24 @@ def part_quickstart_lora(args) -> dict:
     root = Path(args.workdir) / "quickstart_lora"
     base, experts = make_lora_experts(root, shape, num_experts=3, rank=8, alpha=16)
     shapes = dict(shape.tensors())
-    sidecars = [add_grams(e / "sensitivity.safetensors", root / "grams" / e.name, shapes, k + 1)
-                for k, e in enumerate(experts)]
+    sidecars = [add_grams(e / "sensitivity.safetensors", root / ("grams_fisher" if args.fisher else "grams") / e.name,
+                          shapes, k + 1, fisher=args.fisher, lora_only=True) for k, e in enumerate(experts)]
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(base)), str(experts[0]), adapter_name="e0")
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(base)).to(args.device), str(experts[0]),
+                                      adapter_name="e0")
     for k, e in enumerate(experts[1:], start=1):
         model.load_adapter(str(e), adapter_name=f"e{k}")
 
     def run(method: str):
         def go():
+            kw = {"output": "lora", "rank": 8} if method == "fisher" else {}  # Fisher: dense ΔW, randomized rank 8
             merge_adapters(model, ["e0", "e1", "e2"], method=method, sens=None, sensitivities=sidecars,
-                           adapter_name="m", device="cpu", progress=False)
+                           adapter_name="m", device=args.device, progress=False, **kw)
             model.delete_adapter("m")
         return go
-    times = interleaved({"task_arithmetic": run("task_arithmetic"), "regmean": run("regmean")}, args.repeats * 3)
+    times = interleaved({m: run(m) for m in methods(args)}, args.repeats * 3)
     return summarize("quick-start shape, 3 LoRA r8 adapters (merge_adapters)", shape, times)
 
 
@@ -130,20 +144,23 @@ def part_solve(args) -> dict:
     from sens_peft.methods import merge_deltas
 
     h, i = SHAPE_542M.hidden, SHAPE_542M.intermediate
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     out = {}
     for label, (rows, cols) in {"q/k/v/o [2048, 2048]": (h, h), "gate/up [5632, 2048]": (i, h),
                                 "down [2048, 5632]": (h, i)}.items():
         gen = torch.Generator().manual_seed(0)
-        deltas = [0.002 * torch.randn(rows, cols, generator=gen) for _ in range(3)]
-        grams = [synthetic_gram(cols, k) / TOKENS for k in range(3)]
+        deltas = [0.002 * torch.randn(rows, cols, generator=gen).to(args.device) for _ in range(3)]
+        grams = [(synthetic_gram(cols, k) / TOKENS).to(args.device) for k in range(3)]
         coeffs = torch.ones(3)
         times = interleaved({
-            "task_arithmetic": lambda d=deltas, c=coeffs: merge_deltas("task_arithmetic", d, c),
-            "regmean": lambda d=deltas, c=coeffs, g=grams: merge_deltas("regmean", d, c, statistics={"gram": g}),
+            "task_arithmetic": lambda d=deltas, c=coeffs: (merge_deltas("task_arithmetic", d, c), sync()),
+            "regmean": lambda d=deltas, c=coeffs, g=grams: (merge_deltas("regmean", d, c, statistics={"gram": g}),
+                                                            sync()),
         }, args.repeats)
         out[label] = {k: min(v) for k, v in times.items()}
         print(label, out[label], flush=True)
-    return {"label": "RegMean math per Linear (merge_deltas, 3 experts, fp64 solve)", "seconds_min": out}
+    return {"label": f"RegMean math per Linear (merge_deltas, 3 experts, fp64 solve, {args.device})",
+            "seconds_min": out}
 
 
 def summarize(label: str, shape: ModelShape, times: dict[str, list[float]]) -> dict:
@@ -162,11 +179,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", default="/tmp/sens_peft_data_aware")
+    p.add_argument("--device", default="cpu", help="merge device (cuda on a GPU machine)")
+    p.add_argument("--fisher", action="store_true", help="also store Fisher maps and time method='fisher'")
     p.add_argument("--out", default=str(HERE / "results" / "data_aware_cost.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    result = {"threads": args.threads, "cpus": os.cpu_count(), "load_1min_start": os.getloadavg()[0], "parts": {}}
+    result = {"threads": args.threads, "cpus": os.cpu_count(), "device": args.device, "load_1min_start": os.getloadavg()[0], "parts": {}}
     parts = args.part.split(",")
     if "solve" in parts:
         result["parts"]["solve"] = part_solve(args)
