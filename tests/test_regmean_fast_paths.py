@@ -3,6 +3,9 @@ built with :func:`shrink_gram`, then the same sums and Cholesky solve), compared
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,3 +70,46 @@ def test_regmean_lora_factors_bit_identical_to_previous():
     parts = [torch.cholesky_solve((s * x.double() @ shrink_gram(g.double(), 0.9)).T, factor).T
              for x, s, g in zip(As, scalings, grams)]
     assert torch.equal(a, torch.cat(parts, 0).float()) and torch.equal(b, torch.cat(Bs, 1))
+
+
+def test_merge_models_statistics_read_ahead_is_byte_identical(tmp_path, monkeypatch):
+    """merge_models reads RegMean's / Fisher's statistics on the reader thread, ahead of the solve; the output
+    files must be the bytes of the merge that reads them on the main thread (the previous path)."""
+    from helpers import make_full_expert, save_model, tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from sens_peft import compute_sensitivity
+    from sens_peft.merge import merge_models
+    from sens_peft.merging import streaming
+
+    sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+    from sens_toys import TokenData
+
+    base_model = tiny_llama(seed=0)
+    base = save_model(base_model, tmp_path / "base")
+    experts = []
+    for k in range(2):
+        folder = make_full_expert(base_model, tmp_path / f"x{k}", seed=k + 1)
+        compute_sensitivity(AutoModelForCausalLM.from_pretrained(str(folder)), TokenData(n=4, length=8, seed=k),
+                            save_to=folder, calibration_samples=4, gram="full", fisher=True, store_probe=False)
+        experts.append(folder)
+    calls = []
+    original = streaming.ShardMerger.load_statistics
+
+    def counted(self, name):
+        calls.append(name)
+        return original(self, name)
+
+    outputs = {}
+    for mode in ("ahead", "main thread"):
+        if mode == "ahead":
+            monkeypatch.setattr(streaming.ShardMerger, "load_statistics", counted)
+        else:
+            monkeypatch.setattr(streaming.ShardMerger, "load_statistics", lambda self, name: None)
+        for method in ("regmean", "fisher"):
+            out = tmp_path / f"{method}_{mode}"
+            merge_models(base, experts, out, method=method, sens=None, device="cpu", progress=False)
+            outputs[method, mode] = (out / "model.safetensors").read_bytes()
+    assert calls  # the read-ahead ran
+    for method in ("regmean", "fisher"):
+        assert outputs[method, "ahead"] == outputs[method, "main thread"], method
