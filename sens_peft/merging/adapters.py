@@ -452,7 +452,7 @@ def _add_merged_adapter(peft_model, plan: MergePlan, work: list, owners: dict[st
     return peft_model
 
 
-try:  # the per-layer form of what PeftModel.add_adapter runs over the whole model (PEFT >= 0.15)
+try:  # the per-layer form of what PeftModel.add_adapter runs over the whole model (recent PEFT)
     from peft.tuners.tuners_utils import cast_adapter_dtype as _cast_adapter_dtype
 except ImportError:  # older PEFT: the new adapter is created with PEFT's random init, as before
     _cast_adapter_dtype = None
@@ -494,7 +494,8 @@ class _FactorPlacer:
         for module in lora_modules(peft_model):
             if self.adapter not in module.adapters():
                 continue
-            left = [name for name, p in module.layer.named_parameters() if p.is_meta]
+            left = [name for name, p in module.layer.named_parameters()
+                    if p.is_meta and f".{self.adapter}." in f".{name}."]
             if left and module.name in filled:
                 raise MergeError(f"the new adapter {self.adapter!r} still has meta-device parameters on "
                                  f"{module.name!r} after the merge: {left}")
