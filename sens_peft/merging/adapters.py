@@ -68,17 +68,32 @@ def _modules_to_save_of(peft_model, adapter: str) -> set[str]:
 
 
 def _check_lora_finite(modules: list[LoraModule], names: list[str], folders: list[Optional[Path]]) -> None:
-    """A NaN/Inf in any LoRA factor would spread through the merged ΔW: refuse, naming expert and tensor."""
-    for module in modules:
-        for name, folder in zip(names, folders):
-            f = module.factors(name)
-            if f is None:
-                continue
-            where = folder / "adapter_model.safetensors" if folder is not None else None
-            suffixes = ("lora_embedding_A", "lora_embedding_B") if module.embedding else ("lora_A.weight",
-                                                                                          "lora_B.weight")
-            for suffix, tensor in zip(suffixes, (f.A, f.B)):
-                check_finite(tensor.detach(), f"expert {name!r}", f"{module.name}.{suffix}", where)
+    """A NaN/Inf in any LoRA factor would spread through the merged ΔW: refuse, naming expert and tensor.
+
+    A cheap pass over all factors (:func:`_all_finite`), and the per-tensor check only when it finds something,
+    to name the tensor.
+    """
+    found = [(module, name, folder, f) for module in modules for name, folder in zip(names, folders)
+             if (f := module.factors(name)) is not None]
+    tensors = [t for *_, f in found for t in (f.A, f.B) if t.is_floating_point()]
+    if tensors and _all_finite(tensors):
+        return
+    for module, name, folder, f in found:
+        where = folder / "adapter_model.safetensors" if folder is not None else None
+        suffixes = ("lora_embedding_A", "lora_embedding_B") if module.embedding else ("lora_A.weight",
+                                                                                      "lora_B.weight")
+        for suffix, tensor in zip(suffixes, (f.A, f.B)):
+            check_finite(tensor, f"expert {name!r}", f"{module.name}.{suffix}", where)
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value is finite: one sum per tensor (NaN and Inf propagate through it; ~15x faster than
+    ``isfinite`` on the CPU, which writes a mask) and one check per device. A sum can overflow where no value
+    does; that reads as False and the caller's exact per-tensor check then clears it."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_device.setdefault(tensor.device, []).append(tensor.sum(dtype=torch.float32))
+    return all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
 
 
 def _check_lora_config(name: str, cfg) -> None:
@@ -354,7 +369,8 @@ def _adapted_modules(peft_model, names: list[str], folders: list[Optional[Path]]
             f"modules_to_save ({sorted(owners)}) cannot be merged into a full model yet; use output='lora'"
         )
     modules: list[LoraModule] = []
-    for module in lora_modules(peft_model):
+    every = lora_modules(peft_model)
+    for module in every:
         present = [a for a in names if a in module.adapters()]
         if not present:
             continue
@@ -367,7 +383,7 @@ def _adapted_modules(peft_model, names: list[str], folders: list[Optional[Path]]
     if not modules:
         raise MergeError(f"adapters {names} adapt no module of the model")
     _check_lora_finite(modules, names, folders)
-    check_adapters_loaded(lora_modules(peft_model), names, folders)
+    check_adapters_loaded(every, names, folders)
     check_rank(cfg.rank if cfg.output == "lora" else None, modules)
     return owners, modules
 
@@ -423,15 +439,98 @@ def _add_merged_adapter(peft_model, plan: MergePlan, work: list, owners: dict[st
                        "uses the first adapter's value")
     new_cfg = _new_adapter_config(peft_model.peft_config[names[0]], new_rank, {m.name for m, _ in work},
                                   sorted(owners) if owners else None)
-    peft_model.add_adapter(adapter_name, new_cfg)
+    # Without modules_to_save, the new factors are created on the meta device (no random init of values that are
+    # overwritten anyway: that init was most of a task-arithmetic merge's time) and the merged factors become the
+    # parameters (see _FactorPlacer).
+    lazy = not owners and _cast_adapter_dtype is not None
+    peft_model.add_adapter(adapter_name, new_cfg, low_cpu_mem_usage=lazy)
     try:
-        _fill_lora(peft_model, plan, work, device, adapter_name, new_rank, exact, progress)
+        placer = _FactorPlacer(adapter_name) if lazy else None
+        _fill_lora(peft_model, plan, work, device, adapter_name, new_rank, exact, progress, placer)
+        if placer is not None:
+            placer.finish(peft_model, {module.name for module, _ in work})
         for name, owner in owners.items():
             _copy_modules_to_save(peft_model, name, owner, adapter_name)
     except BaseException:
         peft_model.delete_adapter(adapter_name)
         raise
     return peft_model
+
+
+try:  # the per-layer form of what PeftModel.add_adapter runs over the whole model (recent PEFT)
+    from peft.tuners.tuners_utils import cast_adapter_dtype as _cast_adapter_dtype
+except ImportError:  # older PEFT: the new adapter is created with PEFT's random init, as before
+    _cast_adapter_dtype = None
+
+_FACTOR_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+class _FactorPlacer:
+    """Puts the merged factors into a new adapter that PEFT created on the meta device.
+
+    Where a parameter lives is PEFT's choice: created fp32 on the CPU, moved and cast to the base layer's device
+    and dtype, then fp16/bf16 upcast to fp32 (``add_adapter`` without ``low_cpu_mem_usage``). For the first layer
+    of each kind (base layer type, weight dtype and device, embedding or not) that placement runs on empty memory
+    with PEFT's own functions and the factors are copied in; later layers of the kind get the factors converted
+    to the dtype and device recorded then, as the parameters themselves. Same dtypes, devices and values as
+    copying into PEFT-initialised parameters, without the init and the per-layer moves.
+    """
+
+    def __init__(self, adapter: str) -> None:
+        self.adapter = adapter
+        self.places: dict[tuple, tuple[torch.dtype, torch.device, torch.dtype, torch.device]] = {}
+
+    def put(self, module: LoraModule, A: torch.Tensor, B: torch.Tensor) -> None:
+        weight = module.base_weight()
+        key = (type(module.layer.get_base_layer()), weight.dtype, weight.device, module.embedding)
+        place = self.places.get(key)
+        if place is None:
+            _materialize_layer(module, self.adapter)
+            module.set_factors(self.adapter, A, B, frozen=True)
+            new = module.factors(self.adapter)
+            self.places[key] = (new.A.dtype, new.A.device, new.B.dtype, new.B.device)
+            return
+        module.assign_factors(self.adapter, A.to(dtype=place[0], device=place[1]).contiguous(),
+                              B.to(dtype=place[2], device=place[3]).contiguous())
+
+    def finish(self, peft_model, filled: set[str]) -> None:
+        """Layers PEFT adapted that the merge did not fill get zeros (``B @ A = 0``, as PEFT's init gave);
+        nothing may stay on the meta device."""
+        for module in lora_modules(peft_model):
+            if self.adapter not in module.adapters():
+                continue
+            left = [name for name, p in module.layer.named_parameters()
+                    if p.is_meta and f".{self.adapter}." in f".{name}."]
+            if left and module.name in filled:
+                raise MergeError(f"the new adapter {self.adapter!r} still has meta-device parameters on "
+                                 f"{module.name!r} after the merge: {left}")
+            if left:
+                _materialize_layer(module, self.adapter)
+                f = module.factors(self.adapter)
+                module.set_factors(self.adapter, torch.zeros_like(f.A), torch.zeros_like(f.B), frozen=True)
+
+
+def _materialize_layer(module: LoraModule, adapter: str) -> None:
+    """Empty CPU fp32 memory for the adapter's meta-device factors on one layer, then PEFT's placement of it."""
+    cpu = torch.device("cpu")
+    for attr in _FACTOR_CONTAINERS:
+        container = getattr(module.layer, attr, None)
+        if container is None or adapter not in container:
+            continue
+        item = container[adapter]
+        if isinstance(item, torch.nn.Module):
+            for key, param in list(item.named_parameters(recurse=False)):
+                if param.is_meta:
+                    setattr(item, key, _empty_param(param, cpu))
+        elif item.is_meta:
+            container[adapter] = _empty_param(item, cpu)
+    module.layer._move_adapter_to_device_of_base_layer(adapter)
+    _cast_adapter_dtype(module.layer, adapter_name=adapter, autocast_adapter_dtype=True)
+
+
+def _empty_param(param: torch.Tensor, device: torch.device) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
+                              requires_grad=param.requires_grad)
 
 
 def _module_context(plan: MergePlan, module: LoraModule, idx: list[int], device: torch.device) -> MergeContext:
@@ -448,7 +547,7 @@ def _factorize(cfg: MergeConfig, delta: torch.Tensor, rank: int, name: str) -> t
 
 
 def _fill_lora(peft_model, plan: MergePlan, work: list, device: torch.device, adapter_name: str, new_rank: int,
-               exact: bool, progress: Optional[bool]) -> None:
+               exact: bool, progress: Optional[bool], placer: Optional[_FactorPlacer]) -> None:
     for module, idx in progress_bar(work, len(work), "merging modules", progress):
         new = module.factors(adapter_name)
         if new is None:
@@ -460,13 +559,25 @@ def _fill_lora(peft_model, plan: MergePlan, work: list, device: torch.device, ad
             factors = [(f.A, f.B, f.scaling) for f in (module.factors(plan.experts[k]) for k in idx)]
             A, B = plan.method.lora_factors(factors, coeffs.tolist(), new_rank, device,
                                             _module_context(plan, module, idx, device))
+            A, B = _own(A, factors), _own(B, factors)
         else:
             merged = _merge_module(module, idx, plan, coeffs, device)
             A, B = _factorize(plan.config, merged.T if module.transposed else merged, new_rank, module.weight_name)
-        module.set_factors(adapter_name, A, B)
-    for param_name, param in peft_model.named_parameters():
-        if f".{adapter_name}." in param_name:
-            param.requires_grad_(False)
+        if placer is not None:
+            placer.put(module, A, B)
+        else:
+            module.set_factors(adapter_name, A, B, frozen=True)
+    if placer is None:  # the modules_to_save copies are the new adapter's other parameters
+        for param_name, param in peft_model.named_parameters():
+            if f".{adapter_name}." in param_name:
+                param.requires_grad_(False)
+
+
+def _own(tensor: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """``tensor``, or a copy of it where it shares memory with an expert's factor (it becomes a parameter)."""
+    ptr = tensor.untyped_storage().data_ptr()
+    shared = any(t.untyped_storage().data_ptr() == ptr for a, b, _ in factors for t in (a, b))
+    return tensor.clone() if shared else tensor
 
 
 def _merge_module(module: LoraModule, idx: list[int], plan: MergePlan, coeffs: torch.Tensor,

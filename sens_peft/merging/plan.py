@@ -144,12 +144,15 @@ class MergePlan:
         weights = self._per_tensor(name, range(len(self.experts))).get("weights")
         return table if weights is None else table * torch.tensor(weights, dtype=table.dtype)
 
-    def tensor_kwargs(self, name: str, idx: Sequence[int], device: Optional[torch.device] = None) -> dict[str, Any]:
+    def tensor_kwargs(self, name: str, idx: Sequence[int], device: Optional[torch.device] = None,
+                      statistics: Optional[dict[str, list[torch.Tensor]]] = None) -> dict[str, Any]:
         """The keyword arguments of ``merge_deltas`` / ``merge_streamed`` for tensor ``name`` merged from experts
         ``idx``: every method parameter, and the needed statistics (fp32 on ``device``; element maps as
-        ``importance``, without which a TIES trim is by magnitude)."""
+        ``importance``, without which a TIES trim is by magnitude; ``statistics``: :meth:`statistics` of the
+        tensor when the caller loaded them already)."""
+        loaded = statistics if statistics is not None else self.statistics(name, idx)
         stats = {kind: [m.to(device=device, dtype=torch.float32) if device is not None else m for m in maps]
-                 for kind, maps in self.statistics(name, idx).items()}
+                 for kind, maps in loaded.items()}
         importance = stats.pop("element_maps", None)
         params = self.tensor_params(name, idx)
         return {**params, "trim_by": params["trim_by"] if importance is not None else "magnitude",

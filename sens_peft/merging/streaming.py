@@ -32,12 +32,15 @@ READ_AHEAD_BYTES = 512 * 2**20
 
 
 class Prefetcher:
-    """Background reader: yields ``[name, base_tensor, [expert tensors], prepared, alone]`` with a read-ahead of
+    """Background reader: yields ``[name, base_tensor, [expert tensors], prepared, alone, extra]`` with a read-ahead of
     ``depth`` tensors. ``prepare(name, base, experts, parts)`` returns the jobs (zero-argument callables, about
     ``parts`` of them) that prepare a tensor, or None; they run on two worker threads and ``prepared`` is the list
     of their results (None without jobs). ``alone`` is True for a tensor that little else can overlap with (what
     fits in memory beside it is under a quarter of its size, e.g. it is the last one, or the next one does not fit),
     so its preparation and merge are worth splitting (``parts`` is 2 for it).
+    ``extra(name)``, when given, runs on the reader thread for each floating-point tensor and its result is
+    ``extra`` (else None): the statistics a dense data-aware merge reads (Gram matrices), loaded and checked while
+    the tensor before is being solved; ``extra_bytes(name)`` is what that result holds in memory.
     The consumer should clear each list when done with it, so that the tensors go at once.
 
     Memory is bounded in bytes too: the tensors read and not yet finished by the consumer (the one it is merging
@@ -49,8 +52,11 @@ class Prefetcher:
                  max_bytes: int = READ_AHEAD_BYTES, pool: Optional[BufferPool] = None, mapped: bool = True,
                  prepare: Optional[Callable[[str, torch.Tensor, list[torch.Tensor], int],
                                             Optional[list[Callable[[], Any]]]]] = None,
-                 prepare_bytes: Optional[Callable[[int], int]] = None) -> None:
+                 prepare_bytes: Optional[Callable[[int], int]] = None,
+                 extra: Optional[Callable[[str], Any]] = None, extra_bytes: Optional[Callable[[str], int]] = None
+                 ) -> None:
         self.pool = pool
+        self._extra, self._extra_bytes = extra, extra_bytes
         self.mapped = mapped
         # work done ahead for each tensor (drawing DARE masks, selecting TIES thresholds), on worker threads;
         # prepare_bytes(numel) is what its results hold in memory
@@ -72,6 +78,7 @@ class Prefetcher:
 
     def _nbytes(self, name: str) -> int:
         extra = self._prepare_bytes(numel_of(self._base, name)) if self._prepare_bytes is not None else 0
+        extra += self._extra_bytes(name) if self._extra_bytes is not None else 0
         return extra + sum(out_nbytes(src, name, None) for src in (self._base, *self._experts))
 
     def _alone(self, sizes: list[int], i: int) -> bool:
@@ -114,7 +121,8 @@ class Prefetcher:
                     jobs = self._prepare(name, base_t, experts, 2 if alone else 1)
                     if jobs:
                         ready = [self._workers.submit(job) for job in jobs]
-                item = (name, base_t, experts, ready, alone)
+                extra = self._extra(name) if self._extra is not None and base_t.is_floating_point() else None
+                item = (name, base_t, experts, ready, alone, extra)
                 if not self._put(item, nbytes):
                     return
             self._put(_DONE)
@@ -129,10 +137,10 @@ class Prefetcher:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                name, base_t, experts, ready, alone = item
+                name, base_t, experts, ready, alone, extra = item
                 # a list, so that the consumer can drop every reference (tqdm's included) by clearing it
-                entry = [name, base_t, experts, None if ready is None else [f.result() for f in ready], alone]
-                item = base_t = experts = ready = None
+                entry = [name, base_t, experts, None if ready is None else [f.result() for f in ready], alone, extra]
+                item = base_t = experts = ready = extra = None
                 yield entry
             finally:  # the consumer is done with this tensor (it asked for the next one, or stopped)
                 with self._cond:
@@ -228,13 +236,35 @@ class ShardMerger:
         self.helper = ThreadPoolExecutor(1, thread_name_prefix="sens-peft-merge") if streamed_cpu else None
         # the method's work ahead (TIES thresholds, DARE masks) runs on the reader's two workers
         ahead = streamed_cpu and self.method.prepares(self.params)
+        # a dense method's statistics (RegMean's Grams) are read and checked on the reader thread, ahead
+        stats_ahead = not self.method.streams and bool(plan.needs)
         self.reader = Prefetcher(self.tensor_names, base_src, expert_srcs, depth=prefetch,
                                  max_bytes=READ_AHEAD_BYTES, pool=self.pool,
                                  prepare=self.prepare if ahead else None,
-                                 prepare_bytes=self.prepare_bytes if ahead else None)
+                                 prepare_bytes=self.prepare_bytes if ahead else None,
+                                 extra=self.load_statistics if stats_ahead else None,
+                                 extra_bytes=self.statistics_bytes if stats_ahead else None)
 
     def prepare_bytes(self, numel: int) -> int:
         return self.method.prepare_bytes(numel, len(self.expert_srcs), self.params, self.device)
+
+    def load_statistics(self, name: str) -> Optional[dict[str, list[torch.Tensor]]]:
+        """The statistics the method reads for tensor ``name`` (on the reader thread), or None when they cannot
+        be had: then the merge asks again when (and only if) it merges the tensor, and raises there, so a tensor
+        that turns out to be copied never fails for lack of statistics."""
+        try:
+            return self.plan.statistics(name, self.everyone)
+        except Exception:  # noqa: BLE001 - re-raised by the consumer's own call, with its context
+            return None
+
+    def statistics_bytes(self, name: str) -> int:
+        """An upper bound of the bytes :meth:`load_statistics` holds for ``name`` (fp32; a full Gram per expert
+        for a 2-D weight, per-element maps otherwise), counted against the reader's memory bound."""
+        shape = self.base_src.shape(name)
+        numel = math.prod(int(s) for s in shape)
+        per_expert = sum(int(shape[-1]) ** 2 if kind == "gram" and len(shape) == 2 else
+                         0 if kind == "gram" else numel for kind in self.plan.needs)
+        return 4 * per_expert * len(self.expert_srcs)
 
     def prepare(self, name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor], parts: int
                 ) -> Optional[list[Callable[[], Any]]]:
@@ -303,19 +333,22 @@ class ShardMerger:
         self.reader.recycle(base_t, *expert_ts)
         self.emit(name, merged.cpu(), (merged,) if out is not None else ())
 
-    def merge_dense(self, name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor]) -> None:
-        """A method without a chunked hook: the whole tensor's deltas through its dense hook."""
+    def merge_dense(self, name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor],
+                    statistics: Optional[dict[str, list[torch.Tensor]]] = None) -> None:
+        """A method without a chunked hook: the whole tensor's deltas through its dense hook (``statistics``:
+        the method's statistics of this tensor when the reader loaded them already)."""
         self.check_inputs(name, base_t, expert_ts)
         device = self.device
         base_f = base_t.to(device=device, dtype=torch.float32)
         deltas = [t.to(device=device, dtype=torch.float32) - base_f for t in expert_ts]
         coeffs = self.plan.coefficients(name).to(device=device, dtype=torch.float32)
         merged = base_f + merge_deltas(self.plan.config.method, deltas, coeffs, scale=1.0,
-                                       **self.plan.tensor_kwargs(name, self.everyone, device))
+                                       **self.plan.tensor_kwargs(name, self.everyone, device, statistics))
         self.reader.recycle(base_t, *expert_ts)
         self.emit(name, merged.to(self.out_dtype or base_t.dtype).cpu())
 
-    def merge_tensor(self, name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor], ready, alone: bool) -> bool:
+    def merge_tensor(self, name: str, base_t: torch.Tensor, expert_ts: list[torch.Tensor], ready, alone: bool,
+                     statistics: Optional[dict[str, list[torch.Tensor]]] = None) -> bool:
         """Merge (or copy) one tensor and queue it for writing; True if merged, False if copied."""
         # torch.equal stops at the first difference, so for merged tensors this costs next to nothing.
         if all(torch.equal(base_t, t) for t in expert_ts):
@@ -327,7 +360,7 @@ class ShardMerger:
         if self.method.streams:
             self.merge_chunked(name, base_t, expert_ts, ready, alone)
         else:
-            self.merge_dense(name, base_t, expert_ts)
+            self.merge_dense(name, base_t, expert_ts, statistics)
         return True
 
     def run(self, progress: Optional[bool]) -> tuple[int, int]:

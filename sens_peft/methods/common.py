@@ -44,7 +44,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def padded_factors(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Exact LoRA factors ``A [r, in]``, ``B [out, r]`` zero-padded to ``rank`` (fp32): ``B @ A`` is unchanged."""
+    """Exact LoRA factors ``A [r, in]``, ``B [out, r]`` zero-padded to ``rank`` (fp32): ``B @ A`` is unchanged.
+    Factors already of that rank (and fp32) come back as they are, not copied."""
+    if A.shape[0] == rank == B.shape[1] and A.dtype == B.dtype == torch.float32:
+        return A, B
     A_out = torch.zeros(rank, A.shape[1], dtype=torch.float32, device=A.device)
     B_out = torch.zeros(B.shape[0], rank, dtype=torch.float32, device=B.device)
     A_out[: A.shape[0]] = A
