@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import Trainer
+from transformers.utils import logging as hf_logging
 
 from .config import MergeConfig, SensitivityConfig
 from .merging import merge_adapters
@@ -134,8 +135,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the quick start with command-line arguments ``argv`` (default: ``sys.argv[1:]``)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "peft", "sens_peft.merging", "sens_peft.transfer", "sens_peft.coefficients"):
+    # sens_peft.validation: "sensitivities= is ignored" for the rows that read no statistics (all get the same paths)
+    for noisy in ("transformers", "peft", "sens_peft.merging", "sens_peft.transfer", "sens_peft.coefficients",
+                  "sens_peft.validation"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars at every load and save
     out = Path(args.output_dir)
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
