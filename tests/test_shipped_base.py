@@ -83,6 +83,19 @@ def test_pretrain_base_loads_the_shipped_base_and_caches_it(tmp_path, monkeypatc
         assert torch.equal(model(ids).logits, again(ids).logits)
 
 
+def test_loading_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    """First run (shipped copy) and later runs (cached folder) must leave the same random state: the quick
+    start's LoRA initialisation draws from it next."""
+    _no_pretraining(monkeypatch)
+    states = []
+    for _ in range(2):  # the first call loads the shipped copy, the second the cached folder
+        torch.manual_seed(123)
+        toy.pretrain_base(cache_dir=tmp_path)
+        states.append(torch.get_rng_state())
+    torch.manual_seed(123)
+    assert torch.equal(states[0], torch.get_rng_state()) and torch.equal(states[1], states[0])
+
+
 def test_shipped_base_half_knows_every_task(tmp_path, monkeypatch):
     """A quality floor: the regime the suite is built for (the base knows ~20-40% of each task)."""
     _no_pretraining(monkeypatch)

@@ -335,7 +335,10 @@ def _load_shipped_base(settings: ToySettings, path: Path):
     if manifest is None or manifest.get("digest") != settings.digest():
         return None
     tokenizer = build_tokenizer()
-    model = build_model(settings, tokenizer)
+    # build_model seeds and draws from the global RNG; loading must leave it as loading the cached folder does
+    # (from_pretrained draws nothing), or a caller's next random draws (LoRA init) differ between runs
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(settings, tokenizer)
     model.load_state_dict(load_file(SHIPPED_BASE_DIR / "model.safetensors"), strict=True)
     model.eval()
     try:
