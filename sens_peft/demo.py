@@ -1,15 +1,16 @@
 """``sens-peft demo`` / ``python -m sens_peft.demo``: the quick start. Train LoRA experts with SensitivityCallback, merge them with and without Sens-Merging.
 
-    sens-peft demo                                       # built-in toy suite, CPU, a few minutes
+    sens-peft demo                                       # built-in toy suite, CPU, about 2 minutes
     python -m sens_peft.demo --quick                     # fewer steps and test examples (a smoke run)
     python recipes/quickstart.py --model meta-llama/Llama-3.2-1B --tasks ...   # see --model below
 
 It ships inside the package (a wheel install runs it); ``recipes/quickstart.py`` is a thin wrapper around it.
 
 Steps (each a few lines below):
-  1. a base model: the built-in tiny Llama, pre-trained once on generic text plus every task restricted to
-     part of its input symbols, and cached (~/.cache/sens_peft/toy), so it already half-knows each task, like a
-     real pre-trained LLM; it is also saved to <output-dir>/base for recipes/merge_3_experts.yaml;
+  1. a base model: the built-in tiny Llama, pre-trained on generic text plus every task restricted to part of
+     its input symbols, so it already half-knows each task, like a real pre-trained LLM; it ships with the
+     package (rebuilt by recipes/pretrain_toy_base.py) and is cached in ~/.cache/sens_peft/toy on first use; it
+     is also saved to <output-dir>/base for recipes/merge_3_experts.yaml;
   2. one LoRA expert per task with `transformers.Trainer` + `SensitivityCallback(SensitivityConfig(task=...))`;
      `trainer.save_model(dir)` writes the adapter and the callback's sidecars (sensitivity + probe) next to it;
   3. merge: averaging (TA, scale 1/K), then TA, TIES, DARE-TIES, each plain (sens=None) and with the paper's
@@ -95,9 +96,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default=None,
                    help="a hub causal LM to use instead of the toy base (downloads it; not exercised in tests)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: 1 for the toy model unless OMP_NUM_THREADS is set; all cores "
-                        "with --model). The toy's ops are too small to gain from a second thread, and on a busy "
-                        "machine two threads made them ~20x slower (threads waiting on each other)")
+                   help="torch threads (default: 1 for the toy model unless OMP_NUM_THREADS is set; torch's "
+                        "default with --model). The toy's results do not depend on it, but its ops are tiny: on a "
+                        "busy 2-core machine 2 threads trained an expert ~25x slower than 1 (threads waiting on "
+                        "each other)")
     p.add_argument("--quick", action="store_true", help="smoke run: 40 steps, 60 test examples")
     args = p.parse_args(argv)
     if args.quick:
