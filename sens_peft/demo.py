@@ -1,15 +1,16 @@
 """``sens-peft demo`` / ``python -m sens_peft.demo``: the quick start. Train LoRA experts with SensitivityCallback, merge them with and without Sens-Merging.
 
-    sens-peft demo                                       # built-in toy suite, CPU, a few minutes
+    sens-peft demo                                       # built-in toy suite, CPU, about 2 minutes
     python -m sens_peft.demo --quick                     # fewer steps and test examples (a smoke run)
     python recipes/quickstart.py --model meta-llama/Llama-3.2-1B --tasks ...   # see --model below
 
 It ships inside the package (a wheel install runs it); ``recipes/quickstart.py`` is a thin wrapper around it.
 
 Steps (each a few lines below):
-  1. a base model: the built-in tiny Llama, pre-trained once on generic text plus every task restricted to
-     part of its input symbols, and cached (~/.cache/sens_peft/toy), so it already half-knows each task, like a
-     real pre-trained LLM; it is also saved to <output-dir>/base for recipes/merge_3_experts.yaml;
+  1. a base model: the built-in tiny Llama, pre-trained on generic text plus every task restricted to part of
+     its input symbols, so it already half-knows each task, like a real pre-trained LLM; it ships with the
+     package (rebuilt by recipes/pretrain_toy_base.py) and is cached in ~/.cache/sens_peft/toy on first use; it
+     is also saved to <output-dir>/base for recipes/merge_3_experts.yaml;
   2. one LoRA expert per task with `transformers.Trainer` + `SensitivityCallback(SensitivityConfig(task=...))`;
      `trainer.save_model(dir)` writes the adapter and the callback's sidecars (sensitivity + probe) next to it;
   3. merge: averaging (TA, scale 1/K), then TA, TIES, DARE-TIES, each plain (sens=None) and with the paper's
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +37,7 @@ from typing import Optional
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import Trainer
+from transformers.utils import logging as hf_logging
 
 from .config import MergeConfig, SensitivityConfig
 from .merging import merge_adapters
@@ -43,20 +46,40 @@ from .testing import toy
 
 log = logging.getLogger("quickstart")
 
-MERGES = [  # (label, MergeConfig fields) of the plain methods; the Sens variant of each is added below
-    ("TA", dict(method="task_arithmetic", scale=0.7)),
-    ("TIES", dict(method="ties", density=0.5, scale=1.0, trim_by="magnitude")),
-    ("DARE-TIES", dict(method="dare_ties", density=0.5, scale=1.0)),
-]
-# data-aware merges from the statistics the callback captured (input Grams, Fisher); no Sens variant
-DATA_AWARE = [
-    ("RegMean", dict(method="regmean", params={"shrinkage": 1.0})),  # the paper's; the default is 0.99
-    ("Fisher", dict(method="fisher")),
-]
 # the paper's layer-wise coefficients, alpha of mean 1 and tau standardised (see sens_peft.coefficients), in the
 # library's recommended reading: bounded so that no expert gets more than twice another's coefficient in a layer
 # (max_ratio=2, MergeConfig's default; max_ratio=None is the unbounded softmax that collapsed this table's merges)
 PAPER_SENS = dict(sens="task+cross", normalization="mean1", tau_normalization="exp_z", max_ratio=2.0)
+
+
+def merge_runs(n_experts: int, *, seed: int = 0, temperature: float = 1.0) -> list[tuple[str, MergeConfig]]:
+    """The merges of the table, in print order: one ``(label, MergeConfig)`` per row (add a row here).
+
+    Args:
+        n_experts: Number of experts (plain averaging is TA with scale ``1 / n_experts``).
+        seed: Seed of every config (DARE's random drop).
+        temperature: Softmax temperature T of the Sens-Merging rows.
+    """
+    sens = dict(PAPER_SENS, temperature=temperature)
+    ta = dict(method="task_arithmetic", scale=0.7)
+    ties = dict(method="ties", density=0.5, scale=1.0, trim_by="magnitude")
+    dare_ties = dict(method="dare_ties", density=0.5, scale=1.0)
+    rows = [
+        ("Avg", dict(method="task_arithmetic", scale=1.0 / n_experts)),  # the reference point
+        ("TA", ta),
+        ("Sens-TA", {**ta, **sens}),
+        ("TIES", ties),
+        ("Sens-TIES", {**ties, **sens}),
+        ("DARE-TIES", dare_ties),
+        ("Sens-DARE-TIES", {**dare_ties, **sens}),
+        # data-aware merges from the statistics the callback captured (input Grams, Fisher)
+        ("RegMean", dict(method="regmean", params={"shrinkage": 1.0})),  # the paper's; the default is 0.99
+        ("Fisher", dict(method="fisher")),
+        # TIES that keeps each expert's most *sensitive* entries (element maps of the sidecars)
+        ("SensTrim-TIES", dict(method="ties", trim_by="sensitivity", scale=1.5)),
+        ("MergeConfig()", {}),  # the library default
+    ]
+    return [(label, MergeConfig(seed=seed, **fields)) for label, fields in rows]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -72,6 +95,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None, help="where the pre-trained toy base is cached")
     p.add_argument("--model", default=None,
                    help="a hub causal LM to use instead of the toy base (downloads it; not exercised in tests)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: 1 for the toy model unless OMP_NUM_THREADS is set; torch's "
+                        "default with --model). The toy's results do not depend on it, but its ops are tiny: on a "
+                        "busy 2-core machine 2 threads trained an expert ~25x slower than 1 (threads waiting on "
+                        "each other)")
     p.add_argument("--quick", action="store_true", help="smoke run: 40 steps, 60 test examples")
     args = p.parse_args(argv)
     if args.quick:
@@ -90,7 +118,7 @@ def load_base(args):
     return toy.pretrain_base(cache_dir=args.cache_dir, progress=True), toy.build_tokenizer()
 
 
-def train_expert(base, tok, task: str, out: Path, args) -> float:
+def train_expert(base, tok, task: str, out: Path, args) -> None:
     """Fine-tune one LoRA expert with the sensitivity callback; save it (adapter + sidecars) to `out`."""
     model = get_peft_model(base, toy.lora_config())  # adapter "default": saved at the top of `out`
     trainer = Trainer(
@@ -102,34 +130,37 @@ def train_expert(base, tok, task: str, out: Path, args) -> float:
     )
     trainer.train()
     trainer.save_model(str(out))  # adapter_model.safetensors + sensitivity.safetensors + probe.safetensors
-    acc = toy.evaluate(model, [task], n=args.n_test, tokenizer=tok)[task]
     model.unload()  # take the LoRA layers out again so the next expert starts from the plain base
-    return acc
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the quick start with command-line arguments ``argv`` (default: ``sys.argv[1:]``)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "peft", "sens_peft.merging", "sens_peft.transfer", "sens_peft.coefficients"):
+    # sens_peft.validation: "sensitivities= is ignored" for the rows that read no statistics (all get the same paths)
+    for noisy in ("transformers", "peft", "sens_peft.merging", "sens_peft.transfer", "sens_peft.coefficients",
+                  "sens_peft.validation"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars at every load and save
     out = Path(args.output_dir)
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
+    threads = args.threads or (None if args.model or "OMP_NUM_THREADS" in os.environ else 1)
+    if threads:
+        torch.set_num_threads(threads)
 
     # 1. base
     base, tok = load_base(args)
     base.save_pretrained(out / "base")  # recipes/merge_3_experts.yaml points at <output-dir>/base
     tok.save_pretrained(out / "base")
-    rows = {"base": toy.evaluate(base, args.tasks, n=args.n_test, tokenizer=tok)}
+    rows = {"base": evaluate(base, args.tasks, args, tok)}
     log.info("base ready (%.0f s): %s", time.perf_counter() - t0, _fmt(rows["base"]))
 
     # 2. experts
-    expert_acc: dict[str, float] = {}
     for task in args.tasks:
         t = time.perf_counter()
-        expert_acc[task] = train_expert(base, tok, task, out / "experts" / task, args)
-        log.info("expert %-8s acc %.1f%% (%.0f s)", task, 100 * expert_acc[task], time.perf_counter() - t)
+        train_expert(base, tok, task, out / "experts" / task, args)
+        log.info("expert %-8s trained (%.0f s)", task, time.perf_counter() - t)
 
     # 3. merges: all experts as named adapters of one PeftModel, the sidecars read from their folders
     dirs = [out / "experts" / task for task in args.tasks]
@@ -138,26 +169,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         model.load_adapter(str(d), adapter_name=task)
     for task in args.tasks:  # each expert on every task (the off-diagonal shows interference)
         model.set_adapter(task)
-        rows[f"expert:{task}"] = toy.evaluate(model, args.tasks, n=args.n_test, tokenizer=tok)
+        rows[f"expert:{task}"] = evaluate(model, args.tasks, args, tok)
+    expert_acc = {task: rows[f"expert:{task}"][task] for task in args.tasks}  # the normaliser: own task
+    log.info("experts on their own task: %s", _fmt(expert_acc))
 
     reports = {}
-    # plain averaging (TA with scale 1/K) as the reference point of the table
-    merges = [("Avg", dict(method="task_arithmetic", scale=1.0 / len(args.tasks)))] + MERGES
-    runs = []
-    for label, fields in merges:
-        runs.append((label, MergeConfig(seed=args.seed, **fields)))
-        if label != "Avg":
-            runs.append((f"Sens-{label}", MergeConfig(seed=args.seed, temperature=args.temperature,
-                                                      **fields, **PAPER_SENS)))
-    runs += [(label, MergeConfig(seed=args.seed, **fields)) for label, fields in DATA_AWARE]
-    # TIES that keeps each expert's most *sensitive* entries (element maps of the sidecars)
-    runs.append(("SensTrim-TIES", MergeConfig(seed=args.seed, method="ties", trim_by="sensitivity", scale=1.5)))
-    runs.append(("MergeConfig()", MergeConfig(seed=args.seed)))  # the library default
+    runs = merge_runs(len(args.tasks), seed=args.seed, temperature=args.temperature)
     for name, config in runs:
         report = merge_adapters(model, args.tasks, config=config, adapter_name=name.replace("-", "_").strip("()"),
                                 sensitivities=dirs, probes=dirs)
         model.set_adapter(report.adapter_name)
-        rows[name] = toy.evaluate(model, args.tasks, n=args.n_test, tokenizer=tok)
+        rows[name] = evaluate(model, args.tasks, args, tok)
         reports[name] = report
         log.info("%-14s merged in %.2f s: %s", name, report.seconds, _fmt(rows[name]))
 
@@ -177,6 +199,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     (out / "results.json").write_text(_json({"accuracy": rows, "normalized": norm, "best": best}))
     print(f"\nbest merge: {best} (avg normalised {100 * norm[best]['avg']:.1f}%), saved to {out / 'merged'}")
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
+
+
+def evaluate(model, tasks: Sequence[str], args, tok) -> dict[str, float]:
+    """Exact-match accuracy on the first ``args.n_test`` test examples of each task, one batch per task."""
+    return toy.evaluate(model, tasks, n=args.n_test, batch_size=max(1, args.n_test), tokenizer=tok)
 
 
 def _fmt(acc: dict[str, float]) -> str:

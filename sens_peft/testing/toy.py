@@ -18,7 +18,7 @@ Everything is built in memory from fixed seeds (no downloads)::
 
     from sens_peft.testing import toy
     tok = toy.build_tokenizer()
-    base = toy.pretrain_base()                      # cached under ~/.cache/sens_peft/toy/<hash>
+    base = toy.pretrain_base()                      # shipped with the package, cached under ~/.cache/sens_peft/toy/<hash>
     expert = toy.train_expert(base, "cipher", steps=150, output_dir="out/cipher")
     print(toy.evaluate(expert, ["cipher", "inc"], n=100))
 """
@@ -124,6 +124,7 @@ __all__ = [
     "NUM_LEN",
     "RCIPHER",
     "SPECIAL_TOKENS",
+    "SHIPPED_BASE_DIR",
     "SPLIT_SIZES",
     "STR_LEN",
     "SYMBOLS",
@@ -155,10 +156,13 @@ __all__ = [
     "predict",
     "pretrain_base",
     "pretrain_loop",
+    "pretraining_fingerprint",
     "pretraining_rows",
+    "rebuild_shipped_base",
     "register_task",
     "restricted_train",
     "save_base",
+    "shipped_base_manifest",
     "sft_rows",
     "task_dataset",
     "task_splits",
@@ -166,6 +170,7 @@ __all__ = [
     "train_expert",
     "training_args",
     "vocabulary",
+    "write_shipped_base",
 ]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,6 +293,62 @@ def base_path(settings: ToySettings | None = None, cache_dir: str | os.PathLike 
     return Path(cache_dir or default_cache_dir()) / settings.digest()
 
 
+# The default base, pre-trained once by recipes/pretrain_toy_base.py and shipped as package data, so that a first run
+# (the quick start, a test) loads it instead of pre-training for one to three minutes on a laptop's CPU.
+SHIPPED_BASE_DIR = Path(__file__).parent / "data" / "toy_base"
+SHIPPED_MANIFEST = "shipped.json"
+SHIPPED_FILES = ("model.safetensors", "toy_settings.json")  # + the manifest; config and tokenizer are rebuilt
+
+
+def pretraining_fingerprint(settings: ToySettings | None = None) -> str:
+    """A hash of the exact pre-training data of ``settings`` (every row's token ids, in order).
+
+    :meth:`ToySettings.digest` hashes the settings only; this also changes when a task generator, the split
+    seed, the tokenizer or the generic text changes, so a shipped base built from other data is detected.
+    """
+    settings = settings or ToySettings()
+    tokenizer = build_tokenizer()
+    h = hashlib.sha256(json.dumps(vocabulary()).encode())
+    for row in pretraining_rows(tokenizer, settings, settings.steps * settings.batch_size):
+        h.update(",".join(map(str, row)).encode() + b";")
+    return h.hexdigest()[:16]
+
+
+def shipped_base_manifest(folder: str | os.PathLike = SHIPPED_BASE_DIR) -> dict[str, Any] | None:
+    """The manifest of the shipped base (``digest``, ``data_fingerprint``, versions it was built with), or None
+    when the package has no shipped base (e.g. a source tree without its data files)."""
+    manifest = Path(folder) / SHIPPED_MANIFEST
+    if not manifest.is_file() or not all((Path(folder) / f).is_file() for f in SHIPPED_FILES):
+        return None
+    return json.loads(manifest.read_text())
+
+
+def _load_shipped_base(settings: ToySettings, path: Path):
+    """The shipped base if it was built from ``settings`` (else None), also saved to the cache folder ``path``.
+
+    Only the weights are shipped: the model is built from ``settings`` and the config and tokenizer files are
+    written by the installed transformers, so the cached folder is in that version's format.
+    """
+    from safetensors.torch import load_file
+
+    manifest = shipped_base_manifest()
+    if manifest is None or manifest.get("digest") != settings.digest():
+        return None
+    tokenizer = build_tokenizer()
+    # build_model seeds and draws from the global RNG; loading must leave it as loading the cached folder does
+    # (from_pretrained draws nothing), or a caller's next random draws (LoRA init) differ between runs
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(settings, tokenizer)
+    model.load_state_dict(load_file(SHIPPED_BASE_DIR / "model.safetensors"), strict=True)
+    model.eval()
+    try:
+        save_base(model, tokenizer, path, dataclasses.asdict(settings))
+    except OSError as exc:  # a read-only cache: the model is usable, only not cached as a folder
+        logger.warning("toy base: cannot cache the shipped base at %s (%s)", path, exc)
+    logger.info("toy base: loaded the pre-trained base shipped with the package (%s)", settings.digest())
+    return model
+
+
 def pretrain_base(
     settings: ToySettings | None = None,
     *,
@@ -296,17 +357,19 @@ def pretrain_base(
     progress: bool = False,
     **overrides: Any,
 ):
-    """Pre-train (or load the cached) toy base model.
+    """Pre-train (or load the cached or shipped) toy base model.
 
-    The base is trained with a plain AdamW loop on generic text plus ``task_share`` of restricted task examples
-    (full next-token loss) and saved with its tokenizer under ``cache_dir/<hash of settings>``; a later call with the
-    same settings loads it from there. ``model.name_or_path`` is that folder, so it can be passed as
+    The default settings' base ships with the package (:data:`SHIPPED_BASE_DIR`, rebuilt by
+    ``recipes/pretrain_toy_base.py``): when ``settings`` hash to its digest it is loaded (and cached) instead
+    of being pre-trained. Otherwise the base is trained with a plain AdamW loop on generic text plus
+    ``task_share`` of restricted task examples (full next-token loss). Either way it is saved with its tokenizer
+    under ``cache_dir/<hash of settings>``; a later call with the same settings loads it from there. ``model.name_or_path`` is that folder, so it can be passed as
     ``base=`` to :func:`sens_peft.merge_models`.
 
     Args:
         settings: `ToySettings` (defaults if None).
         cache_dir: Cache root (default :func:`default_cache_dir`).
-        force: Retrain even if a cached copy exists.
+        force: Retrain even if a cached or shipped copy exists.
         progress: Log the loss every 100 steps at INFO level.
         **overrides: Fields of `ToySettings` to override (``steps=600``).
 
@@ -319,8 +382,10 @@ def pretrain_base(
     path = base_path(settings, cache_dir)
     if not force and (path / "config.json").exists():
         logger.info("toy base: loading cached %s", path)
-        model = LlamaForCausalLM.from_pretrained(path)
-        return model.eval()
+        return LlamaForCausalLM.from_pretrained(path).eval()
+    shipped = None if force else _load_shipped_base(settings, path)
+    if shipped is not None:
+        return shipped
 
     tokenizer = build_tokenizer()
     model = build_model(settings, tokenizer)
@@ -381,6 +446,60 @@ def save_base(model, tokenizer, path: Path, settings: dict[str, Any]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     model.name_or_path = str(path)
     model.config._name_or_path = str(path)
+
+
+def rebuild_shipped_base(dest: str | os.PathLike = SHIPPED_BASE_DIR, *, progress: bool = False) -> dict[str, Any]:
+    """Pre-train the default base from scratch and write it, with its manifest, to ``dest`` (the package data).
+
+    Run after a change of the toy data, model or pre-training (``recipes/pretrain_toy_base.py``);
+    ``tests/test_shipped_base.py`` fails until then. Pre-training runs on one thread: on CPU it is then
+    bit-for-bit reproducible, which that test checks.
+
+    Returns:
+        The manifest written to ``dest/shipped.json``.
+    """
+    import tempfile
+
+    settings = ToySettings()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as cache:
+            pretrain_base(settings, cache_dir=cache, force=True, progress=progress)
+            return write_shipped_base(base_path(settings, cache), dest, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def write_shipped_base(source: str | os.PathLike, dest: str | os.PathLike = SHIPPED_BASE_DIR,
+                       settings: ToySettings | None = None) -> dict[str, Any]:
+    """Copy a pre-trained base folder (as :func:`pretrain_base` caches it) to ``dest`` and write its manifest.
+
+    Args:
+        source: The cached base of ``settings`` (``base_path(settings)``).
+        dest: Where to write it (default: the package data folder).
+        settings: The settings it was trained with (default `ToySettings()`); checked against the folder's
+            ``toy_settings.json``.
+
+    Returns:
+        The manifest written to ``dest/shipped.json``.
+    """
+    import transformers
+
+    settings = settings or ToySettings()
+    source, dest = Path(source), Path(dest)
+    recorded = json.loads((source / "toy_settings.json").read_text())
+    if recorded != json.loads(json.dumps(dataclasses.asdict(settings))):
+        raise ValueError(f"write_shipped_base: {source / 'toy_settings.json'} records settings {recorded}, "
+                         f"expected {dataclasses.asdict(settings)} (digest {settings.digest()})")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED_FILES:
+        (dest / name).write_bytes((source / name).read_bytes())
+    manifest = {"digest": settings.digest(), "data_fingerprint": pretraining_fingerprint(settings),
+                "toy_version": TOY_VERSION, "torch": torch.__version__, "transformers": transformers.__version__,
+                "model_sha256": hashlib.sha256((dest / "model.safetensors").read_bytes()).hexdigest()}
+    (dest / SHIPPED_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
 
 
 # ----------------------------------------------------------------------------------------------------------
