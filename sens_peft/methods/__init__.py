@@ -9,7 +9,7 @@ Layout (a newcomer finds every formula in one file):
 * ``base.py``: :class:`MergeMethod` (declarations and hooks), :class:`MergeContext`, :class:`Param`.
 * ``registry.py``: :func:`register_method`, :func:`get_method`, :func:`available_methods`.
 * ``task_arithmetic.py``, ``ties.py``, ``dare.py`` (``dare_linear``, ``dare_ties``), ``importance.py``,
-  ``ties_frequency.py``, ``regmean.py``, ``fisher.py``: the methods.
+  ``ties_frequency.py``, ``regmean.py``, ``fisher.py``, ``probe_fit.py``: the methods.
 * ``dense.py``: :func:`merge_deltas` (whole tensors); ``streamed.py``: :func:`merge_streamed` (chunked, full
   models) and its kernels; ``selection.py``: TIES's exact trim, sign election, disjoint mean; ``rng.py``: DARE's
   masks; ``bits.py``: bit-packed masks drawn ahead; ``common.py``: small shared helpers.
@@ -21,7 +21,8 @@ A new method is one new module here, imported below (or by the user before mergi
 from __future__ import annotations
 
 from . import dare, fisher, importance, regmean, task_arithmetic, ties, ties_frequency  # noqa: F401  (register)
-from .base import MergeContext, MergeMethod, Param
+from . import probe_fit  # noqa: F401,E402  (register; after its base methods)
+from .base import FitProblem, FitResult, MergeContext, MergeMethod, Param
 from .bits import dare_masks, pack_bits, unpack_bits
 from .common import DEFAULT_CHUNK
 from .dense import TRIM_BY, merge_deltas
@@ -33,6 +34,8 @@ from .streamed import StreamJob, merge_streamed
 __all__ = [
     "DARE_RNGS",
     "DEFAULT_CHUNK",
+    "FitProblem",
+    "FitResult",
     "MAJORITY_SIGN_METHODS",
     "MergeContext",
     "MergeMethod",
