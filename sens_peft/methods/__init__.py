@@ -20,8 +20,7 @@ A new method is one new module here, imported below (or by the user before mergi
 
 from __future__ import annotations
 
-from . import dare, fisher, importance, regmean, task_arithmetic, ties, ties_frequency  # noqa: F401  (register)
-from . import probe_fit  # noqa: F401,E402  (register; after its base methods)
+from . import dare, fisher, importance, probe_fit, regmean, task_arithmetic, ties, ties_frequency  # noqa: F401
 from .base import FitProblem, FitResult, MergeContext, MergeMethod, Param
 from .bits import dare_masks, pack_bits, unpack_bits
 from .common import DEFAULT_CHUNK
