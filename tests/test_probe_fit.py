@@ -217,3 +217,56 @@ def test_card_and_inspect_show_the_fit(experts, tmp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "method: probe_fit" in shown and f"{fit['held_out_loss_after']:.4f}" in shown and f"{value:.4f}" in shown
+
+
+# ------------------------------------------------------------------------------------------------------------
+# merge_models (full experts, in memory)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_experts(experts, tmp_path_factory) -> dict[str, Path]:
+    """The two LoRA experts merged into full models, with their probe sets, and the base model."""
+    import shutil
+
+    from helpers import save_model
+    from peft import PeftModel
+
+    root = tmp_path_factory.mktemp("probe_fit_full")
+    out = {"base": save_model(tiny_llama(), root / "base")}
+    for name in NAMES:
+        model = PeftModel.from_pretrained(tiny_llama(), str(experts[name])).merge_and_unload()
+        out[name] = save_model(model, root / name)
+        shutil.copy(experts[name] / PROBE_FILE, out[name] / PROBE_FILE)
+    return out
+
+
+def test_full_models_zero_steps_and_fit(full_experts, tmp_path):
+    from helpers import read_state
+
+    from sens_peft import merge_models
+
+    experts = [full_experts[n] for n in NAMES]
+    merge_models(full_experts["base"], experts, tmp_path / "ta", method="task_arithmetic", scale=0.6, device="cpu")
+    merge_models(full_experts["base"], experts, tmp_path / "zero", method="probe_fit", scale=0.6,
+                 params={"steps": 0}, device="cpu")
+    a, b = read_state(tmp_path / "ta"), read_state(tmp_path / "zero")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = merge_models(full_experts["base"], experts, tmp_path / "fit", method="probe_fit", scale=1.0,
+                          params={"steps": 20, "lr": 0.1}, device="cpu")
+    table = report.coefficients
+    assert table.groups == ["layers.0", "layers.1"]  # only the adapted blocks differ from the base
+    assert (table.values[1] < 0.5).all() and (table.values[0] > table.values[1]).all()
+    fit = json.loads((tmp_path / "fit" / "merge_config.json").read_text())["fit"]
+    assert fit["held_out_loss_after"] < fit["held_out_loss_before"]
+    merged, base = read_state(tmp_path / "fit"), read_state(full_experts["base"])
+    name = "model.layers.1.self_attn.q_proj.weight"
+    want = base[name] + sum(float(table.values[k, 1]) * (read_state(full_experts[n])[name] - base[name])
+                            for k, n in enumerate(NAMES))
+    torch.testing.assert_close(merged[name], want, rtol=1e-5, atol=1e-6)
+    (full_experts["noise"] / PROBE_FILE).rename(tmp_path / "moved.safetensors")
+    try:
+        with pytest.raises(MergeError, match=r"expert 'noise'.*probe\.safetensors is missing"):
+            merge_models(full_experts["base"], experts, tmp_path / "none", method="probe_fit", device="cpu")
+    finally:
+        (tmp_path / "moved.safetensors").rename(full_experts["noise"] / PROBE_FILE)

@@ -19,8 +19,9 @@ the merged ``ΔW``, like the base methods themselves.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
@@ -31,6 +32,7 @@ from ..groups import layer_group, sort_groups
 from ..probe_fitting import FitPart, ProbeObjective, fit_coefficients
 from .base import FitProblem, FitResult, MergeContext, MergeMethod, Param
 from .registry import get_method, register_method
+from .streamed import StreamJob
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ BASE_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
 
 def _base(params: Mapping[str, Any]) -> MergeMethod:
     return get_method(params.get("base_method", "task_arithmetic"))
+
+
+def _named_result(method: str, job: Callable[[], Any]) -> tuple[str, Any]:
+    return method, job()
 
 
 def _fixed_selection(ctx: MergeContext) -> MergeContext:
@@ -86,6 +92,30 @@ class ProbeFit(MergeMethod):
 
     def combine(self, stacked: Tensor, coefficients: Tensor, ctx: MergeContext) -> Tensor:
         return _base(ctx.params).combine(stacked, coefficients, _fixed_selection(ctx))
+
+    @property
+    def streams(self) -> bool:
+        return True  # every base method in BASE_METHODS has a chunked hook
+
+    def stream(self, job: StreamJob) -> bool:
+        return _base(job.params).stream(dataclasses.replace(job, params={**job.params, "weighted_election": False}))
+
+    def prepares(self, params: Mapping[str, Any]) -> bool:
+        return _base(params).prepares(params)
+
+    def stream_prepare(self, base: Tensor, experts: Sequence[Tensor], params: Mapping[str, Any], name: str,
+                       statistics: Mapping[str, Sequence[Tensor]], parts: int, device: torch.device,
+                       out_dtype: torch.dtype) -> Optional[list[Callable[[], Any]]]:
+        method = params.get("base_method", "task_arithmetic")
+        jobs = get_method(method).stream_prepare(base, experts, params, name, statistics, parts, device, out_dtype)
+        # each result names the base method, whose prepared() reads it
+        return None if jobs is None else [functools.partial(_named_result, method, job) for job in jobs]
+
+    def prepared(self, results: list) -> dict[str, Any]:
+        return get_method(results[0][0]).prepared([r for _, r in results]) if results else {}
+
+    def prepare_bytes(self, numel: int, num: int, params: Mapping[str, Any], device: torch.device) -> int:
+        return _base(params).prepare_bytes(numel, num, params, device)
 
     def exact_lora_rank(self, ranks: Sequence[int], params: Mapping[str, Any]) -> Optional[int]:
         return _base(params).exact_lora_rank(ranks, params)
