@@ -47,17 +47,23 @@ def delta_logits(root: torch.nn.Module, paths: Mapping[str, str]):
 
 @contextlib.contextmanager
 def fitting_mode(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """``model`` in eval mode on ``device`` for the fit; its mode and device are restored afterwards."""
+    """``model`` in eval mode on ``device``, its weights frozen (only the coefficients get gradients), for the fit;
+    its mode, device and ``requires_grad`` flags are restored afterwards."""
     was_training = model.training
-    first = next(model.parameters(), None)
-    home = first.device if first is not None else device
+    params = list(model.parameters())
+    trainable = [p.requires_grad for p in params]
+    home = params[0].device if params else device
     try:
         if home != device:
             logger.info("moving the model from %s to %s for the probe fit", home, device)
             model.to(device)
         model.eval()
+        for p in params:
+            p.requires_grad_(False)
         yield
     finally:
+        for p, flag in zip(params, trainable):
+            p.requires_grad_(flag)
         if home != device:
             model.to(home)
         model.train(was_training)
