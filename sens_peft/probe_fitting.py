@@ -108,7 +108,7 @@ def merged_deltas(values: Tensor, parts: Sequence[FitPart]) -> dict[str, Tensor]
     """Tensor name → ``Σ_i c[experts[i], group] · parts[i]`` (differentiable in ``values``)."""
     out = {}
     for part in parts:
-        coeffs = values[list(part.experts), part.group].to(part.parts.dtype)
+        coeffs = values[list(part.experts), part.group].to(device=part.parts.device, dtype=part.parts.dtype)
         out[part.name] = torch.tensordot(coeffs, part.parts, dims=1)
     return out
 
@@ -184,7 +184,8 @@ def fit_coefficients(start: Tensor, parts: Sequence[FitPart], objective: ProbeOb
     Returns:
         A :class:`FitOutcome`; its ``values`` are ``start`` exactly when no step lowered the held-out loss.
     """
-    values = start.detach().clone().to(torch.float32).requires_grad_(True)
+    device = parts[0].parts.device if parts else torch.device("cpu")  # the coefficients live with the parts
+    values = start.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)
 
     def current() -> dict[str, Tensor]:
         return merged_deltas(values, parts)
@@ -194,7 +195,7 @@ def fit_coefficients(start: Tensor, parts: Sequence[FitPart], objective: ProbeOb
         fit_before = objective.loss(logits, current, "fit")
     if not math.isfinite(held_before):
         raise ValueError(f"the held-out probe loss of the starting merge is {held_before}; check the experts")
-    best, best_loss, best_step, history = start.detach().clone().to(torch.float32), held_before, 0, []
+    best, best_loss, best_step, history = values.detach().clone(), held_before, 0, []
     optimizer = torch.optim.Adam([values], lr=lr)
     step = 0
     for step in range(1, steps + 1):
@@ -211,6 +212,6 @@ def fit_coefficients(start: Tensor, parts: Sequence[FitPart], objective: ProbeOb
             break
     with torch.no_grad():
         fit_after = objective.loss(logits, lambda: merged_deltas(best, parts), "fit") if best_step else fit_before
-    return FitOutcome(values=best, start=start.detach().clone().to(torch.float32), held_before=held_before,
+    return FitOutcome(values=best.cpu(), start=start.detach().clone().to(torch.float32), held_before=held_before,
                       held_after=best_loss, fit_before=fit_before, fit_after=fit_after, best_step=best_step,
                       steps_run=step if steps else 0, history=history)

@@ -93,10 +93,6 @@ class ProbeFit(MergeMethod):
     def combine(self, stacked: Tensor, coefficients: Tensor, ctx: MergeContext) -> Tensor:
         return _base(ctx.params).combine(stacked, coefficients, _fixed_selection(ctx))
 
-    @property
-    def streams(self) -> bool:
-        return True  # every base method in BASE_METHODS has a chunked hook
-
     def stream(self, job: StreamJob) -> bool:
         return _base(job.params).stream(dataclasses.replace(job, params={**job.params, "weighted_election": False}))
 
@@ -134,9 +130,7 @@ class ProbeFit(MergeMethod):
         granularity = p["granularity"]
         groups = sort_groups(layer_group(n, granularity) for n in names)
         column = {g: i for i, g in enumerate(groups)}
-        start = torch.zeros(len(problem.experts), len(groups), dtype=torch.float32)
-        for name in reversed(names):  # the first tensor of each group sets its start
-            start[:, column[layer_group(name, granularity)]] = problem.coefficients(name).to(torch.float32)
+        start = self._start(problem, names, granularity, column)
         parts = [FitPart(n, column[layer_group(n, granularity)], tuple(problem.tensors[n]), self._parts(problem, n))
                  for n in names]
         seed = int(p.get("seed") or 0)
@@ -160,6 +154,24 @@ class ProbeFit(MergeMethod):
             "start": outcome.start.tolist(), "groups": groups,
         }
         return FitResult(table=table, report=report)
+
+    @staticmethod
+    def _start(problem: FitProblem, names: list[str], granularity: str, column: dict[str, int]) -> Tensor:
+        """``[K, G]``: the plan's coefficients of each group (of its first tensor, warning when the plan's
+        coefficients vary inside a group, e.g. Sens coefficients at a finer granularity)."""
+        start = torch.full((len(problem.experts), len(column)), float("nan"))
+        uneven = set()
+        for name in names:
+            col = column[layer_group(name, granularity)]
+            value = problem.coefficients(name).to(torch.float32)
+            if torch.isnan(start[:, col]).all():
+                start[:, col] = value
+            elif not torch.equal(start[:, col], value):
+                uneven.add(layer_group(name, granularity))
+        if uneven:
+            logger.warning("probe_fit: the planned coefficients vary inside the groups %s at granularity=%r; the fit "
+                           "starts from those of each group's first tensor", sorted(uneven)[:5], granularity)
+        return start
 
     @staticmethod
     def _parts(problem: FitProblem, name: str) -> Tensor:
