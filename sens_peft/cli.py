@@ -47,6 +47,8 @@ def methods_help() -> str:
         lines.extend(f"      {p.describe()}" for p in method.parameters)
         if method.needs:
             lines.append(f"      needs: {', '.join(method.needs)} (stored with each expert's sensitivity)")
+        if method.needs_probes:
+            lines.append("      needs: each expert's probe set (probe.safetensors, stored by the callback)")
     return "\n".join(lines)
 
 
