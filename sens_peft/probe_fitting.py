@@ -28,8 +28,7 @@ from .transfer import scored_positions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FitOutcome", "FitPart", "ProbeObjective", "fit_coefficients", "merged_deltas", "split_rows",
-           "token_loss"]
+__all__ = ["FitOutcome", "FitPart", "ProbeObjective", "fit_coefficients", "merged_deltas", "split_rows"]
 
 #: ``logits(deltas, batch)``: the base model's logits ``[B, T, V]`` with ``deltas`` (tensor name → delta in the
 #: weight's layout) added to its weights, for ``batch`` (``input_ids``, ``attention_mask``).
@@ -93,17 +92,6 @@ def split_rows(num: int, holdout: float, seed: int) -> tuple[list[int], list[int
     return sorted(order[held:]), sorted(order[:held])
 
 
-def token_loss(logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, int]:
-    """Summed next-token cross-entropy (fp32) over the scored positions of ``batch``, and their count."""
-    mask = scored_positions(batch["attention_mask"], batch["labels"])
-    count = int(mask.sum())
-    if count == 0:
-        return logits.new_zeros((), dtype=torch.float32), 0
-    targets = batch["labels"][:, 1:][mask[:, :-1]]
-    chosen = logits[:, :-1][mask[:, :-1]].float()
-    return F.cross_entropy(chosen, targets, reduction="sum"), count
-
-
 def merged_deltas(values: Tensor, parts: Sequence[FitPart]) -> dict[str, Tensor]:
     """Tensor name → ``Σ_i c[experts[i], group] · parts[i]`` (differentiable in ``values``)."""
     out = {}
@@ -116,10 +104,14 @@ def merged_deltas(values: Tensor, parts: Sequence[FitPart]) -> dict[str, Tensor]
 class ProbeObjective:
     """The experts' probe sets split into fit and held-out rows, and the loss of a merge on either split.
 
+    The rows of every expert share batches (right-padded to the longest probe), each token weighted by
+    ``1 / (K · scored tokens of its expert's split)``: the sum over a split is the mean over experts of each
+    expert's mean token loss, whatever the batching.
+
     Args:
         probes: One probe set per expert (its task's data).
         holdout: Fraction of each probe's rows held out for early stopping.
-        seed: Seeds the split.
+        seed: Seeds the split (expert ``k`` uses ``seed + k``).
         device: Where the batches go (the model's device).
         batch_size: Rows per forward pass.
 
@@ -128,49 +120,58 @@ class ProbeObjective:
     """
 
     def __init__(self, probes: Sequence[ProbeSet], holdout: float, seed: int, device: torch.device,
-                 batch_size: int = 16) -> None:
-        self.batches: dict[str, list[list[dict[str, Tensor]]]] = {"fit": [], "held": []}
+                 batch_size: int = 64) -> None:
+        width = max(int(p.input_ids.shape[1]) for p in probes)
+        self.batches: dict[str, list[dict[str, Tensor]]] = {}
         self.counts: dict[str, list[int]] = {"fit": [], "held": []}
         self.rows: dict[str, list[int]] = {"fit": [], "held": []}
-        for k, probe in enumerate(probes):
-            fit_rows, held_rows = split_rows(len(probe), holdout, seed + k)
-            for split, rows in (("fit", fit_rows), ("held", held_rows)):
-                batches = [self._batch(probe, rows[s:s + batch_size], device)
-                           for s in range(0, len(rows), batch_size)]
-                count = sum(int(scored_positions(b["attention_mask"], b["labels"]).sum()) for b in batches)
+        splits = [split_rows(len(probe), holdout, seed + k) for k, probe in enumerate(probes)]
+        for s, split in enumerate(("fit", "held")):
+            rows = []
+            for k, probe in enumerate(probes):
+                idx = torch.tensor(splits[k][s], dtype=torch.long)
+                part = {key: _pad(getattr(probe, key)[idx], width, fill) for key, fill in _PADDING.items()}
+                count = int(scored_positions(part["attention_mask"], part["labels"]).sum())
                 if count == 0:
-                    raise ValueError(f"probe set {k}: its {split} rows {rows} have no scored token (labels all -100)")
-                self.batches[split].append(batches)
+                    raise ValueError(f"probe set {k}: its {split} rows {splits[k][s]} have no scored token "
+                                     "(labels all -100)")
+                part["weight"] = torch.full((len(idx),), 1.0 / (count * len(probes)))
                 self.counts[split].append(count)
-                self.rows[split].append(len(rows))
+                self.rows[split].append(len(idx))
+                rows.append(part)
+            packed = {key: torch.cat([r[key] for r in rows]) for key in rows[0]}
+            self.batches[split] = [{key: value[b:b + batch_size].to(device) for key, value in packed.items()}
+                                   for b in range(0, len(packed["weight"]), batch_size)]
 
-    @staticmethod
-    def _batch(probe: ProbeSet, rows: list[int], device: torch.device) -> dict[str, Tensor]:
-        idx = torch.tensor(rows, dtype=torch.long)
-        return {key: getattr(probe, key)[idx].to(device) for key in ("input_ids", "attention_mask", "labels")}
-
-    def loss(self, logits: LogitsFn, deltas: Callable[[], Mapping[str, Tensor]], split: str,
-             backward: bool = False) -> float:
-        """Mean over experts of each expert's mean token loss on ``split`` (``"fit"`` / ``"held"``).
-
-        ``deltas()`` builds the merged deltas; it is called once per batch so that, with ``backward=True``, each
-        batch's graph is freed after its backward pass (the gradients of the coefficients accumulate).
-        """
-        total, num = 0.0, len(self.batches[split])
-        for batches, count in zip(self.batches[split], self.counts[split]):
-            for batch in batches:
-                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-                summed, _ = token_loss(logits(deltas(), inputs), batch)
-                value = summed / (count * num)
-                if backward:
-                    value.backward()
-                total += float(value.detach())
+    def loss(self, logits: LogitsFn, deltas: Mapping[str, Tensor], split: str, backward: bool = False) -> float:
+        """Mean over experts of each expert's mean token loss on ``split`` (``"fit"`` / ``"held"``) with ``deltas``
+        added; with ``backward=True`` each batch's loss is back-propagated (into the deltas) and freed."""
+        total = 0.0
+        for batch in self.batches[split]:
+            out = logits(deltas, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+            mask = scored_positions(batch["attention_mask"], batch["labels"])[:, :-1]
+            losses = F.cross_entropy(out[:, :-1][mask].float(), batch["labels"][:, 1:][mask], reduction="none")
+            value = (losses * batch["weight"][:, None].expand_as(mask)[mask]).sum()
+            if backward:
+                value.backward()
+            total += float(value.detach())
         return total
+
+
+_PADDING = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+
+
+def _pad(t: Tensor, width: int, fill: int) -> Tensor:
+    """``[N, T]`` right-padded to ``[N, width]`` with ``fill``."""
+    return F.pad(t, (0, width - t.shape[1]), value=fill) if t.shape[1] < width else t
 
 
 def fit_coefficients(start: Tensor, parts: Sequence[FitPart], objective: ProbeObjective, logits: LogitsFn, *,
                      steps: int, lr: float, patience: int = 0) -> FitOutcome:
     """Adam on ``c`` (``[K, G]``, from ``start``) against the fit loss; keeps the best held-out ``c``.
+
+    Each step back-propagates the batches into the merged deltas (detached leaves: the model's backward never
+    re-enters the merge), then the merge once into ``c``.
 
     Args:
         start: ``[K, G]`` starting coefficients.
@@ -187,12 +188,12 @@ def fit_coefficients(start: Tensor, parts: Sequence[FitPart], objective: ProbeOb
     device = parts[0].parts.device if parts else torch.device("cpu")  # the coefficients live with the parts
     values = start.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)
 
-    def current() -> dict[str, Tensor]:
-        return merged_deltas(values, parts)
+    def losses(c: Tensor) -> tuple[float, float]:
+        with torch.no_grad():
+            merged = merged_deltas(c, parts)
+            return objective.loss(logits, merged, "held"), objective.loss(logits, merged, "fit")
 
-    with torch.no_grad():
-        held_before = objective.loss(logits, current, "held")
-        fit_before = objective.loss(logits, current, "fit")
+    held_before, fit_before = losses(values)
     if not math.isfinite(held_before):
         raise ValueError(f"the held-out probe loss of the starting merge is {held_before}; check the experts")
     best, best_loss, best_step, history = values.detach().clone(), held_before, 0, []
@@ -200,18 +201,22 @@ def fit_coefficients(start: Tensor, parts: Sequence[FitPart], objective: ProbeOb
     step = 0
     for step in range(1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
-        objective.loss(logits, current, "fit", backward=True)
+        merged = merged_deltas(values, parts)
+        leaves = {name: delta.detach().requires_grad_(True) for name, delta in merged.items()}
+        objective.loss(logits, leaves, "fit", backward=True)
+        grads = [leaves[name].grad for name in merged]
+        used = [(t, g) for t, g in zip(merged.values(), grads) if g is not None]
+        torch.autograd.backward([t for t, _ in used], [g for _, g in used])
         optimizer.step()
         with torch.no_grad():
-            held = objective.loss(logits, current, "held")
+            held = objective.loss(logits, merged_deltas(values, parts), "held")
         history.append(held)
         logger.debug("probe fit step %d: held-out loss %.5f", step, held)
         if held < best_loss:
             best, best_loss, best_step = values.detach().clone(), held, step
         elif patience and step - best_step >= patience:
             break
-    with torch.no_grad():
-        fit_after = objective.loss(logits, lambda: merged_deltas(best, parts), "fit") if best_step else fit_before
+    fit_after = losses(best)[1] if best_step else fit_before
     return FitOutcome(values=best.cpu(), start=start.detach().clone().to(torch.float32), held_before=held_before,
                       held_after=best_loss, fit_before=fit_before, fit_after=fit_after, best_step=best_step,
                       steps_run=step if steps else 0, history=history)

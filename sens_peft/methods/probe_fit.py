@@ -72,7 +72,7 @@ class ProbeFit(MergeMethod):
         Param("granularity", str, "layer", "one coefficient per expert and: block ('layer'), block attention/MLP "
               "('module_type') or projection", choices=tuple(GRANULARITIES)),
         Param("patience", int, 10, "stop after this many steps without a held-out improvement (0: never)", 0, 100000),
-        Param("batch_size", int, 16, "probe rows per forward pass", 1, 100000),
+        Param("batch_size", int, 64, "probe rows per forward pass (the experts' rows share batches)", 1, 100000),
     )
     random = True  # a DARE base draws masks (ctx.draw_keep); the other bases ignore them
     needs_probes = True
