@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 
 import torch
@@ -60,17 +61,19 @@ def probes(num: int, vocab: int, seed: int = 0) -> list[ProbeSet]:
 def timed(num: int, steps: int) -> dict[str, float]:
     peft, vocab = experts_model(num)
     names = [f"e{k}" for k in range(num)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     merge_adapters(peft, names, method="task_arithmetic", scale=0.5, adapter_name="ta", device="cpu",
                    progress=False)
-    ta = time.perf_counter() - start
-    start = time.perf_counter()
+    ta, ta_cpu = time.perf_counter() - start, time.process_time() - cpu
+    start, cpu = time.perf_counter(), time.process_time()
     report = merge_adapters(peft, names, method="probe_fit", scale=0.5, adapter_name="fit", device="cpu",
                             progress=False, probes=probes(num, vocab),
                             params={"steps": steps, "patience": 0})
-    fit = time.perf_counter() - start
+    fit, fit_cpu = time.perf_counter() - start, time.process_time() - cpu
+    # CPU time as well: on a shared machine the wall time depends on the load
     return {"experts": num, "task_arithmetic_s": round(ta, 2), "probe_fit_s": round(fit, 2),
-            "fit_share_s": round(fit - ta, 2), "groups": len(report.coefficients.groups), "steps": steps}
+            "task_arithmetic_cpu_s": round(ta_cpu, 2), "probe_fit_cpu_s": round(fit_cpu, 2),
+            "groups": len(report.coefficients.groups), "steps": steps}
 
 
 def main() -> None:
@@ -82,7 +85,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     rows = [timed(num, args.steps) for num in args.experts]
-    print(json.dumps({"threads": args.threads, "probe": f"{ROWS} rows x {TOKENS} tokens ({SCORED} scored) per expert",
+    print(json.dumps({"threads": args.threads, "load_average": os.getloadavg(), "probe": f"{ROWS} rows x {TOKENS} tokens ({SCORED} scored) per expert",
                       "rows": rows}, indent=1))
 
 
