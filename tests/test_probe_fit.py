@@ -270,3 +270,40 @@ def test_full_models_zero_steps_and_fit(full_experts, tmp_path):
             merge_models(full_experts["base"], experts, tmp_path / "none", method="probe_fit", device="cpu")
     finally:
         (tmp_path / "moved.safetensors").rename(full_experts["noise"] / PROBE_FILE)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the quality benchmark's entry
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_benchmark_entry_matches_merge_adapters_and_its_control_shuffles_answers(experts):
+    import sys
+
+    from peft import PeftModel
+
+    from sens_peft.store import load_probe
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quality_lib as ql
+
+    peft = PeftModel.from_pretrained(tiny_llama(), str(experts["good"]), adapter_name="good")
+    peft.load_adapter(str(experts["noise"]), adapter_name="noise")
+    probes = [load_probe(experts[n]) for n in NAMES]
+    cell = ql.Cell("maps", "B", "lora", 0, list(NAMES), tiny_llama(), ql.lib_lora_deltas(peft, NAMES), [], {}, peft)
+    cell._stats[("probes", "all")] = probes
+    merged, spread = ql.merge_probe_fit({"method": "probe_fit", "lam": 1.0, "steps": 5, "lr": 0.1}, cell)
+    report = merge_adapters(peft, list(NAMES), method="probe_fit", scale=1.0, params={"steps": 5, "lr": 0.1},
+                            output="full", probes=probes, device="cpu", progress=False)
+    assert spread["c_min"] < 1.0 < spread["c_max"]
+    params, w0 = dict(report.model.named_parameters()), dict(tiny_llama().named_parameters())
+    for name, delta in merged.items():
+        torch.testing.assert_close(params[name], w0[name] + delta, atol=1e-5, rtol=1e-5)
+    control = ql._shuffle_probe_answers(probes, seed=3)
+    for probe, shuffled in zip(probes, control):  # same prompts, answers moved between rows
+        scored = probe.labels != -100
+        assert torch.equal(probe.input_ids[~scored], shuffled.input_ids[~scored])
+        assert torch.equal(shuffled.labels[scored], shuffled.input_ids[scored])
+    pooled = torch.cat([p.labels[p.labels != -100].view(len(p), -1) for p in probes])
+    moved = torch.cat([p.labels[p.labels != -100].view(len(p), -1) for p in control])
+    assert sorted(map(tuple, pooled.tolist())) == sorted(map(tuple, moved.tolist())) and not torch.equal(pooled, moved)
