@@ -117,6 +117,13 @@ def test_fit_recovers_a_known_linear_answer():
 # ------------------------------------------------------------------------------------------------------------
 
 
+def test_default_start_scale():
+    from sens_peft.config import MergeConfig
+
+    assert MergeConfig(method="probe_fit").resolved_scale() == 0.5  # a sum of K deltas starts at λ = 0.5
+    assert MergeConfig(method="probe_fit", params={"base_method": "ties"}).resolved_scale() == 1.0  # TIES's own
+
+
 def test_zero_steps_is_task_arithmetic_exactly(experts):
     fitted = _merge(experts, method="probe_fit", scale=0.7, params={"steps": 0})
     plain = _merge(experts, method="task_arithmetic", scale=0.7)
