@@ -607,6 +607,57 @@ def peft_weighted(cell: Cell, combination: str, lam: float, density: Optional[fl
     return cell.peft
 
 
+def _load_probes(cell: Cell, key: Any) -> list[Any]:
+    return [lib_load_sidecars(cell.root / t)[1] for t in cell.tasks]
+
+
+def _shuffle_probe_answers(probes: list[Any], seed: int) -> list[Any]:
+    """Every probe row's answer (its scored tokens) replaced by a random row's answer, over every task's probe (rows
+    with as many scored tokens): the same prompts and answers, no link between a prompt and its answer."""
+    from sens_peft.store import ProbeSet
+
+    rows = [(k, i) for k, p in enumerate(probes) for i in range(len(p))]
+    spans = {(k, i): probes[k].labels[i] != -100 for k, i in rows}
+    gen = torch.Generator().manual_seed(seed)
+    out = [ProbeSet(p.input_ids.clone(), p.attention_mask.clone(), p.labels.clone(), dict(p.metadata)) for p in probes]
+    for length in sorted({int(m.sum()) for m in spans.values()}):
+        same = [r for r in rows if int(spans[r].sum()) == length]
+        for (k, i), j in zip(same, torch.randperm(len(same), generator=gen).tolist()):
+            answer = probes[same[j][0]].labels[same[j][1]][spans[same[j]]]
+            out[k].labels[i][spans[(k, i)]] = answer
+            out[k].input_ids[i][spans[(k, i)]] = answer
+    return out
+
+
+register_statistic("probes", _load_probes, _shuffle_probe_answers)
+
+
+def merge_probe_fit(setting: dict[str, Any], cell: Cell) -> tuple[dict[str, torch.Tensor], dict]:
+    """``probe_fit`` (its library fit hook) on the cell's deltas and probes (shuffled answers in the control)."""
+    from sens_peft.config import MergeConfig
+    from sens_peft.merging.fitting import delta_logits, fitting_mode
+    from sens_peft.methods import FitProblem, get_method
+
+    own = {k: v for k, v in setting.items() if k not in ("method", "lam")}
+    cfg = MergeConfig(method="probe_fit", scale=setting["lam"], seed=cell.seed, trim_by="magnitude", params=own)
+    params = {**cfg.method_params(), "scale": setting["lam"]}
+    idx = list(range(len(cell.tasks)))
+
+    def merge(name: str, coeffs: torch.Tensor) -> torch.Tensor:
+        return lib_merge_tensor("probe_fit", cell.deltas[name], coeffs, density=cfg.density, scale=1.0,
+                                seed=cell.seed, name=name, **own)
+
+    problem = FitProblem(experts=list(cell.tasks), tensors={n: idx for n in cell.deltas},
+                         deltas=lambda n: cell.deltas[n], merge=merge,
+                         coefficients=lambda n: torch.full((len(idx),), float(setting["lam"])),
+                         logits=delta_logits(cell.base, {n: n for n in cell.deltas}),
+                         probes=cell.stat("probes", "all"), params=params)
+    with fitting_mode(cell.base, torch.device("cpu")):
+        table = get_method("probe_fit").fit(problem).table
+    merged = {n: merge(n, table.for_name(n)) for n in cell.deltas}
+    return merged, {"c_min": float(table.values.min()), "c_max": float(table.values.max())}
+
+
 class MergedModel:
     """One evaluation model whose merged weights are rewritten to ``W0 + merged ΔW`` for every setting."""
 

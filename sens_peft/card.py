@@ -50,6 +50,38 @@ def _statistics_lines(statistics: Optional[dict[str, Any]]) -> list[str]:
             for kind, (unit, per) in statistics.items()]
 
 
+def fit_lines(fit: Optional[dict[str, Any]]) -> list[str]:
+    """What a model-in-the-loop fit (``probe_fit``) did: held-out loss before and after, steps, samples used.
+    Also printed by ``sens-peft inspect`` on a merge folder."""
+    if not fit:
+        return []
+    samples = fit.get("samples") or {}
+    return [
+        f"- Probe fit on `{fit.get('base_method')}` parts (one coefficient per expert and {fit.get('granularity')} "
+        f"group): held-out loss {fit.get('held_out_loss_before', float('nan')):.4f} -> "
+        f"{fit.get('held_out_loss_after', float('nan')):.4f} (fit rows "
+        f"{fit.get('fit_loss_before', float('nan')):.4f} -> {fit.get('fit_loss_after', float('nan')):.4f})",
+        f"- Probe fit steps: {fit.get('steps_run')} of {fit.get('steps')} run (Adam lr {fit.get('lr')}, patience "
+        f"{fit.get('patience')}), coefficients of step {fit.get('best_step')} kept (0: the start)",
+        "- Probe samples used (fit / held-out rows, scored tokens): " + ", ".join(
+            f"{name}: {s.get('fit')} / {s.get('held_out')} rows, {s.get('fit_tokens')} / {s.get('held_out_tokens')} "
+            "tokens" for name, s in samples.items()),
+    ]
+
+
+def table_text(coefficients: Any) -> str:
+    """The coefficient table as text; a fitted table (``settings["fitted_by"]``) says so in its first line."""
+    if coefficients is None:
+        return "(none)"
+    text = str(coefficients)
+    fitted = (getattr(coefficients, "settings", None) or {}).get("fitted_by")
+    if fitted and "\n" in text:
+        settings = coefficients.settings
+        text = (f"Coefficients fitted by {fitted} (granularity={settings.get('granularity')}, start "
+                f"λ={settings.get('scale')})\n" + text.split("\n", 1)[1])
+    return text
+
+
 def _spread_lines(coefficients: Any) -> list[str]:
     """The spread of the final coefficients, and the Sens temperature used when the bound raised it."""
     if coefficients is None or not hasattr(coefficients, "summary"):
@@ -145,6 +177,7 @@ def render_card(record: dict[str, Any], coefficients: Any, *, library_name: str)
         *_per_expert_lines(cfg),
         f"- Output: {record['kind']}",
         *_statistics_lines(record.get("statistics")),
+        *fit_lines(record.get("fit")),
         *_spread_lines(coefficients),
         "",
         *_origin_lines(cfg),
@@ -156,7 +189,7 @@ def render_card(record: dict[str, Any], coefficients: Any, *, library_name: str)
         w = f" (weight {weights[i]})" if weights else ""
         lines.append(f"- `{expert['name']}`: {expert['source']}{w}")
     lines += ["", "## Coefficients", "", "Final coefficient c per expert and layer group (includes weights and λ):",
-              "", "```", str(coefficients) if coefficients is not None else "(none)", "```", "",
+              "", "```", table_text(coefficients), "```", "",
               "## Merge parameters", "", "```json", json.dumps(record, indent=2, default=str), "```", ""]
     return "\n".join(lines)
 

@@ -47,6 +47,8 @@ def methods_help() -> str:
         lines.extend(f"      {p.describe()}" for p in method.parameters)
         if method.needs:
             lines.append(f"      needs: {', '.join(method.needs)} (stored with each expert's sensitivity)")
+        if method.needs_probes:
+            lines.append("      needs: each expert's probe set (probe.safetensors, stored by the callback)")
     return "\n".join(lines)
 
 
@@ -107,11 +109,33 @@ def describe_expert(directory: str) -> str:
     return "\n".join(lines)
 
 
+def describe_merge(directory: str) -> str:
+    """A human-readable summary of a merge output folder (its ``merge_config.json``): method, experts, the fit of
+    a probe-fitted merge (held-out loss before / after, steps, samples) and the coefficient table."""
+    from .card import CONFIG_FILE, fit_lines, table_text
+    from .coefficients import CoefficientTable
+
+    record = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    cfg = record.get("config") or {}
+    lines = [f"== {directory} (merge)", f"  method: {cfg.get('method')}  output: {record.get('kind')}  "
+             f"scale: {cfg.get('scale')}",
+             "  experts: " + ", ".join(e.get("name", "?") for e in record.get("experts", []))]
+    lines.extend("  " + line[2:] for line in fit_lines(record.get("fit")))
+    if record.get("coefficients"):
+        table = CoefficientTable.from_dict(record["coefficients"])
+        lines.extend("  " + line for line in table_text(table).splitlines())
+    return "\n".join(lines)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .card import CONFIG_FILE
+
+    merges = [d for d in args.dirs if (Path(d) / CONFIG_FILE).is_file()]
+    experts = [d for d in args.dirs if d not in merges]
     for directory in args.dirs:
-        print(describe_expert(directory))
-    if len(args.dirs) > 1:
-        table = _task_table(args.dirs, args.temperature, args.normalization, args.granularity)
+        print(describe_merge(directory) if directory in merges else describe_expert(directory))
+    if len(experts) > 1:
+        table = _task_table(experts, args.temperature, args.normalization, args.granularity)
         print(f"\nTask-specific coefficients a merge with sens='task' would use (normalization={args.normalization}, "
               f"T={args.temperature:g}; the default merge uses no coefficients, and the cross-task factor needs the "
               "models and is computed at merge time):")
@@ -201,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show what is stored with experts",
                        description="Show the sidecars stored with each expert and, for several experts, the "
                                    "task-specific coefficient table a merge would use.")
-    p.add_argument("dirs", nargs="+", help="expert folders (adapter or model folders with sensitivity.safetensors)")
+    p.add_argument("dirs", nargs="+", help="expert folders (adapter or model folders with sensitivity.safetensors), "
+                                          "or merge output folders (with merge_config.json)")
     add_coefficient_options(p)
     p.set_defaults(func=cmd_inspect)
 

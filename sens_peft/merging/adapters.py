@@ -20,7 +20,7 @@ from ..errors import MergeError
 from ..io import atomic_output_dir
 from ..lora import LoraModule, delta_weight, lora_modules, svd_factors
 from ..lowrank import randomized_factors
-from ..methods import MergeContext, merge_deltas, merge_streamed
+from ..methods import FitProblem, MergeContext, merge_deltas, merge_streamed
 from ..names import portable_name
 from ..validation import (
     check_adapter_files,
@@ -288,6 +288,8 @@ def merge_adapters(
     cfg = plan.config
     _check_layouts(plan, modules)
     work = [(module, [k for k, a in enumerate(names) if a in module.adapters()]) for module in modules]
+    if plan.method.needs_probes:
+        plan = _fit_on_probes(peft_model, plan, work, probes, device)
     new_rank, exact = _output_rank(plan, work)
     logger.info("merging %d modules of %d experts with %s (output=%s%s) on %s", len(work), len(names), cfg.method,
                 cfg.output, f", rank {new_rank}" if cfg.output == "lora" else "", device)
@@ -410,6 +412,34 @@ def _transfer(peft_model, names: list[str], folders: list[Optional[Path]], probe
     transfer = check_transfer(transfer, len(names))
     logger.info("transferability matrix:\n%s", transfer)
     return transfer
+
+
+def _fit_on_probes(peft_model, plan: MergePlan, work: list, probes, device: torch.device) -> MergePlan:
+    """The plan with the coefficients a ``needs_probes`` method fits on the probes (adapters off, so the model
+    is the base model, with the merged ΔW added to the adapted modules' base weights)."""
+    from .fitting import delta_logits, fit_plan, fitting_mode
+
+    vocab = getattr(getattr(peft_model, "config", None), "vocab_size", None)
+    probe_sets = load_probes(probes, plan.folders, plan.experts, vocab,
+                             purpose=f"method {plan.config.method!r} fits its coefficients on every expert's probe set")
+    root = peft_model.base_model.model
+    path_of = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
+    modules = {module.weight_name: (module, idx) for module, idx in work}
+
+    def deltas(name: str) -> list[torch.Tensor]:
+        module, idx = modules[name]
+        return [delta_weight(module, module.factors(plan.experts[k]), device) for k in idx]
+
+    def merge(name: str, coeffs: torch.Tensor) -> torch.Tensor:
+        return _merge_module(*modules[name], plan, coeffs, device)
+
+    problem = FitProblem(
+        experts=plan.experts, tensors={name: idx for name, (_, idx) in modules.items()}, deltas=deltas, merge=merge,
+        coefficients=plan.table.for_name,
+        logits=delta_logits(root, {name: path_of[id(m.base_weight())] for name, (m, _) in modules.items()}),
+        probes=probe_sets, params={**plan.params(), "scale": plan.config.scale}, device=device)
+    with fitting_mode(peft_model, device), peft_model.disable_adapter():
+        return fit_plan(plan, problem)
 
 
 def _output_rank(plan: MergePlan, work: list) -> tuple[int, bool]:
@@ -627,7 +657,8 @@ def _save(save_to: PathLike, overwrite: bool, peft_model, result_model, plan: Me
         record = card.merge_record(cfg.to_dict(), plan.experts, sources, plan.table,
                                    kind=f"lora (rank {new_rank})" if lora else "full", base_model=portable_name(base_id),
                                    extra={"adapter_name": adapter_name if lora else None,
-                                          "statistics": plan.statistics_summary()})
+                                          "statistics": plan.statistics_summary(),
+                                          **({"fit": plan.fit} if plan.fit is not None else {})})
         card.write_card(tmp, record, plan.table, library_name="peft" if lora else "transformers")
         write_extra_files(tmp, extra_files)
     output_dir = Path(save_to).resolve()

@@ -153,6 +153,11 @@ def merge_models(
                               transferability=transferability, step=comm.step,
                               compute_transfer=lambda: comm.root_call(lambda: inputs.transfer(cfg, probes, comm)),
                               check_record=inputs.check_record)
+            if plan.method.needs_probes:
+                from .fitting import fit_full_models
+
+                with comm.step():
+                    plan = fit_full_models(plan, inputs, probes, comm.distributed)
             with comm.step():
                 shards = plan_shards([(n, out_nbytes(inputs.base_src, n, inputs.out_dtype))
                                       for n in inputs.base_src.names()], parse_size(max_shard_size))
@@ -299,7 +304,8 @@ def _finish_folder(tmp: Path, inputs: _Inputs, plan: MergePlan, files: list[str]
                                plan.table,
                                kind="full", base_model=portable_name(inputs.base_cfg.get("_name_or_path"), inputs.base),
                                extra={"shards": files, "merged_tensors": merged, "copied_tensors": copied,
-                                      "statistics": plan.statistics_summary()})
+                                      "statistics": plan.statistics_summary(),
+                                      **({"fit": plan.fit} if plan.fit is not None else {})})
     card.write_card(tmp, record, plan.table, library_name="transformers")
     planning.write_extra_files(tmp, extra_files)
     logger.info("output: %d shard(s) %s, %d tensors merged, %d copied, files copied from base: %s",

@@ -78,6 +78,8 @@ class MergePlan:
         experts: Expert names. folders: Their folders (None for adapters given by name).
         records: Sensitivity records (None when the merge needs none). transfer: The K×K matrix, if used.
         table: The coefficient table. needs: The statistic kinds the method needs with these settings.
+        fit: What a model-in-the-loop method's :meth:`~sens_peft.methods.MergeMethod.fit` reported (its table then
+            replaced the planned one), else None.
     """
 
     config: MergeConfig
@@ -87,6 +89,7 @@ class MergePlan:
     transfer: Optional[torch.Tensor]
     table: Any
     needs: tuple[str, ...]
+    fit: Optional[dict[str, Any]] = None
 
     @property
     def method(self):
@@ -338,16 +341,23 @@ def load_records(sensitivities, folders: list[Optional[Path]], experts: list[str
     return records
 
 
-def load_probes(probes, folders: list[Optional[Path]], experts: list[str], vocab_size: Optional[int]) -> list:
-    """The experts' probe sets (for the cross-task factor)."""
+def load_probes(probes, folders: list[Optional[Path]], experts: list[str], vocab_size: Optional[int],
+                purpose: Optional[str] = None) -> list:
+    """The experts' probe sets (for the cross-task factor, or for ``purpose``: a method that fits on them)."""
     from ..store import PROBE_FILE, ProbeSet, load_probe
 
+    if purpose is None:
+        pass_hint = "pass probes=[...] or transferability=<K×K tensor>, or use sens='task' / sens=None"
+        missing_hint = ("the cross-task factor (sens includes 'cross') needs each expert's probe set. Pass "
+                        "probes=[...] or transferability=<K×K tensor>, or use sens='task'")
+    else:
+        pass_hint = f"pass probes=[...] (ProbeSet objects or probe.safetensors paths): {purpose}"
+        missing_hint = (f"{purpose}. Train the expert with SensitivityCallback (store_probe=True, the default) or run "
+                        "compute_sensitivity(...) on it, pass probes=[...], or pick a method that needs no probes")
     loaded = _load_sidecars(
         probes, folders, experts, kind="probes", filename=PROBE_FILE,
         load=lambda item: load_probe(item, vocab_size=vocab_size), passthrough=ProbeSet,
-        pass_hint="pass probes=[...] or transferability=<K×K tensor>, or use sens='task' / sens=None",
-        missing_hint="the cross-task factor (sens includes 'cross') needs each expert's probe set. Pass "
-                     "probes=[...] or transferability=<K×K tensor>, or use sens='task'",
+        pass_hint=pass_hint, missing_hint=missing_hint,
     )
     for k, (name, probe) in enumerate(zip(experts, loaded)):
         check_probe(probe, f"expert {name!r}", record_source(probes, folders, k, PROBE_FILE), vocab_size)

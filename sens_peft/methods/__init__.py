@@ -11,7 +11,7 @@ Layout (a newcomer finds every formula in one file):
 * ``task_arithmetic.py``, ``ties.py``, ``dare.py`` (``dare_linear``, ``dare_ties``), ``importance.py``,
   ``ties_frequency.py``, ``regmean.py``, ``fisher.py``, ``della.py`` (``della``, ``della_linear``),
   ``della_sensitivity.py``, ``breadcrumbs.py`` (``breadcrumbs``, ``breadcrumbs_ties``), ``slerp.py``,
-  ``model_stock.py``: the methods.
+  ``model_stock.py``, ``probe_fit.py``: the methods.
 * ``dense.py``: :func:`merge_deltas` (whole tensors); ``streamed.py``: :func:`merge_streamed` (chunked, full
   models) and its kernels; ``selection.py``: TIES's exact trim, sign election, disjoint mean; ``rng.py``: DARE's
   masks; ``bits.py``: bit-packed masks drawn ahead; ``common.py``: small shared helpers; ``drops.py``: the rank-based
@@ -31,13 +31,14 @@ from . import (  # noqa: F401  (register)
     fisher,
     importance,
     model_stock,
+    probe_fit,
     regmean,
     slerp,
     task_arithmetic,
     ties,
     ties_frequency,
 )
-from .base import MergeContext, MergeMethod, Param
+from .base import FitProblem, FitResult, MergeContext, MergeMethod, Param
 from .bits import dare_masks, pack_bits, unpack_bits
 from .common import DEFAULT_CHUNK
 from .dense import TRIM_BY, merge_deltas
@@ -49,6 +50,8 @@ from .streamed import StreamJob, merge_streamed
 __all__ = [
     "DARE_RNGS",
     "DEFAULT_CHUNK",
+    "FitProblem",
+    "FitResult",
     "MAJORITY_SIGN_METHODS",
     "MergeContext",
     "MergeMethod",

@@ -12,6 +12,9 @@ for chunked full-model merges, :mod:`sens_peft.merging` for LoRA output) ask the
   can do ahead on worker threads (TIES thresholds, DARE masks).
 * :meth:`MergeMethod.exact_lora_rank` / :meth:`lora_factors` (optional): exact LoRA factors of the merge (task
   arithmetic's concatenation); otherwise the merged ``ΔW`` is factorised by a truncated SVD.
+* :meth:`MergeMethod.fit` (optional, with ``needs_probes = True``): the model-in-the-loop hook. Called once after the
+  plan, before any tensor is merged, with a :class:`FitProblem` (the experts' deltas, their probe sets and a forward
+  pass of the base model with deltas added); its :class:`FitResult` replaces the plan's coefficient table.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["MergeContext", "MergeMethod", "Param"]
+__all__ = ["FitProblem", "FitResult", "MergeContext", "MergeMethod", "Param"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,49 @@ class MergeContext:
         return self.statistics.get(kind)
 
 
+@dataclass
+class FitProblem:
+    """What :meth:`MergeMethod.fit` gets: the planned merge, the probes, and the base model as a function.
+
+    Attributes:
+        experts: Expert names (``K``).
+        tensors: Merged tensor (canonical weight name) → the indices of the experts that have a delta for it.
+        deltas: ``deltas(name)``: those experts' deltas of the tensor (fp32 on ``device``, the weight's layout).
+        merge: ``merge(name, coefficients)``: the method's dense merge of the tensor (``merge_deltas`` with the plan's
+            settings and statistics) with ``coefficients`` (one per expert in ``tensors[name]``).
+        coefficients: ``coefficients(name)``: the plan's ``[K]`` coefficients of the tensor (weights and λ included).
+        logits: ``logits(deltas, batch)``: the base model's logits with ``deltas`` (name → tensor) added to its
+            weights, differentiable in the deltas (the base weights are not copied).
+        probes: One :class:`~sens_peft.store.ProbeSet` per expert.
+        params: The method's parameters, and the merge's ``scale`` (λ). device: Where the deltas live and the model
+            runs.
+    """
+
+    experts: list[str]
+    tensors: dict[str, list[int]]
+    deltas: Callable[[str], list[Tensor]]
+    merge: Callable[[str, Tensor], Tensor]
+    coefficients: Callable[[str], Tensor]
+    logits: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor]
+    probes: list
+    params: Mapping[str, Any]
+    device: torch.device = torch.device("cpu")
+
+
+@dataclass
+class FitResult:
+    """What :meth:`MergeMethod.fit` returns.
+
+    Attributes:
+        table: The coefficient table the merge uses instead of the plan's (a
+            :class:`~sens_peft.coefficients.CoefficientTable`).
+        report: JSON-able facts for the merge card and ``sens-peft inspect`` (losses, steps, samples...).
+    """
+
+    table: Any
+    report: dict[str, Any] = field(default_factory=dict)
+
+
 class MergeMethod:
     """One merge method. Subclasses set the class attributes and implement :meth:`combine`.
 
@@ -114,6 +160,7 @@ class MergeMethod:
         random: Whether it draws DARE masks (gets ``ctx.draw_keep``).
         full_weights: Whether it combines the experts' full weights rather than their deltas (SLERP): it merges
             full models only (``merge_models``), and ``merge_adapters`` refuses it.
+        needs_probes: Whether it fits on the experts' probe sets with the base model in the loop (:meth:`fit`).
     """
 
     name: ClassVar[str] = ""
@@ -125,6 +172,7 @@ class MergeMethod:
     optional_statistics: ClassVar[tuple[str, ...]] = ()
     random: ClassVar[bool] = False
     full_weights: ClassVar[bool] = False
+    needs_probes: ClassVar[bool] = False
 
     # -- declarations that depend on the settings -------------------------------------------------------------
 
@@ -191,6 +239,10 @@ class MergeMethod:
                      rank: int, device: torch.device, ctx: Optional[MergeContext] = None) -> tuple[Tensor, Tensor]:
         """Exact ``(A, B)`` (``B @ A`` the merged ΔW, zero-padded to ``rank``) from the experts' ``(A, B, scaling)``;
         ``ctx`` carries the module's statistics (stacked ``[K, ...]``) and the method's parameters."""
+        raise NotImplementedError
+
+    def fit(self, problem: FitProblem) -> FitResult:
+        """The model-in-the-loop hook (methods with ``needs_probes = True``): the coefficient table to merge with."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -37,7 +37,8 @@ def warn_unused_options(config: Any, *, sensitivities: Any = None, probes: Any =
     need_cross = sens in ("cross", "task+cross")
     if sensitivities is not None and not need_task:
         logger.warning("sensitivities= is ignored: sens=%r and trim_by=%r use no sensitivity scores", sens, trim_by)
-    if probes is not None and (not need_cross or transferability is not None):
+    fits = _method_needs_probes(getattr(config, "method", None))  # e.g. probe_fit fits on the probes
+    if probes is not None and not fits and (not need_cross or transferability is not None):
         why = "transferability= is given" if transferability is not None else f"sens={sens!r} has no cross term"
         logger.warning("probes= is ignored: %s", why)
     if transferability is not None and not need_cross:
@@ -52,6 +53,12 @@ def warn_unused_options(config: Any, *, sensitivities: Any = None, probes: Any =
         logger.warning("factorization=%r is ignored: it factorises a merged LoRA adapter, and this merge writes full "
                        "weights", config.factorization)
     _warn_changed_but_unused(config)
+
+
+def _method_needs_probes(method: Any) -> bool:
+    from ..methods import available_methods, get_method
+
+    return method in available_methods() and get_method(method).needs_probes
 
 
 # Method-dependent MergeConfig fields: each method declares the ones it reads (MergeMethod.uses).
