@@ -77,6 +77,8 @@ def merge_runs(n_experts: int, *, seed: int = 0, temperature: float = 1.0) -> li
         ("Fisher", dict(method="fisher")),
         # TIES that keeps each expert's most *sensitive* entries (element maps of the sidecars)
         ("SensTrim-TIES", dict(method="ties", trim_by="sensitivity", scale=1.5)),
+        # layer-wise coefficients fitted on the experts' probe sets (AdaMerging-style, supervised)
+        ("ProbeFit-TA", dict(method="probe_fit")),
         ("MergeConfig()", {}),  # the library default
     ]
     return [(label, MergeConfig(seed=seed, **fields)) for label, fields in rows]

@@ -15,7 +15,7 @@ def test_merge_runs_rows():
     runs = merge_runs(4, seed=3, temperature=0.5)
     labels = [label for label, _ in runs]
     assert labels == ["Avg", "TA", "Sens-TA", "TIES", "Sens-TIES", "DARE-TIES", "Sens-DARE-TIES", "RegMean",
-                      "Fisher", "SensTrim-TIES", "MergeConfig()"]
+                      "Fisher", "SensTrim-TIES", "ProbeFit-TA", "MergeConfig()"]
     configs = dict(runs)
     assert all(isinstance(c, MergeConfig) and c.seed == 3 for c in configs.values())
     assert configs["Avg"].method == "task_arithmetic" and configs["Avg"].scale == pytest.approx(0.25)
@@ -27,6 +27,7 @@ def test_merge_runs_rows():
         assert {k: getattr(sens, k) for k in PAPER_SENS} == PAPER_SENS
     assert configs["RegMean"].params == {"shrinkage": 1.0}
     assert configs["SensTrim-TIES"].trim_by == "sensitivity"
+    assert configs["ProbeFit-TA"].method == "probe_fit"
     assert configs["MergeConfig()"] == MergeConfig(seed=3)
 
 
