@@ -159,8 +159,13 @@ METHODS: list[Method] = [
     Method("PEFT cat", _peft_grid("cat", None), _peft("cat"), kinds=("lora",)),
     Method("PEFT ties_svd", _peft_grid("ties_svd", "ties"), _peft("ties_svd"), kinds=("lora",)),
     Method("PEFT dare_ties_svd", _peft_grid("dare_ties_svd", "dare"), _peft("dare_ties_svd"), kinds=("lora",)),
+    # its control: the same fit with the fitted values permuted over (expert, layer); shuffling the probes'
+    # answers instead (``uses=("probes",)``) fits the merge to noise and lands below the base, which says nothing
     Method("Probe-fitted TA", lambda g: [{"method": "probe_fit", "lam": lam} for lam in g["ta_lams"]],
-           ql.merge_probe_fit, uses=("probes",)),
+           ql.merge_probe_fit),
+    Method("Probe-fitted TA [control: fitted coefficients permuted]",
+           lambda g: [{"method": "probe_fit", "lam": lam} for lam in g["ta_lams"]], ql.merge_probe_fit_permuted,
+           control_of="Probe-fitted TA"),
     Method("Default (MergeConfig(), public API)", lambda g: [ql.lib_default_setting()], ql.merge_default,
            tuned=False),
     Method("Base (no merge)", lambda g: [_plain("task_arithmetic", 0.0)], ql.merge_fast, tuned=False),

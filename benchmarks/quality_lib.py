@@ -632,8 +632,16 @@ def _shuffle_probe_answers(probes: list[Any], seed: int) -> list[Any]:
 register_statistic("probes", _load_probes, _shuffle_probe_answers)
 
 
-def merge_probe_fit(setting: dict[str, Any], cell: Cell) -> tuple[dict[str, torch.Tensor], dict]:
-    """``probe_fit`` (its library fit hook) on the cell's deltas and probes (shuffled answers in the control)."""
+def merge_probe_fit_permuted(setting: dict[str, Any], cell: Cell) -> tuple[dict[str, torch.Tensor], dict]:
+    """The control of ``probe_fit`` with the same knobs and no information: the same fit, then its fitted table
+    permuted over (expert, group) cells — the same coefficient values and spread, assigned at random."""
+    return merge_probe_fit(setting, cell, permute=True)
+
+
+def merge_probe_fit(setting: dict[str, Any], cell: Cell, permute: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], dict]:
+    """``probe_fit`` (its library fit hook) on the cell's deltas and probes (``permute``: the fitted table's
+    values permuted over its cells, seeded per cell)."""
     from sens_peft.config import MergeConfig
     from sens_peft.merging.fitting import delta_logits, fitting_mode
     from sens_peft.methods import FitProblem, get_method
@@ -654,6 +662,11 @@ def merge_probe_fit(setting: dict[str, Any], cell: Cell) -> tuple[dict[str, torc
                          probes=cell.stat("probes", "all"), params=params)
     with fitting_mode(cell.base, torch.device("cpu")):
         table = get_method("probe_fit").fit(problem).table
+    if permute:
+        gen = torch.Generator().manual_seed(stable_int("permute_fit", cell.seed, cell.label()))
+        flat = table.values.flatten()
+        table = dataclasses.replace(table, values=flat[torch.randperm(flat.numel(), generator=gen)].view_as(
+            table.values))
     merged = {n: merge(n, table.for_name(n)) for n in cell.deltas}
     return merged, {"c_min": float(table.values.min()), "c_max": float(table.values.max())}
 

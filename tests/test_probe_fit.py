@@ -306,6 +306,9 @@ def test_benchmark_entry_matches_merge_adapters_and_its_control_shuffles_answers
     params, w0 = dict(report.model.named_parameters()), dict(tiny_llama().named_parameters())
     for name, delta in merged.items():
         torch.testing.assert_close(params[name], w0[name] + delta, atol=1e-5, rtol=1e-5)
+    # the benchmark's control: the same fitted values, permuted over (expert, group)
+    permuted, spread_p = ql.merge_probe_fit_permuted({"method": "probe_fit", "lam": 1.0, "steps": 5, "lr": 0.1}, cell)
+    assert spread_p == spread and any(not torch.allclose(permuted[n], merged[n]) for n in merged)
     control = ql._shuffle_probe_answers(probes, seed=3)
     for probe, shuffled in zip(probes, control):  # same prompts, answers moved between rows
         scored = probe.labels != -100
