@@ -83,12 +83,16 @@ def lib_group(name: str, granularity: str) -> str:
 def lib_default_setting() -> dict[str, Any]:
     """``MergeConfig()``'s choices as a benchmark setting (what a user gets with no arguments)."""
     from sens_peft.config import MergeConfig, choose_method
+    from sens_peft.methods import get_method
 
     cfg = MergeConfig()
     if cfg.method is None:  # the benchmark's experts store every statistic
         cfg = dataclasses.replace(cfg, method=choose_method({"element_maps", "gram", "fisher"}))
     trim = "sensitivity" if cfg.trim_by in ("auto", "sensitivity") else "magnitude"  # every expert has maps here
     setting = {"method": cfg.method, "density": cfg.density, "trim_by": trim, "lam": cfg.resolved_scale(trim)}
+    # the method's own defaults are part of the setting, so that a changed default (e.g. RegMean's shrinkage) is
+    # a new cache key, never a stale cached evaluation
+    setting.update({p.name: p.default for p in get_method(cfg.method).parameters})
     if cfg.sens is not None:
         setting.update({**lib_sens_reading(), "coef": "sens", "sens": cfg.sens, "T": cfg.temperature})
     return setting
