@@ -238,11 +238,18 @@ class Runner:
         return max(scored, key=lambda sr: (round(sr[1]["avg_norm"], 9), sr[1]["loglik"]))
 
 
+def evals_file(grid: dict[str, Any], scorers: dict[str, ql.Scorer]) -> str:
+    """The cell's eval cache: per grid budget and item counts (the default counts keep the historic names)."""
+    n = (scorers["validation"].n_items, scorers["test"].n_items)
+    default = {4: (100, 200), 8: (200, 300)}.get(grid["budget"])
+    return f"evals_{grid['budget']}.json" if n == default else f"evals_{grid['budget']}_v{n[0]}_t{n[1]}.json"
+
+
 def run_cell(cell: ql.Cell, methods: list[Method], grid: dict[str, Any], scorers, root: Path,
              tokenizer) -> dict[str, Any]:
     """Tune every method on validation and score its pick on test; the cell's result (with per-item bits)."""
     t0 = time.perf_counter()
-    runner = Runner(cell, scorers, root / f"evals_{grid['budget']}.json")
+    runner = Runner(cell, scorers, root / evals_file(grid, scorers))
     result: dict[str, Any] = {"cell": cell.label(), "methods": {}}
     for m in methods:
         if cell.kind not in m.kinds:

@@ -206,6 +206,7 @@ class Scorer:
             self.pairs[task] = pairs
             rows = [toy.encode_example(tokenizer, task, x, y) for x, y in pairs]
             self.batches[task] = [collate(rows[s : s + batch_size]) for s in range(0, len(rows), batch_size)]
+        self.n_items = len(next(iter(self.pairs.values()))) if self.pairs else 0
 
     @torch.inference_mode()
     def score(self, model) -> dict[str, dict[str, Any]]:
@@ -509,26 +510,32 @@ def prepare_cell(base, family: str, regime: str, kind: str, seed: int, workdir: 
 
 def _reference_scores(cell: Cell, cache: Path, scorers: dict[str, Scorer]) -> None:
     """Each expert alone on its own task, and the base, per split (cached as bit strings)."""
-    if cache.exists():
-        ref = json.loads(cache.read_text())
-    else:
+    ref = json.loads(cache.read_text()) if cache.exists() else {}
+    # keyed by split and item count: a run with other --val-n/--test-n must not normalise by another subset
+    keys = {split: f"{split}:{scorer.n_items}" for split, scorer in scorers.items()}
+    for split, scorer in scorers.items():
+        legacy = ref.get(split)
+        if keys[split] not in ref and legacy and len(next(iter(legacy["base"].values()))["correct"]) == scorer.n_items:
+            ref[keys[split]] = legacy
+    missing = [split for split in scorers if keys[split] not in ref]
+    if missing:
         mm = MergedModel(cell.base, list(cell.deltas))
-        ref = {}
-        for split, scorer in scorers.items():
+        for split in missing:
+            scorer = scorers[split]
             own = {}
             for k, task in enumerate(cell.tasks):
                 model = mm.load({n: d[k] for n, d in cell.deltas.items()})
                 s = scorer.score(model)
                 own[task] = {"correct": bits(s[task]["correct"]), "loglik": s[task]["loglik"]}
             b = scorer.score(mm.load({n: torch.zeros_like(d[0]) for n, d in cell.deltas.items()}))
-            ref[split] = {"experts": own, "base": {t: {"correct": bits(v["correct"]), "loglik": v["loglik"]}
-                                                   for t, v in b.items()}}
+            ref[keys[split]] = {"experts": own, "base": {t: {"correct": bits(v["correct"]), "loglik": v["loglik"]}
+                                                         for t, v in b.items()}}
         cache.write_text(json.dumps(ref))
     for split in scorers:
         cell.expert_scores[split] = {t: {"correct": unbits(v["correct"]), "loglik": v["loglik"]}
-                                     for t, v in ref[split]["experts"].items()}
+                                     for t, v in ref[keys[split]]["experts"].items()}
         cell.base_scores[split] = {t: {"correct": unbits(v["correct"]), "loglik": v["loglik"]}
-                                   for t, v in ref[split]["base"].items()}
+                                   for t, v in ref[keys[split]]["base"].items()}
 
 
 # ==========================================================================================================
