@@ -358,7 +358,33 @@ def _shuffle_fisher(maps: Optional[list[torch.Tensor]], seed: int) -> Optional[l
     return None if maps is None else _shuffle_element_maps(maps, seed)
 
 
+GRAM_SKETCH_RANK = 8  # the toy's 128 / 256-wide inputs at k = 8 keep 1/16 / 1/32: a 7B's 4096 / 11008 at k = 256
+
+
+def _load_lowrank_grams(cell: Cell, name: str) -> Optional[list[torch.Tensor]]:
+    """Each expert's mean Gram as ``gram="lowrank"`` would have stored it: the exact diagonal plus the rank-k
+    Nystrom factor of the streamed sketch ``Y = G @ omega`` (the callback's seeded ``omega`` and factorisation,
+    applied here to the stored full Gram; inputs no wider than k stay full, as in the callback)."""
+    from sens_peft.regmean import lowrank_gram, nystrom_factor
+    from sens_peft.sensitivity.stats import CalibrationStats
+
+    grams = _load_records_statistic("gram")(cell, name)
+    if grams is None:
+        return None
+    sketcher = CalibrationStats([], gram="lowrank", gram_rank=GRAM_SKETCH_RANK, seed=cell.seed)
+    out = []
+    for g in grams:
+        if g.dim() != 2 or g.shape[0] <= GRAM_SKETCH_RANK:
+            out.append(g)
+            continue
+        omega = sketcher.omega(g.shape[0])
+        factor = nystrom_factor((g @ omega).float(), omega)
+        out.append(lowrank_gram(factor, torch.diagonal(g).double()).float())
+    return out
+
+
 register_statistic("element_maps", _load_element_maps, _shuffle_element_maps)
+register_statistic("gram_lowrank", _load_lowrank_grams, _permute_grams)
 register_statistic("gram", _load_records_statistic("gram"), _permute_grams)
 register_statistic("fisher", _load_records_statistic("fisher"), _shuffle_fisher)
 register_statistic("sens_table", _load_sens_table, _shuffle_sens_table)
@@ -569,7 +595,7 @@ def merge_fast(setting: dict[str, Any], cell: Cell) -> tuple[dict[str, torch.Ten
     coef, spread = coefficient_lookup(setting, cell)
     needs_maps = setting["method"] == "importance" or setting.get("trim_by") == "sensitivity"
     kinds = {"regmean": "gram", "fisher": "fisher"}  # the statistic each data-aware method reads
-    kind = kinds.get(setting["method"])
+    kind = setting.get("gram_stat") or kinds.get(setting["method"])  # gram_stat: a sketched-Gram variant
     params = {"shrinkage": setting["shrinkage"]} if "shrinkage" in setting else {}
     out = {}
     for name, deltas in cell.deltas.items():
@@ -681,3 +707,85 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def setting_key(setting: dict[str, Any]) -> str:
     return json.dumps(setting, sort_keys=True)
+
+
+# ==========================================================================================================
+# mergekit (optional, from its own virtual environment)
+# ==========================================================================================================
+
+MERGEKIT_PYTHON = Path("/work/mk-venv/bin/python")
+
+_MK_WORKER = r'''
+import json, sys
+import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+opts = dict(device="cpu", copy_tokenizer=False, lazy_unpickle=False, quiet=True)
+try:
+    options = MergeOptions(**opts)
+except Exception:
+    opts.pop("quiet")
+    options = MergeOptions(**opts)
+for line in sys.stdin:
+    job = json.loads(line)
+    try:
+        run_merge(MergeConfiguration.model_validate(job["config"]), job["out"], options=options)
+        print(json.dumps({"ok": True}), flush=True)
+    except Exception as err:  # reported to the parent, which skips that setting
+        print(json.dumps({"ok": False, "error": repr(err)[-600:]}), flush=True)
+'''
+
+
+def mergekit_available(python: Path = MERGEKIT_PYTHON) -> bool:
+    """Whether ``python`` exists and imports mergekit (checked once per process)."""
+    import subprocess
+
+    if not python.exists():
+        return False
+    return subprocess.run([str(python), "-c", "import mergekit"], capture_output=True).returncode == 0
+
+
+class MergekitWorker:
+    """One long-lived mergekit process (its import costs seconds) that merges one YAML config per request."""
+
+    def __init__(self, python: Path = MERGEKIT_PYTHON):
+        self.python, self.proc = python, None
+
+    def merge(self, config: dict[str, Any], out: Path) -> None:
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([str(self.python), "-c", _MK_WORKER], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True)
+        self.proc.stdin.write(json.dumps({"config": config, "out": str(out)}) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline() or '{"ok": false, "error": "mergekit worker died"}')
+        if not reply["ok"]:
+            raise ValueError(f"mergekit failed on {out}: {reply['error']}")
+
+
+MERGEKIT = MergekitWorker()
+
+
+def merge_mergekit(setting: dict[str, Any], cell: Cell) -> tuple[Any, dict]:
+    """Full experts merged by mergekit's ``run_merge`` (``setting["mk"]``: task_arithmetic or ties) from the
+    saved expert folders; TA: ``weight = λ``, TIES: mergekit's disjoint mean (``normalize: true``) × ``lambda``."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    if cell.kind != "full" or cell.root is None:
+        raise ValueError("mergekit rows merge saved full fine-tunes only")
+    method = setting["mk"]
+    params: dict[str, Any] = {"weight": setting["lam"]} if method == "task_arithmetic" else {
+        "weight": 1.0, "density": setting["density"]}
+    config = {"merge_method": method, "base_model": str(cell.base.name_or_path), "dtype": "float32",
+              "models": [{"model": str(cell.root / t / "model"), "parameters": params} for t in cell.tasks],
+              "parameters": ({"normalize": False} if method == "task_arithmetic"
+                             else {"normalize": True, "lambda": setting["lam"]})}
+    out = cell.root / "mergekit_out"
+    shutil.rmtree(out, ignore_errors=True)
+    MERGEKIT.merge(config, out)
+    model = LlamaForCausalLM.from_pretrained(out).eval()
+    shutil.rmtree(out, ignore_errors=True)
+    return model, {}

@@ -73,7 +73,7 @@ def test_pretraining_rows_per_regime():
     b = families.pretraining_rows(tok, families.FamilyBaseSettings("recall", "B"), 300)
     assert a == families.pretraining_rows(tok, families.FamilyBaseSettings("recall", "A"), 300)  # deterministic
     assert not any(starts(r, ids) for r in a for ids in tag_ids.values())  # A: no task at all
-    skill_ids = tok.encode(families.get_family("recall").skill.tag, add_special_tokens=False)
+    skill_ids = tok.encode(families.get_family("recall").skills[0].tag, add_special_tokens=False)
     assert sum(starts(r, copy_ids) for r in a) > 60 and sum(starts(r, skill_ids) for r in a) > 60
     skill_keys = set(families.RECALL_SKILL_TABLE)
     assert not skill_keys & set().union(*map(set, families.RECALL_TABLES.values()))  # the skill's facts are others
