@@ -33,8 +33,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -497,32 +499,47 @@ def main(argv: Optional[list[str]] = None) -> int:
     tokenizer = toy.build_tokenizer()
     overrides = {"steps": args.base_steps} if args.base_steps else {}
     cells = []
-    for family in args.families:
-        tasks = families.get_family(family).tasks
-        scorers = {"validation": ql.Scorer(tokenizer, tasks, "validation", args.val_n),
-                   "test": ql.Scorer(tokenizer, tasks, "test", args.test_n)}
-        for regime in args.regimes:
-            base = families.pretrain_family_base(family, regime, progress=True, **overrides).eval()
-            # experts are cached per base: a changed base (new digest) never reuses stale experts
-            workdir = args.workdir / Path(str(base.name_or_path)).name
-            for kind in args.kinds:
-                for seed in range(args.seeds):
-                    t0 = time.perf_counter()
-                    cell = ql.prepare_cell(base, family, regime, kind, seed, workdir, tokenizer, scorers=scorers,
-                                           steps=args.steps)
-                    root = ql.cell_root(workdir, family, regime, kind, seed, args.steps)
-                    res = run_cell(cell, methods, args.grid, scorers, root, tokenizer)
-                    cells.append(res)
-                    r = res["methods"]
-                    logger.info("%s done in %.0f s: experts %s, TA %.1f, default %.1f, base %.1f", cell.label(),
-                                time.perf_counter() - t0,
-                                {t: round(a, 2) for t, a in res["expert_acc"]["test"].items()},
-                                100 * r["TA"]["test"]["avg_norm"],
-                                100 * r[DEFAULT]["test"]["avg_norm"],
-                                100 * r["Base (no merge)"]["test"]["avg_norm"])
+    scorer_sets: dict[str, dict[str, ql.Scorer]] = {}
+    bases: dict[tuple[str, str], Any] = {}
+
+    def run_one(seed: int, family: str, regime: str, kind: str) -> None:
+        if family not in scorer_sets:
+            tasks = families.get_family(family).tasks
+            scorer_sets[family] = {"validation": ql.Scorer(tokenizer, tasks, "validation", args.val_n),
+                                   "test": ql.Scorer(tokenizer, tasks, "test", args.test_n)}
+        scorers = scorer_sets[family]
+        if (family, regime) not in bases:
+            bases[family, regime] = families.pretrain_family_base(family, regime, progress=True,
+                                                                  **overrides).eval()
+        base = bases[family, regime]
+        # experts are cached per base: a changed base (new digest) never reuses stale experts
+        workdir = args.workdir / Path(str(base.name_or_path)).name
+        t0 = time.perf_counter()
+        cell = ql.prepare_cell(base, family, regime, kind, seed, workdir, tokenizer, scorers=scorers,
+                               steps=args.steps)
+        root = ql.cell_root(workdir, family, regime, kind, seed, args.steps)
+        res = run_cell(cell, methods, args.grid, scorers, root, tokenizer)
+        cells.append(res)
+        r = res["methods"]
+        logger.info("%s done in %.0f s: experts %s, TA %.1f, default %.1f, base %.1f", cell.label(),
+                    time.perf_counter() - t0, {t: round(a, 2) for t, a in res["expert_acc"]["test"].items()},
+                    100 * r["TA"]["test"]["avg_norm"], 100 * r[DEFAULT]["test"]["avg_norm"],
+                    100 * r["Base (no merge)"]["test"]["avg_norm"])
+
+    # seeds outermost: an interrupted run (Ctrl-C, SIGTERM) reports the cells done, every suite at its first seeds
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    todo = itertools.product(range(args.seeds), args.families, args.regimes, args.kinds)
+    try:
+        for seed, family, regime, kind in todo:
+            run_one(seed, family, regime, kind)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: reporting the %d cells done", len(cells))
+        if not cells:
+            return 1
     report = {
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "families": args.families, "regimes": args.regimes, "kinds": args.kinds, "seeds": list(range(args.seeds)),
+        "families": args.families, "regimes": args.regimes, "kinds": args.kinds,
+        "seeds": sorted({int(c["cell"].rsplit("seed", 1)[1]) for c in cells}),
         "grid": args.grid, "val_n": args.val_n, "test_n": args.test_n, "torch_threads": args.threads,
         "method_names": [m.name for m in methods], "default_setting": ql.lib_default_setting(),
         "sens_reading": ql.lib_sens_reading(),
