@@ -21,8 +21,11 @@ Regimes:
   that :meth:`Family.known` accepts (for ``maps`` this is exactly :func:`toy.pretrain_base`). Experts learn the
   missing part: small task vectors, as with a real pre-trained LLM.
 * ``A`` -- the base knows none of them: pre-trained on generic text plus a *copy* task over the family's inputs
-  (the answer format, no task) and, where a family defines one, a *skill* task of the same kind on other data
-  (``recall``: facts about 40 other keys). Experts learn whole tasks: large task vectors, heavy interference.
+  (the answer format, no task) and *skill* tasks of the family's kind with other rules or data (``recall``: facts
+  about 40 other keys; ``maps``: three other symbol maps; ``conflict``: three other per-digit operations on the
+  same inputs). Experts learn whole tasks (the base scores 0% on each): large task vectors, heavy interference.
+  (Version 1 had skills for ``recall`` only and trained experts 250 steps at 3e-3 / 1e-3: every merge of every
+  method then scored 0-2% normalised, so the regime could not rank methods; see ``benchmarks/README.md``.)
 
 Bases are cached like :func:`toy.pretrain_base` (``<cache>/<family>-<regime>-<hash>``)::
 
