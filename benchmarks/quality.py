@@ -472,6 +472,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="expert steps (default: families.expert_kwargs)")
     p.add_argument("--base-steps", type=int, default=None, help="base pre-training steps (smoke tests)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cached-only", action="store_true",
+                   help="skip cells whose experts are not trained yet (e.g. to report a run that was split up)")
     p.add_argument("--resamples", type=int, default=2000)
     args = p.parse_args(argv)
     q = args.quick
@@ -514,10 +516,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         base = bases[family, regime]
         # experts are cached per base: a changed base (new digest) never reuses stale experts
         workdir = args.workdir / Path(str(base.name_or_path)).name
+        root = ql.cell_root(workdir, family, regime, kind, seed, args.steps)
+        if args.cached_only and not all((root / t / "done.json").exists() for t in scorers["test"].tasks):
+            logger.info("%s/%s/%s/seed%d: experts not trained, skipped (--cached-only)", family, regime, kind, seed)
+            return
         t0 = time.perf_counter()
         cell = ql.prepare_cell(base, family, regime, kind, seed, workdir, tokenizer, scorers=scorers,
                                steps=args.steps)
-        root = ql.cell_root(workdir, family, regime, kind, seed, args.steps)
         res = run_cell(cell, methods, args.grid, scorers, root, tokenizer)
         cells.append(res)
         r = res["methods"]
