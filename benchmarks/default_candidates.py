@@ -5,7 +5,7 @@
 
 For each cell (family × regime × kind × seed) it scores every candidate and tuned TA (TA's validation-best λ of
 the shared quick grid) on validation and on test, with the same cached experts, scorers and evaluation cache as
-``benchmarks/quality.py --quick`` (run that first: cells are not trained here). A suite is family/regime/kind; its
+``benchmarks/quality.py --quick`` (run that first: cells whose experts are not trained are skipped). A suite is family/regime/kind; its
 number is the mean over seeds. The rule of the benchmark issue: a default may not be below tuned TA on any suite;
 among the candidates that meet it on *validation*, the best validation mean wins; test numbers are reported, not
 used to choose.
@@ -36,9 +36,12 @@ def score_cell(family: str, regime: str, kind: str, seed: int, workdir: Path, to
     """Append tuned TA's and every candidate's validation/test normalised accuracy of one cell to ``rows``."""
     base = families.pretrain_family_base(family, regime).eval()
     root_dir = workdir / Path(str(base.name_or_path)).name
+    root = ql.cell_root(root_dir, family, regime, kind, seed, None)
+    if not all((root / t / "done.json").exists() for t in families.get_family(family).tasks):
+        print(f"{family}/{regime}/{kind}/seed{seed}: experts not trained by quality.py yet, skipped")
+        return
     cell = ql.prepare_cell(base, family, regime, kind, seed, root_dir, tokenizer, scorers=scorers)
-    runner = q.Runner(cell, scorers, ql.cell_root(root_dir, family, regime, kind, seed, None) /
-                      q.evals_file(grid, scorers))
+    runner = q.Runner(cell, scorers, root / q.evals_file(grid, scorers))
     suite = f"{family}/{regime}/{kind}"
     ta = next(m for m in q.METHODS if m.name == "TA")
     best, _ = runner.best(ta, ta.grid(grid))
