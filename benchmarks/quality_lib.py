@@ -89,6 +89,10 @@ def lib_default_setting() -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, method=choose_method({"element_maps", "gram", "fisher"}))
     trim = "sensitivity" if cfg.trim_by in ("auto", "sensitivity") else "magnitude"  # every expert has maps here
     setting = {"method": cfg.method, "density": cfg.density, "trim_by": trim, "lam": cfg.resolved_scale(trim)}
+    # the chosen method's own defaults (e.g. RegMean's shrinkage) are part of what "the default" is: a changed
+    # default must not be served from the evaluation cache of the old one
+    own = {k: v for k, v in cfg.method_params().items() if k not in setting and isinstance(v, (int, float, str))}
+    setting["defaults"] = dict(sorted(own.items()))
     if cfg.sens is not None:
         setting.update({**lib_sens_reading(), "coef": "sens", "sens": cfg.sens, "T": cfg.temperature})
     return setting
