@@ -347,9 +347,12 @@ def aggregate(cells: list[dict[str, Any]], methods: list[Method], resamples: int
             if not cs:
                 continue
             by_suite: dict[str, list[float]] = {}
+            ll_suite: dict[str, list[float]] = {}
             for c in cs:
                 by_suite.setdefault(suite_of(c), []).append(c["methods"][m.name]["test"]["avg_norm"])
+                ll_suite.setdefault(suite_of(c), []).append(c["methods"][m.name]["test"]["loglik"])
             row = {"test": float(np.mean([np.mean(v) for v in by_suite.values()])),
+                   "loglik": float(np.mean([np.mean(v) for v in ll_suite.values()])),
                    "seeds": [c["methods"][m.name]["test"]["avg_norm"] for c in cs],
                    "suites": len(by_suite),
                    "vs_TA": compare(cs, m.name, REFERENCE) if m.name != REFERENCE else None,
@@ -406,6 +409,13 @@ def markdown(report: dict[str, Any]) -> str:
         for n in rows:
             cells = [ci(agg["per_suite"][s]["methods"].get(n, {}).get(key)) for s in suites]
             lines.append(f"| {n} | " + " | ".join(cells) + f" | {ci(agg['mean'][n][key])} |")
+    lines += ["", "## Answer log-likelihood per suite (test, nats per answer token, mean over seeds)", "",
+              "A graded reading where exact match is at the floor (regime A): how much of each task a merge keeps.",
+              "", "| method | " + " | ".join(suites) + " | mean |", "|---|" + "---|" * (len(suites) + 1)]
+    for n in names:
+        cells = [f"{agg['per_suite'][s]['methods'][n]['loglik']:.2f}" if n in agg["per_suite"][s]["methods"]
+                 else "—" for s in suites]
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {agg['mean'][n]['loglik']:.2f} |")
     lines += ["", "## Suites", "", "| suite | seeds | expert test acc (mean over tasks) | base test acc | "
               "TA picks (λ) | methods with λ at a grid edge |", "|---|---|---|---|---|---|"]
     for s in suites:
