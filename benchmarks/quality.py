@@ -161,7 +161,8 @@ METHODS: list[Method] = [
 # seed 0 only: ~5 s per merge on the loaded 2-core machine, and it equals ours to 6e-8 where checked).
 METHODS += [
     Method(f"RegMean, rank-{ql.GRAM_SKETCH_RANK} Gram sketch + diagonal",
-           lambda g: [_plain("regmean", lam, shrinkage=a, gram_stat="gram_lowrank")
+           lambda g: [_plain("regmean", lam, shrinkage=a, gram_stat="gram_lowrank",
+                                             gram_rank=ql.GRAM_SKETCH_RANK)
                       for a in g["regmean"]["shrinkage"] for lam in g["regmean"]["lams"]],
            ql.merge_fast, uses=("gram_lowrank",)),
 ]

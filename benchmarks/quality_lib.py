@@ -599,7 +599,8 @@ def merge_fast(setting: dict[str, Any], cell: Cell) -> tuple[dict[str, torch.Ten
     coef, spread = coefficient_lookup(setting, cell)
     needs_maps = setting["method"] == "importance" or setting.get("trim_by") == "sensitivity"
     kinds = {"regmean": "gram", "fisher": "fisher"}  # the statistic each data-aware method reads
-    kind = setting.get("gram_stat") or kinds.get(setting["method"])  # gram_stat: a sketched-Gram variant
+    needs = kinds.get(setting["method"])  # the statistic the method reads ...
+    kind = setting.get("gram_stat") or needs  # ... and where it comes from (gram_stat: a sketched-Gram variant)
     params = {"shrinkage": setting["shrinkage"]} if "shrinkage" in setting else {}
     out = {}
     for name, deltas in cell.deltas.items():
@@ -607,7 +608,7 @@ def merge_fast(setting: dict[str, Any], cell: Cell) -> tuple[dict[str, torch.Ten
         out[name] = lib_merge_tensor(
             setting["method"], deltas, coef(name), density=setting.get("density", 1.0), scale=setting["lam"],
             seed=cell.seed, name=name, importance=cell.stat("element_maps", name) if needs_maps else None,
-            trim_by=setting.get("trim_by", "magnitude"), statistics={kind: stats} if stats is not None else None,
+            trim_by=setting.get("trim_by", "magnitude"), statistics={needs: stats} if stats is not None else None,
             **params)
     return out, spread
 

@@ -226,3 +226,18 @@ def test_reference_scores_are_cached_per_item_count(tiny_seed, tmp_path):
     assert len(cell.expert_scores["test"][cell.tasks[0]]["correct"]) == 6
     ql._reference_scores(cell, cache, small)
     assert len(cell.expert_scores["test"][cell.tasks[0]]["correct"]) == 4
+
+
+def test_sketched_gram_row_feeds_regmean(tiny_seed):
+    """The sketched-Gram row really merges with the sketch (not the plain-average fallback), and its control
+    with the permuted sketch; with k >= every width it is RegMean with full Grams."""
+    _, cell = tiny_seed
+    setting = {"coef": "plain", "method": "regmean", "lam": 1.0, "shrinkage": 1.0}
+    full, _ = ql.merge_fast(setting, cell)
+    sketched, _ = ql.merge_fast({**setting, "gram_stat": "gram_lowrank"}, cell)
+    control, _ = ql.merge_fast({**setting, "gram_stat": "gram_lowrank"}, cell.with_shuffled(["gram_lowrank"]))
+    average, _ = ql.merge_fast({"coef": "plain", "method": "task_arithmetic", "lam": 1.0 / len(cell.tasks)}, cell)
+    name = next(n for n in cell.deltas if cell.stat("gram", n) is not None)
+    assert not torch.allclose(sketched[name], average[name], atol=1e-6)
+    assert not torch.allclose(sketched[name], control[name], atol=1e-6)
+    assert not torch.allclose(sketched[name], full[name], atol=1e-6)
