@@ -483,6 +483,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="expert steps (default: families.expert_kwargs)")
     p.add_argument("--base-steps", type=int, default=None, help="base pre-training steps (smoke tests)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--exclude", default="", help="comma list of suite prefixes to leave out (e.g. conflict/A)")
     p.add_argument("--cached-only", action="store_true",
                    help="skip cells whose experts are not trained yet (e.g. to report a run that was split up)")
     p.add_argument("--resamples", type=int, default=2000)
@@ -496,6 +497,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args.test_n = args.test_n or (200 if q else 300)
     args.tag = args.tag or ("quality_quick" if q else "quality_suites")
     args.grid = GRIDS["quick" if q else "full"]
+    args.exclude = [x for x in args.exclude.split(",") if x]
     return args
 
 
@@ -528,6 +530,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         # experts are cached per base: a changed base (new digest) never reuses stale experts
         workdir = args.workdir / Path(str(base.name_or_path)).name
         root = ql.cell_root(workdir, family, regime, kind, seed, args.steps)
+        if any(f"{family}/{regime}/{kind}".startswith(x) for x in args.exclude):
+            return
         if args.cached_only and not all((root / t / "done.json").exists() for t in scorers["test"].tasks):
             logger.info("%s/%s/%s/seed%d: experts not trained, skipped (--cached-only)", family, regime, kind, seed)
             return
