@@ -421,6 +421,8 @@ def expert_kwargs(regime: str, lora: bool, family: str | None = None) -> dict[st
     # A (version 2), with the regime-A skills in the base: full experts use B's recipe (150 steps at 5e-4: 82% / 97%
     # on maps inc / cipher); LoRA experts learn nothing at B's 1e-3 (0-26%), so 3e-3, still 150 steps (the former
     # 250 steps at 3e-3 / full 1e-3 made task vectors so large that every merge sat at 0-2% normalised).
+    if family == "conflict":  # from the skill base, 150 steps left conflict experts at 0-43% (full and LoRA)
+        return {"steps": 250, "lr": 3e-3 if lora else 1e-3}
     if lora and family != "recall":
         return {"steps": 150, "lr": 3e-3}
     return expert_kwargs("B", lora, family)
