@@ -28,6 +28,12 @@ Usage::
     python benchmarks/quality.py --quick          # maps + conflict, regime B, LoRA, 1 seed (<= 15 min, 2 cores)
     python benchmarks/quality.py                  # 3 families × 2 regimes × LoRA/full × 3 seeds (hours; resumable)
     python benchmarks/quality.py --families maps --regimes B --kinds lora --seeds 1
+    # a run split over several processes (one per family/kind), then one report from the caches:
+    python benchmarks/quality.py --quick --families maps,recall,conflict --regimes A,B --kinds lora,full --seeds 3 \
+        --cached-only --exclude conflict/A/lora --tag quality_full
+
+Cells run seeds outermost; Ctrl-C / SIGTERM writes the report of the cells done. mergekit rows (full experts, seed 0)
+appear when ``/work/mk-venv`` imports mergekit.
 """
 
 from __future__ import annotations
