@@ -28,13 +28,21 @@ Usage::
     python benchmarks/quality.py --quick          # maps + conflict, regime B, LoRA, 1 seed (<= 15 min, 2 cores)
     python benchmarks/quality.py                  # 3 families × 2 regimes × LoRA/full × 3 seeds (hours; resumable)
     python benchmarks/quality.py --families maps --regimes B --kinds lora --seeds 1
+    # a run split over several processes (one per family/kind), then one report from the caches:
+    python benchmarks/quality.py --quick --families maps,recall,conflict --regimes A,B --kinds lora,full --seeds 3 \
+        --cached-only --exclude conflict/A/lora --tag quality_full
+
+Cells run seeds outermost; Ctrl-C / SIGTERM writes the report of the cells done. mergekit rows (full experts, seed 0)
+appear when ``/work/mk-venv`` imports mergekit.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -112,6 +120,7 @@ class Method:
     kinds: tuple[str, ...] = ("lora", "full")
     tuned: bool = True
     control_of: Optional[str] = None
+    seeds: Optional[tuple[int, ...]] = None  # expert seeds it runs on (None: all)
 
 
 def _plain(method: str, lam: float, **extra: Any) -> dict[str, Any]:
@@ -204,10 +213,30 @@ METHODS[-2:-2] = [
            _own_params(("gamma",))),
     Method("Model Stock", _grid("model_stock", "model_stock", "filter_wise"), _own_params(("filter_wise",))),
 ]
+# Rows added by the acceptance run: RegMean fed low-rank sketches of the Grams (what gram="lowrank" stores), and
+# mergekit's own TA / TIES on full experts where /work/mk-venv has it (its venv, not a dependency of the package;
+# seed 0 only: ~5 s per merge on the loaded 2-core machine, and it equals ours to 6e-8 where checked).
+METHODS += [
+    Method(f"RegMean, rank-{ql.GRAM_SKETCH_RANK} Gram sketch + diagonal",
+           lambda g: [_plain("regmean", lam, shrinkage=a, gram_stat="gram_lowrank",
+                                             gram_rank=ql.GRAM_SKETCH_RANK)
+                      for a in g["regmean"]["shrinkage"] for lam in g["regmean"]["lams"]],
+           ql.merge_fast, uses=("gram_lowrank",)),
+]
+if ql.mergekit_available():
+    METHODS += [
+        Method("mergekit TA", lambda g: [{"mk": "task_arithmetic", "lam": lam} for lam in g["ta_lams"]],
+               ql.merge_mergekit, kinds=("full",), seeds=(0,)),
+        Method("mergekit TIES", lambda g: [{"mk": "ties", "lam": lam, "density": d} for d in g["ties"]["density"]
+                                           for lam in g["ties"]["lams"]], ql.merge_mergekit, kinds=("full",),
+               seeds=(0,)),
+    ]
+else:
+    logger.warning("mergekit not importable from %s: no mergekit rows", ql.MERGEKIT_PYTHON)
 REFERENCE = "TA"
 DEFAULT = "Default (MergeConfig(), public API)"
 CONTROL_LABEL = {"element_maps": "shuffled maps", "sens_table": "random coefficients",
-                 "gram": "permuted Grams", "fisher": "shuffled Fisher"}
+                 "gram": "permuted Grams", "fisher": "shuffled Fisher", "gram_lowrank": "permuted sketched Grams"}
 
 
 def with_controls(methods: list[Method]) -> list[Method]:
@@ -289,17 +318,28 @@ class Runner:
         return max(scored, key=lambda sr: (round(sr[1]["avg_norm"], 9), sr[1]["loglik"]))
 
 
+def evals_file(grid: dict[str, Any], scorers: dict[str, ql.Scorer]) -> str:
+    """The cell's eval cache: per grid budget and item counts (the default counts keep the historic names)."""
+    n = (scorers["validation"].n_items, scorers["test"].n_items)
+    default = {4: (100, 200), 8: (200, 300)}.get(grid["budget"])
+    return f"evals_{grid['budget']}.json" if n == default else f"evals_{grid['budget']}_v{n[0]}_t{n[1]}.json"
+
+
 def run_cell(cell: ql.Cell, methods: list[Method], grid: dict[str, Any], scorers, root: Path,
              tokenizer) -> dict[str, Any]:
     """Tune every method on validation and score its pick on test; the cell's result (with per-item bits)."""
     t0 = time.perf_counter()
-    runner = Runner(cell, scorers, root / f"evals_{grid['budget']}.json")
+    runner = Runner(cell, scorers, root / evals_file(grid, scorers))
     result: dict[str, Any] = {"cell": cell.label(), "methods": {}}
     for m in methods:
-        if cell.kind not in m.kinds:
+        if cell.kind not in m.kinds or (m.seeds is not None and cell.seed not in m.seeds):
             continue
         settings = m.grid(grid)
-        best, val = runner.best(m, settings)
+        try:
+            best, val = runner.best(m, settings)
+        except RuntimeError as err:  # every setting failed (e.g. an optional tool broke): the row is left out
+            logger.warning("%s", err)
+            continue
         test = runner.run(m, best, "test")
         edge = m.tuned and "lam" in best and best["lam"] in (min(s["lam"] for s in settings),
                                                              max(s["lam"] for s in settings))
@@ -365,9 +405,12 @@ def aggregate(cells: list[dict[str, Any]], methods: list[Method], resamples: int
             if not cs:
                 continue
             by_suite: dict[str, list[float]] = {}
+            ll_suite: dict[str, list[float]] = {}
             for c in cs:
                 by_suite.setdefault(suite_of(c), []).append(c["methods"][m.name]["test"]["avg_norm"])
+                ll_suite.setdefault(suite_of(c), []).append(c["methods"][m.name]["test"]["loglik"])
             row = {"test": float(np.mean([np.mean(v) for v in by_suite.values()])),
+                   "loglik": float(np.mean([np.mean(v) for v in ll_suite.values()])),
                    "seeds": [c["methods"][m.name]["test"]["avg_norm"] for c in cs],
                    "suites": len(by_suite),
                    "vs_TA": compare(cs, m.name, REFERENCE) if m.name != REFERENCE else None,
@@ -424,6 +467,13 @@ def markdown(report: dict[str, Any]) -> str:
         for n in rows:
             cells = [ci(agg["per_suite"][s]["methods"].get(n, {}).get(key)) for s in suites]
             lines.append(f"| {n} | " + " | ".join(cells) + f" | {ci(agg['mean'][n][key])} |")
+    lines += ["", "## Answer log-likelihood per suite (test, nats per answer token, mean over seeds)", "",
+              "A graded reading where exact match is at the floor (regime A): how much of each task a merge keeps.",
+              "", "| method | " + " | ".join(suites) + " | mean |", "|---|" + "---|" * (len(suites) + 1)]
+    for n in names:
+        cells = [f"{agg['per_suite'][s]['methods'][n]['loglik']:.2f}" if n in agg["per_suite"][s]["methods"]
+                 else "—" for s in suites]
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {agg['mean'][n]['loglik']:.2f} |")
     lines += ["", "## Suites", "", "| suite | seeds | expert test acc (mean over tasks) | base test acc | "
               "TA picks (λ) | methods with λ at a grid edge |", "|---|---|---|---|---|---|"]
     for s in suites:
@@ -490,6 +540,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="expert steps (default: families.expert_kwargs)")
     p.add_argument("--base-steps", type=int, default=None, help="base pre-training steps (smoke tests)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--exclude", default="", help="comma list of suite prefixes to leave out (e.g. conflict/A)")
+    p.add_argument("--cached-only", action="store_true",
+                   help="skip cells whose experts are not trained yet (e.g. to report a run that was split up)")
     p.add_argument("--resamples", type=int, default=2000)
     args = p.parse_args(argv)
     q = args.quick
@@ -501,6 +554,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args.test_n = args.test_n or (200 if q else 300)
     args.tag = args.tag or ("quality_quick" if q else "quality_suites")
     args.grid = GRIDS["quick" if q else "full"]
+    args.exclude = [x for x in args.exclude.split(",") if x]
     return args
 
 
@@ -517,32 +571,52 @@ def main(argv: Optional[list[str]] = None) -> int:
     tokenizer = toy.build_tokenizer()
     overrides = {"steps": args.base_steps} if args.base_steps else {}
     cells = []
-    for family in args.families:
-        tasks = families.get_family(family).tasks
-        scorers = {"validation": ql.Scorer(tokenizer, tasks, "validation", args.val_n),
-                   "test": ql.Scorer(tokenizer, tasks, "test", args.test_n)}
-        for regime in args.regimes:
-            base = families.pretrain_family_base(family, regime, progress=True, **overrides).eval()
-            # experts are cached per base: a changed base (new digest) never reuses stale experts
-            workdir = args.workdir / Path(str(base.name_or_path)).name
-            for kind in args.kinds:
-                for seed in range(args.seeds):
-                    t0 = time.perf_counter()
-                    cell = ql.prepare_cell(base, family, regime, kind, seed, workdir, tokenizer, scorers=scorers,
-                                           steps=args.steps)
-                    root = ql.cell_root(workdir, family, regime, kind, seed, args.steps)
-                    res = run_cell(cell, methods, args.grid, scorers, root, tokenizer)
-                    cells.append(res)
-                    r = res["methods"]
-                    logger.info("%s done in %.0f s: experts %s, TA %.1f, default %.1f, base %.1f", cell.label(),
-                                time.perf_counter() - t0,
-                                {t: round(a, 2) for t, a in res["expert_acc"]["test"].items()},
-                                100 * r["TA"]["test"]["avg_norm"],
-                                100 * r[DEFAULT]["test"]["avg_norm"],
-                                100 * r["Base (no merge)"]["test"]["avg_norm"])
+    scorer_sets: dict[str, dict[str, ql.Scorer]] = {}
+    bases: dict[tuple[str, str], Any] = {}
+
+    def run_one(seed: int, family: str, regime: str, kind: str) -> None:
+        if family not in scorer_sets:
+            tasks = families.get_family(family).tasks
+            scorer_sets[family] = {"validation": ql.Scorer(tokenizer, tasks, "validation", args.val_n),
+                                   "test": ql.Scorer(tokenizer, tasks, "test", args.test_n)}
+        scorers = scorer_sets[family]
+        if (family, regime) not in bases:
+            bases[family, regime] = families.pretrain_family_base(family, regime, progress=True,
+                                                                  **overrides).eval()
+        base = bases[family, regime]
+        # experts are cached per base: a changed base (new digest) never reuses stale experts
+        workdir = args.workdir / Path(str(base.name_or_path)).name
+        root = ql.cell_root(workdir, family, regime, kind, seed, args.steps)
+        if any(f"{family}/{regime}/{kind}".startswith(x) for x in args.exclude):
+            return
+        if args.cached_only and not all((root / t / "done.json").exists() for t in scorers["test"].tasks):
+            logger.info("%s/%s/%s/seed%d: experts not trained, skipped (--cached-only)", family, regime, kind, seed)
+            return
+        t0 = time.perf_counter()
+        cell = ql.prepare_cell(base, family, regime, kind, seed, workdir, tokenizer, scorers=scorers,
+                               steps=args.steps)
+        res = run_cell(cell, methods, args.grid, scorers, root, tokenizer)
+        cells.append(res)
+        r = res["methods"]
+        logger.info("%s done in %.0f s: experts %s, TA %.1f, default %.1f, base %.1f", cell.label(),
+                    time.perf_counter() - t0, {t: round(a, 2) for t, a in res["expert_acc"]["test"].items()},
+                    100 * r["TA"]["test"]["avg_norm"], 100 * r[DEFAULT]["test"]["avg_norm"],
+                    100 * r["Base (no merge)"]["test"]["avg_norm"])
+
+    # seeds outermost: an interrupted run (Ctrl-C, SIGTERM) reports the cells done, every suite at its first seeds
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    todo = itertools.product(range(args.seeds), args.families, args.regimes, args.kinds)
+    try:
+        for seed, family, regime, kind in todo:
+            run_one(seed, family, regime, kind)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: reporting the %d cells done", len(cells))
+        if not cells:
+            return 1
     report = {
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "families": args.families, "regimes": args.regimes, "kinds": args.kinds, "seeds": list(range(args.seeds)),
+        "families": args.families, "regimes": args.regimes, "kinds": args.kinds,
+        "seeds": sorted({int(c["cell"].rsplit("seed", 1)[1]) for c in cells}),
         "grid": args.grid, "val_n": args.val_n, "test_n": args.test_n, "torch_threads": args.threads,
         "method_names": [m.name for m in methods], "default_setting": ql.lib_default_setting(),
         "sens_reading": ql.lib_sens_reading(),

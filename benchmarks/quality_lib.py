@@ -83,16 +83,16 @@ def lib_group(name: str, granularity: str) -> str:
 def lib_default_setting() -> dict[str, Any]:
     """``MergeConfig()``'s choices as a benchmark setting (what a user gets with no arguments)."""
     from sens_peft.config import MergeConfig, choose_method
-    from sens_peft.methods import get_method
 
     cfg = MergeConfig()
     if cfg.method is None:  # the benchmark's experts store every statistic
         cfg = dataclasses.replace(cfg, method=choose_method({"element_maps", "gram", "fisher"}))
     trim = "sensitivity" if cfg.trim_by in ("auto", "sensitivity") else "magnitude"  # every expert has maps here
     setting = {"method": cfg.method, "density": cfg.density, "trim_by": trim, "lam": cfg.resolved_scale(trim)}
-    # the method's own defaults are part of the setting, so that a changed default (e.g. RegMean's shrinkage) is
-    # a new cache key, never a stale cached evaluation
-    setting.update({p.name: p.default for p in get_method(cfg.method).parameters})
+    # the chosen method's own defaults (e.g. RegMean's shrinkage) are part of what "the default" is: a changed
+    # default must not be served from the evaluation cache of the old one
+    own = {k: v for k, v in cfg.method_params().items() if k not in setting and isinstance(v, (int, float, str))}
+    setting["defaults"] = dict(sorted(own.items()))
     if cfg.sens is not None:
         setting.update({**lib_sens_reading(), "coef": "sens", "sens": cfg.sens, "T": cfg.temperature})
     return setting
@@ -210,6 +210,7 @@ class Scorer:
             self.pairs[task] = pairs
             rows = [toy.encode_example(tokenizer, task, x, y) for x, y in pairs]
             self.batches[task] = [collate(rows[s : s + batch_size]) for s in range(0, len(rows), batch_size)]
+        self.n_items = len(next(iter(self.pairs.values()))) if self.pairs else 0
 
     @torch.inference_mode()
     def score(self, model) -> dict[str, dict[str, Any]]:
@@ -361,7 +362,33 @@ def _shuffle_fisher(maps: Optional[list[torch.Tensor]], seed: int) -> Optional[l
     return None if maps is None else _shuffle_element_maps(maps, seed)
 
 
+GRAM_SKETCH_RANK = 8  # the toy's 128 / 256-wide inputs at k = 8 keep 1/16 / 1/32: a 7B's 4096 / 11008 at k = 256
+
+
+def _load_lowrank_grams(cell: Cell, name: str) -> Optional[list[torch.Tensor]]:
+    """Each expert's mean Gram as ``gram="lowrank"`` would have stored it: the exact diagonal plus the rank-k
+    Nystrom factor of the streamed sketch ``Y = G @ omega`` (the callback's seeded ``omega`` and factorisation,
+    applied here to the stored full Gram; inputs no wider than k stay full, as in the callback)."""
+    from sens_peft.regmean import lowrank_gram, nystrom_factor
+    from sens_peft.sensitivity.stats import CalibrationStats
+
+    grams = _load_records_statistic("gram")(cell, name)
+    if grams is None:
+        return None
+    sketcher = CalibrationStats([], gram="lowrank", gram_rank=GRAM_SKETCH_RANK, seed=cell.seed)
+    out = []
+    for g in grams:
+        if g.dim() != 2 or g.shape[0] <= GRAM_SKETCH_RANK:
+            out.append(g)
+            continue
+        omega = sketcher.omega(g.shape[0])
+        factor = nystrom_factor((g @ omega).float(), omega)
+        out.append(lowrank_gram(factor, torch.diagonal(g).double()).float())
+    return out
+
+
 register_statistic("element_maps", _load_element_maps, _shuffle_element_maps)
+register_statistic("gram_lowrank", _load_lowrank_grams, _permute_grams)
 register_statistic("gram", _load_records_statistic("gram"), _permute_grams)
 register_statistic("fisher", _load_records_statistic("fisher"), _shuffle_fisher)
 register_statistic("sens_table", _load_sens_table, _shuffle_sens_table)
@@ -513,26 +540,32 @@ def prepare_cell(base, family: str, regime: str, kind: str, seed: int, workdir: 
 
 def _reference_scores(cell: Cell, cache: Path, scorers: dict[str, Scorer]) -> None:
     """Each expert alone on its own task, and the base, per split (cached as bit strings)."""
-    if cache.exists():
-        ref = json.loads(cache.read_text())
-    else:
+    ref = json.loads(cache.read_text()) if cache.exists() else {}
+    # keyed by split and item count: a run with other --val-n/--test-n must not normalise by another subset
+    keys = {split: f"{split}:{scorer.n_items}" for split, scorer in scorers.items()}
+    for split, scorer in scorers.items():
+        legacy = ref.get(split)
+        if keys[split] not in ref and legacy and len(next(iter(legacy["base"].values()))["correct"]) == scorer.n_items:
+            ref[keys[split]] = legacy
+    missing = [split for split in scorers if keys[split] not in ref]
+    if missing:
         mm = MergedModel(cell.base, list(cell.deltas))
-        ref = {}
-        for split, scorer in scorers.items():
+        for split in missing:
+            scorer = scorers[split]
             own = {}
             for k, task in enumerate(cell.tasks):
                 model = mm.load({n: d[k] for n, d in cell.deltas.items()})
                 s = scorer.score(model)
                 own[task] = {"correct": bits(s[task]["correct"]), "loglik": s[task]["loglik"]}
             b = scorer.score(mm.load({n: torch.zeros_like(d[0]) for n, d in cell.deltas.items()}))
-            ref[split] = {"experts": own, "base": {t: {"correct": bits(v["correct"]), "loglik": v["loglik"]}
-                                                   for t, v in b.items()}}
+            ref[keys[split]] = {"experts": own, "base": {t: {"correct": bits(v["correct"]), "loglik": v["loglik"]}
+                                                         for t, v in b.items()}}
         cache.write_text(json.dumps(ref))
     for split in scorers:
         cell.expert_scores[split] = {t: {"correct": unbits(v["correct"]), "loglik": v["loglik"]}
-                                     for t, v in ref[split]["experts"].items()}
+                                     for t, v in ref[keys[split]]["experts"].items()}
         cell.base_scores[split] = {t: {"correct": unbits(v["correct"]), "loglik": v["loglik"]}
-                                   for t, v in ref[split]["base"].items()}
+                                   for t, v in ref[keys[split]]["base"].items()}
 
 
 # ==========================================================================================================
@@ -566,7 +599,8 @@ def merge_fast(setting: dict[str, Any], cell: Cell) -> tuple[dict[str, torch.Ten
     coef, spread = coefficient_lookup(setting, cell)
     needs_maps = setting["method"] == "importance" or setting.get("trim_by") == "sensitivity"
     kinds = {"regmean": "gram", "fisher": "fisher"}  # the statistic each data-aware method reads
-    kind = kinds.get(setting["method"])
+    needs = kinds.get(setting["method"])  # the statistic the method reads ...
+    kind = setting.get("gram_stat") or needs  # ... and where it comes from (gram_stat: a sketched-Gram variant)
     params = {"shrinkage": setting["shrinkage"]} if "shrinkage" in setting else {}
     out = {}
     for name, deltas in cell.deltas.items():
@@ -574,7 +608,7 @@ def merge_fast(setting: dict[str, Any], cell: Cell) -> tuple[dict[str, torch.Ten
         out[name] = lib_merge_tensor(
             setting["method"], deltas, coef(name), density=setting.get("density", 1.0), scale=setting["lam"],
             seed=cell.seed, name=name, importance=cell.stat("element_maps", name) if needs_maps else None,
-            trim_by=setting.get("trim_by", "magnitude"), statistics={kind: stats} if stats is not None else None,
+            trim_by=setting.get("trim_by", "magnitude"), statistics={needs: stats} if stats is not None else None,
             **params)
     return out, spread
 
@@ -742,3 +776,85 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def setting_key(setting: dict[str, Any]) -> str:
     return json.dumps(setting, sort_keys=True)
+
+
+# ==========================================================================================================
+# mergekit (optional, from its own virtual environment)
+# ==========================================================================================================
+
+MERGEKIT_PYTHON = Path("/work/mk-venv/bin/python")
+
+_MK_WORKER = r'''
+import json, sys
+import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+opts = dict(device="cpu", copy_tokenizer=False, lazy_unpickle=False, quiet=True)
+try:
+    options = MergeOptions(**opts)
+except Exception:
+    opts.pop("quiet")
+    options = MergeOptions(**opts)
+for line in sys.stdin:
+    job = json.loads(line)
+    try:
+        run_merge(MergeConfiguration.model_validate(job["config"]), job["out"], options=options)
+        print(json.dumps({"ok": True}), flush=True)
+    except Exception as err:  # reported to the parent, which skips that setting
+        print(json.dumps({"ok": False, "error": repr(err)[-600:]}), flush=True)
+'''
+
+
+def mergekit_available(python: Path = MERGEKIT_PYTHON) -> bool:
+    """Whether ``python`` exists and imports mergekit (checked once per process)."""
+    import subprocess
+
+    if not python.exists():
+        return False
+    return subprocess.run([str(python), "-c", "import mergekit"], capture_output=True).returncode == 0
+
+
+class MergekitWorker:
+    """One long-lived mergekit process (its import costs seconds) that merges one YAML config per request."""
+
+    def __init__(self, python: Path = MERGEKIT_PYTHON):
+        self.python, self.proc = python, None
+
+    def merge(self, config: dict[str, Any], out: Path) -> None:
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([str(self.python), "-c", _MK_WORKER], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True)
+        self.proc.stdin.write(json.dumps({"config": config, "out": str(out)}) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline() or '{"ok": false, "error": "mergekit worker died"}')
+        if not reply["ok"]:
+            raise ValueError(f"mergekit failed on {out}: {reply['error']}")
+
+
+MERGEKIT = MergekitWorker()
+
+
+def merge_mergekit(setting: dict[str, Any], cell: Cell) -> tuple[Any, dict]:
+    """Full experts merged by mergekit's ``run_merge`` (``setting["mk"]``: task_arithmetic or ties) from the
+    saved expert folders; TA: ``weight = λ``, TIES: mergekit's disjoint mean (``normalize: true``) × ``lambda``."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    if cell.kind != "full" or cell.root is None:
+        raise ValueError("mergekit rows merge saved full fine-tunes only")
+    method = setting["mk"]
+    params: dict[str, Any] = {"weight": setting["lam"]} if method == "task_arithmetic" else {
+        "weight": 1.0, "density": setting["density"]}
+    config = {"merge_method": method, "base_model": str(cell.base.name_or_path), "dtype": "float32",
+              "models": [{"model": str(cell.root / t / "model"), "parameters": params} for t in cell.tasks],
+              "parameters": ({"normalize": False} if method == "task_arithmetic"
+                             else {"normalize": True, "lambda": setting["lam"]})}
+    out = cell.root / "mergekit_out"
+    shutil.rmtree(out, ignore_errors=True)
+    MERGEKIT.merge(config, out)
+    model = LlamaForCausalLM.from_pretrained(out).eval()
+    shutil.rmtree(out, ignore_errors=True)
+    return model, {}

@@ -73,7 +73,7 @@ def test_pretraining_rows_per_regime():
     b = families.pretraining_rows(tok, families.FamilyBaseSettings("recall", "B"), 300)
     assert a == families.pretraining_rows(tok, families.FamilyBaseSettings("recall", "A"), 300)  # deterministic
     assert not any(starts(r, ids) for r in a for ids in tag_ids.values())  # A: no task at all
-    skill_ids = tok.encode(families.get_family("recall").skill.tag, add_special_tokens=False)
+    skill_ids = tok.encode(families.get_family("recall").skills[0].tag, add_special_tokens=False)
     assert sum(starts(r, copy_ids) for r in a) > 60 and sum(starts(r, skill_ids) for r in a) > 60
     skill_keys = set(families.RECALL_SKILL_TABLE)
     assert not skill_keys & set().union(*map(set, families.RECALL_TABLES.values()))  # the skill's facts are others
@@ -89,3 +89,32 @@ def test_pretraining_rows_per_regime():
         families.get_family("nope")
     with pytest.raises(ValueError):
         toy.register_task(toy.Task("recall_a", "x:", lambda r: ("", ""), lambda x: x))
+
+
+def test_regime_a_skills_are_of_the_kind_but_not_the_tasks():
+    """Regime A's base learns each family's kind of skill with other rules: no skill solves any task's inputs
+    the task's way, and no skill shares a tag with a task or the copy task."""
+    tok = toy.build_tokenizer()
+    for name in ("maps", "recall", "conflict"):
+        fam = families.get_family(name)
+        assert fam.skills, name
+        tags = {toy.get_task(t).tag for t in fam.tasks} | {families.COPY_TAG}
+        for skill in fam.skills:
+            assert skill.tag not in tags
+            assert tok.decode(tok.encode(skill.tag, add_special_tokens=False)) == skill.tag  # in the vocabulary
+            for task in fam.tasks:
+                xs = [x for x, _ in toy.task_splits(task)["train"][:200]]
+                try:
+                    same = [skill.solve(x) == toy.get_task(task).solve(x) for x in xs]
+                except KeyError:  # the skill's alphabet or keys differ from the task's: not the same task
+                    continue
+                assert not all(same), (skill.name, task)
+    assert families.CONFLICT_SKILLS[0].solve("0379") == "1480"  # d + 1 by hand
+    assert families.CONFLICT_SKILLS[2].solve("0379") == "0731"  # 9 d mod 10 by hand
+
+
+def test_regime_b_bases_keep_their_cached_digests():
+    """Regime A's definition must never change regime B's bases (their cached experts and benchmark cells)."""
+    assert families.FamilyBaseSettings("recall", "B").digest() == "1750334c6c6d"
+    assert families.FamilyBaseSettings("conflict", "B").digest() == "a956896ba8ef"
+    assert families.FamilyBaseSettings("recall", "A").digest() != families.FamilyBaseSettings("recall", "B").digest()

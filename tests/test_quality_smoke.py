@@ -185,3 +185,59 @@ def test_fast_path_equals_merge_adapters_full(tiny_seed, method, density):
     model = mm.load(merged)
     name = next(iter(merged))
     torch.testing.assert_close(dict(model.named_parameters())[name].detach(), w0[name].detach() + merged[name])
+
+
+def test_lowrank_gram_statistic_is_the_sketch_the_callback_stores(tiny_seed, monkeypatch):
+    """The "RegMean, rank-k Gram sketch" row reads each expert's Gram as gram="lowrank" stores it: exact
+    diagonal, rank-k off-diagonal part (Nystrom of G @ omega), and the full Gram when k >= the width."""
+    _, cell = tiny_seed
+    name = next(n for n in cell.deltas if cell.stat("gram", n) is not None)
+    full = cell.stat("gram", name)
+    sketched = ql._load_lowrank_grams(cell, name)
+    k = ql.GRAM_SKETCH_RANK
+    from sens_peft.regmean import nystrom_factor
+
+    for g, s in zip(full, sketched):
+        assert g.shape[0] > k
+        torch.testing.assert_close(torch.diagonal(s), torch.diagonal(g), rtol=1e-5, atol=1e-6)
+        # the callback's test matrix: seeded Gaussian [in, k], seed * 1_000_003 + width
+        omega = torch.randn(g.shape[0], k, generator=torch.Generator().manual_seed(cell.seed * 1_000_003 + g.shape[0]))
+        factor = nystrom_factor(g @ omega, omega)
+        off = ~torch.eye(g.shape[0], dtype=torch.bool)
+        torch.testing.assert_close(s[off], (factor @ factor.T).float()[off], rtol=1e-4, atol=1e-5)
+        err, size = float((g - s)[off].norm()), float(g[off].norm())
+        assert 0 < err < size  # a sketch: keeps part of the off-diagonal mass, not all of it
+    monkeypatch.setattr(ql, "GRAM_SKETCH_RANK", 10_000)  # inputs no wider than k are kept full, as in the callback
+    for g, s in zip(full, ql._load_lowrank_grams(cell, name)):
+        assert torch.equal(g, s)
+
+
+def test_reference_scores_are_cached_per_item_count(tiny_seed, tmp_path):
+    """A run with other --val-n/--test-n never normalises by another item count's expert scores."""
+    _, cell = tiny_seed
+    tok = toy.build_tokenizer()
+    small = {"validation": ql.Scorer(tok, cell.tasks, "validation", 3), "test": ql.Scorer(tok, cell.tasks, "test", 4)}
+    big = {"validation": ql.Scorer(tok, cell.tasks, "validation", 5), "test": ql.Scorer(tok, cell.tasks, "test", 6)}
+    cache = tmp_path / "ref.json"
+    ql._reference_scores(cell, cache, small)
+    assert len(cell.expert_scores["test"][cell.tasks[0]]["correct"]) == 4
+    ql._reference_scores(cell, cache, big)
+    assert len(cell.expert_scores["validation"][cell.tasks[0]]["correct"]) == 5
+    assert len(cell.expert_scores["test"][cell.tasks[0]]["correct"]) == 6
+    ql._reference_scores(cell, cache, small)
+    assert len(cell.expert_scores["test"][cell.tasks[0]]["correct"]) == 4
+
+
+def test_sketched_gram_row_feeds_regmean(tiny_seed):
+    """The sketched-Gram row really merges with the sketch (not the plain-average fallback), and its control
+    with the permuted sketch; with k >= every width it is RegMean with full Grams."""
+    _, cell = tiny_seed
+    setting = {"coef": "plain", "method": "regmean", "lam": 1.0, "shrinkage": 1.0}
+    full, _ = ql.merge_fast(setting, cell)
+    sketched, _ = ql.merge_fast({**setting, "gram_stat": "gram_lowrank"}, cell)
+    control, _ = ql.merge_fast({**setting, "gram_stat": "gram_lowrank"}, cell.with_shuffled(["gram_lowrank"]))
+    average, _ = ql.merge_fast({"coef": "plain", "method": "task_arithmetic", "lam": 1.0 / len(cell.tasks)}, cell)
+    name = next(n for n in cell.deltas if cell.stat("gram", n) is not None)
+    assert not torch.allclose(sketched[name], average[name], atol=1e-6)
+    assert not torch.allclose(sketched[name], control[name], atol=1e-6)
+    assert not torch.allclose(sketched[name], full[name], atol=1e-6)

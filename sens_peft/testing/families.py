@@ -21,8 +21,11 @@ Regimes:
   that :meth:`Family.known` accepts (for ``maps`` this is exactly :func:`toy.pretrain_base`). Experts learn the
   missing part: small task vectors, as with a real pre-trained LLM.
 * ``A`` -- the base knows none of them: pre-trained on generic text plus a *copy* task over the family's inputs
-  (the answer format, no task) and, where a family defines one, a *skill* task of the same kind on other data
-  (``recall``: facts about 40 other keys). Experts learn whole tasks: large task vectors, heavy interference.
+  (the answer format, no task) and *skill* tasks of the family's kind with other rules or data (``recall``: facts
+  about 40 other keys; ``maps``: three other symbol maps; ``conflict``: three other per-digit operations on the
+  same inputs). Experts learn whole tasks (the base scores 0% on each): large task vectors, heavy interference.
+  (Version 1 had skills for ``recall`` only and trained experts 250 steps at 3e-3 / 1e-3: every merge of every
+  method then scored 0-2% normalised, so the regime could not rank methods; see ``benchmarks/README.md``.)
 
 Bases are cached like :func:`toy.pretrain_base` (``<cache>/<family>-<regime>-<hash>``)::
 
@@ -52,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 FAMILY_VERSION = "1"  # bump when a family's data or pre-training changes, so cached bases are not reused
 REGIMES = ("A", "B")
+REGIME_A_VERSION = "2"  # 2: skills for every family; gentler expert recipes (see expert_kwargs)
 COPY_TAG = "cp:"  # the format-only task of regime A: answer = input
 
 
@@ -65,8 +69,9 @@ class Family:
         inputs: ``rng -> input string`` from the family's input distribution (regime A's copy rows).
         known: ``(task, input) -> bool``: whether the regime-B base is pre-trained on this input of the task.
         description: One line for tables.
-        skill: Optional regime-A *skill* task: the same kind of task as the family's on other data (e.g. recall of
-            facts about other keys), so the base knows how to do such a task but none of the tasks themselves.
+        skills: Regime-A *skill* tasks: the same kind of task as the family's on other data or with other rules
+            (recall of facts about other keys; other per-position maps; other per-digit operations), so the base
+            knows how to do such a task but none of the tasks themselves.
     """
 
     name: str
@@ -74,7 +79,7 @@ class Family:
     inputs: Callable[[random.Random], str]
     known: Callable[[str, str], bool]
     description: str = ""
-    skill: toy.Task | None = None
+    skills: tuple[toy.Task, ...] = ()
 
 
 def _seeded(*parts: Any) -> random.Random:
@@ -196,6 +201,43 @@ def _maps_known(task: str, x: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Regime-A skills: the family's kind of skill with other rules, so that "knows none of the tasks" does not mean
+# "knows nothing of their kind" (which left every merge at 0%: the experts then learn the skill itself)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _map_skill(name: str, tag: str, alphabet: str, table: dict[str, str]) -> toy.Task:
+    def solve(x: str) -> str:
+        return "".join(table[c] for c in x)
+
+    def generate(rng: random.Random) -> tuple[str, str]:
+        x = "".join(rng.choice(alphabet) for _ in range(toy.STR_LEN))
+        return x, solve(x)
+
+    return toy.Task(name, tag, generate, solve, f"per-position map of {toy.STR_LEN} symbols (regime-A skill)")
+
+
+def _digit_op(fn: Callable[[int], int]) -> dict[str, str]:
+    return {d: str(fn(int(d)) % 10) for d in toy.DIGITS}
+
+
+# maps: a digit shift, a letter substitution and a digit->letter table unlike inc / cipher / rcipher / d2l
+MAPS_SKILLS = (
+    _map_skill("maps_skill_dec", "dec:", toy.DIGITS, _digit_op(lambda d: d - 1)),
+    _map_skill("maps_skill_sub", "sub:", toy.WORD_ALPHABET,
+               dict(zip(toy.WORD_ALPHABET, _seeded("maps-skill-sub").sample(toy.WORD_ALPHABET, 8)))),
+    _map_skill("maps_skill_d2u", "d2u:", toy.DIGITS,
+               dict(zip(toy.DIGITS, _seeded("maps-skill-d2u").sample("uvwxyzabcd", 10)))),
+)
+# conflict: three more per-digit operations on the same 4-digit inputs (none equals add3 / neg / mul3 / mul7)
+CONFLICT_SKILLS = (
+    _map_skill("conflict_skill_add1", "one:", toy.DIGITS, _digit_op(lambda d: d + 1)),
+    _map_skill("conflict_skill_add6", "six:", toy.DIGITS, _digit_op(lambda d: d + 6)),
+    _map_skill("conflict_skill_mul9", "nin:", toy.DIGITS, _digit_op(lambda d: 9 * d)),
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------------------
 
@@ -208,13 +250,14 @@ def _register() -> dict[str, Family]:
                                    f"{task.split('_')[1]} on 4 digits (same inputs as the other conflict tasks)"))
     return {
         "maps": Family("maps", tuple(toy.TASK_NAMES), _maps_inputs, _maps_known,
-                       "per-position symbol maps, one tag per task (the original toy suite)"),
+                       "per-position symbol maps, one tag per task (the original toy suite)", skills=MAPS_SKILLS),
         "recall": Family("recall", RECALL_TASKS, _recall_inputs, _recall_known,
                          "key -> value facts, disjoint keys per task",
-                         skill=_table_task("recall_skill", "rz:", RECALL_SKILL_TABLE)),
+                         skills=(_table_task("recall_skill", "rz:", RECALL_SKILL_TABLE),)),
         "conflict": Family("conflict", tuple(CONFLICT_OPS), _digits,
                            lambda task, x: set(x) <= CONFLICT_KNOWN[task],
-                           "four different answers on the same 4-digit inputs, task tag in the prompt"),
+                           "four different answers on the same 4-digit inputs, task tag in the prompt",
+                           skills=CONFLICT_SKILLS),
     }
 
 
@@ -267,8 +310,12 @@ class FamilyBaseSettings:
 
     def digest(self) -> str:
         fam = get_family(self.family)
-        blob = json.dumps({"v": FAMILY_VERSION, "toy": toy.TOY_VERSION, **dataclasses.asdict(self),
-                           "tasks": fam.tasks, "data": data_fingerprint(fam)}, sort_keys=True)
+        fields = {"v": FAMILY_VERSION, "toy": toy.TOY_VERSION, **dataclasses.asdict(self),
+                  "tasks": fam.tasks, "data": data_fingerprint(fam)}
+        if self.regime == "A":  # A-only keys: a change of regime A never invalidates the cached B bases
+            fields["a"] = {"v": REGIME_A_VERSION, "skills": [(k.name, k.tag, [k.generate(_seeded("fp", k.name, i))
+                                                                             for i in range(20)]) for k in fam.skills]}
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -298,9 +345,10 @@ def pretraining_rows(tokenizer, settings: FamilyBaseSettings, n: int) -> list[li
             task = rng.choice(fam.tasks)
             x, y = rng.choice(known[task])
             rows.append(toy.encode_example(tokenizer, task, x, y)["input_ids"])
-        elif fam.skill is not None and rng.random() < 0.5:
-            x, y = fam.skill.generate(rng)
-            rows.append(toy.encode_example(tokenizer, fam.skill, x, y)["input_ids"])
+        elif fam.skills and rng.random() < 0.5:
+            skill = rng.choice(fam.skills)
+            x, y = skill.generate(rng)
+            rows.append(toy.encode_example(tokenizer, skill, x, y)["input_ids"])
         else:
             x = fam.inputs(rng)
             rows.append(toy.encode_example(tokenizer, copy_task, x, x)["input_ids"])
@@ -370,7 +418,11 @@ def expert_kwargs(regime: str, lora: bool, family: str | None = None) -> dict[st
         if lora and family == "recall":
             out = {"steps": 300, "lr": 3e-3}
         return out
-    out = {"steps": 250, "lr": 3e-3 if lora else 1e-3}
-    if lora and family == "recall":
-        out["steps"] = 500
-    return out
+    # A (version 2), with the regime-A skills in the base: full experts use B's recipe (150 steps at 5e-4: 82% / 97%
+    # on maps inc / cipher); LoRA experts learn nothing at B's 1e-3 (0-26%), so 3e-3, still 150 steps (the former
+    # 250 steps at 3e-3 / full 1e-3 made task vectors so large that every merge sat at 0-2% normalised).
+    if family == "conflict":  # from the skill base, 150 steps left conflict experts at 0-43% (full and LoRA)
+        return {"steps": 250, "lr": 3e-3 if lora else 1e-3}
+    if lora and family != "recall":
+        return {"steps": 150, "lr": 3e-3}
+    return expert_kwargs("B", lora, family)
