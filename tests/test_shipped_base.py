@@ -19,6 +19,7 @@ from sens_peft.testing import toy
 
 SHIPPED = toy.SHIPPED_BASE_DIR
 REBUILD = "rebuild it with `python recipes/pretrain_toy_base.py`"
+SHIPPED_CPU_CAPABILITY = "AVX512"  # torch.backends.cpu.get_cpu_capability() of the machine that trained it
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,11 @@ def test_shipped_base_is_what_pretraining_produces(tmp_path):
     Catches a change of the pre-training loop itself, which neither the digest nor the data fingerprint sees
     (1-3 minutes on a laptop CPU).
     """
+    # Bit identity holds for one CPU kernel family: torch picks other vector kernels on other CPUs, whose float
+    # sums round differently and drift over hundreds of steps. The shipped base was trained with AVX512 kernels.
+    if torch.backends.cpu.get_cpu_capability() != SHIPPED_CPU_CAPABILITY:
+        pytest.skip(f"bit identity is checked on {SHIPPED_CPU_CAPABILITY} CPUs only "
+                    f"(this one: {torch.backends.cpu.get_cpu_capability()})")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
