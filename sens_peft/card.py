@@ -37,7 +37,7 @@ def _dare_note(cfg: dict[str, Any]) -> str:
     from .methods import available_methods, get_method
 
     name = cfg.get("method")
-    random = name in available_methods() and get_method(name).random
+    random = name in available_methods() and get_method(name).draws_masks(cfg.get("params") or {})
     return f" (DARE masks: `{cfg.get('dare_rng')}`)" if random and cfg.get("dare_rng") else ""
 
 

@@ -219,11 +219,24 @@ def test_card_and_inspect_show_the_fit(experts, tmp_path, capsys):
     assert f"{fit['steps_run']} of 8 run" in card and f"step {fit['best_step']} kept" in card
     assert "good: 9 / 3 rows, 135 / 45 tokens" in card
     assert "Coefficients fitted by probe_fit (granularity=layer" in card
+    assert "DARE masks" not in card  # a TA base draws no masks
     value = record["coefficients"]["values"][1][0]  # noise, layers.0
     assert f"{value:.4f}" in card
     assert main(["inspect", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "method: probe_fit" in shown and f"{fit['held_out_loss_after']:.4f}" in shown and f"{value:.4f}" in shown
+
+
+def test_card_names_the_mask_generator_only_for_a_dare_base():
+    from sens_peft.card import _dare_note
+
+    assert _dare_note({"method": "probe_fit", "dare_rng": "counter", "params": {}}) == ""
+    assert _dare_note({"method": "probe_fit", "dare_rng": "counter", "params": {"base_method": "ties"}}) == ""
+    assert "counter" in _dare_note({"method": "probe_fit", "dare_rng": "counter",
+                                    "params": {"base_method": "dare_ties"}})
+    assert "counter" in _dare_note({"method": "dare_ties", "dare_rng": "counter"})
+    assert "counter" in _dare_note({"method": "della", "dare_rng": "counter"})  # DELLA draws its own masks
+    assert _dare_note({"method": "ties", "dare_rng": "counter"}) == ""
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -188,6 +188,10 @@ class MergeMethod:
         """``lambda`` when ``MergeConfig.scale`` is None."""
         return 1.0
 
+    def draws_masks(self, params: Mapping[str, Any]) -> bool:
+        """Whether this merge, with these settings, draws DARE masks (what the merge card reports)."""
+        return self.random
+
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """``params`` checked against :attr:`parameters` (unknown keys and bad values raise ValueError)."""
         declared = {p.name: p for p in self.parameters}

@@ -8,6 +8,9 @@ same seed, ``della`` is ``dare_ties`` and ``della_linear`` is ``dare_linear``, m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import Tensor
 
 from .base import MergeContext, MergeMethod, Param
@@ -34,6 +37,10 @@ class _MagPrune(MergeMethod):
                  "Sampling, 2024 (arXiv 2406.11617)")
     #: Whether the kept deltas go through TIES's sign election (else they are summed as task arithmetic).
     consensus = True
+
+    def draws_masks(self, params: Mapping[str, Any]) -> bool:
+        # its own seeded draw (not ``random``'s ctx.draw_keep), reported on the card like DARE's
+        return True
 
     def scores(self, stacked: Tensor, ctx: MergeContext) -> Tensor:
         """``[K, ...]`` ranking scores of the deltas."""

@@ -85,6 +85,9 @@ class ProbeFit(MergeMethod):
     def needed_statistics(self, params: Mapping[str, Any]) -> tuple[str, ...]:
         return _base(params).needed_statistics(params)
 
+    def draws_masks(self, params: Mapping[str, Any]) -> bool:
+        return _base(params).random
+
     def default_scale(self, params: Mapping[str, Any]) -> float:
         # the start λ of a sum (task arithmetic, DARE-linear): 0.5 was the best start, or within 6 points of it, on
         # validation in each of the quality benchmark's six quick cells (regime B, LoRA and full; λ ∈ {0.15, 0.3,
