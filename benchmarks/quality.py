@@ -235,6 +235,9 @@ else:
     logger.warning("mergekit not importable from %s: no mergekit rows", ql.MERGEKIT_PYTHON)
 REFERENCE = "TA"
 DEFAULT = "Default (MergeConfig(), public API)"
+BASE = "Base (no merge)"
+# Regime A2: regime A's four experts merged two at a time (every merge of all four sits at the floor there)
+PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (2, 3))
 CONTROL_LABEL = {"element_maps": "shuffled maps", "sens_table": "random coefficients",
                  "gram": "permuted Grams", "fisher": "shuffled Fisher", "gram_lowrank": "permuted sketched Grams"}
 
@@ -474,7 +477,7 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [f"{agg['per_suite'][s]['methods'][n]['loglik']:.2f}" if n in agg["per_suite"][s]["methods"]
                  else "—" for s in suites]
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {agg['mean'][n]['loglik']:.2f} |")
-    lines += ["", "## Suites", "", "| suite | seeds | expert test acc (mean over tasks) | base test acc | "
+    lines += ["", "## Suites", "", "| suite | cells (seeds; A2: two pairs per seed) | expert test acc (mean over tasks) | base test acc | "
               "TA picks (λ) | methods with λ at a grid edge |", "|---|---|---|---|---|---|"]
     for s in suites:
         ps = agg["per_suite"][s]
@@ -529,7 +532,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="maps + conflict, regime B, LoRA, 1 seed, grid budget 4, 100 val / 200 test items")
     p.add_argument("--families", default=None, help="comma list (default: maps,recall,conflict)")
-    p.add_argument("--regimes", default=None, help="comma list of A,B (default: both)")
+    p.add_argument("--regimes", default=None,
+                   help="comma list of A,B,A2 (default: A,B); A2 = regime A's experts merged two at a time "
+                        f"(pairs {PAIRS})")
     p.add_argument("--kinds", default=None, help="comma list of lora,full (default: both)")
     p.add_argument("--seeds", type=int, default=None, help="expert seeds 0..N-1 (default 3)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/sens_peft_quality_suites"))
@@ -544,6 +549,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--cached-only", action="store_true",
                    help="skip cells whose experts are not trained yet (e.g. to report a run that was split up)")
     p.add_argument("--resamples", type=int, default=2000)
+    p.add_argument("--methods", default="",
+                   help="comma list of method names to run (default: all); controls follow their method, and "
+                        f"{REFERENCE!r}, {DEFAULT!r} and the base always run")
     args = p.parse_args(argv)
     q = args.quick
     args.families = (args.families or ("maps,conflict" if q else "maps,recall,conflict")).split(",")
@@ -555,7 +563,23 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args.tag = args.tag or ("quality_quick" if q else "quality_suites")
     args.grid = GRIDS["quick" if q else "full"]
     args.exclude = [x for x in args.exclude.split(",") if x]
+    unknown = set(args.regimes) - {"A", "B", "A2"}
+    if unknown:
+        p.error(f"--regimes: unknown {sorted(unknown)} (A, B, A2)")
+    args.methods = [x.strip() for x in args.methods.split(",") if x.strip()]
     return args
+
+
+def select_methods(methods: list[Method], names: list[str]) -> list[Method]:
+    """``methods`` restricted to ``names`` (and their controls, the reference, the default and the base)."""
+    if not names:
+        return methods
+    known = {m.name for m in methods}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise SystemExit(f"--methods: unknown {missing}; known: {sorted(known)}")
+    keep = set(names) | {REFERENCE, DEFAULT, BASE}
+    return [m for m in methods if m.name in keep or m.control_of in keep]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -564,7 +588,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for noisy in ("sens_peft", "transformers", "peft", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
-    methods = with_controls(METHODS)
+    methods = select_methods(with_controls(METHODS), args.methods)
     check_budget(methods, args.grid)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -580,28 +604,37 @@ def main(argv: Optional[list[str]] = None) -> int:
             scorer_sets[family] = {"validation": ql.Scorer(tokenizer, tasks, "validation", args.val_n),
                                    "test": ql.Scorer(tokenizer, tasks, "test", args.test_n)}
         scorers = scorer_sets[family]
-        if (family, regime) not in bases:
-            bases[family, regime] = families.pretrain_family_base(family, regime, progress=True,
-                                                                  **overrides).eval()
-        base = bases[family, regime]
+        trained = "A" if regime == "A2" else regime  # A2 merges the experts trained in regime A
+        if (family, trained) not in bases:
+            bases[family, trained] = families.pretrain_family_base(family, trained, progress=True,
+                                                                   **overrides).eval()
+        base = bases[family, trained]
         # experts are cached per base: a changed base (new digest) never reuses stale experts
         workdir = args.workdir / Path(str(base.name_or_path)).name
-        root = ql.cell_root(workdir, family, regime, kind, seed, args.steps)
+        root = ql.cell_root(workdir, family, trained, kind, seed, args.steps)
         if any(f"{family}/{regime}/{kind}".startswith(x) for x in args.exclude):
             return
         if args.cached_only and not all((root / t / "done.json").exists() for t in scorers["test"].tasks):
             logger.info("%s/%s/%s/seed%d: experts not trained, skipped (--cached-only)", family, regime, kind, seed)
             return
         t0 = time.perf_counter()
-        cell = ql.prepare_cell(base, family, regime, kind, seed, workdir, tokenizer, scorers=scorers,
+        cell = ql.prepare_cell(base, family, trained, kind, seed, workdir, tokenizer, scorers=scorers,
                                steps=args.steps)
-        res = run_cell(cell, methods, args.grid, scorers, root, tokenizer)
-        cells.append(res)
-        r = res["methods"]
-        logger.info("%s done in %.0f s: experts %s, TA %.1f, default %.1f, base %.1f", cell.label(),
-                    time.perf_counter() - t0, {t: round(a, 2) for t, a in res["expert_acc"]["test"].items()},
-                    100 * r["TA"]["test"]["avg_norm"], 100 * r[DEFAULT]["test"]["avg_norm"],
-                    100 * r["Base (no merge)"]["test"]["avg_norm"])
+        parts = [(cell, scorers, root)]
+        if regime == "A2":
+            parts = []
+            for idx in PAIRS:
+                sub = ql.sub_cell(cell, idx, "A2")
+                (root / sub.part).mkdir(exist_ok=True)  # the pair's own evaluation cache
+                parts.append((sub, {s: sc.subset(sub.tasks) for s, sc in scorers.items()}, root / sub.part))
+        for part, part_scorers, part_root in parts:
+            res = run_cell(part, methods, args.grid, part_scorers, part_root, tokenizer)
+            cells.append(res)
+            r = res["methods"]
+            logger.info("%s done in %.0f s: experts %s, TA %.1f, default %.1f, base %.1f", part.label(),
+                        time.perf_counter() - t0, {t: round(a, 2) for t, a in res["expert_acc"]["test"].items()},
+                        100 * r["TA"]["test"]["avg_norm"], 100 * r[DEFAULT]["test"]["avg_norm"],
+                        100 * r[BASE]["test"]["avg_norm"])
 
     # seeds outermost: an interrupted run (Ctrl-C, SIGTERM) reports the cells done, every suite at its first seeds
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -616,7 +649,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = {
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "families": args.families, "regimes": args.regimes, "kinds": args.kinds,
-        "seeds": sorted({int(c["cell"].rsplit("seed", 1)[1]) for c in cells}),
+        "seeds": sorted({int(c["cell"].rsplit("seed", 1)[1].split(".")[0]) for c in cells}),
         "grid": args.grid, "val_n": args.val_n, "test_n": args.test_n, "torch_threads": args.threads,
         "method_names": [m.name for m in methods], "default_setting": ql.lib_default_setting(),
         "sens_reading": ql.lib_sens_reading(),

@@ -212,6 +212,14 @@ class Scorer:
             self.batches[task] = [collate(rows[s : s + batch_size]) for s in range(0, len(rows), batch_size)]
         self.n_items = len(next(iter(self.pairs.values()))) if self.pairs else 0
 
+    def subset(self, tasks: Sequence[str]) -> Scorer:
+        """The same scorer on ``tasks`` only (their batches shared, not rebuilt)."""
+        view = copy.copy(self)
+        view.tasks = list(tasks)
+        view.batches = {t: self.batches[t] for t in tasks}
+        view.pairs = {t: self.pairs[t] for t in tasks}
+        return view
+
     @torch.inference_mode()
     def score(self, model) -> dict[str, dict[str, Any]]:
         """``{task: {"correct": bool ndarray [n], "loglik": float}}``."""
@@ -416,10 +424,11 @@ class Cell:
     train_seconds: float = 0.0
     root: Optional[Path] = None  # where the experts are saved (``<root>/<task>/model``)
     shuffled: frozenset = frozenset()
+    part: str = ""  # which experts of the seed's cell this one merges ("" = all; "p01" = experts 0 and 1)
     _stats: dict = field(default_factory=dict)
 
     def label(self) -> str:
-        return f"{self.family}/{self.regime}/{self.kind}/seed{self.seed}"
+        return f"{self.family}/{self.regime}/{self.kind}/seed{self.seed}" + (f".{self.part}" if self.part else "")
 
     def stat(self, kind: str, key: Any) -> Any:
         """A statistic (cached), shuffled when this cell is a control view for ``kind``."""
@@ -438,6 +447,21 @@ class Cell:
         if key not in views:
             views[key] = dataclasses.replace(self, shuffled=key, _stats={})
         return views[key]
+
+
+def sub_cell(cell: Cell, idx: Sequence[int], regime: str) -> Cell:
+    """The cell restricted to the experts ``idx`` (their tasks, ΔW, sidecars, transferability, reference scores),
+    reported under ``regime``: regime A2 merges regime A's experts two at a time."""
+    idx = list(idx)
+    tasks = [cell.tasks[i] for i in idx]
+    return dataclasses.replace(
+        cell, regime=regime, tasks=tasks, part="p" + "".join(str(i) for i in idx),
+        deltas={n: [d[i] for i in idx] for n, d in cell.deltas.items()},
+        records=[cell.records[i] for i in idx],
+        transfer={a: t[idx][:, idx] for a, t in cell.transfer.items()},
+        expert_scores={s: {t: v[t] for t in tasks} for s, v in cell.expert_scores.items()},
+        base_scores={s: {t: v[t] for t in tasks} for s, v in cell.base_scores.items()},
+        shuffled=frozenset(), _stats={})
 
 
 def expert_acc(cell: Cell, split: str) -> dict[str, float]:

@@ -241,3 +241,38 @@ def test_sketched_gram_row_feeds_regmean(tiny_seed):
     assert not torch.allclose(sketched[name], average[name], atol=1e-6)
     assert not torch.allclose(sketched[name], control[name], atol=1e-6)
     assert not torch.allclose(sketched[name], full[name], atol=1e-6)
+
+
+def test_sub_cell_merges_only_its_experts(tiny_seed):
+    """Regime A2's pair cell: RegMean / TA on the sub-cell equal the same merges computed from those two experts'
+    ΔW and Grams alone (a hand computation), and its scorer scores only the pair's tasks."""
+    _, cell = tiny_seed
+    sub = ql.sub_cell(cell, (0, 2), "A2")
+    assert sub.tasks == [cell.tasks[0], cell.tasks[2]] and sub.label() == "maps/A2/lora/seed0.p02"
+    assert torch.equal(sub.transfer["cosine"], torch.tensor([[1.0, 0.5], [0.6, 1.0]]))
+    ta, _ = ql.merge_fast({"coef": "plain", "method": "task_arithmetic", "lam": 0.7}, sub)
+    reg, _ = ql.merge_fast({"coef": "plain", "method": "regmean", "lam": 1.0, "shrinkage": 1.0}, sub)
+    for name, deltas in cell.deltas.items():
+        torch.testing.assert_close(ta[name], 0.7 * (deltas[0] + deltas[2]))
+    name = next(n for n in cell.deltas if cell.stat("gram", n) is not None)
+    grams = [cell.stat("gram", name)[k] for k in (0, 2)]
+    want = ql.lib_merge_tensor("regmean", [cell.deltas[name][k] for k in (0, 2)], torch.ones(2), density=1.0,
+                               scale=1.0, seed=0, name=name, statistics={"gram": grams}, shrinkage=1.0)
+    assert torch.equal(reg[name], want)
+    three = ql.lib_merge_tensor("regmean", cell.deltas[name], torch.ones(3), density=1.0, scale=1.0, seed=0,
+                                name=name, statistics={"gram": cell.stat("gram", name)}, shrinkage=1.0)
+    assert not torch.allclose(reg[name], three, atol=1e-4)  # the third expert really is left out
+    tok = toy.build_tokenizer()
+    scorer = ql.Scorer(tok, cell.tasks, "test", 3).subset(sub.tasks)
+    assert scorer.tasks == sub.tasks and set(scorer.batches) == set(sub.tasks) and scorer.n_items == 3
+
+
+def test_method_selection_keeps_controls_and_references():
+    import quality
+
+    methods = quality.select_methods(quality.with_controls(quality.METHODS), ["RegMean"])
+    names = [m.name for m in methods]
+    assert "RegMean" in names and "RegMean [control: permuted Grams]" in names
+    assert {quality.REFERENCE, quality.DEFAULT, quality.BASE} <= set(names) and "Fisher" not in names
+    with pytest.raises(SystemExit, match="unknown"):
+        quality.select_methods(methods, ["NoSuchMethod"])
