@@ -202,11 +202,13 @@ def storage_check_toy(samples: int = 32, ranks: tuple[int, ...] = (16, 32, 64)) 
     """What the storage choices lose on the pre-trained toy base's own activations (one task's data per expert,
     random LoRA deltas on all projections): per adapted module, the fraction of full-Gram RegMean's gain over the
     plain average (on RegMean's objective, from the exact fp32 Grams) that a merge from bf16 Grams, low-rank
-    sketches or diagonals loses; median (max) over modules. Needs the cached base (toy.pretrain_base())."""
+    sketches or diagonals loses; median (max) over modules. Needs the toy base: cached, or shipped with the
+    package (toy.pretrain_base() loads either without pre-training)."""
     from peft import get_peft_model
 
-    if not toy.base_path().exists():
-        print("\n(toy base not cached: skipping the check on real activations; run toy.pretrain_base() first)")
+    if not toy.base_path().exists() and toy.shipped_base_manifest() is None:
+        print("\n(toy base neither cached nor shipped: skipping the check on real activations; run "
+              "toy.pretrain_base() first)")
         return
     print(f"\n== Gram storage on the pre-trained toy base's activations ({samples} samples per task, hidden 128, "
           "intermediate 256) ==")
