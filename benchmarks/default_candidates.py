@@ -1,7 +1,7 @@
 """Pick an untuned default among a few candidate settings, on validation, over the cells of the benchmark.
 
     OMP_NUM_THREADS=1 python benchmarks/default_candidates.py                       # regime B, seed 0 (as first run)
-    OMP_NUM_THREADS=1 python benchmarks/default_candidates.py --regimes A,B --seeds 3 --out default_candidates_all
+    OMP_NUM_THREADS=1 python benchmarks/default_candidates.py --regimes A,A2,B --seeds 3 --out default_candidates_all
 
 For each cell (family × regime × kind × seed) it scores every candidate and tuned TA (TA's validation-best λ of
 the shared quick grid) on validation and on test, with the same cached experts, scorers and evaluation cache as
@@ -33,25 +33,33 @@ CANDIDATES = {f"regmean shrinkage {a}": q._plain("regmean", 1.0, shrinkage=a) fo
 
 def score_cell(family: str, regime: str, kind: str, seed: int, workdir: Path, tokenizer, scorers, grid,
                rows: dict[str, dict[str, list[dict[str, float]]]]) -> None:
-    """Append tuned TA's and every candidate's validation/test normalised accuracy of one cell to ``rows``."""
-    base = families.pretrain_family_base(family, regime).eval()
+    """Append tuned TA's and every candidate's validation/test normalised accuracy of one cell to ``rows``
+    (regime A2: one entry per pair of regime A's experts, as ``quality.py`` merges them)."""
+    trained = "A" if regime == "A2" else regime
+    base = families.pretrain_family_base(family, trained).eval()
     root_dir = workdir / Path(str(base.name_or_path)).name
-    root = ql.cell_root(root_dir, family, regime, kind, seed, None)
+    root = ql.cell_root(root_dir, family, trained, kind, seed, None)
     if not all((root / t / "done.json").exists() for t in families.get_family(family).tasks):
         print(f"{family}/{regime}/{kind}/seed{seed}: experts not trained by quality.py yet, skipped")
         return
-    cell = ql.prepare_cell(base, family, regime, kind, seed, root_dir, tokenizer, scorers=scorers)
-    runner = q.Runner(cell, scorers, root / q.evals_file(grid, scorers))
+    cell = ql.prepare_cell(base, family, trained, kind, seed, root_dir, tokenizer, scorers=scorers)
+    parts = [(cell, scorers, root)]
+    if regime == "A2":
+        parts = [(sub, {s: sc.subset(sub.tasks) for s, sc in scorers.items()}, root / sub.part)
+                 for sub in (ql.sub_cell(cell, idx, "A2") for idx in q.PAIRS)]
     suite = f"{family}/{regime}/{kind}"
     ta = next(m for m in q.METHODS if m.name == "TA")
-    best, _ = runner.best(ta, ta.grid(grid))
-    rows.setdefault("tuned TA", {}).setdefault(suite, []).append(
-        {s: runner.run(ta, best, s)["avg_norm"] for s in scorers})
-    for name, setting in CANDIDATES.items():
-        method = q.Method("RegMean", lambda g, _s=setting: [_s], ql.merge_fast)
-        rows.setdefault(name, {}).setdefault(suite, []).append(
-            {s: runner.run(method, setting, s)["avg_norm"] for s in scorers})
-    runner.flush()
+    for part, part_scorers, part_root in parts:
+        part_root.mkdir(exist_ok=True)
+        runner = q.Runner(part, part_scorers, part_root / q.evals_file(grid, part_scorers))
+        best, _ = runner.best(ta, ta.grid(grid))
+        rows.setdefault("tuned TA", {}).setdefault(suite, []).append(
+            {s: runner.run(ta, best, s)["avg_norm"] for s in part_scorers})
+        for name, setting in CANDIDATES.items():
+            method = q.Method("RegMean", lambda g, _s=setting: [_s], ql.merge_fast)
+            rows.setdefault(name, {}).setdefault(suite, []).append(
+                {s: runner.run(method, setting, s)["avg_norm"] for s in part_scorers})
+        runner.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
