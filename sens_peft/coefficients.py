@@ -183,9 +183,13 @@ class CoefficientTable:
 
     def __str__(self) -> str:
         s = self.settings
-        head = (f"Sens-Merging coefficients (sens={s.get('sens')}, T={s.get('temperature')}, "
-                f"normalization={s.get('normalization')}, granularity={s.get('granularity')}, "
-                f"scale={s.get('scale')})")
+        if s.get("sens") is None and self.alpha is None and self.tau is None:  # no Sens term: say so, not "T=1"
+            head = (f"Coefficients per expert and group (sens=None: no Sens-Merging scaling, the experts' own "
+                    f"weights; granularity={s.get('granularity')}, scale={s.get('scale')})")
+        else:
+            head = (f"Sens-Merging coefficients (sens={s.get('sens')}, T={s.get('temperature')}, "
+                    f"normalization={s.get('normalization')}, granularity={s.get('granularity')}, "
+                    f"scale={s.get('scale')})")
         gw = max([len("group")] + [len(g) for g in self.groups] + [len("tau")])
         cw = [max(9, len(e)) for e in self.experts]
         lines = [head, "  ".join(["group".ljust(gw)] + [e.rjust(w) for e, w in zip(self.experts, cw)])]

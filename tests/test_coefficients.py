@@ -335,3 +335,18 @@ def test_bounded_table_records_the_temperature_used():
     ratio = table.values.max(0).values / table.values.min(0).values
     assert float(ratio.max()) == pytest.approx(1.5, rel=1e-5)
     assert table.settings["temperature_used"] > 1.0 and table.settings["max_ratio"] == 1.5
+
+
+def test_table_without_sens_term_is_not_called_sens_merging():
+    """A merge without Sens-Merging (sens=None) shows the experts' weights under a heading that says so, not a
+    Sens-Merging table with a temperature that played no part."""
+    from sens_peft.coefficients import CoefficientTable
+
+    data = {"experts": ["a", "b"], "groups": ["*"], "values": [[1.0], [0.5]], "alpha": None, "tau": None,
+            "factors": [[1.0], [1.0]], "settings": {"sens": None, "temperature": 1.0, "granularity": "layer",
+                                                    "scale": 1.0}}
+    text = str(CoefficientTable.from_dict(data))
+    assert text.splitlines()[0].startswith("Coefficients per expert and group (sens=None")
+    assert "T=" not in text and "0.5000" in text
+    data.update(settings={**data["settings"], "sens": "task"}, alpha=[[1.2], [0.8]])
+    assert str(CoefficientTable.from_dict(data)).startswith("Sens-Merging coefficients (sens=task, T=1.0")
