@@ -43,14 +43,9 @@ def score_cell(family: str, regime: str, kind: str, seed: int, workdir: Path, to
         print(f"{family}/{regime}/{kind}/seed{seed}: experts not trained by quality.py yet, skipped")
         return
     cell = ql.prepare_cell(base, family, trained, kind, seed, root_dir, tokenizer, scorers=scorers)
-    parts = [(cell, scorers, root)]
-    if regime == "A2":
-        parts = [(sub, {s: sc.subset(sub.tasks) for s, sc in scorers.items()}, root / sub.part)
-                 for sub in (ql.sub_cell(cell, idx, "A2") for idx in q.PAIRS)]
     suite = f"{family}/{regime}/{kind}"
     ta = next(m for m in q.METHODS if m.name == "TA")
-    for part, part_scorers, part_root in parts:
-        part_root.mkdir(exist_ok=True)
+    for part, part_scorers, part_root in q.cell_parts(cell, regime, scorers, root):
         runner = q.Runner(part, part_scorers, part_root / q.evals_file(grid, part_scorers))
         best, _ = runner.best(ta, ta.grid(grid))
         rows.setdefault("tuned TA", {}).setdefault(suite, []).append(

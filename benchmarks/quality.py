@@ -324,6 +324,20 @@ class Runner:
         return max(scored, key=lambda sr: (round(sr[1]["avg_norm"], 9), sr[1]["loglik"]))
 
 
+def cell_parts(cell: ql.Cell, regime: str, scorers: dict[str, ql.Scorer], root: Path
+               ) -> list[tuple[ql.Cell, dict[str, ql.Scorer], Path]]:
+    """What is merged and scored of a trained cell: ``(cell, scorers, folder of its evaluation cache)`` — the cell
+    itself, or in regime A2 one sub-cell per pair of :data:`PAIRS` with scorers of its tasks and its own cache."""
+    if regime != "A2":
+        return [(cell, scorers, root)]
+    parts = []
+    for idx in PAIRS:
+        sub = ql.sub_cell(cell, idx, "A2")
+        (root / sub.part).mkdir(exist_ok=True)
+        parts.append((sub, {s: sc.subset(sub.tasks) for s, sc in scorers.items()}, root / sub.part))
+    return parts
+
+
 def evals_file(grid: dict[str, Any], scorers: dict[str, ql.Scorer]) -> str:
     """The cell's eval cache: per grid budget and item counts (the default counts keep the historic names)."""
     n = (scorers["validation"].n_items, scorers["test"].n_items)
@@ -623,14 +637,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         t0 = time.perf_counter()
         cell = ql.prepare_cell(base, family, trained, kind, seed, workdir, tokenizer, scorers=scorers,
                                steps=args.steps)
-        parts = [(cell, scorers, root)]
-        if regime == "A2":
-            parts = []
-            for idx in PAIRS:
-                sub = ql.sub_cell(cell, idx, "A2")
-                (root / sub.part).mkdir(exist_ok=True)  # the pair's own evaluation cache
-                parts.append((sub, {s: sc.subset(sub.tasks) for s, sc in scorers.items()}, root / sub.part))
-        for part, part_scorers, part_root in parts:
+        for part, part_scorers, part_root in cell_parts(cell, regime, scorers, root):
             res = run_cell(part, methods, args.grid, part_scorers, part_root, tokenizer)
             cells.append(res)
             r = res["methods"]
