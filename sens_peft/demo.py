@@ -16,7 +16,8 @@ Steps (each a few lines below):
   3. merge: averaging (TA, scale 1/K), then TA, TIES, DARE-TIES, each plain (sens=None) and with the paper's
      Sens-Merging coefficients (sens="task+cross", in the library's bounded reading, max_ratio=2); the
      data-aware merges RegMean (the experts' input Grams) and Fisher (their E[g²]), both captured by the callback;
-     TIES trimmed by the stored per-element sensitivity; and the library default `MergeConfig()`;
+     TIES trimmed by the stored per-element sensitivity; TA with per-layer coefficients fitted on the experts'
+     probe sets (`probe_fit`); and the library default `MergeConfig()`;
   4. a table of exact-match accuracy per task and normalised accuracy (merged acc / that task's expert acc);
      the best merged adapter is saved (`save_to=`) with its merge card.
 
