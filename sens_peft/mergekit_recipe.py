@@ -54,8 +54,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import MergeConfig
+from .config import SHARED_METHOD_FIELDS, MergeConfig
 from .errors import RecipeError
+from .methods import get_method
 from .model_files import layer_count
 from .names import portable_name
 from .tensor_settings import check_setting
@@ -471,6 +472,8 @@ def _config(method: str, shared: dict, wide: dict, experts: list, base_weight: O
                                   trim_by="magnitude", weighted_election=True, majority_sign_method="total",
                                   scale=shared["lambda"], density=one.get("density", 1.0),
                                   dtype=data.get("out_dtype") or data.get("dtype"))
+    uses = get_method(kwargs["method"]).uses  # only the shared fields the method reads (no "ignored" warnings)
+    kwargs = {k: v for k, v in kwargs.items() if k not in SHARED_METHOD_FIELDS or k in uses}
     own = _method_params(method, shared, one)
     if own:
         kwargs["params"] = own
