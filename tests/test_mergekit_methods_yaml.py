@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 from helpers import make_full_expert, read_state, save_model, tiny_llama
-from test_more_methods import MK_RUNNER, fake_draw
+from test_more_methods import GOLDEN, fake_draw
 
 from sens_peft import merge_models
 from sens_peft.cli import main
@@ -389,6 +389,24 @@ def test_refused_naming_file_and_field(models, case, capsys):
 # -- mergekit itself, when installed in its own venv --------------------------------------------------------------
 
 
+# mergekit's run_merge; with "fake", torch.bernoulli replaced by fake_draw's u(position) < p (expert-independent:
+# mergekit draws once per expert and tensor without saying which expert)
+MK_RUNNER = f"""
+import sys, torch, yaml
+if sys.argv[3] == "fake":
+    def bernoulli(p, *args, **kwargs):
+        pos = torch.arange(p.numel(), dtype=torch.float64)
+        u = torch.remainder(pos * {GOLDEN!r}, 1.0).reshape(p.shape)
+        return (u < p.double()).to(p.dtype)
+    torch.bernoulli = bernoulli
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+cfg = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
+run_merge(cfg, sys.argv[2], options=MergeOptions(device="cpu", copy_tokenizer=False, lazy_unpickle=False,
+                                               write_model_card=False))
+"""
+
+
 def _mergekit(root: Path, data: dict, label: str, fake: bool) -> dict[str, torch.Tensor]:
     runner, recipe, out = root / "mk_methods_run.py", _write(root, data, f"mk_{label}"), root / f"mk_{label}"
     runner.write_text(MK_RUNNER)
@@ -412,3 +430,22 @@ def test_same_output_as_mergekit(models, case, monkeypatch):
     worst = max((ours[n].double() - theirs[n].double()).abs().max().item() for n in ours)
     print(f"mergekit {label}: {len(ours)} tensors, max |ours - mergekit| = {worst:.3g}", file=sys.stderr)
     assert worst <= 1e-6
+
+
+def test_elected_methods_divide_by_the_agreeing_weights():
+    """DELLA and breadcrumbs_ties with divisor="weights" (mergekit's normalize: true): the agreeing weighted entries
+    divided by the sum of the agreeing experts' weights, not by their count (density 1: nothing dropped)."""
+    from sens_peft.methods import merge_deltas
+
+    gen = torch.Generator().manual_seed(5)
+    deltas = [torch.randn(6, 9, generator=gen, dtype=torch.float64) for _ in range(3)]
+    c = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
+    weighted = torch.stack(deltas) * c.reshape(-1, 1, 1)
+    agree = weighted.sign() == torch.where(weighted.sum(0) >= 0, 1.0, -1.0).double()
+    by_weights = (weighted * agree).sum(0) / (agree * c.reshape(-1, 1, 1)).sum(0)
+    by_count = (weighted * agree).sum(0) / agree.sum(0)
+    for method, own in (("della", {}), ("breadcrumbs_ties", {"normalize": True})):
+        got = merge_deltas(method, deltas, c.tolist(), density=1.0, name="w", divisor="weights", **own)
+        assert (got - by_weights).abs().max() <= 1e-12, method
+        counted = merge_deltas(method, deltas, c.tolist(), density=1.0, name="w", **own)  # the default: count
+        assert (counted - by_count).abs().max() <= 1e-12 and (by_count - by_weights).abs().max() > 1e-2, method
