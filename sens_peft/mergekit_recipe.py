@@ -36,7 +36,9 @@ for DARE (sens-peft's DARE always rescales), ``lambda`` other than 1 with a weig
 (the weighted mean cancels sens-peft's scale; also for ``della`` / ``breadcrumbs_ties``), ``rescale: true`` for
 breadcrumbs (mergekit's L1 rescale of the kept entries), per-model values of ``density``, ``epsilon`` and ``gamma``
 that differ between models or are lists / filters for DELLA and breadcrumbs (sens-peft takes one value each),
-per-model ``parameters`` for ``slerp`` and ``model_stock``, ``normalize: false`` for ``linear``, ``slices`` / ``modules``,
+per-model ``parameters`` for ``slerp`` and ``model_stock``, ``slerp`` with other than two inputs or with
+``model+lora`` references, ``model_stock`` with fewer than two models besides the base, a ``slerp`` without ``t``
+or without ``base_model`` (mergekit refuses both too), ``normalize: false`` for ``linear``, ``slices`` / ``modules``,
 ``tokenizer_source`` other than ``base``, ``tokenizer``, ``chat_template``, ``model+lora`` references whose model
 is not the base model, hub ids (local folders only) and every other method. ``base+lora`` references (every model
 the base with an adapter) merge the adapters' ``ΔW`` onto the base, as mergekit does after applying each adapter;
