@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import make_full_expert, read_state, save_model, tiny_llama
+from helpers import make_full_expert, make_lora_adapter, read_state, save_model, tiny_llama
 from test_more_methods import GOLDEN, fake_draw
 
 from sens_peft import merge_models
@@ -403,7 +403,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 cfg = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
 run_merge(cfg, sys.argv[2], options=MergeOptions(device="cpu", copy_tokenizer=False, lazy_unpickle=False,
-                                               write_model_card=False))
+                                               write_model_card=False, lora_merge_cache=sys.argv[2] + "_lora"))
 """
 
 
@@ -449,3 +449,30 @@ def test_elected_methods_divide_by_the_agreeing_weights():
         assert (got - by_weights).abs().max() <= 1e-12, method
         counted = merge_deltas(method, deltas, c.tolist(), density=1.0, name="w", **own)  # the default: count
         assert (counted - by_count).abs().max() <= 1e-12 and (by_count - by_weights).abs().max() > 1e-2, method
+
+
+LORA_CASES = [("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}, {"weight": 1.0}),
+              ("model_stock", {"filter_wise": True}, None)]
+
+
+@pytest.mark.skipif(not MK_PYTHON.exists(), reason=f"mergekit venv {MK_PYTHON} not installed")
+@pytest.mark.parametrize("case", LORA_CASES, ids=[c[0] for c in LORA_CASES])
+def test_lora_references_same_as_mergekit(models, case):
+    """base+adapter references (mergekit applies each adapter, then merges): the adapters' ΔW merged onto the base."""
+    method, params, per_model = case
+    if not (models / "lbase").exists():
+        save_model(tiny_llama(seed=0), models / "lbase")
+        for k in (1, 2, 3):
+            make_lora_adapter(lambda: tiny_llama(seed=0), models / f"a{k}", seed=30 + k,
+                              target_modules=("q_proj", "v_proj", "down_proj"))
+    data = {"merge_method": method, "base_model": "lbase", "parameters": params, "dtype": "float32",
+            "models": [{"model": f"lbase+a{k}", **({"parameters": per_model} if per_model else {})} for k in (1, 2, 3)]}
+    theirs = _mergekit(models, data, f"lora_{method}", False)
+    ours = read_state(_merge(models, data, f"ours_lora_{method}"))
+    assert set(theirs) <= set(ours)
+    worst = max((ours[n].double() - theirs[n].double()).abs().max().item() for n in theirs)
+    print(f"mergekit lora {method}: {len(theirs)} tensors, max |ours - mergekit| = {worst:.3g}", file=sys.stderr)
+    assert worst <= 1e-6
+    base = read_state(models / "lbase")
+    name = "model.layers.1.self_attn.v_proj.weight"
+    assert (ours[name] - base[name]).abs().max() > 1e-4  # the adapters did reach the merge
