@@ -122,7 +122,8 @@ def _check_top(data: Mapping[str, Any], where: str) -> str:
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise _fail(where, ", ".join(unknown), f"unknown key(s); a mergekit recipe has {sorted(_TOP_KEYS)}")
-    for key, why in (("slices", "layer slices (frankenmerges) are not supported; list whole models under models:"),
+    for key, why in (("slices", "layer slices (frankenmerges) are not supported; one slice whose sources all span "
+                      "every layer is read as models:, else list whole models under models:"),
                      ("modules", "per-module definitions are not supported; list whole models under models:"),
                      ("tokenizer", "tokenizer surgery is not supported; the base model's tokenizer is copied"),
                      ("chat_template", "is not supported; the base model's tokenizer files are copied")):
@@ -143,6 +144,70 @@ def _check_top(data: Mapping[str, Any], where: str) -> str:
         if value is not None and value not in _DTYPES:
             raise _fail(where, key, f"{value!r} is not one of {list(_DTYPES)}")
     return method
+
+
+_SLICE_KEYS = {"sources", "parameters", "base_model", "residual_weight"}
+
+
+def _slices_as_models(data: Mapping[str, Any], where: str, root: Path, check_paths: bool) -> Mapping[str, Any]:
+    """``data`` with one ``slices:`` entry whose sources all span every layer (mergekit's SLERP examples) rewritten
+    as the ``models:`` it equals in mergekit (same layer positions for gradients; the slice's ``parameters`` between
+    the models' own and the recipe-wide ones, so a key set at both levels is refused). Other slices are refused."""
+    slices = data.get("slices")
+    if slices is None or data.get("models") is not None or data.get("modules") is not None:
+        return data
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], Mapping):
+        count = len(slices) if isinstance(slices, list) else slices
+        raise _fail(where, "slices", f"{count!r} slices: layer slices (frankenmerges) are not supported; one slice "
+                    "whose sources all span every layer is (read as models:)")
+    out_slice = slices[0]
+    unknown = sorted(set(out_slice) - _SLICE_KEYS)
+    if unknown:
+        raise _fail(where, "slices[0]", f"unknown key(s) {unknown}; a slice has {sorted(_SLICE_KEYS)}")
+    for key, why in (("base_model", "set base_model at the top level"),
+                     ("residual_weight", "mergekit's residual mix of a slice has no counterpart here")):
+        if out_slice.get(key) is not None:
+            raise _fail(where, f"slices[0].{key}", f"is not supported: {why}")
+    sources = out_slice.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise _fail(where, "slices[0].sources", "must be a non-empty list of {model, layer_range, parameters}")
+    models = [_slice_source(src, i, where, root, check_paths) for i, src in enumerate(sources)]
+    wide, own = data.get("parameters") or {}, out_slice.get("parameters") or {}
+    for key, value in (("parameters", wide), ("slices[0].parameters", own)):
+        if not isinstance(value, Mapping):
+            raise _fail(where, key, f"must be a mapping, got {value!r}")
+    both = sorted(set(own) & set(wide))
+    if both:
+        raise _fail(where, "slices[0].parameters", f"{both} set both here and in the top-level parameters: (mergekit "
+                    "falls back from one to the other per tensor); set each key once")
+    out = {k: v for k, v in data.items() if k != "slices"}
+    out["models"] = models
+    if own or wide:
+        out["parameters"] = {**wide, **own}
+    return out
+
+
+def _slice_source(src: Any, i: int, where: str, root: Path, check_paths: bool) -> dict[str, Any]:
+    """``{model, parameters}`` of ``slices[0].sources[i]``, whose ``layer_range`` must span all the model's layers."""
+    key = f"slices[0].sources[{i}]"
+    if not isinstance(src, Mapping) or "model" not in src or set(src) - {"model", "layer_range", "parameters"}:
+        raise _fail(where, key, f"must be a mapping with model, layer_range and optional parameters, got {src!r}")
+    span = src.get("layer_range")
+    if (not isinstance(span, (list, tuple)) or len(span) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
+        raise _fail(where, f"{key}.layer_range", f"must be [first, end] (two integers), got {span!r}")
+    layers = None
+    folder = Path(_folder(str(src["model"]).split("+")[0], where, f"{key}.model", root, check_paths))
+    if (folder / "config.json").is_file():
+        try:
+            layers = layer_count(json.loads((folder / "config.json").read_text()))
+        except (OSError, ValueError):
+            layers = None
+    if span[0] != 0 or (layers is not None and span[1] != layers) or (layers is None and check_paths):
+        whole = f"[0, {layers}]" if layers is not None else "[0, number of layers] (its config.json states none)"
+        raise _fail(where, f"{key}.layer_range", f"{list(span)} is not the whole model {whole}: layer slices "
+                    "(frankenmerges) are not supported")
+    return {"model": src["model"], **({"parameters": src["parameters"]} if src.get("parameters") else {})}
 
 
 def _folder(ref: str, where: str, key: str, root: Path, check_paths: bool) -> str:
@@ -289,8 +354,9 @@ def parse_mergekit_recipe(data: Mapping[str, Any], source: Optional[os.PathLike]
     from .recipe import ExpertSpec, MergeRecipe
 
     where = str(source) if source else "recipe"
-    method = _check_top(data, where)
     root = Path(source).parent if source else Path.cwd()
+    original, data = data, _slices_as_models(data, where, root, check_paths)
+    method = _check_top(data, where)
     params = data.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise _fail(where, "parameters", f"must be a mapping, got {params!r}")
@@ -315,8 +381,11 @@ def parse_mergekit_recipe(data: Mapping[str, Any], source: Optional[os.PathLike]
                                                 where)
     if lora:
         notes["models[].model"] = "model+lora: the adapters' ΔW merged onto the base (output: a full model)"
+    if data is not original:
+        notes["slices"] = ("one slice whose sources span every layer: read as models: (the same layer positions; "
+                           "its parameters between each source's own and the top-level ones)")
     return MergeRecipe(base_model=base, experts=[ExpertSpec(path=p) for p, _ in experts], config=config,
-                       output_path=None, expert_type="lora" if lora else "full", source=dict(data),
+                       output_path=None, expert_type="lora" if lora else "full", source=dict(original),
                        recipe_format="mergekit", notes=notes)
 
 
@@ -540,4 +609,9 @@ def portable_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
         models.append(entry)
     if models:
         out["models"] = models
+    if isinstance(out.get("slices"), list):
+        out["slices"] = [{**piece, "sources": [{**src, "model": portable_name(src.get("model"))}
+                                               if isinstance(src, Mapping) else src
+                                               for src in piece.get("sources") or []]}
+                         if isinstance(piece, Mapping) else piece for piece in out["slices"]]
     return out

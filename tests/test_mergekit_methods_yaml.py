@@ -51,6 +51,26 @@ parameters:
 dtype: float32
 """
 
+# the same, verbatim as mergekit's README writes it: one slice whose sources span every layer
+SLERP_SLICES = f"""
+slices:
+  - sources:
+      - model: e1
+        layer_range: [0, {LAYERS}]
+      - model: e2
+        layer_range: [0, {LAYERS}]
+merge_method: slerp
+base_model: e1
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+"""
+
 SLERP_SCALAR = """
 models:
   - model: e2
@@ -162,6 +182,7 @@ T_FILTERS = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
 # (name, recipe text, changes to it, our own API's merge_models arguments, experts, DELLA's draw replaced)
 CASES = [
     ("slerp", SLERP_DOC, {}, dict(method="slerp", params={"t": T_FILTERS}), ("e1", "e2"), False),
+    ("slerp_slices", SLERP_SLICES, {}, dict(method="slerp", params={"t": T_FILTERS}), ("e1", "e2"), False),
     ("slerp_scalar", SLERP_SCALAR, {}, dict(method="slerp", params={"t": 0.3}), ("e1", "e2"), False),
     ("della", DELLA_DOC, {}, dict(method="della", weights=[1.0, 0.5, 0.3], density=0.5, params={
         "epsilon": 0.1, "rescale": "l1", "normalize": True, "divisor": "weights"}), ("e1", "e2", "e3"), True),
@@ -333,6 +354,19 @@ BAD = [
     ("slerp_unknown", SLERP_DOC, {"parameters": {"t": 0.5, "normalize": True}}, "parameters",
      r"unknown or unsupported key\(s\) \['normalize'\]; supported for slerp: \['t'\]"),
     ("slerp_no_base", SLERP_DOC, {"base_model": None}, "base_model", "is required by slerp"),
+    ("slices_part", SLERP_SLICES, {"slices": [{"sources": [{"model": "e1", "layer_range": [0, 2]},
+                                                           {"model": "e2", "layer_range": [0, 2]}]}]},
+     r"slices\[0\].sources\[0\].layer_range", r"\[0, 2\] is not the whole model \[0, 4\]"),
+    ("slices_two", SLERP_SLICES, {"slices": [{"sources": [{"model": "e1", "layer_range": [0, 2]}]},
+                                             {"sources": [{"model": "e1", "layer_range": [2, 4]}]}]},
+     "slices", "2 slices: layer slices .* not supported"),
+    ("slices_twice_t", SLERP_SLICES, {"slices": [{"sources": [{"model": "e1", "layer_range": [0, LAYERS]},
+                                                              {"model": "e2", "layer_range": [0, LAYERS]}],
+                                                  "parameters": {"t": 0.2}}]},
+     r"slices\[0\].parameters", r"\['t'\] set both here and in the top-level parameters"),
+    ("slices_residual", SLERP_SLICES, {"slices": [{"sources": [{"model": "e1", "layer_range": [0, LAYERS]}],
+                                                   "residual_weight": 0.5}]},
+     r"slices\[0\].residual_weight", "is not supported"),
     ("stock_one", MODEL_STOCK, {"models": [{"model": "e1"}]}, "models", "model_stock needs at least 2 models"),
     ("stock_type", MODEL_STOCK, {"parameters": {"filter_wise": "yes"}}, "parameters.filter_wise",
      "must be true or false"),
@@ -476,3 +510,18 @@ def test_lora_references_same_as_mergekit(models, case):
     base = read_state(models / "lbase")
     name = "model.layers.1.self_attn.v_proj.weight"
     assert (ours[name] - base[name]).abs().max() > 1e-4  # the adapters did reach the merge
+
+
+def test_slices_recipe_copy_holds_no_local_paths(models, tmp_path):
+    """A slices recipe with absolute model paths: merged, and no written file names this machine's folders."""
+    data = yaml.safe_load(SLERP_SLICES)
+    for src in data["slices"][0]["sources"]:
+        src["model"] = str(models / src["model"])
+    data["base_model"] = str(models / "e1")
+    out = tmp_path / "merged"
+    assert main(["merge", str(_write(tmp_path, data, "abs_slices")), str(out), "--device", "cpu"]) == 0
+    leaks = [str(f) for f in out.rglob("*") if f.is_file() and str(models).encode() in f.read_bytes()]
+    assert leaks == []
+    copied = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    assert [s["model"] for s in copied["slices"][0]["sources"]] == ["e1", "e2"]
+    assert "`slices`: one slice whose sources span every layer: read as models:" in (out / "README.md").read_text()
