@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..groups import canonical_name
 from ..model_files import LAYER_COUNT_KEYS, layer_count
 from ..tensor_settings import check_setting, evaluate_setting, has_gradient, layer_index, layer_position
 from .base import MergeContext, MergeMethod, Param
@@ -70,6 +71,7 @@ def t_of(name: str, params: Mapping[str, Any]) -> float:
     t = params["t"]
     if isinstance(t, (int, float)):
         return float(t)
+    name = canonical_name(name)  # filters match the weight's name as mergekit writes it, without PEFT prefixes
     layers = int(params.get("num_layers") or 0)
     index = layer_index(name)
     if needs_layer_count(params) and index is not None:
@@ -106,8 +108,8 @@ class Slerp(MergeMethod):
     """SLERP of the full weights of two experts (``merge_models`` only)."""
 
     name = "slerp"
-    description = ("SLERP: spherical interpolation of two experts' full weights per tensor (t: number or "
-                   "per-layer list); full-model merges only")
+    description = ("SLERP: spherical interpolation of two experts' full weights per tensor (t: number, per-layer "
+                   "list or mergekit's filter conditions); full-model merges only")
     reference = "Shoemake, Animating Rotation with Quaternion Curves, SIGGRAPH 1985; mergekit's slerp"
     parameters = (
         _Setting("t", float, 0.5, "0: the first expert, 1: the second; a list is read over the layers, "
