@@ -427,10 +427,10 @@ def _one_values(method: str, entries: list, experts: list, wide: dict, where: st
             i = next(i for i, (_, s) in enumerate(entries) if s is settings)
             field = f"models[{i}].parameters.{key}" if key in settings else f"parameters.{key}"
             value = settings.get(key, wide.get(key, default))
-            if not isinstance(value, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise _fail(where, field, f"{value!r}: per-layer lists and filters are not supported for {method}'s "
                             f"{key} (sens-peft's {method} takes one {key} for the whole merge); give a number")
-            values[portable_name(folder)] = value
+            values[portable_name(folder)] = float(value)
         if len(set(values.values())) > 1:
             raise _fail(where, f"models[].parameters.{key}", f"differs between models ({values}); sens-peft's "
                         f"{method} takes one {key} for every model")

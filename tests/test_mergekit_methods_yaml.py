@@ -525,3 +525,12 @@ def test_slices_recipe_copy_holds_no_local_paths(models, tmp_path):
     copied = yaml.safe_load((out / "mergekit_config.yml").read_text())
     assert [s["model"] for s in copied["slices"][0]["sources"]] == ["e1", "e2"]
     assert "`slices`: one slice whose sources span every layer: read as models:" in (out / "README.md").read_text()
+
+
+def test_integer_values_read_as_numbers(models):
+    """YAML integers (density: 1, gamma: 0) are numbers like 1.0 and 0.0, as in mergekit."""
+    data = _recipe(BREADCRUMBS, {"parameters": {"density": 1, "gamma": 0, "lambda": 2}})
+    recipe = load_recipe(_write(models, data, "ints"))
+    assert recipe.config.density == 1.0 and recipe.config.params["gamma"] == 0.0 and recipe.config.scale == 2.0
+    data = _recipe(SLERP_SCALAR, {"parameters": {"t": 1}})
+    assert load_recipe(_write(models, data, "int_t")).config.params["t"] == 1.0
