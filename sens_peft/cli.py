@@ -192,6 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import GRANULARITIES, NORMALIZATIONS, MergeConfig
+    from .mergekit_recipe import MERGEKIT_METHODS
 
     parser = argparse.ArgumentParser(prog="sens-peft", description="Sensitivity-guided merging of fine-tuned experts.")
     parser.add_argument("--version", action="version", version=f"sens-peft {__version__}")
@@ -201,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge experts as described by a YAML recipe (sens-peft's or mergekit's)",
                        description="Merge experts as described by a YAML recipe: sens-peft's schema (see "
-                                   "sens_peft.recipe) or a mergekit recipe (merge_method: linear, task_arithmetic, "
-                                   "ties, dare_linear or dare_ties; see sens_peft.mergekit_recipe), recognised by "
+                                   "sens_peft.recipe) or a mergekit recipe (merge_method: "
+                                   f"{', '.join(MERGEKIT_METHODS)}; see sens_peft.mergekit_recipe), recognised by "
                                    "its keys.",
                        epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="path to the YAML recipe")

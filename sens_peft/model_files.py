@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from .errors import MergeError
 
@@ -59,6 +60,22 @@ def read_model_config(folder: PathLike, label: str = "model") -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise MergeError(f"{label}: cannot read {path}: {err}") from err
+
+
+#: config.json keys that hold a model's number of transformer blocks, in the order they are read.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def layer_count(config: Mapping[str, Any]) -> Optional[int]:
+    """The number of transformer blocks a model's ``config.json`` states (a multimodal config's ``text_config``
+    first), or None when it states none. The one reader of the layer count: per-layer gradient lists (a mergekit
+    recipe's settings, SLERP's ``t``) are spread over it."""
+    config = config.get("text_config") or config
+    for key in LAYER_COUNT_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def check_config_compatible(base: dict[str, Any], other: dict[str, Any], label: str, base_label: str = "base") -> None:

@@ -24,7 +24,8 @@ from typing import Any, Optional
 
 from .groups import canonical_name
 
-__all__ = ["check_setting", "check_tensor_settings", "evaluate_setting", "layer_position", "tensor_values"]
+__all__ = ["check_setting", "check_tensor_settings", "evaluate_setting", "has_gradient", "layer_index", "layer_position",
+           "tensor_values"]
 
 KEYS = ("weight", "density")
 _BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
@@ -85,12 +86,27 @@ def check_tensor_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def layer_index(name: str) -> Optional[int]:
+    """The transformer block a tensor belongs to (``layers.3.`` → 3), or None outside the blocks."""
+    match = _BLOCK_RE.search(canonical_name(name))
+    return None if match is None else int(match.group(1))
+
+
+def has_gradient(setting: Any) -> bool:
+    """Whether a checked setting holds a gradient list anywhere (its value then depends on the layer count)."""
+    if setting is None or _is_number(setting):
+        return False
+    if all(_is_number(v) for v in setting):
+        return True
+    return any(has_gradient(cond["value"]) for cond in setting)
+
+
 def layer_position(name: str, num_layers: int) -> float:
     """mergekit's ``t`` of a tensor: ``i / (L - 1)`` for block ``i`` of ``L`` (1 when ``L == 1``), else 0."""
-    match = _BLOCK_RE.search(canonical_name(name))
-    if match is None:
+    index = layer_index(name)
+    if index is None:
         return 0.0
-    return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+    return index / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def evaluate_setting(setting: Any, name: str, t: float) -> Optional[float]:

@@ -310,7 +310,7 @@ def test_dare_per_model_density_is_honoured(models):
 
 @pytest.mark.parametrize("change, key", [
     ({"parameters": {"int8_mask": True}}, "int8_mask"),
-    ({"merge_method": "slerp"}, "merge_method"),
+    ({"merge_method": "nuslerp"}, "merge_method"),
     ({"tokenizer_source": "union"}, "tokenizer_source"),
     ({"slices": [{"sources": []}]}, "slices"),
     ({"parameters": {"rescale": True}}, "rescale"),

@@ -34,6 +34,7 @@ process calling ``merge_models`` with the same arguments) produce the same bytes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ from ..io import (
     plan_shards,
     read_model_config,
 )
+from ..methods import get_method
 from ..names import portable_name
 from ..validation import (
     check_path_list,
@@ -148,6 +150,7 @@ def merge_models(
             warn_unused_options(cfg, sensitivities=sensitivities, probes=probes, transferability=transferability,
                                 kind="models")
             inputs = _Inputs.open(comm, cfg, base, experts, out_dir, overwrite, allow_pickle)
+            cfg = _with_model_settings(cfg, inputs)
         try:
             plan = plan_merge(cfg, inputs.names, list(inputs.experts), sensitivities=sensitivities,
                               transferability=transferability, step=comm.step,
@@ -180,6 +183,18 @@ def merge_models(
                        sources=[str(e) for e in inputs.experts], details=details)
 
 
+def _with_model_settings(cfg: MergeConfig, inputs: _Inputs) -> MergeConfig:
+    """``cfg`` with the method's parameters that come from the base model's config.json (SLERP's ``num_layers``
+    when a per-layer ``t`` is given without it)."""
+    if cfg.method is None:
+        return cfg
+    try:
+        updates = get_method(cfg.method).model_settings(cfg.method_params(), inputs.base_cfg)
+    except ValueError as err:
+        raise MergeError(f"base ({inputs.base / 'config.json'}): {err}") from err
+    return dataclasses.replace(cfg, params={**cfg.params, **updates}) if updates else cfg
+
+
 @dataclass
 class _Inputs:
     """The checked inputs of a full-model merge: folders, names, configs, tensor sources, device."""
@@ -204,7 +219,9 @@ class _Inputs:
         dupes = sorted({str(e) for e in resolved if resolved.count(e) > 1})
         if dupes:
             raise MergeError(f"expert folders are listed more than once: {dupes}")
-        if base.resolve() in resolved:
+        # a full-weight method (SLERP) does not read the base's tensors: one of its inputs may be the base folder
+        full_weights = cfg.method is not None and get_method(cfg.method).full_weights
+        if base.resolve() in resolved and not full_weights:
             raise MergeError(f"the base folder {base} is also listed as an expert")
         if Path(out_dir).exists() and not overwrite:
             raise MergeError(f"output folder {Path(out_dir).resolve()} already exists; pass overwrite=True to "

@@ -192,6 +192,11 @@ class MergeMethod:
         """Whether this merge, with these settings, draws DARE masks (what the merge card reports)."""
         return self.random
 
+    def model_settings(self, params: Mapping[str, Any], model_config: Mapping[str, Any]) -> dict[str, Any]:
+        """Own parameters a full-model merge takes from the base model's ``config.json`` where the user left them
+        unset (SLERP's ``num_layers``); ValueError when the config lacks what these settings need."""
+        return {}
+
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """``params`` checked against :attr:`parameters` (unknown keys and bad values raise ValueError)."""
         declared = {p.name: p for p in self.parameters}

@@ -14,6 +14,7 @@ from .drops import OutlierDrop, chunk_kernel, elect_merge, outlier_keep_mask
 from .registry import register_method
 from .streamed import StreamJob
 from .task_arithmetic import TaskArithmetic
+from .ties import DIVISOR_PARAM
 
 __all__ = ["Breadcrumbs", "BreadcrumbsTies"]
 
@@ -63,5 +64,6 @@ class BreadcrumbsTies(_Breadcrumbs):
     name = "breadcrumbs_ties"
     description = "Model Breadcrumbs' drop, then TIES sign election (agreeing entries summed, as mergekit)"
     uses = ("density", "majority_sign_method", "weighted_election")
-    parameters = (_GAMMA, Param("normalize", bool, False, "mean of the agreeing entries instead of their sum"))
+    parameters = (_GAMMA, Param("normalize", bool, False, "mean of the agreeing entries instead of their sum"),
+                  DIVISOR_PARAM)
     consensus = True

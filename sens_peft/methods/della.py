@@ -18,6 +18,7 @@ from .drops import RESCALES, RankedDrop, chunk_kernel, elect_merge, ranked_drop_
 from .registry import register_method
 from .streamed import StreamJob
 from .task_arithmetic import TaskArithmetic
+from .ties import DIVISOR_PARAM
 
 __all__ = ["Della", "DellaLinear", "MAGPRUNE_PARAMS"]
 
@@ -80,6 +81,7 @@ class Della(_MagPrune):
     parameters = MAGPRUNE_PARAMS + (
         Param("normalize", bool, True, "mean of the agreeing entries (True, TIES) or their sum (mergekit's "
               "normalize: false)"),
+        DIVISOR_PARAM,
     )
 
 

@@ -123,9 +123,11 @@ def _outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
 
 def elect_merge(kept: Tensor, coefficients: Tensor, params: Mapping[str, Any]) -> Tensor:
     """TIES's sign election over the kept deltas ``[K, ...]``, then the mean of the agreeing entries (``normalize``,
-    as TIES) or their sum (mergekit's ``normalize: false``)."""
+    as TIES; divided by their count, or by their coefficients' sum with ``divisor="weights"``, mergekit's
+    ``normalize: true``) or their sum (mergekit's ``normalize: false``)."""
     if params.get("normalize", True):
-        return elect_and_mean(kept, coefficients, params["majority_sign_method"], params["weighted_election"])
+        return elect_and_mean(kept, coefficients, params["majority_sign_method"], params["weighted_election"],
+                              params.get("divisor", "count"))
     weighted = kept * weights_view(coefficients, kept.dim() - 1)
     voters = weighted if params["weighted_election"] else kept
     agree = voters.sign() == elect_sign(voters, params["majority_sign_method"])

@@ -6,9 +6,12 @@ Over each whole tensor: with ``a``, ``b`` the two experts' tensors (flattened) a
 the linear ``(1-t) a + t b`` where ``|d| > dot_threshold`` (colinear or opposite tensors). The base model is not
 part of the formula, and weights, ``scale`` and Sens coefficients do not apply.
 
-``t`` is a number, or a list interpolated over the layers as mergekit's gradients are: layer ``i`` of
-``num_layers`` reads the list at ``x = i / (num_layers - 1)``; tensors outside the layers (embeddings, final
-norm, head) read it at ``x = 0``.
+``t`` is a mergekit setting (:mod:`sens_peft.tensor_settings`, the one implementation of its semantics): a
+number; a list interpolated over the layers as mergekit's gradients are (layer ``i`` of ``num_layers`` reads the
+list at ``x = i / (num_layers - 1)``; tensors outside the layers, such as embeddings, final norm and head, read it
+at ``x = 0``); or ``{filter, value}`` conditions, the first whose ``filter`` is absent, ``"*"`` or a substring of the
+tensor name giving the (number or list) value. ``num_layers`` left at 0 is read from the base model's
+``config.json`` by :func:`~sens_peft.merging.merge_models` when ``t`` holds a list.
 
 Full weights only: a LoRA merge (``merge_adapters``) is refused, since its experts' full weights are not formed.
 """
@@ -23,52 +26,66 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..groups import layer_group
+from ..groups import canonical_name
+from ..model_files import LAYER_COUNT_KEYS, layer_count
+from ..tensor_settings import check_setting, evaluate_setting, has_gradient, layer_index, layer_position
 from .base import MergeContext, MergeMethod, Param
 from .common import chunks
 from .registry import register_method
 from .rowstats import row_grams, row_of
 from .streamed import StreamJob
 
-__all__ = ["Slerp", "slerp_coefficients", "t_of"]
+__all__ = ["Slerp", "needs_layer_count", "slerp_coefficients", "t_of"]
 
 
 @dataclass(frozen=True)
-class _NumberOrList(Param):
-    """A float parameter that may also be a non-empty list of floats (a per-layer gradient)."""
+class _Setting(Param):
+    """A float parameter that may also be a per-layer gradient list or a list of ``{filter, value}`` conditions
+    (a mergekit setting, checked by :func:`~sens_peft.tensor_settings.check_setting`)."""
 
     def check(self, value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            if not value:
-                raise ValueError(f"parameter {self.name!r} must be a number or a non-empty list, got []")
-            return tuple(Param.check(self, v) for v in value)
-        return Param.check(self, value)
+        if isinstance(value, (int, float)) or value is None:
+            return Param.check(self, value)
+        try:
+            setting = check_setting(value, f"parameter {self.name!r}")
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+        if all(isinstance(v, float) for v in setting):
+            return tuple(setting)
+        return tuple({"filter": c["filter"], "value": tuple(c["value"]) if isinstance(c["value"], list) else
+                      c["value"]} for c in setting)
 
     def describe(self) -> str:
-        return f"{self.name} (float or list of floats, default {self.default!r}): {self.help}"
+        return (f"{self.name} (float, per-layer list of floats, or {{filter, value}} conditions, default "
+                f"{self.default!r}): {self.help}")
+
+
+def needs_layer_count(params: Mapping[str, Any]) -> bool:
+    """Whether ``t`` holds a per-layer list (its value then depends on the number of layers)."""
+    t = params["t"]
+    return not isinstance(t, (int, float)) and has_gradient(list(t))
 
 
 def t_of(name: str, params: Mapping[str, Any]) -> float:
-    """The interpolation factor of tensor ``name``: ``t``, or the list ``t`` read at the tensor's layer."""
+    """The interpolation factor of tensor ``name``: ``t`` read for the tensor (its filter, its layer)."""
     t = params["t"]
-    if not isinstance(t, (list, tuple)):
+    if isinstance(t, (int, float)):
         return float(t)
-    group = layer_group(name)
-    x = 0.0
-    if group.startswith("layers."):
-        layers = int(params["num_layers"])
+    name = canonical_name(name)  # filters match the weight's name as mergekit writes it, without PEFT prefixes
+    layers = int(params.get("num_layers") or 0)
+    index = layer_index(name)
+    if needs_layer_count(params) and index is not None:
         if layers < 1:
-            raise ValueError(f"slerp: t is a per-layer list {list(t)}, so num_layers (the base model's number of "
-                             f"layers, e.g. config.num_hidden_layers) must be set; tensor {name!r} is in a layer")
-        index = int(group.split(".")[1])
+            raise ValueError(f"slerp: t holds a per-layer list {list(t)}, so num_layers (the base model's number of "
+                             f"layers, config.num_hidden_layers) must be known; tensor {name!r} is in a layer. "
+                             "merge_models reads it from the base model's config.json; elsewhere set num_layers")
         if index >= layers:
             raise ValueError(f"slerp: tensor {name!r} is in layer {index}, but num_layers={layers}")
-        x = index / (layers - 1) if layers > 1 else 1.0
-    scaled = x * (len(t) - 1)
-    low = int(scaled)
-    high = min(len(t) - 1, low + 1)
-    frac = scaled - low
-    return (1 - frac) * float(t[low]) + frac * float(t[high])
+    value = evaluate_setting(list(t), name, layer_position(name, max(layers, 1)))
+    if value is None:
+        raise ValueError(f"slerp: no t for tensor {name!r}: none of the conditions {list(t)} matches it (end the "
+                         "list with a condition without filter, as mergekit recipes do)")
+    return value
 
 
 def slerp_coefficients(grams: Tensor, t: float, dot_threshold: float) -> tuple[Tensor, Tensor]:
@@ -91,15 +108,26 @@ class Slerp(MergeMethod):
     """SLERP of the full weights of two experts (``merge_models`` only)."""
 
     name = "slerp"
-    description = ("SLERP: spherical interpolation of two experts' full weights per tensor (t: number or "
-                   "per-layer list); full-model merges only")
+    description = ("SLERP: spherical interpolation of two experts' full weights per tensor (t: number, per-layer "
+                   "list or mergekit's filter conditions); full-model merges only")
     reference = "Shoemake, Animating Rotation with Quaternion Curves, SIGGRAPH 1985; mergekit's slerp"
     parameters = (
-        _NumberOrList("t", float, 0.5, "0: the first expert, 1: the second; a list is read over the layers"),
-        Param("num_layers", int, 0, "the base model's number of layers (needed when t is a list)", low=0),
+        _Setting("t", float, 0.5, "0: the first expert, 1: the second; a list is read over the layers, "
+                 "conditions by tensor name (mergekit's t)"),
+        Param("num_layers", int, 0, "the base model's number of layers for a per-layer t (0: read from the base "
+              "model's config.json by merge_models)", low=0),
         Param("dot_threshold", float, 0.9995, "|cos| above which rows are interpolated linearly", low=0.0, high=1.0),
     )
     full_weights = True
+
+    def model_settings(self, params: Mapping[str, Any], model_config: Mapping[str, Any]) -> dict[str, Any]:
+        if int(params.get("num_layers") or 0) > 0 or not needs_layer_count(params):
+            return {}
+        layers = layer_count(model_config)
+        if layers is None:
+            raise ValueError(f"slerp's t is a per-layer list, and the config states no layer count (none of "
+                             f"{list(LAYER_COUNT_KEYS)}); set parameters.num_layers")
+        return {"num_layers": layers}
 
     def combine(self, stacked: Tensor, coefficients: Tensor, ctx: MergeContext) -> Tensor:
         raise ValueError(f"method 'slerp' interpolates the experts' full weights, not their deltas (tensor "
