@@ -449,6 +449,30 @@ def aggregate(cells: list[dict[str, Any]], methods: list[Method], resamples: int
     return out
 
 
+def regime_of(cell_result: dict[str, Any]) -> str:
+    return cell_result["cell"].split("/")[1]
+
+
+def per_regime(cells: list[dict[str, Any]], methods: list[Method], resamples: int) -> dict[str, Any]:
+    """Per regime (when there are several): each method's mean over that regime's suites, its gain over tuned TA
+    and over its control with intervals, and its worst suite (the lowest gain over tuned TA)."""
+    regimes = sorted({regime_of(c) for c in cells})
+    if len(regimes) < 2:
+        return {}
+    out = {}
+    for regime in regimes:
+        agg = aggregate([c for c in cells if regime_of(c) == regime], methods, resamples)
+        rows = {}
+        for name, row in agg["mean"].items():
+            gains = [(s, agg["per_suite"][s]["methods"][name]["vs_TA"]) for s in agg["suites"]
+                     if agg["per_suite"][s]["methods"].get(name, {}).get("vs_TA")]
+            worst = min(gains, key=lambda sg: sg[1]["diff"], default=(None, None))
+            rows[name] = {"test": row["test"], "vs_TA": row["vs_TA"], "vs_control": row["vs_control"],
+                          "worst_suite": worst[0], "worst_vs_TA": worst[1]}
+        out[regime] = {"suites": agg["suites"], "methods": rows}
+    return out
+
+
 def ci(c: Optional[dict[str, float]]) -> str:
     return "—" if not c else f"{c['diff']:+.1f} [{c['lo']:+.1f}, {c['hi']:+.1f}]"
 
@@ -478,6 +502,14 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [_pm(agg["per_suite"][s]["methods"][n]["seeds"]) if n in agg["per_suite"][s]["methods"]
                  else "—" for s in suites]
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {100 * agg['mean'][n]['test']:.1f} |")
+    for regime, r in report.get("per_regime", {}).items():
+        lines += ["", f"## Regime {regime}: mean over its {len(r['suites'])} suites [95% CI]", "",
+                  "| method | normalised | − tuned TA | worst suite − tuned TA | − its control |", "|---|---|---|---|---|"]
+        for n in names:
+            if n in r["methods"]:
+                m = r["methods"][n]
+                worst = f"{ci(m['worst_vs_TA'])} ({m['worst_suite']})" if m["worst_suite"] else "—"
+                lines.append(f"| {n} | {100 * m['test']:.1f} | {ci(m['vs_TA'])} | {worst} | {ci(m['vs_control'])} |")
     for title, key in (("Gain over tuned TA", "vs_TA"), ("Gain over the information-free control", "vs_control")):
         rows = [n for n in names if agg["mean"][n][key]]
         if not rows:
@@ -668,6 +700,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "tf_agreement": float(np.mean([c["tf_vs_generation_agreement"] for c in cells])),
     }
     report["aggregate"] = aggregate(cells, methods, args.resamples)
+    report["per_regime"] = per_regime(cells, methods, args.resamples)
     report["wall_seconds"] = time.perf_counter() - start
     (args.out / f"{args.tag}.json").write_text(json.dumps(report, indent=1))
     md = markdown(report)

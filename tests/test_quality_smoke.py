@@ -276,3 +276,30 @@ def test_method_selection_keeps_controls_and_references():
     assert {quality.REFERENCE, quality.DEFAULT, quality.BASE} <= set(names) and "Fisher" not in names
     with pytest.raises(SystemExit, match="unknown"):
         quality.select_methods(methods, ["NoSuchMethod"])
+
+
+def _fake_cell(label: str, ta: list[int], x: list[int]) -> dict:
+    def row(bits_):
+        arr = np.array(bits_, dtype=bool)
+        return {"test": {"avg_norm": float(arr.mean()), "loglik": -1.0}, "items": {"t": ql.bits(arr)},
+                "setting": {"lam": 1.0}, "lam_at_grid_edge": False}
+
+    return {"cell": label, "methods": {"TA": row(ta), "X": row(x)}, "expert_acc": {"test": {"t": 1.0}},
+            "base_acc": {"test": {"t": 0.0}}}
+
+
+def test_per_regime_means_and_worst_suite():
+    """Each regime's row is the mean of its own suites only, and names the suite where the gain is lowest."""
+    import quality
+
+    methods = [quality.Method("TA", lambda g: [], ql.merge_fast), quality.Method("X", lambda g: [], ql.merge_fast)]
+    cells = [_fake_cell("maps/B/lora/seed0", [1, 0, 0, 0], [1, 1, 1, 0]),      # X +50 points
+             _fake_cell("recall/B/lora/seed0", [1, 1, 0, 0], [1, 1, 0, 0]),    # X +0
+             _fake_cell("maps/A2/lora/seed0.p01", [0, 0, 0, 0], [1, 0, 0, 0])]  # X +25
+    out = quality.per_regime(cells, methods, resamples=50)
+    assert set(out) == {"A2", "B"}
+    b = out["B"]["methods"]["X"]
+    assert b["test"] == pytest.approx((0.75 + 0.5) / 2) and b["vs_TA"]["diff"] == pytest.approx(25.0)
+    assert b["worst_suite"] == "recall/B/lora" and b["worst_vs_TA"]["diff"] == pytest.approx(0.0)
+    assert out["A2"]["methods"]["X"]["vs_TA"]["diff"] == pytest.approx(25.0)
+    assert quality.per_regime(cells[:2], methods, resamples=50) == {}  # one regime: the overall mean says it
