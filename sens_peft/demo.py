@@ -141,11 +141,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the quick start with command-line arguments ``argv`` (default: ``sys.argv[1:]``)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "peft", "sens_peft.merging", "sens_peft.transfer", "sens_peft.coefficients"):
+    # sens_peft.validation: "sensitivities= is ignored" for the rows that read no statistics (all get the same paths)
+    for noisy in ("transformers", "peft", "sens_peft.merging", "sens_peft.transfer", "sens_peft.coefficients",
+                  "sens_peft.validation"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # every row gets the same sidecar paths on purpose, so "sensitivities= is ignored" (a warning meant for a user
-    # who passed them to a method that reads none) would only clutter this table's log
-    logging.getLogger("sens_peft.validation.options").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars at every load and save
     out = Path(args.output_dir)
     t0 = time.perf_counter()
