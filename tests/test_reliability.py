@@ -535,3 +535,22 @@ def test_float16_overflow_is_refused_not_written(world, tmp_path):
     report = merge_models(world["base"], world["experts"], out, sens=None, method="task_arithmetic",
                           weights=[1e7, 1e7], dtype="bfloat16", **KW)  # bfloat16 has float32's range
     assert report.output_dir == out.resolve()
+
+
+@pytest.mark.parametrize("fields, warns", [
+    (dict(method="regmean"), False),  # reads the Grams in those sidecars
+    (dict(method="fisher"), False),
+    (dict(), False),  # the default reads them to choose RegMean or TA
+    (dict(method="ties", trim_by="sensitivity"), False),
+    (dict(method="task_arithmetic"), True),
+    (dict(method="ties", trim_by="magnitude"), True),
+])
+def test_sensitivities_of_a_method_that_reads_statistics_are_not_called_ignored(caplog, fields, warns):
+    """RegMean / Fisher read their statistics from the files given as ``sensitivities=``: warning that those are
+    ignored (as the quick start's log did for every RegMean row) told the user the opposite of what happens."""
+    from sens_peft.config import MergeConfig
+    from sens_peft.validation.options import warn_unused_options
+
+    with caplog.at_level(logging.WARNING, logger="sens_peft"):
+        warn_unused_options(MergeConfig(sens=None, **fields), sensitivities=["a", "b"])
+    assert any("sensitivities= is ignored" in r.getMessage() for r in caplog.records) == warns

@@ -35,8 +35,10 @@ def warn_unused_options(config: Any, *, sensitivities: Any = None, probes: Any =
     auto_trim = trim_by == "auto" and getattr(config, "method", None) == "ties"  # may trim by the element maps
     need_task = sens in ("task", "task+cross") or trim_by == "sensitivity" or auto_trim
     need_cross = sens in ("cross", "task+cross")
-    if sensitivities is not None and not need_task:
-        logger.warning("sensitivities= is ignored: sens=%r and trim_by=%r use no sensitivity scores", sens, trim_by)
+    reads = _method_reads_statistics(config)  # e.g. RegMean's Grams, Fisher's E[g²]: they come from the same files
+    if sensitivities is not None and not need_task and not reads:
+        logger.warning("sensitivities= is ignored: sens=%r and trim_by=%r use no sensitivity scores, and method=%r "
+                       "reads no captured statistics", sens, trim_by, getattr(config, "method", None))
     fits = _method_needs_probes(getattr(config, "method", None))  # e.g. probe_fit fits on the probes
     if probes is not None and not fits and (not need_cross or transferability is not None):
         why = "transferability= is given" if transferability is not None else f"sens={sens!r} has no cross term"
@@ -53,6 +55,19 @@ def warn_unused_options(config: Any, *, sensitivities: Any = None, probes: Any =
         logger.warning("factorization=%r is ignored: it factorises a merged LoRA adapter, and this merge writes full "
                        "weights", config.factorization)
     _warn_changed_but_unused(config)
+
+
+def _method_reads_statistics(config: Any) -> bool:
+    """Whether the merge method reads captured statistics from the sidecars (``sensitivities=``); the default
+    (``method=None``) reads them to choose between RegMean and TA."""
+    from ..methods import available_methods, get_method
+
+    method = getattr(config, "method", None)
+    if method is None:
+        return True
+    if method not in available_methods() or not hasattr(config, "method_params"):
+        return False
+    return bool(get_method(method).needed_statistics(config.method_params()))
 
 
 def _method_needs_probes(method: Any) -> bool:
