@@ -29,7 +29,7 @@ Adding a method is one entry; a data-aware one also declares its statistic once,
 Usage::
 
     python benchmarks/quality.py --quick          # maps + conflict, regime B, LoRA, 1 seed (<= 15 min, 2 cores)
-    python benchmarks/quality.py                  # 3 families × 2 regimes × LoRA/full × 3 seeds (hours; resumable)
+    python benchmarks/quality.py                  # 3 families × 3 regimes × LoRA/full × 3 seeds (hours; resumable)
     python benchmarks/quality.py --families maps --regimes B --kinds lora --seeds 1
     # a run split over several processes (one per family/kind), then one report from the caches:
     python benchmarks/quality.py --quick --families maps,recall,conflict --regimes A,B --kinds lora,full --seeds 3 \
@@ -582,7 +582,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="maps + conflict, regime B, LoRA, 1 seed, grid budget 4, 100 val / 200 test items")
     p.add_argument("--families", default=None, help="comma list (default: maps,recall,conflict)")
     p.add_argument("--regimes", default=None,
-                   help="comma list of A,B,A2 (default: A,B); A2 = regime A's experts merged two at a time "
+                   help="comma list of A,B,A2 (default: all three); A2 = regime A's experts merged two at a time "
                         f"(pairs {PAIRS})")
     p.add_argument("--kinds", default=None, help="comma list of lora,full (default: both)")
     p.add_argument("--seeds", type=int, default=None, help="expert seeds 0..N-1 (default 3)")
@@ -604,7 +604,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args = p.parse_args(argv)
     q = args.quick
     args.families = (args.families or ("maps,conflict" if q else "maps,recall,conflict")).split(",")
-    args.regimes = (args.regimes or ("B" if q else "A,B")).split(",")
+    args.regimes = (args.regimes or ("B" if q else "A,A2,B")).split(",")
     args.kinds = (args.kinds or ("lora" if q else "lora,full")).split(",")
     args.seeds = args.seeds or (1 if q else 3)
     args.val_n = args.val_n or (100 if q else 200)
