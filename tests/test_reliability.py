@@ -554,3 +554,14 @@ def test_sensitivities_of_a_method_that_reads_statistics_are_not_called_ignored(
     with caplog.at_level(logging.WARNING, logger="sens_peft"):
         warn_unused_options(MergeConfig(sens=None, **fields), sensitivities=["a", "b"])
     assert any("sensitivities= is ignored" in r.getMessage() for r in caplog.records) == warns
+
+
+def test_default_without_grams_warns_that_it_falls_back(world, caplog):
+    """``MergeConfig()`` asks for the default (RegMean); sidecars without Grams get task arithmetic instead, which
+    is said as a warning naming the missing statistic, not only at INFO level."""
+    with caplog.at_level(logging.WARNING, logger="sens_peft"):
+        report = merge_adapters(tiny_llama(), world["loras"], **KW)
+    assert report.config.method == "task_arithmetic"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("merging with task_arithmetic, not the default regmean" in m and "['gram']" in m for m in messages), \
+        messages

@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..config import MergeConfig, choose_method
+from ..config import AUTO_METHODS, MergeConfig, choose_method
 from ..errors import MergeError, SidecarError
 from ..methods import get_method
 from ..validation import check_output_dtype, check_path_list, check_probe
@@ -257,8 +257,15 @@ def resolve_settings(cfg: MergeConfig, sensitivities, folders: Sequence[Optional
         available = set.intersection(*kinds) if kinds else set()
     if cfg.method is None:
         cfg = dataclasses.replace(cfg, method=choose_method(available))
-        logger.info("method=None: merging with %s (statistics every expert has: %s)", cfg.method,
-                    sorted(available) or "none")
+        preferred = AUTO_METHODS[0]
+        if cfg.method != preferred:  # the user asked for the default and gets its fallback: say so, and why
+            missing = sorted(set(get_method(preferred).needs) - available)
+            logger.warning("method=None: merging with %s, not the default %s: not every expert's sidecar holds %s "
+                           "(statistics every expert has: %s; SensitivityCallback stores Grams unless gram=None)",
+                           cfg.method, preferred, missing, sorted(available) or "none")
+        else:
+            logger.info("method=None: merging with %s (statistics every expert has: %s)", cfg.method,
+                        sorted(available) or "none")
     updates = get_method(cfg.method).resolve(cfg.method_params(), available)
     if cfg.trim_by == "auto" and updates.get("trim_by"):
         logger.info("trim_by='auto': %s trims by %s", cfg.method, updates["trim_by"])
