@@ -252,7 +252,7 @@ class MergeConfig(_ConfigMixin):
     λ 1 and off-diagonal shrinkage 0.99, untuned: +11.9 [95% CI +11.4, +12.4] points of normalised test accuracy
     over tuned task arithmetic on the 18-suite mean. Per regime: +16.3 where the base half-knows the tasks (B; lowest
     suite maps/LoRA +1.7 [-0.4, +3.9]), +17.5 where two experts learned whole tasks the base lacks (A2), and +1.8
-    where four did (A, where every method keeps <= 3.3 %). So ``None`` resolves to ``"regmean"`` whenever every
+    where four did (A, where every method keeps <= 3.3 % on the mean). So ``None`` resolves to ``"regmean"`` whenever every
     expert's sidecar has Grams, else to ``"task_arithmetic"`` (:data:`AUTO_METHODS`). The benchmark's rule (never
     below tuned TA on any suite, on validation) is met on all suites where tuned TA keeps >= 5 % of the experts'
     accuracy. It is missed on two regime-A conflict suites, where tuned TA keeps <= 1 %, by 1-2 answers in 400; on
