@@ -6,7 +6,7 @@ import pytest
 
 from sens_peft.testing import families, toy
 
-NEW_TASKS = [t for name in ("recall", "conflict") for t in families.get_family(name).tasks]
+NEW_TASKS = [t for name in ("recall", "conflict", "perm") for t in families.get_family(name).tasks]
 
 
 @pytest.mark.parametrize("task", NEW_TASKS)
@@ -37,6 +37,18 @@ def test_conflict_solvers_by_hand():
     assert len(prompts) == len(tasks)  # only the tag tells the tasks apart
 
 
+def test_perm_solvers_by_hand():
+    expected = {"perm_rev": "dcba", "perm_rotl": "bcda", "perm_swap": "badc", "perm_outer": "dbca"}
+    for task, y in expected.items():
+        assert toy.get_task(task).solve("abcd") == y
+    skills = {k.name: k.solve("abcd") for k in families.PERM_SKILLS}
+    assert skills == {"perm_skill_rotr": "dabc", "perm_skill_rot2": "cdab", "perm_skill_mid": "acbd"}
+    x, y = toy.task_splits("perm_rev")["test"][0]
+    assert set(x) <= set(families.PERM_ALPHABET) and y == x[::-1]
+    # the same input distribution for every task: only the tag tells them apart
+    assert len({toy.get_task(t).prompt("abcd") for t in families.PERM_OPS}) == len(families.PERM_OPS)
+
+
 def test_recall_tables_and_solver_by_hand():
     tables = families.RECALL_TABLES
     keys = [set(t) for t in tables.values()]
@@ -49,7 +61,7 @@ def test_recall_tables_and_solver_by_hand():
     assert y == "".join(tables["recall_a"][x[i : i + 2]] for i in (0, 2, 4))
 
 
-@pytest.mark.parametrize("name", ["recall", "conflict", "maps"])
+@pytest.mark.parametrize("name", ["recall", "conflict", "maps", "perm"])
 def test_regime_b_knows_part_of_every_task(name):
     fam = families.get_family(name)
     for task in fam.tasks:
@@ -95,7 +107,7 @@ def test_regime_a_skills_are_of_the_kind_but_not_the_tasks():
     """Regime A's base learns each family's kind of skill with other rules: no skill solves any task's inputs
     the task's way, and no skill shares a tag with a task or the copy task."""
     tok = toy.build_tokenizer()
-    for name in ("maps", "recall", "conflict"):
+    for name in ("maps", "recall", "conflict", "perm"):
         fam = families.get_family(name)
         assert fam.skills, name
         tags = {toy.get_task(t).tag for t in fam.tasks} | {families.COPY_TAG}
