@@ -44,6 +44,7 @@ from .config import MergeConfig, SensitivityConfig
 from .merging import merge_adapters
 from .sensitivity.callback import SensitivityCallback
 from .testing import toy
+from .validation.options import uses_probes, uses_sensitivities
 
 log = logging.getLogger("quickstart")
 
@@ -141,9 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the quick start with command-line arguments ``argv`` (default: ``sys.argv[1:]``)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    # sens_peft.validation: "sensitivities= is ignored" for the rows that read no statistics (all get the same paths)
-    for noisy in ("transformers", "peft", "sens_peft.merging", "sens_peft.transfer", "sens_peft.coefficients",
-                  "sens_peft.validation"):
+    for noisy in ("transformers", "peft", "sens_peft.merging", "sens_peft.transfer", "sens_peft.coefficients"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars at every load and save
     out = Path(args.output_dir)
@@ -181,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     runs = merge_runs(len(args.tasks), seed=args.seed, temperature=args.temperature)
     for name, config in runs:
         report = merge_adapters(model, args.tasks, config=config, adapter_name=name.replace("-", "_").strip("()"),
-                                sensitivities=dirs, probes=dirs)
+                                **sidecars(config, dirs))
         model.set_adapter(report.adapter_name)
         rows[name] = evaluate(model, args.tasks, args, tok)
         reports[name] = report
@@ -199,10 +198,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"\nSens-Merging coefficients of {best}:")
         print(reports[best].coefficients)
     merge_adapters(model, args.tasks, config=reports[best].config, adapter_name="best",
-                   sensitivities=dirs, probes=dirs, save_to=out / "merged", overwrite=True)
+                   **sidecars(reports[best].config, dirs), save_to=out / "merged", overwrite=True)
     (out / "results.json").write_text(_json({"accuracy": rows, "normalized": norm, "best": best}))
     print(f"\nbest merge: {best} (avg normalised {100 * norm[best]['avg']:.1f}%), saved to {out / 'merged'}")
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
+
+
+def sidecars(config: MergeConfig, dirs: list[Path]) -> dict[str, Optional[list[Path]]]:
+    """``sensitivities=`` / ``probes=`` for a merge: the experts' folders where ``config`` reads them, else None
+    (passing files a merge does not read logs a warning that they are ignored)."""
+    return {"sensitivities": dirs if uses_sensitivities(config) else None,
+            "probes": dirs if uses_probes(config) else None}
 
 
 def evaluate(model, tasks: Sequence[str], args, tok) -> dict[str, float]:

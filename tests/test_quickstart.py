@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sens_peft import MergeConfig
-from sens_peft.demo import PAPER_SENS, main, merge_runs
+from sens_peft.demo import PAPER_SENS, main, merge_runs, sidecars
+from sens_peft.validation.options import warn_unused_options
 
 
 def test_merge_runs_rows():
@@ -29,6 +30,26 @@ def test_merge_runs_rows():
     assert configs["SensTrim-TIES"].trim_by == "sensitivity"
     assert configs["ProbeFit-TA"].method == "probe_fit"
     assert configs["MergeConfig()"] == MergeConfig(seed=3)
+
+
+def test_each_row_gets_only_the_sidecars_it_reads(caplog):
+    """The quick start's log has no "is ignored" warning: each merge is passed only the files it reads."""
+    dirs = ["experts/a", "experts/b"]
+    got = {label: sidecars(config, dirs) for label, config in merge_runs(2)}
+    reads = {label: (kw["sensitivities"] is not None, kw["probes"] is not None) for label, kw in got.items()}
+    assert reads == {"Avg": (False, False), "TA": (False, False), "TIES": (False, False),
+                     "DARE-TIES": (False, False), "Sens-TA": (True, True), "Sens-TIES": (True, True),
+                     "Sens-DARE-TIES": (True, True), "RegMean": (True, False), "Fisher": (True, False),
+                     "SensTrim-TIES": (True, False), "ProbeFit-TA": (False, True), "MergeConfig()": (True, False)}
+    with caplog.at_level("WARNING", logger="sens_peft.validation"):
+        for label, config in merge_runs(2):
+            warn_unused_options(config, **got[label])
+            warn_unused_options(config, sensitivities=dirs, probes=dirs)  # what the demo passed before
+    ignored = [r.getMessage() for r in caplog.records if "is ignored" in r.getMessage()]
+    # only the second call of each row warns: sensitivities= for the 5 rows that read no sidecar (Avg, TA, TIES,
+    # DARE-TIES, ProbeFit-TA), probes= for the 8 rows with neither a cross term nor a fit
+    assert sum(m.startswith("sensitivities=") for m in ignored) == 5
+    assert sum(m.startswith("probes=") for m in ignored) == 8
 
 
 @pytest.mark.slow

@@ -31,16 +31,12 @@ def warn_unused_options(config: Any, *, sensitivities: Any = None, probes: Any =
     ``kind``: ``"lora"`` / ``"full"`` (merge_adapters' output) or ``"models"`` (merge_models).
     """
     sens = getattr(config, "sens", None)
-    trim_by = getattr(config, "trim_by", None)
-    auto_trim = trim_by == "auto" and getattr(config, "method", None) == "ties"  # may trim by the element maps
-    need_task = sens in ("task", "task+cross") or trim_by == "sensitivity" or auto_trim
     need_cross = sens in ("cross", "task+cross")
-    reads = _method_reads_statistics(config)  # e.g. RegMean's Grams, Fisher's E[g²]: they come from the same files
-    if sensitivities is not None and not need_task and not reads:
+    if sensitivities is not None and not uses_sensitivities(config):
         logger.warning("sensitivities= is ignored: sens=%r and trim_by=%r use no sensitivity scores, and method=%r "
-                       "reads no captured statistics", sens, trim_by, getattr(config, "method", None))
-    fits = _method_needs_probes(getattr(config, "method", None))  # e.g. probe_fit fits on the probes
-    if probes is not None and not fits and (not need_cross or transferability is not None):
+                       "reads no captured statistics", sens, getattr(config, "trim_by", None),
+                       getattr(config, "method", None))
+    if probes is not None and not uses_probes(config, transferability=transferability):
         why = "transferability= is given" if transferability is not None else f"sens={sens!r} has no cross term"
         logger.warning("probes= is ignored: %s", why)
     if transferability is not None and not need_cross:
@@ -55,6 +51,22 @@ def warn_unused_options(config: Any, *, sensitivities: Any = None, probes: Any =
         logger.warning("factorization=%r is ignored: it factorises a merged LoRA adapter, and this merge writes full "
                        "weights", config.factorization)
     _warn_changed_but_unused(config)
+
+
+def uses_sensitivities(config: Any) -> bool:
+    """Whether a merge with ``config`` reads the sensitivity sidecars (``sensitivities=``): for Sens-Merging's task
+    term, a trim by the element maps, or a method's captured statistics (RegMean's Grams, Fisher's E[g²])."""
+    sens, trim_by = getattr(config, "sens", None), getattr(config, "trim_by", None)
+    auto_trim = trim_by == "auto" and getattr(config, "method", None) == "ties"  # may trim by the element maps
+    need_task = sens in ("task", "task+cross") or trim_by == "sensitivity" or auto_trim
+    return need_task or _method_reads_statistics(config)
+
+
+def uses_probes(config: Any, *, transferability: Any = None) -> bool:
+    """Whether a merge with ``config`` reads the probe sets (``probes=``): for Sens-Merging's cross term (unless
+    ``transferability`` is given) or a method fitted on them (``probe_fit``)."""
+    need_cross = getattr(config, "sens", None) in ("cross", "task+cross") and transferability is None
+    return need_cross or _method_needs_probes(getattr(config, "method", None))
 
 
 def _method_reads_statistics(config: Any) -> bool:
