@@ -2,6 +2,9 @@
 
     OMP_NUM_THREADS=1 python benchmarks/default_candidates.py                       # regime B, seed 0 (as first run)
     OMP_NUM_THREADS=1 python benchmarks/default_candidates.py --regimes A,A2,B --seeds 3 --out default_candidates_all
+    # the held-out family (added after the choice): the same rule, read only
+    OMP_NUM_THREADS=1 python benchmarks/default_candidates.py --families perm --regimes A,A2,B --seeds 3 \
+        --out default_candidates_perm
 
 For each cell (family × regime × kind × seed) it scores every candidate and tuned TA (TA's validation-best λ of
 the shared quick grid) on validation and on test, with the same cached experts, scorers and evaluation cache as
@@ -60,7 +63,8 @@ def score_cell(family: str, regime: str, kind: str, seed: int, workdir: Path, to
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--families", default="maps,conflict,recall")
+    p.add_argument("--families", default="maps,conflict,recall", help="comma list (the families the default was "
+                   "chosen on; perm is the held-out one)")
     p.add_argument("--regimes", default="B")
     p.add_argument("--kinds", default="lora,full")
     p.add_argument("--seeds", type=int, default=1)
