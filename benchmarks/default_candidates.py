@@ -2,9 +2,9 @@
 
     OMP_NUM_THREADS=1 python benchmarks/default_candidates.py                       # regime B, seed 0 (as first run)
     OMP_NUM_THREADS=1 python benchmarks/default_candidates.py --regimes A,A2,B --seeds 3 --out default_candidates_all
-    # the held-out family (added after the choice): the same rule, read only
-    OMP_NUM_THREADS=1 python benchmarks/default_candidates.py --families perm --regimes A,A2,B --seeds 3 \
-        --out default_candidates_perm
+    # with the held-out family perm (added after the choice): 24 suites
+    OMP_NUM_THREADS=1 python benchmarks/default_candidates.py --families maps,conflict,recall,perm --regimes A,A2,B \
+        --seeds 3 --out default_candidates_24
 
 For each cell (family × regime × kind × seed) it scores every candidate and tuned TA (TA's validation-best λ of
 the shared quick grid) on validation and on test, with the same cached experts, scorers and evaluation cache as
