@@ -563,5 +563,5 @@ def test_default_without_grams_warns_that_it_falls_back(world, caplog):
         report = merge_adapters(tiny_llama(), world["loras"], **KW)
     assert report.config.method == "task_arithmetic"
     messages = [r.getMessage() for r in caplog.records]
-    assert any("merging with task_arithmetic, not the default regmean" in m and "['gram']" in m for m in messages), \
-        messages
+    assert any("merging with task_arithmetic, not the default regmean" in m and "['gram']" in m
+               and "sum of the task vectors" in m for m in messages), messages
