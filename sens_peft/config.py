@@ -226,8 +226,8 @@ SHARED_METHOD_FIELDS = ("density", "densities", "majority_sign_method", "trim_by
                         "dare_rng")
 
 #: What ``method=None`` (the default) merges with: the first of these whose captured statistics every expert's
-#: sidecar holds. RegMean had the best mean of the untuned candidates on ``benchmarks/quality.py`` and is above the
-#: fallback's untuned λ on every suite (benchmarks/README.md, Quality); without Grams the fallback is task
+#: sidecar holds. RegMean had the best mean of the untuned candidates on ``benchmarks/quality.py`` and is at or above
+#: the fallback's untuned λ 1 on every suite (benchmarks/README.md, Quality); without Grams the fallback is task
 #: arithmetic itself (at λ 1 unless ``scale`` is given: a warning says so).
 AUTO_METHODS = ("regmean", "task_arithmetic")
 
@@ -246,7 +246,7 @@ def choose_method(available: Any) -> str:
 class MergeConfig(_ConfigMixin):
     """How experts are combined.
 
-    The default method (``method=None``) is chosen on ``benchmarks/quality.py``: task families × 3 regimes ×
+    The default method (``method=None``) is chosen on ``benchmarks/quality.py``: 4 task families × 3 regimes ×
     LoRA/full experts × 3 seeds, validation-tuned baselines with one grid budget, paired intervals,
     information-free controls (see benchmarks/README.md). It was chosen on 18 suites (3 families) and re-checked on a
     fourth family added afterwards (``perm``, 6 more suites). RegMean from the input Grams the callback captures, at
