@@ -206,3 +206,110 @@ def test_factorization_ignored_for_exact_factors_warns(lora_experts, caplog):
         merge_adapters(tiny_llama(seed=0), lora_experts, method="task_arithmetic", factorization="exact",
                        sens=None, device="cpu", progress=False)
     assert any("factorization='exact' is ignored" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------- probe_fit on RegMean
+
+
+def test_probe_fit_regmean_base_is_linear_in_the_coefficients():
+    """RegMean weights the deltas, not the Grams: the merge is Σ_k c_k part_k with part_k = ΔW_k G_k (Σ G)⁻¹, which
+    is what probe_fit needs; with c ≡ 1 it is RegMean itself (float64 reference)."""
+    gen = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(5, 7, generator=gen) for _ in range(3)]
+    grams = [_spd(7, gen) for _ in range(3)]
+    coeffs = [0.5, 1.0, 2.0]
+    kw = dict(statistics={"gram": grams}, base_method="regmean", shrinkage=0.9)
+    merged = merge_deltas("probe_fit", deltas, torch.tensor(coeffs), **kw)
+    torch.testing.assert_close(merged.double(), _regmean_reference(deltas, grams, coeffs, 0.9), rtol=1e-4,
+                               atol=1e-5)
+    parts = [merge_deltas("probe_fit", deltas, torch.eye(3)[k], **kw) for k in range(3)]
+    total = torch.stack(grams).sum(0) * 0.9 + 0.1 * torch.diag(torch.diagonal(torch.stack(grams).sum(0)))
+    shrunk = 0.9 * grams[1] + 0.1 * torch.diag(torch.diagonal(grams[1]))
+    torch.testing.assert_close(parts[1].double(), deltas[1].double() @ shrunk @ torch.linalg.inv(total), rtol=1e-4,
+                               atol=1e-5)
+    torch.testing.assert_close(sum(c * p for c, p in zip(coeffs, parts)), merged, rtol=1e-4, atol=1e-5)
+
+
+def test_probe_fit_shrinkage_needs_the_regmean_base():
+    from sens_peft.config import MergeConfig
+
+    with pytest.raises(ValueError, match="base_method='regmean' only"):
+        MergeConfig(method="probe_fit", params={"shrinkage": 0.5})
+    assert MergeConfig(method="probe_fit", params={"base_method": "regmean", "shrinkage": 0.5}).params == {
+        "base_method": "regmean", "shrinkage": 0.5}
+    # RegMean averages: the fit starts from c ≡ 1, RegMean itself
+    assert MergeConfig(method="probe_fit", params={"base_method": "regmean"}).resolved_scale() == 1.0
+
+
+@pytest.fixture(scope="module")
+def lora_experts_with_probes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("regmean_probe_fit")
+    folders = []
+    for k in range(2):
+        folder = make_lora_adapter(tiny_llama, root / f"e{k}", seed=k + 1)
+        compute_sensitivity(str(folder), TokenData(n=8, length=9, seed=40 + k), base_model=tiny_llama(seed=0),
+                            save_to=folder, calibration_samples=8, gram="full")
+        folders.append(folder)
+    return folders
+
+
+def test_merge_adapters_probe_fit_on_regmean(lora_experts_with_probes, tmp_path):
+    import json
+
+    folders = lora_experts_with_probes
+    kw = dict(output="full", sens=None, device="cpu", progress=False)
+    plain = merge_adapters(tiny_llama(seed=0), folders, method="regmean", **kw)
+    still = merge_adapters(tiny_llama(seed=0), folders, method="probe_fit",
+                           params={"base_method": "regmean", "steps": 0}, **kw)
+    a, b = plain.model.state_dict(), still.model.state_dict()
+    torch.testing.assert_close(a[Q0], b[Q0], rtol=1e-5, atol=1e-6)  # no steps: RegMean itself
+    assert still.coefficients.values.eq(1.0).all()
+    fitted = merge_adapters(tiny_llama(seed=0), folders, method="probe_fit", save_to=tmp_path / "fitted",
+                            params={"base_method": "regmean", "steps": 15, "lr": 0.1}, **kw)
+    fit = json.loads((tmp_path / "fitted" / "merge_config.json").read_text())["fit"]
+    assert fit["base_method"] == "regmean"
+    assert fit["held_out_loss_after"] <= fit["held_out_loss_before"]
+    assert fit["best_step"] > 0 and not fitted.coefficients.values.eq(1.0).all()  # the fit moved c
+    # the merged weight is Σ_k c[k][layer 0] · part_k, the parts being RegMean's shares of the experts
+    deltas, grams = _lora_deltas(folders), _mean_grams(folders)
+    parts = [_regmean_reference(deltas, grams, [float(k == j) for j in range(2)], 0.99) for k in range(2)]
+    values = fitted.coefficients.values
+    want = sum(float(values[k, 0]) * parts[k] for k in range(2))
+    got = fitted.model.state_dict()[Q0] - tiny_llama(seed=0).state_dict()[Q0]
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_models_probe_fit_on_regmean(tmp_path):
+    """Full experts, streamed: probe_fit on RegMean takes the dense path (RegMean has no chunked hook); no steps
+    is RegMean itself, and a fit writes Σ_k c[k][layer] · part_k."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base_model = tiny_llama(seed=0)
+    base = save_model(base_model, tmp_path / "base")
+    experts = []
+    for k in range(2):
+        folder = make_full_expert(base_model, tmp_path / f"x{k}", seed=k + 1)
+        compute_sensitivity(AutoModelForCausalLM.from_pretrained(str(folder)), TokenData(n=8, length=9, seed=50 + k),
+                            save_to=folder, calibration_samples=8, gram="full")
+        experts.append(folder)
+    kw = dict(method="probe_fit", sens=None, device="cpu", progress=False)
+    merge_models(base, experts, tmp_path / "plain", method="regmean", sens=None, device="cpu", progress=False)
+    merge_models(base, experts, tmp_path / "still", params={"base_method": "regmean", "steps": 0}, **kw)
+    plain, still = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("plain", "still"))
+    assert plain.keys() == still.keys() and all(torch.equal(plain[k], still[k]) for k in plain)
+    merge_models(base, experts, tmp_path / "fit", params={"base_method": "regmean", "steps": 10, "lr": 0.1}, **kw)
+    record = json.loads((tmp_path / "fit" / "merge_config.json").read_text())
+    assert record["fit"]["held_out_loss_after"] <= record["fit"]["held_out_loss_before"]
+    # (random experts and random-token probes: the held-out loss may keep the start, c ≡ 1)
+    values = record["coefficients"]["values"]
+    assert record["coefficients"]["groups"][1] == "layers.0"
+    out = load_file(str(tmp_path / "fit" / "model.safetensors"))
+    base_state = base_model.state_dict()
+    deltas = [load_file(str(f / "model.safetensors"))[Q0] - base_state[Q0] for f in experts]
+    parts = [_regmean_reference(deltas, _mean_grams(experts), [float(k == j) for j in range(2)], 0.99)
+             for k in range(2)]
+    want = base_state[Q0].double() + sum(float(values[k][1]) * parts[k] for k in range(2))
+    torch.testing.assert_close(out[Q0].double(), want, rtol=1e-4, atol=1e-5)

@@ -615,7 +615,7 @@ def _merge_module(module: LoraModule, idx: list[int], plan: MergePlan, coeffs: t
     """The merged ΔW of one module (fp32 on ``device``) from the experts that adapt it."""
     deltas = [delta_weight(module, module.factors(plan.experts[k]), device) for k in idx]
     kwargs = plan.tensor_kwargs(module.weight_name, idx, device)
-    if plan.method.streams:
+    if plan.method.chunked(plan.params()):
         # the chunked path with a zero base: the same math as merge_deltas (same DARE masks, the same kept
         # entries), without topk over the stacked deltas
         merged, _ = merge_streamed(plan.config.method, torch.zeros_like(deltas[0]), deltas, coeffs.to(device),

@@ -231,13 +231,13 @@ class ShardMerger:
         # as it comes (a writer that gathers whole shards keeps references to them).
         self.pool = BufferPool() if self.writer.streams else None
         self.sink = BackgroundWriter(self.writer, self.pool) if self.writer.streams else None
-        streamed_cpu = self.method.streams and device.type == "cpu"
+        streamed_cpu = self.method.chunked(self.params) and device.type == "cpu"
         # A tensor that little else overlaps with (see Prefetcher) is merged in two halves on two threads.
         self.helper = ThreadPoolExecutor(1, thread_name_prefix="sens-peft-merge") if streamed_cpu else None
         # the method's work ahead (TIES thresholds, DARE masks) runs on the reader's two workers
         ahead = streamed_cpu and self.method.prepares(self.params)
         # a dense method's statistics (RegMean's Grams) are read and checked on the reader thread, ahead
-        stats_ahead = not self.method.streams and bool(plan.needs)
+        stats_ahead = not self.method.chunked(self.params) and bool(plan.needs)
         self.reader = Prefetcher(self.tensor_names, base_src, expert_srcs, depth=prefetch,
                                  max_bytes=READ_AHEAD_BYTES, pool=self.pool,
                                  prepare=self.prepare if ahead else None,
@@ -357,7 +357,7 @@ class ShardMerger:
         if not base_t.is_floating_point():
             raise MergeError(f"tensor {name!r} is not floating point ({base_t.dtype}) and differs between "
                              "the base and an expert; it cannot be merged")
-        if self.method.streams:
+        if self.method.chunked(self.params):
             self.merge_chunked(name, base_t, expert_ts, ready, alone)
         else:
             self.merge_dense(name, base_t, expert_ts, statistics)

@@ -222,6 +222,11 @@ class MergeMethod:
         """Whether the method has a chunked hook (else a full-model merge uses :meth:`combine`)."""
         return type(self).stream is not MergeMethod.stream
 
+    def chunked(self, params: Mapping[str, Any]) -> bool:
+        """Whether a merge with these settings runs the chunked hook (:meth:`stream`), else :meth:`combine`;
+        :attr:`streams` unless the method delegates to another (``probe_fit`` to its base method)."""
+        return self.streams
+
     def prepares(self, params: Mapping[str, Any]) -> bool:
         """Whether :meth:`stream_prepare` has work for these settings (else no worker threads are started)."""
         return False

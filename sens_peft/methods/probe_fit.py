@@ -2,9 +2,11 @@
 
 Per coefficient group ``g`` (a block, or a block's attention / MLP, or one projection: ``granularity``) and expert
 ``k``, a coefficient ``c[k][g]`` scales expert ``k``'s part of a base method's merge (task arithmetic, TIES,
-DARE-TIES or DARE-linear). The base method's selection is fixed once: TIES's trim, DARE's drop and the sign election,
-which is made on the *unscaled* deltas (PEFT's ``weighted_election=False``; with equal coefficients, e.g. the default
-``c ≡ λ``, the same election as the weighted one), so the merge is linear in ``c``:
+DARE-TIES, DARE-linear or RegMean). The base method's selection is fixed once: TIES's trim, DARE's drop and the sign
+election, which is made on the *unscaled* deltas (PEFT's ``weighted_election=False``; with equal coefficients, e.g.
+the default ``c ≡ λ``, the same election as the weighted one), so the merge is linear in ``c``. RegMean is linear in
+``c`` as it is: ``(Σ_k c_k ΔW_k G_k)(Σ_k G_k)⁻¹`` weights the deltas, not the Grams, so ``part_k`` is expert ``k``'s
+share ``ΔW_k G_k (Σ G)⁻¹`` and ``c ≡ 1`` is RegMean itself:
 ``ΔW_t = Σ_k c[k][g(t)] · part_k(t)`` with ``part_k(t)`` the base merge of tensor ``t`` with coefficient 1 for
 expert ``k`` and 0 for the others. ``c`` starts at the plan's coefficients (``λ`` times the weights) and Adam lowers
 the merged model's loss on the union of the experts' probe sets (each expert's probe weighs the same); a
@@ -32,12 +34,13 @@ from ..groups import layer_group, sort_groups
 from ..probe_fitting import FitPart, ProbeObjective, fit_coefficients
 from .base import FitProblem, FitResult, MergeContext, MergeMethod, Param
 from .registry import get_method, register_method
+from .regmean import SHRINKAGE, RegMean
 from .streamed import StreamJob
 
 logger = logging.getLogger(__name__)
 
 #: Base methods whose merge is linear in the coefficients once their selection is fixed.
-BASE_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
+BASE_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "regmean")
 
 
 def _base(params: Mapping[str, Any]) -> MergeMethod:
@@ -73,9 +76,20 @@ class ProbeFit(MergeMethod):
               "('module_type') or projection", choices=tuple(GRANULARITIES)),
         Param("patience", int, 10, "stop after this many steps without a held-out improvement (0: never)", 0, 100000),
         Param("batch_size", int, 64, "probe rows per forward pass (the experts' rows share batches)", 1, 100000),
+        dataclasses.replace(SHRINKAGE, help=f"base_method='regmean' only: {SHRINKAGE.help}"),
     )
     random = True  # a DARE base draws masks (ctx.draw_keep); the other bases ignore them
     needs_probes = True
+    optional_statistics = RegMean.optional_statistics  # the RegMean base averages tensors no Linear reads
+
+    def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        checked = super().check_params(params)
+        base = checked.get("base_method", "task_arithmetic")
+        # the full parameter set (defaults included) passes through here too: only a changed value is an error
+        if checked.get("shrinkage", SHRINKAGE.default) != SHRINKAGE.default and base != "regmean":
+            raise ValueError(f"probe_fit: shrinkage={checked['shrinkage']} applies to base_method='regmean' only "
+                             f"(base_method={base!r} reads no Grams)")
+        return checked
 
     # -- declarations: the base method's ------------------------------------------------------------------------
 
@@ -100,6 +114,9 @@ class ProbeFit(MergeMethod):
 
     def combine(self, stacked: Tensor, coefficients: Tensor, ctx: MergeContext) -> Tensor:
         return _base(ctx.params).combine(stacked, coefficients, _fixed_selection(ctx))
+
+    def chunked(self, params: Mapping[str, Any]) -> bool:
+        return _base(params).chunked(params)  # RegMean has no chunked hook: its merges take combine()
 
     def stream(self, job: StreamJob) -> bool:
         return _base(job.params).stream(dataclasses.replace(job, params={**job.params, "weighted_election": False}))

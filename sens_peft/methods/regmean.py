@@ -24,6 +24,11 @@ from .base import MergeContext, MergeMethod, Param
 from .common import padded_factors, weights_view
 from .registry import register_method
 
+# 0.99, not the paper's 1: picked on validation over the quick benchmark's six cells (benchmarks/README.md); a 1 %
+# diagonal boost conditions nearly singular Grams (maps/LoRA: 50.4 at 1.0, 65.4 at 0.99). Shared with probe_fit's
+# RegMean base.
+SHRINKAGE = Param("shrinkage", float, 0.99, "off-diagonal Gram scale a (1: plain RegMean, 0: diagonal only)", 0.0, 1.0)
+
 
 def _average(stacked: Tensor, coefficients: Tensor) -> Tensor:
     return (stacked * weights_view(coefficients, stacked.dim() - 1)).sum(dim=0) / stacked.shape[0]
@@ -37,11 +42,7 @@ class RegMean(MergeMethod):
     description = "RegMean: per Linear, W = (Σ c_k ΔW_k G_k)(Σ G_k)⁻¹ from the experts' captured input Grams"
     reference = "Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 " \
                 "(arXiv 2212.09849)"
-    parameters = (
-        # 0.99, not the paper's 1: picked on validation over the quick benchmark's six cells (benchmarks/README.md);
-        # a 1 % diagonal boost conditions nearly singular Grams (maps/LoRA: 50.4 at 1.0, 65.4 at 0.99)
-        Param("shrinkage", float, 0.99, "off-diagonal Gram scale a (1: plain RegMean, 0: diagonal only)", 0.0, 1.0),
-    )
+    parameters = (SHRINKAGE,)
     needs = ("gram",)
     optional_statistics = ("gram",)  # tensors that are no Linear's weight have none: they are averaged
 

@@ -158,12 +158,13 @@ def merge_streamed(method: str, base: Tensor, experts: Sequence[Tensor], coeffic
         inputs. A False can also come from a finite sum overflowing.
     """
     impl = get_method(method)
-    if not impl.streams:
-        raise ValueError(f"merge_streamed: method {method!r} has no chunked hook (merge it with merge_deltas)")
     values = dict(density=float(density), majority_sign_method=majority_sign_method, trim_by=trim_by,
                   weighted_election=weighted_election, seed=seed, dare_rng=dare_rng, densities=densities)
     values.update({p.name: p.default for p in impl.parameters})
     values.update(impl.check_params(params))
+    if not impl.chunked(values):
+        raise ValueError(f"merge_streamed: method {method!r} has no chunked hook with these settings (merge it with "
+                         "merge_deltas)")
     prepared = {key: value for key, value in (("dare_masks", dare_masks), ("thresholds", thresholds)) if value is not None}
     job = _job(method, base, experts, coefficients, values, name, {**(statistics or {}), "element_maps": importance},
                prepared, out, out_dtype, span, chunk, fused)
