@@ -10,7 +10,7 @@ For each cell (family × regime × kind × seed) it scores every candidate and t
 the shared quick grid) on validation and on test, with the same cached experts, scorers and evaluation cache as
 ``benchmarks/quality.py --quick`` (run that first: cells whose experts are not trained are skipped). A suite is
 family/regime/kind; its number is the mean over seeds. Candidates: RegMean at six shrinkages, ``probe_fit`` at its
-start λ, and the rule's fallback as a default would be (untuned TA: λ 1 and the average). The rule of the benchmark
+start λ and on RegMean, and the rule's fallback as a default would be (untuned TA: λ 1 and the average). The rule of the benchmark
 issue: a default may not be below tuned TA on any suite; among the candidates that meet it on *validation*, the
 best validation mean wins; test numbers are reported, not used to choose.
 """
@@ -40,6 +40,10 @@ CANDIDATES: dict[str, tuple[str, object, Any]] = {
     for a in (0.8, 0.9, 0.95, 0.98, 0.99, 1.0)}
 # probe_fit at its library start λ (0.5, a point of the quick grid): needs the probes and a model in the loop
 CANDIDATES["probe_fit λ 0.5"] = ("Probe-fitted TA", ql.merge_probe_fit, {"method": "probe_fit", "lam": 0.5})
+# probe_fit on RegMean (session 23): RegMean's parts, fitted from c ≡ 1 (RegMean itself) with the default shrinkage
+CANDIDATES["probe_fit on RegMean (0.99)"] = ("Probe-fitted RegMean", ql.merge_probe_fit,
+                                             {"method": "probe_fit", "lam": 1.0, "base_method": "regmean",
+                                              "shrinkage": 0.99})
 # the issue's fallback, untuned as a default is: TA at its library λ (1, the sum of the task vectors) and the plain
 # average (λ = 1/K, K experts merged in the cell)
 CANDIDATES["TA λ 1 (library default)"] = ("TA", ql.merge_fast, q._plain("task_arithmetic", 1.0))

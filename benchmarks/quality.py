@@ -149,6 +149,11 @@ def _peft(combination: str) -> MergeFn:
     return merge
 
 
+def _probe_fit_regmean_grid(g: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"method": "probe_fit", "lam": lam, "base_method": "regmean", "shrinkage": a}
+            for a in g["regmean"]["shrinkage"] for lam in g["regmean"]["lams"]]
+
+
 def _peft_grid(combination: str, key: Optional[str]) -> Callable[[dict], list[dict]]:
     """PEFT ``add_weighted_adapter`` settings: TA's λ grid (``key=None``) or a TIES/DARE density × λ grid."""
     if key is None:
@@ -180,6 +185,10 @@ METHODS: list[Method] = [
     Method("Probe-fitted TA [control: fitted coefficients permuted]",
            lambda g: [{"method": "probe_fit", "lam": lam} for lam in g["ta_lams"]], ql.merge_probe_fit_permuted,
            control_of="Probe-fitted TA"),
+    # RegMean's per-expert shares fitted on the probes from c ≡ λ (λ 1: RegMean itself), RegMean's grid
+    Method("Probe-fitted RegMean", _probe_fit_regmean_grid, ql.merge_probe_fit),
+    Method("Probe-fitted RegMean [control: fitted coefficients permuted]", _probe_fit_regmean_grid,
+           ql.merge_probe_fit_permuted, control_of="Probe-fitted RegMean"),
     Method("Default (MergeConfig(), public API)", lambda g: [ql.lib_default_setting()], ql.merge_default,
            tuned=False),
     Method("Base (no merge)", lambda g: [_plain("task_arithmetic", 0.0)], ql.merge_fast, tuned=False),

@@ -713,9 +713,13 @@ def merge_probe_fit(setting: dict[str, Any], cell: Cell, permute: bool = False
     params = {**cfg.method_params(), "scale": setting["lam"]}
     idx = list(range(len(cell.tasks)))
 
+    kind = {"regmean": "gram"}.get(own.get("base_method", "task_arithmetic"))  # the base method's statistic
+
     def merge(name: str, coeffs: torch.Tensor) -> torch.Tensor:
+        stats = cell.stat(kind, name) if kind else None
         return lib_merge_tensor("probe_fit", cell.deltas[name], coeffs, density=cfg.density, scale=1.0,
-                                seed=cell.seed, name=name, **own)
+                                seed=cell.seed, name=name, statistics={kind: stats} if stats is not None else None,
+                                **own)
 
     problem = FitProblem(experts=list(cell.tasks), tensors={n: idx for n in cell.deltas},
                          deltas=lambda n: cell.deltas[n], merge=merge,
