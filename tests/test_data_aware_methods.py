@@ -243,8 +243,8 @@ def test_probe_fit_shrinkage_needs_the_regmean_base():
 
 @pytest.fixture(scope="module")
 def lora_experts_with_probes(tmp_path_factory):
-    """As ``lora_experts`` with probe sets, and 8 calibration rows: with 6, the fit's 2 held-out rows per expert
-    never improve and the test could not see the coefficients move."""
+    """As ``lora_experts`` with probe sets, and 8 calibration rows: with 6, the held-out loss did not improve in
+    15 steps (the fit kept c ≡ 1) and the test could not see the coefficients move."""
     root = tmp_path_factory.mktemp("regmean_probe_fit")
     folders = []
     for k in range(2):
