@@ -197,8 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if reports[best].config.sens is not None:
         print(f"\nSens-Merging coefficients of {best}:")
         print(reports[best].coefficients)
-    merge_adapters(model, args.tasks, config=reports[best].config, adapter_name="best",
-                   **sidecars(reports[best].config, dirs), save_to=out / "merged", overwrite=True)
+    config = dict(runs)[best]  # as asked, not as resolved (a resolved trim_by='magnitude' would be "ignored")
+    merge_adapters(model, args.tasks, config=config, adapter_name="best", **sidecars(config, dirs),
+                   save_to=out / "merged", overwrite=True)
     (out / "results.json").write_text(_json({"accuracy": rows, "normalized": norm, "best": best}))
     print(f"\nbest merge: {best} (avg normalised {100 * norm[best]['avg']:.1f}%), saved to {out / 'merged'}")
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
