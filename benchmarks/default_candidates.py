@@ -10,9 +10,9 @@ For each cell (family × regime × kind × seed) it scores every candidate and t
 the shared quick grid) on validation and on test, with the same cached experts, scorers and evaluation cache as
 ``benchmarks/quality.py --quick`` (run that first: cells whose experts are not trained are skipped). A suite is
 family/regime/kind; its number is the mean over seeds. Candidates: RegMean at six shrinkages, ``probe_fit`` at its
-start λ and on RegMean, and the rule's fallback as a default would be (untuned TA: λ 1 and the average). The rule of the benchmark
-issue: a default may not be below tuned TA on any suite; among the candidates that meet it on *validation*, the
-best validation mean wins; test numbers are reported, not used to choose.
+start λ and on RegMean, and the rule's fallback as a default would be (untuned TA: λ 1 and the average). The rule
+of the benchmark issue: a default may not be below tuned TA on any suite; among the candidates that meet it on
+*validation*, the best validation mean wins; test numbers are reported, not used to choose.
 """
 
 from __future__ import annotations

@@ -713,13 +713,13 @@ def merge_probe_fit(setting: dict[str, Any], cell: Cell, permute: bool = False
     params = {**cfg.method_params(), "scale": setting["lam"]}
     idx = list(range(len(cell.tasks)))
 
-    kind = {"regmean": "gram"}.get(own.get("base_method", "task_arithmetic"))  # the base method's statistic
+    kinds = get_method("probe_fit").needed_statistics(params)  # its base method's (RegMean: the Grams)
 
     def merge(name: str, coeffs: torch.Tensor) -> torch.Tensor:
-        stats = cell.stat(kind, name) if kind else None
+        stats = {kind: cell.stat(kind, name) for kind in kinds}
+        stats = {kind: value for kind, value in stats.items() if value is not None}  # tensors no Linear reads
         return lib_merge_tensor("probe_fit", cell.deltas[name], coeffs, density=cfg.density, scale=1.0,
-                                seed=cell.seed, name=name, statistics={kind: stats} if stats is not None else None,
-                                **own)
+                                seed=cell.seed, name=name, statistics=stats or None, **own)
 
     problem = FitProblem(experts=list(cell.tasks), tensors={n: idx for n in cell.deltas},
                          deltas=lambda n: cell.deltas[n], merge=merge,
