@@ -6,7 +6,7 @@ import pytest
 
 from sens_peft.testing import families, toy
 
-NEW_TASKS = [t for name in ("recall", "conflict", "perm") for t in families.get_family(name).tasks]
+NEW_TASKS = [t for name in ("recall", "conflict", "perm", "scan") for t in families.get_family(name).tasks]
 
 
 @pytest.mark.parametrize("task", NEW_TASKS)
@@ -49,6 +49,18 @@ def test_perm_solvers_by_hand():
     assert len({toy.get_task(t).prompt("abcd") for t in families.PERM_OPS}) == len(families.PERM_OPS)
 
 
+def test_scan_solvers_by_hand():
+    x = "0719"  # running max 0,7,7,9; running min 0; digits >= 5 so far 0,1,1,2; larger neighbour 7,7,9,9 (wraps)
+    expected = {"scan_max": "0779", "scan_min": "0000", "scan_high": "0112", "scan_nmax": "7799"}
+    assert {t: toy.get_task(t).solve(x) for t in families.SCAN_OPS} == expected
+    assert toy.get_task("scan_min").solve("9562") == "9552" and toy.get_task("scan_high").solve("9542") == "1222"
+    skills = {k.name: k.solve(x) for k in families.SCAN_SKILLS}
+    assert skills == {"scan_skill_odd": "0123", "scan_skill_nmin": "0110", "scan_skill_smax": "9999"}
+    # the same inputs as every other scan task: only the tag tells them apart
+    assert len({toy.get_task(t).prompt(x) for t in families.SCAN_OPS}) == len(families.SCAN_OPS)
+    assert not {t.tag for t in families.SCAN_SKILLS} & set(families.SCAN_TAGS.values())
+
+
 def test_recall_tables_and_solver_by_hand():
     tables = families.RECALL_TABLES
     keys = [set(t) for t in tables.values()]
@@ -61,7 +73,7 @@ def test_recall_tables_and_solver_by_hand():
     assert y == "".join(tables["recall_a"][x[i : i + 2]] for i in (0, 2, 4))
 
 
-@pytest.mark.parametrize("name", ["recall", "conflict", "maps", "perm"])
+@pytest.mark.parametrize("name", ["recall", "conflict", "maps", "perm", "scan"])
 def test_regime_b_knows_part_of_every_task(name):
     fam = families.get_family(name)
     for task in fam.tasks:
@@ -107,7 +119,7 @@ def test_regime_a_skills_are_of_the_kind_but_not_the_tasks():
     """Regime A's base learns each family's kind of skill with other rules: no skill solves any task's inputs
     the task's way, and no skill shares a tag with a task or the copy task."""
     tok = toy.build_tokenizer()
-    for name in ("maps", "recall", "conflict", "perm"):
+    for name in ("maps", "recall", "conflict", "perm", "scan"):
         fam = families.get_family(name)
         assert fam.skills, name
         tags = {toy.get_task(t).tag for t in fam.tasks} | {families.COPY_TAG}

@@ -15,6 +15,12 @@ skill the experts learn and in how the experts interfere:
   expert rewrites where each answer position reads from. Added after the default of ``MergeConfig`` was chosen on
   the other three families, as a held-out check of that choice. Its regime-B base generalises the rule beyond the
   letters it saw (it scores 49-99% on the four tasks against ~24% of known inputs): a base that knows more.
+* ``scan`` -- four running aggregates of the same 4 digits (running max, running min, running count of digits
+  >= 5, the larger of each digit and the next); only the tag tells them apart. Skill: each answer digit combines
+  two positions (comparison, counting); interference: the same inputs, answers that agree on some digits and not
+  on others. Added after probe-fitted RegMean was built on the four other families, as a held-out check of it; the
+  experts' recipes are regime A's and B's defaults (seed 0, validation: LoRA and full experts 91-100 % in both
+  regimes; prefix sums and neighbour differences mod 10 were dropped first, their experts reached 0-9 %).
 * ``conflict`` -- four tasks on the *same* inputs (4 digits) with the same output alphabet and different answers
   (per digit ``add3``: d+3, ``neg``: 9-d, ``mul3``: 3d, ``mul7``: 7d, all mod 10); only the tag in the prompt
   tells them apart. (A fifth candidate, reverse-then-increment, was dropped: its LoRA experts stayed at 0% exact
@@ -236,6 +242,64 @@ PERM_SKILLS = (
 
 
 # ----------------------------------------------------------------------------------------------------------
+# scan: running aggregates of the same 4 digits (added after probe-fitted RegMean was built, as a held-out family)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _scan(step: Callable[[int, int], int], first: Callable[[int], int] = lambda d: d) -> Callable[[str], str]:
+    """``answer[0] = first(x0)``, ``answer[i] = step(answer[i-1], x[i])``: each answer digit combines the previous
+    answer digit with one input digit (two positions, unlike the per-digit maps of ``conflict``)."""
+
+    def solve(x: str) -> str:
+        out = [first(int(x[0]))]
+        for c in x[1:]:
+            out.append(step(out[-1], int(c)))
+        return "".join(map(str, out))
+
+    return solve
+
+
+def _neighbours(pick: Callable[[str, str], str]) -> Callable[[str], str]:
+    """``answer[i] = pick(x[i], x[i+1])``, wrapping around."""
+
+    def solve(x: str) -> str:
+        return "".join(pick(x[i], x[(i + 1) % len(x)]) for i in range(len(x)))
+
+    return solve
+
+
+# prefix sums and neighbour differences mod 10 were tried first: experts of the tiny model reached 0-9 % on them
+# (150 steps, LoRA, regimes A and B), so the family keeps operations it can learn: comparisons and counting
+SCAN_OPS: dict[str, Callable[[str], str]] = {
+    "scan_max": _scan(max),  # running maximum
+    "scan_min": _scan(min),  # running minimum
+    "scan_high": _scan(lambda acc, d: acc + (d >= 5), lambda d: int(d >= 5)),  # running count of digits >= 5
+    "scan_nmax": _neighbours(max),  # the larger of each digit and the next (wrapping)
+}
+SCAN_TAGS = {"scan_max": "mx:", "scan_min": "mn:", "scan_high": "hi:", "scan_nmax": "nx:"}
+SCAN_KNOWN_DIGITS = 7  # regime B: per task, the base sees inputs made of 7 of the 10 digits -> ~(0.7)^4 = 24%
+SCAN_KNOWN = {t: frozenset(_seeded("scan-known", t).sample(toy.DIGITS, SCAN_KNOWN_DIGITS)) for t in SCAN_OPS}
+
+
+def _suffix_max(x: str) -> str:
+    return "".join(max(x[i:]) for i in range(len(x)))
+
+
+def _solver_task(name: str, tag: str, solve: Callable[[str], str], description: str) -> toy.Task:
+    return toy.Task(name, tag, _conflict_generator(solve), solve, description)
+
+
+# regime A: three other aggregates of the same 4 digits (running count of odd digits, the smaller neighbour,
+# suffix maximum)
+SCAN_SKILLS = (
+    _solver_task("scan_skill_odd", "od:", _scan(lambda acc, d: acc + d % 2, lambda d: d % 2),
+                 "running count of odd digits (regime-A skill)"),
+    _solver_task("scan_skill_nmin", "nn:", _neighbours(min), "the smaller of each digit and the next (regime-A skill)"),
+    _solver_task("scan_skill_smax", "sx:", _suffix_max, "suffix maximum (regime-A skill)"),
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # maps: the original toy tasks
 # ----------------------------------------------------------------------------------------------------------
 
@@ -301,6 +365,9 @@ def _register() -> dict[str, Family]:
     for task, order in PERM_OPS.items():
         toy.register_task(_perm_task(task, PERM_TAGS[task], order,
                                      f"reorder {toy.STR_LEN} letters as {order} (same inputs as the other perm tasks)"))
+    for task, op in SCAN_OPS.items():
+        toy.register_task(_solver_task(task, SCAN_TAGS[task], op,
+                                       f"{task.split('_')[1]} scan of 4 digits (same inputs as the other scan tasks)"))
     return {
         "maps": Family("maps", tuple(toy.TASK_NAMES), _maps_inputs, _maps_known,
                        "per-position symbol maps, one tag per task (the original toy suite)", skills=MAPS_SKILLS),
@@ -314,6 +381,9 @@ def _register() -> dict[str, Family]:
         "perm": Family("perm", tuple(PERM_OPS), _perm_inputs, lambda task, x: set(x) <= PERM_KNOWN[task],
                        "four reorderings of the same 4 letters, task tag in the prompt (held out)",
                        skills=PERM_SKILLS),
+        "scan": Family("scan", tuple(SCAN_OPS), _digits, lambda task, x: set(x) <= SCAN_KNOWN[task],
+                       "four running aggregates of the same 4 digits, task tag in the prompt (held out)",
+                       skills=SCAN_SKILLS),
     }
 
 
