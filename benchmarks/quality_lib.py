@@ -82,11 +82,12 @@ def lib_group(name: str, granularity: str) -> str:
 
 def lib_default_setting() -> dict[str, Any]:
     """``MergeConfig()``'s choices as a benchmark setting (what a user gets with no arguments)."""
-    from sens_peft.config import MergeConfig, choose_method
+    from sens_peft.config import PROBES, MergeConfig, choose_method
 
     cfg = MergeConfig()
-    if cfg.method is None:  # the benchmark's experts store every statistic
-        cfg = dataclasses.replace(cfg, method=choose_method({"element_maps", "gram", "fisher"}))
+    if cfg.method is None:  # the benchmark's experts store every statistic and a probe set
+        method, params = choose_method({"element_maps", "gram", "fisher", PROBES})
+        cfg = dataclasses.replace(cfg, method=method, params=params)
     trim = "sensitivity" if cfg.trim_by in ("auto", "sensitivity") else "magnitude"  # every expert has maps here
     setting = {"method": cfg.method, "density": cfg.density, "trim_by": trim, "lam": cfg.resolved_scale(trim)}
     # the chosen method's own defaults (e.g. RegMean's shrinkage) are part of what "the default" is: a changed
@@ -158,17 +159,18 @@ def lib_transfer_full(models: Sequence[Any], probes, alignment: str, vocab_size:
                                       vocab_size=vocab_size)
 
 
-def lib_merge_adapters_default(peft, tasks: Sequence[str], records, transfer) -> Any:
-    """The public API with no merge arguments: ``merge_adapters(..., output="full")`` (the LoRA default row)."""
+def lib_merge_adapters_default(peft, tasks: Sequence[str], records, transfer, probes=None) -> Any:
+    """The public API with no merge arguments: ``merge_adapters(..., output="full")`` (the LoRA default row); the
+    sidecars a user's folders would hold are passed explicitly (the adapters are given by name)."""
     from sens_peft.merge import merge_adapters
 
     report = merge_adapters(copy.deepcopy(peft), list(tasks), output="full", sensitivities=records,
-                            transferability=transfer, device="cpu")
+                            transferability=transfer, probes=probes, device="cpu")
     return report.model
 
 
 def lib_merge_models_default(base_dir: Path, expert_dirs: Sequence[Path], out_dir: Path, records,
-                             transfer) -> Any:
+                             transfer, probes=None) -> Any:
     """The public API with no merge arguments for full experts: ``merge_models`` folder to folder, loaded back."""
     import shutil
 
@@ -178,7 +180,7 @@ def lib_merge_models_default(base_dir: Path, expert_dirs: Sequence[Path], out_di
 
     shutil.rmtree(out_dir, ignore_errors=True)
     merge_models(base_dir, list(expert_dirs), out_dir, sensitivities=records, transferability=transfer,
-                 device="cpu", progress=False)
+                 probes=probes, device="cpu", progress=False)
     return LlamaForCausalLM.from_pretrained(out_dir).eval()
 
 
@@ -644,10 +646,13 @@ def merge_default(setting: dict[str, Any], cell: Cell) -> tuple[Any, dict]:
     call fails, so that one library error does not cost the grid of the whole cell.
     """
     try:
+        probes = _load_probes(cell, None)
         if cell.kind == "lora":
-            return lib_merge_adapters_default(cell.peft, cell.tasks, cell.records, cell.transfer["cosine"]), {}
+            return lib_merge_adapters_default(cell.peft, cell.tasks, cell.records, cell.transfer["cosine"],
+                                              probes), {}
         return lib_merge_models_default(Path(cell.base.name_or_path), [cell.root / t / "model" for t in cell.tasks],
-                                        cell.root / "default_merge", cell.records, cell.transfer["cosine"]), {}
+                                        cell.root / "default_merge", cell.records, cell.transfer["cosine"],
+                                        probes), {}
     except Exception as err:  # noqa: BLE001
         logger.warning("%s: the public API default merge failed (%r); using the fast path", cell.label(), err)
         merged, spread = merge_fast(lib_default_setting(), cell)

@@ -13,8 +13,10 @@ Each expert is ``DPOTrainer(..., peft_config=LoraConfig(...), callbacks=[Sensiti
 default ``mode="after"`` runs the calibration pass on the DPO loss (per pair, against the trainer's reference: the
 base with the adapter disabled), stores the input Grams of the chosen sequences and keeps chosen completions as the
 probe set; ``trainer.save_model`` writes the adapter and the sidecars (metadata ``calibration_loss=dpo``).
-Then both experts are merged twice: the library default (RegMean from the stored Grams) and task arithmetic with
-the paper's coefficients (``sens="task+cross"``, cross-task factor from the probes).
+Then both experts are merged twice: RegMean from the stored Grams (what the library default falls back to without
+probes; the default itself fits RegMean's coefficients on the probes' language-model loss, which for preference
+experts is not their objective, so it is not used here) and task arithmetic with the paper's coefficients
+(``sens="task+cross"``, cross-task factor from the probes).
 
 Metric: preference accuracy on held-out pairs, the fraction whose implicit reward margin
 ``(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))`` is positive (0.5 = chance).
@@ -132,7 +134,7 @@ def main() -> None:
     for name in TASKS:
         model.set_adapter(name)
         table[f"expert {name}"] = {t: preference_accuracy(model, tok, d) for t, d in test.items()}
-    merges = {"regmean (default)": {}, "sens-task_arithmetic": dict(method="task_arithmetic", sens="task+cross",
+    merges = {"regmean": dict(method="regmean"), "sens-task_arithmetic": dict(method="task_arithmetic", sens="task+cross",
                                                                     probes=dirs, tau_normalization="exp_z")}
     for label, kw in merges.items():
         report = merge_adapters(model, list(TASKS), sensitivities=dirs, adapter_name=label.split(" ")[0]

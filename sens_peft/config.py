@@ -8,6 +8,7 @@ into sidecar metadata, merge cards and YAML recipes.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union, get_args
 
@@ -225,21 +226,40 @@ def _recipe(section: str, key: str) -> dict[str, Any]:
 SHARED_METHOD_FIELDS = ("density", "densities", "majority_sign_method", "trim_by", "weighted_election", "seed",
                         "dare_rng")
 
-#: What ``method=None`` (the default) merges with: the first of these whose captured statistics every expert's
-#: sidecar holds. RegMean had the best mean of the untuned candidates on ``benchmarks/quality.py`` and is at or above
-#: the fallback's untuned λ 1 on every suite (benchmarks/README.md, Quality); without Grams the fallback is task
-#: arithmetic itself (at λ 1 unless ``scale`` is given: a warning says so).
-AUTO_METHODS = ("regmean", "task_arithmetic")
+#: The pseudo statistic kind of :func:`choose_method`: every expert has a probe set and the merge can run the model
+#: on them (``merge_adapters``: always, the model is given; ``merge_models``: when the in-memory fit fits).
+PROBES = "probes"
+
+#: What ``method=None`` (the default) merges with: the first ``(method, params)`` whose inputs every expert has
+#: (its captured statistics, and the probe sets for a method fitted on them). Probe-fitted RegMean had the best mean
+#: on ``benchmarks/quality.py`` and was at or above tuned task arithmetic on every suite, the held-out ones
+#: included; RegMean without the probes had the best mean of the merges that do not run the model; without Grams
+#: the fallback is task arithmetic itself (at λ 1 unless ``scale`` is given: a warning says so). See
+#: benchmarks/README.md, Quality.
+AUTO_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("probe_fit", {"base_method": "regmean"}),
+    ("regmean", {}),
+    ("task_arithmetic", {}),
+)
 
 
-def choose_method(available: Any) -> str:
-    """The method ``method=None`` resolves to, given the statistic kinds every expert has stored."""
+def auto_requirements(method: str, params: Mapping[str, Any]) -> set[str]:
+    """What an :data:`AUTO_METHODS` entry needs from every expert: statistic kinds, and :data:`PROBES`."""
     from .methods import get_method
 
-    for name in AUTO_METHODS:
-        if set(get_method(name).needs) <= set(available):
-            return name
-    return AUTO_METHODS[-1]
+    merge = get_method(method)
+    full = {**{p.name: p.default for p in merge.parameters}, **params}
+    return set(merge.needed_statistics(full)) | ({PROBES} if merge.needs_probes else set())
+
+
+def choose_method(available: Any) -> tuple[str, dict[str, Any]]:
+    """The ``(method, params)`` ``method=None`` resolves to, given what every expert has (statistic kinds, and
+    :data:`PROBES` when the merge can fit on the probe sets)."""
+    for name, params in AUTO_METHODS:
+        if auto_requirements(name, params) <= set(available):
+            return name, dict(params)
+    name, params = AUTO_METHODS[-1]
+    return name, dict(params)
 
 
 @dataclass
@@ -367,8 +387,8 @@ class MergeConfig(_ConfigMixin):
         if self.scale is not None:
             return float(self.scale)
         params = self.method_params(trim_by=trim_by or self.trim_by)
-        scales = {float(get_method(name).default_scale(params))
-                  for name in ((self.method,) if self.method is not None else AUTO_METHODS)}
+        candidates = [(self.method, {})] if self.method is not None else AUTO_METHODS
+        scales = {float(get_method(name).default_scale({**params, **own})) for name, own in candidates}
         if len(scales) > 1:
             raise ValueError("method=None has no scale before the merge picks its method; pass scale= or a method")
         return scales.pop()

@@ -146,7 +146,7 @@ class MergeOnTrainEnd(TrainerCallback):
                 # the adapters are passed by name, so their sidecars are named here whenever the merge reads them
                 # (the coefficients, or the method's statistics such as importance's element maps)
                 sensitivities=sensitivities if records_wanted(self.config, sensitivities) else None,
-                probes=[f / PROBE_FILE for f in folders] if self.config.sens in ("task+cross", "cross") else None,
+                probes=self._probes(folders),
             )
         finally:
             if target is model:
@@ -154,6 +154,16 @@ class MergeOnTrainEnd(TrainerCallback):
                     if name in model.peft_config:
                         model.delete_adapter(name)
                 model.set_adapter(trained)
+
+    def _probes(self, folders: list[Path]) -> Optional[list[Path]]:
+        """The probe files where the merge reads them; for the default (``method=None``, which fits on them when
+        every expert has one) only when every folder has one, so that a missing file is a fallback, not an error."""
+        from .validation.options import uses_probes
+
+        files = [f / PROBE_FILE for f in folders]
+        if self.config.method is None:
+            return files if all(f.is_file() for f in files) else None
+        return files if uses_probes(self.config) else None
 
     def _merge_full(self, scratch: Path):
         from .merging import merge_models

@@ -167,10 +167,16 @@ def test_merge_models_regmean(tmp_path):
     torch.testing.assert_close(out[emb], (states[0][emb] + states[1][emb]) / 2, rtol=1e-5, atol=1e-6)
 
 
-def test_default_method_is_regmean_with_grams_else_task_arithmetic(lora_experts, tmp_path):
-    """MergeConfig(): RegMean when every expert's sidecar has input Grams (the benchmark's rule), else TA."""
-    report = merge_adapters(tiny_llama(seed=0), lora_experts, output="full", device="cpu", progress=False)
+def test_default_without_probes_is_regmean_else_task_arithmetic(lora_experts, tmp_path, caplog):
+    """MergeConfig() with Grams but no probe sets: RegMean (the best merge that does not run the model), with a
+    warning naming what the preferred probe-fitted RegMean lacked; without Grams either: TA."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sens_peft"):
+        report = merge_adapters(tiny_llama(seed=0), lora_experts, output="full", device="cpu", progress=False)
     assert report.config.method == "regmean" and report.config.method_params()["shrinkage"] == 0.99
+    assert any("merging with regmean, not the default probe_fit (base_method='regmean')" in r.getMessage()
+               and "probe sets" in r.getMessage() for r in caplog.records)
     reference = _regmean_reference(_lora_deltas(lora_experts), _mean_grams(lora_experts), [1.0, 1.0], 0.99)
     merged = report.model.state_dict()[Q0] - tiny_llama(seed=0).state_dict()[Q0]
     torch.testing.assert_close(merged.double(), reference, rtol=1e-4, atol=1e-6)
@@ -315,3 +321,59 @@ def test_merge_models_probe_fit_on_regmean(tmp_path):
              for k in range(2)]
     want = base_state[Q0].double() + sum(float(values[k][1]) * parts[k] for k in range(2))
     torch.testing.assert_close(out[Q0].double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_default_with_grams_and_probes_is_probe_fitted_regmean(lora_experts_with_probes, caplog):
+    """MergeConfig() where every expert has Grams and a probe set: probe_fit on RegMean with its declared
+    defaults, the same merge as asking for it by name (the benchmark's choice, benchmarks/README.md)."""
+    import logging
+
+    folders = lora_experts_with_probes
+    with caplog.at_level(logging.WARNING, logger="sens_peft"):
+        default = merge_adapters(tiny_llama(seed=0), folders, output="full", device="cpu", progress=False)
+    assert not any("method=None" in r.getMessage() for r in caplog.records)  # no fallback to report
+    assert default.config.method == "probe_fit" and default.config.params["base_method"] == "regmean"
+    assert default.config.method_params()["steps"] == 30 and default.config.scale == 1.0
+    named = merge_adapters(tiny_llama(seed=0), folders, output="full", method="probe_fit",
+                           params={"base_method": "regmean"}, device="cpu", progress=False)
+    assert torch.equal(default.coefficients.values, named.coefficients.values)
+    assert torch.equal(default.model.state_dict()[Q0], named.model.state_dict()[Q0])
+
+
+def test_merge_models_default_fits_on_probes_within_the_memory_limit(tmp_path, monkeypatch, caplog):
+    """merge_models with method=None: probe-fitted RegMean when the in-memory fit fits, else RegMean with a
+    warning that says why (the limit, not a silent change)."""
+    import logging
+
+    from sens_peft.merging import fitting
+
+    base_model = tiny_llama(seed=0)
+    base = save_model(base_model, tmp_path / "base")
+    experts = []
+    for k in range(2):
+        folder = make_full_expert(base_model, tmp_path / f"x{k}", seed=k + 1)
+        from transformers import AutoModelForCausalLM
+
+        expert = AutoModelForCausalLM.from_pretrained(str(folder))
+        compute_sensitivity(expert, TokenData(n=8, length=9, seed=50 + k), save_to=folder, calibration_samples=8,
+                            gram="full", fisher=False)
+        experts.append(folder)
+    kw = dict(device="cpu", progress=False)
+    fitted = merge_models(base, experts, tmp_path / "default", **kw)
+    assert fitted.config.method == "probe_fit" and fitted.config.params["base_method"] == "regmean"
+    named = merge_models(base, experts, tmp_path / "named", method="probe_fit", params={"base_method": "regmean"},
+                         **kw)
+    assert torch.equal(fitted.coefficients.values, named.coefficients.values)
+    monkeypatch.setattr(fitting, "MAX_FULL_FIT_BYTES", 1024)
+    with caplog.at_level(logging.WARNING, logger="sens_peft"):
+        fallback = merge_models(base, experts, tmp_path / "fallback", **kw)
+    assert fallback.config.method == "regmean"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("probe sets, but the fit would hold" in m and "limit" in m for m in messages), messages
+    from safetensors.torch import load_file
+
+    plain = merge_models(base, experts, tmp_path / "plain", method="regmean", sens=None, **kw)
+    assert plain.config.method == "regmean"
+    a = load_file(str(tmp_path / "fallback" / "model.safetensors"))
+    b = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    assert all(torch.equal(a[n], b[n]) for n in a)

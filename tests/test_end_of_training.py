@@ -40,10 +40,11 @@ def _tensors(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("kw", [dict(method="ties", density=0.5, sens="task+cross"), dict(method="task_arithmetic", sens=None)])
+@pytest.mark.parametrize("kw", [dict(method="ties", density=0.5, sens="task+cross"), dict(method="task_arithmetic", sens=None),
+                                dict()])  # the default: probe-fitted RegMean (every expert has Grams and probes)
 def test_end_of_training_merge_equals_merge_afterwards(earlier_experts, kw):
     root, folders = earlier_experts
-    tag = kw["method"]
+    tag = kw.get("method", "default")
     eot = MergeOnTrainEnd(folders, root / f"eot_{tag}", **kw)
     trainer = _train(root / f"run_new_{tag}", lora(tiny_llama(seed=0)),
                      [SensitivityCallback(calibration_samples=3, probe_samples=4), eot], seed=7)
@@ -58,6 +59,7 @@ def test_end_of_training_merge_equals_merge_afterwards(earlier_experts, kw):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     torch.testing.assert_close(eot.report.coefficients.values, later.coefficients.values)
+    assert eot.report.config.method == later.config.method == kw.get("method", "probe_fit")
 
 
 def test_end_of_training_full_finetune(tmp_path):

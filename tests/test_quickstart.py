@@ -40,16 +40,16 @@ def test_each_row_gets_only_the_sidecars_it_reads(caplog):
     assert reads == {"Avg": (False, False), "TA": (False, False), "TIES": (False, False),
                      "DARE-TIES": (False, False), "Sens-TA": (True, True), "Sens-TIES": (True, True),
                      "Sens-DARE-TIES": (True, True), "RegMean": (True, False), "Fisher": (True, False),
-                     "SensTrim-TIES": (True, False), "ProbeFit-TA": (False, True), "MergeConfig()": (True, False)}
+                     "SensTrim-TIES": (True, False), "ProbeFit-TA": (False, True), "MergeConfig()": (True, True)}
     with caplog.at_level("WARNING", logger="sens_peft.validation"):
         for label, config in merge_runs(2):
             warn_unused_options(config, **got[label])
             warn_unused_options(config, sensitivities=dirs, probes=dirs)  # what the demo passed before
     ignored = [r.getMessage() for r in caplog.records if "is ignored" in r.getMessage()]
     # only the second call of each row warns: sensitivities= for the 5 rows that read no sidecar (Avg, TA, TIES,
-    # DARE-TIES, ProbeFit-TA), probes= for the 8 rows with neither a cross term nor a fit
+    # DARE-TIES, ProbeFit-TA), probes= for the 7 rows with neither a cross term nor a fit (the default fits on them)
     assert sum(m.startswith("sensitivities=") for m in ignored) == 5
-    assert sum(m.startswith("probes=") for m in ignored) == 8
+    assert sum(m.startswith("probes=") for m in ignored) == 7
 
 
 @pytest.mark.slow

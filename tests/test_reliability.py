@@ -470,7 +470,7 @@ def test_all_zero_sidecar_of_a_diverged_run_refused(world, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(sens="task", probes="PROBES"), "probes= is ignored"),
+    (dict(sens="task", method="task_arithmetic", probes="PROBES"), "probes= is ignored"),
     (dict(sens=None, method="task_arithmetic", sensitivities="SENS"), "sensitivities= is ignored"),
     (dict(sens="task", transferability=torch.eye(2)), "transferability= is ignored"),
     (dict(sens=None, dtype="bfloat16"), "dtype='bfloat16' is ignored for output='lora'"),
@@ -557,11 +557,11 @@ def test_sensitivities_of_a_method_that_reads_statistics_are_not_called_ignored(
 
 
 def test_default_without_grams_warns_that_it_falls_back(world, caplog):
-    """``MergeConfig()`` asks for the default (RegMean); sidecars without Grams get task arithmetic instead, which
+    """``MergeConfig()`` asks for the default (probe-fitted RegMean); sidecars without Grams get task arithmetic, which
     is said as a warning naming the missing statistic, not only at INFO level."""
     with caplog.at_level(logging.WARNING, logger="sens_peft"):
         report = merge_adapters(tiny_llama(), world["loras"], **KW)
     assert report.config.method == "task_arithmetic"
     messages = [r.getMessage() for r in caplog.records]
-    assert any("merging with task_arithmetic, not the default regmean" in m and "['gram']" in m
-               and "sum of the task vectors" in m for m in messages), messages
+    assert any("merging with task_arithmetic, not the default probe_fit (base_method='regmean')" in m
+               and "'gram' statistics" in m and "sum of the task vectors" in m for m in messages), messages

@@ -47,6 +47,7 @@ from .plan import (
     load_probes,
     peak_rss_mb,
     plan_merge,
+    probes_present,
     progress_bar,
     resolve_config,
     write_extra_files,
@@ -283,6 +284,7 @@ def merge_adapters(
     cfg = _default_for_layouts(cfg, modules)
     device = device_of(cfg)
     plan = plan_merge(cfg, names, folders, sensitivities=sensitivities, transferability=transferability,
+                      probes_usable=probes_present(probes, folders),
                       compute_transfer=functools.partial(_transfer, peft_model, names, folders, probes, cfg, device),
                       check_record=functools.partial(_check_record, peft_model, modules))
     cfg = plan.config

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -84,6 +85,13 @@ def fit_plan(plan: MergePlan, problem: FitProblem) -> MergePlan:
 MAX_FULL_FIT_BYTES = 4 * 2**30
 
 
+def full_fit_bytes(base_src, num_experts: int) -> int:
+    """Bytes of an in-memory fit of full models: the base and ``num_experts`` parts of every floating tensor of
+    ``base_src`` (a :class:`~sens_peft.sources.TensorSource`), in fp32; read from the file headers."""
+    numel = sum(math.prod(base_src.shape(n)) for n in base_src.names() if base_src.dtype(n).is_floating_point)
+    return (num_experts + 1) * 4 * numel
+
+
 def fit_full_models(plan: MergePlan, inputs, probes, distributed: bool) -> MergePlan:
     """The plan with the coefficients a ``needs_probes`` method fits, for full fine-tunes (``merge_models``).
 
@@ -99,14 +107,14 @@ def fit_full_models(plan: MergePlan, inputs, probes, distributed: bool) -> Merge
     if distributed:
         raise MergeError(f"method {method!r} fits on the probes with the whole model in memory; run it on one "
                          "process (distributed=False)")
-    root = AutoModelForCausalLM.from_pretrained(str(inputs.base), dtype=torch.float32)
-    params = dict(root.named_parameters(remove_duplicate=False))
-    names = [n for n in inputs.base_src.names() if n in params and params[n].is_floating_point()]
-    need = (len(plan.experts) + 1) * 4 * sum(params[n].numel() for n in names)
+    need = full_fit_bytes(inputs.base_src, len(plan.experts))
     if need > MAX_FULL_FIT_BYTES:
         raise MergeError(f"method {method!r} on full models holds the base and {len(plan.experts)} parts of every "
                          f"tensor in memory: {need / 2**30:.1f} GiB > the {MAX_FULL_FIT_BYTES / 2**30:.0f} GiB "
                          "limit (sens_peft.merging.fitting.MAX_FULL_FIT_BYTES); merge LoRA adapters instead")
+    root = AutoModelForCausalLM.from_pretrained(str(inputs.base), dtype=torch.float32)
+    params = dict(root.named_parameters(remove_duplicate=False))
+    names = [n for n in inputs.base_src.names() if n in params and params[n].is_floating_point()]
     probe_sets = load_probes(probes, list(inputs.experts), plan.experts, inputs.base_cfg.get("vocab_size"),
                              purpose=f"method {method!r} fits its coefficients on every expert's probe set")
     device, idx = inputs.device, list(range(len(plan.experts)))

@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..config import AUTO_METHODS, MergeConfig, choose_method
+from ..config import AUTO_METHODS, PROBES, MergeConfig, auto_requirements, choose_method
 from ..errors import MergeError, SidecarError
 from ..methods import get_method
 from ..validation import check_output_dtype, check_path_list, check_probe
@@ -257,29 +257,71 @@ def _untuned_sum_hint(cfg: MergeConfig) -> str:
             "validation)")
 
 
-def resolve_settings(cfg: MergeConfig, sensitivities, folders: Sequence[Optional[PathLike]]) -> MergeConfig:
-    """The settings the method decides from what every expert has stored (``trim_by="auto"``), then the scale."""
+def resolve_settings(cfg: MergeConfig, sensitivities, folders: Sequence[Optional[PathLike]],
+                     probes_usable: bool = False) -> MergeConfig:
+    """The settings the method decides from what every expert has stored (``method=None``, ``trim_by="auto"``),
+    then the scale. ``probes_usable``: every expert has a probe set and the merge can run the model on them (what
+    the default's first choice, probe-fitted RegMean, needs besides the Grams)."""
     sources = list(sensitivities) if sensitivities is not None else list(folders)
     available: set[str] = set()
     if sources and all(s is not None for s in sources):
         kinds = [_sidecar_kinds(s) for s in sources]
         available = set.intersection(*kinds) if kinds else set()
     if cfg.method is None:
-        cfg = dataclasses.replace(cfg, method=choose_method(available))
-        preferred = AUTO_METHODS[0]
-        if cfg.method != preferred:  # the user asked for the default and gets its fallback: say so, and why
-            missing = sorted(set(get_method(preferred).needs) - available)
-            logger.warning("method=None: merging with %s, not the default %s: not every expert's sidecar holds %s "
-                           "(statistics every expert has: %s; SensitivityCallback stores Grams unless gram=None)%s",
-                           cfg.method, preferred, missing, sorted(available) or "none", _untuned_sum_hint(cfg))
-        else:
-            logger.info("method=None: merging with %s (statistics every expert has: %s)", cfg.method,
-                        sorted(available) or "none")
+        cfg = _auto_method(cfg, available | ({PROBES} if probes_usable else set()))
     updates = get_method(cfg.method).resolve(cfg.method_params(), available)
     if cfg.trim_by == "auto" and updates.get("trim_by"):
         logger.info("trim_by='auto': %s trims by %s", cfg.method, updates["trim_by"])
     cfg = dataclasses.replace(cfg, **updates)
     return dataclasses.replace(cfg, scale=cfg.resolved_scale())
+
+
+def _auto_label(method: str, params: dict[str, Any]) -> str:
+    return f"{method} ({', '.join(f'{k}={v!r}' for k, v in params.items())})" if params else method
+
+
+def _auto_method(cfg: MergeConfig, available: set[str]) -> MergeConfig:
+    """``cfg`` with the method ``method=None`` resolves to; a fallback from the preferred choice is a warning that
+    says what was missing."""
+    method, params = choose_method(available)
+    preferred = _auto_label(*AUTO_METHODS[0])
+    chosen = _auto_label(method, params)
+    stats = sorted(available - {PROBES}) or "none"
+    if chosen != preferred:  # the user asked for the default and gets a fallback: say so, and why
+        missing = sorted(auto_requirements(*AUTO_METHODS[0]) - available)
+        resolved = dataclasses.replace(cfg, method=method, params=params)
+        logger.warning("method=None: merging with %s, not the default %s: %s missing (statistics every expert has: "
+                       "%s; SensitivityCallback stores Grams unless gram=None, and probe sets unless "
+                       "store_probe=False)%s", chosen, preferred, _missing_text(missing), stats,
+                       _untuned_sum_hint(resolved))
+    else:
+        logger.info("method=None: merging with %s (statistics every expert has: %s; probe sets: yes)", chosen, stats)
+    return dataclasses.replace(cfg, method=method, params=params)
+
+
+def _missing_text(missing: Sequence[str]) -> str:
+    parts = [f"{kind!r} statistics" for kind in missing if kind != PROBES]
+    if PROBES in missing:
+        parts.append("probe sets the merge can fit on (every expert's probe.safetensors, or probes=; merge_models "
+                     f"also needs the model to fit in memory, {_fit_limit_text()})")
+    return " and ".join(parts)
+
+
+def _fit_limit_text() -> str:
+    from .fitting import MAX_FULL_FIT_BYTES
+
+    return f"{MAX_FULL_FIT_BYTES / 2**30:.0f} GiB for the base and K parts of every tensor in fp32"
+
+
+def probes_present(probes, folders: Sequence[Optional[PathLike]]) -> bool:
+    """Whether every expert has a probe set: ``probes`` given (no None), or a ``probe.safetensors`` in every folder
+    (nothing is loaded)."""
+    from ..store import PROBE_FILE
+
+    if probes is not None:
+        items = list(probes)
+        return bool(items) and all(p is not None for p in items)
+    return bool(folders) and all(f is not None and (Path(f) / PROBE_FILE).is_file() for f in folders)
 
 
 def sens_parts(config: MergeConfig) -> tuple[bool, bool]:
@@ -427,7 +469,7 @@ def record_source(sensitivities, folders: list[Optional[Path]], k: int, filename
 
 
 def plan_merge(cfg: MergeConfig, experts: list[str], folders: list[Optional[Path]], *, sensitivities=None,
-               transferability=None, compute_transfer: Optional[Callable[[], torch.Tensor]] = None,
+               probes_usable: bool = False, transferability=None, compute_transfer: Optional[Callable[[], torch.Tensor]] = None,
                check_record: Optional[Callable[[int, str, Any, str], None]] = None,
                step: Callable[[], Any] = contextlib.nullcontext) -> MergePlan:
     """Resolve the settings, load and check the sidecars, compute the coefficients: the frozen plan of a merge.
@@ -435,13 +477,14 @@ def plan_merge(cfg: MergeConfig, experts: list[str], folders: list[Optional[Path
     Args:
         cfg: The configuration as given. experts: Expert names. folders: Their folders (None: given by name).
         sensitivities: Explicit records or paths (default: each folder's sidecar, when needed).
+        probes_usable: Every expert has a probe set the merge can fit on (for ``method=None``).
         transferability: Explicit K×K matrix. compute_transfer: Computes it when ``sens`` needs the cross factor
             and none was given (called outside ``step``: a distributed merge runs it on one rank).
         check_record: ``check_record(k, name, record, source)`` validates a record against the model.
         step: Context manager wrapped around each local phase (a distributed merge's error exchange).
     """
     with step():
-        cfg = resolve_settings(cfg, sensitivities, folders)
+        cfg = resolve_settings(cfg, sensitivities, folders, probes_usable)
         needs = get_method(cfg.method).needed_statistics(cfg.method_params())
         records = load_records(sensitivities, folders, experts, cfg, needs)
         if records is not None and check_record is not None:

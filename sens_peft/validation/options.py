@@ -64,14 +64,17 @@ def uses_sensitivities(config: Any) -> bool:
 
 def uses_probes(config: Any, *, transferability: Any = None) -> bool:
     """Whether a merge with ``config`` reads the probe sets (``probes=``): for Sens-Merging's cross term (unless
-    ``transferability`` is given) or a method fitted on them (``probe_fit``)."""
+    ``transferability`` is given), a method fitted on them (``probe_fit``), or the default (``method=None``), whose
+    first choice is fitted on them."""
     need_cross = getattr(config, "sens", None) in ("cross", "task+cross") and transferability is None
+    if getattr(config, "method", "unset") is None:  # the default fits on them when every expert has one
+        return True
     return need_cross or _method_needs_probes(getattr(config, "method", None))
 
 
 def _method_reads_statistics(config: Any) -> bool:
     """Whether the merge method reads captured statistics from the sidecars (``sensitivities=``); the default
-    (``method=None``) reads them to choose between RegMean and TA."""
+    (``method=None``) reads them to choose between probe-fitted RegMean, RegMean and TA."""
     from ..methods import available_methods, get_method
 
     method = getattr(config, "method", None)
@@ -113,7 +116,8 @@ def _warn_changed_but_unused(config: Any) -> None:
     changed = [n for n in defaults if getattr(config, n) != defaults[n]]
     from ..config import AUTO_METHODS
 
-    candidates = AUTO_METHODS if config.method is None else (config.method,)  # None: whichever it resolves to
+    # None: whichever it resolves to
+    candidates = [name for name, _ in AUTO_METHODS] if config.method is None else [config.method]
     uses = set.intersection(*(set(get_method(name).uses) for name in candidates))
     for name in changed:
         if name in _METHOD_FIELDS and name not in uses:
