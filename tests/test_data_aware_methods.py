@@ -377,3 +377,20 @@ def test_merge_models_default_fits_on_probes_within_the_memory_limit(tmp_path, m
     a = load_file(str(tmp_path / "fallback" / "model.safetensors"))
     b = load_file(str(tmp_path / "plain" / "model.safetensors"))
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_merge_adapters_default_falls_back_above_the_fit_limit(lora_experts_with_probes, monkeypatch, caplog):
+    """The default's fit materialises one fp32 delta per expert and adapted module: above the limit it merges
+    with RegMean instead and says so (the same merge as RegMean by name)."""
+    import logging
+
+    from sens_peft.merging import fitting
+
+    monkeypatch.setattr(fitting, "MAX_FULL_FIT_BYTES", 1024)
+    kw = dict(output="full", device="cpu", progress=False)
+    with caplog.at_level(logging.WARNING, logger="sens_peft"):
+        default = merge_adapters(tiny_llama(seed=0), lora_experts_with_probes, **kw)
+    assert default.config.method == "regmean"
+    assert any("GiB of parts" in r.getMessage() and "limit" in r.getMessage() for r in caplog.records)
+    named = merge_adapters(tiny_llama(seed=0), lora_experts_with_probes, method="regmean", **kw)
+    assert torch.equal(default.model.state_dict()[Q0], named.model.state_dict()[Q0])

@@ -284,7 +284,7 @@ def merge_adapters(
     cfg = _default_for_layouts(cfg, modules)
     device = device_of(cfg)
     plan = plan_merge(cfg, names, folders, sensitivities=sensitivities, transferability=transferability,
-                      probes_usable=probes_present(probes, folders),
+                      probes_usable=cfg.method is None and _can_fit(modules, names, probes, folders),
                       compute_transfer=functools.partial(_transfer, peft_model, names, folders, probes, cfg, device),
                       check_record=functools.partial(_check_record, peft_model, modules))
     cfg = plan.config
@@ -315,6 +315,24 @@ def merge_adapters(
                        model=result_model, sources=sources,
                        details={"modules": len(work), "rank": new_rank if cfg.output == "lora" else None,
                                 "device": str(device)})
+
+
+def _can_fit(modules: list[LoraModule], names: list[str], probes, folders: list[Optional[Path]]) -> bool:
+    """Whether ``method=None`` may fit on the probes: every expert has a probe set and the fit's dense parts (one
+    fp32 ``ΔW`` per expert and adapted module) fit the fit's memory limit; otherwise the default falls back to
+    RegMean, with a warning (``method="probe_fit"`` asked by name is not limited)."""
+    from .fitting import MAX_FULL_FIT_BYTES
+
+    if not probes_present(probes, folders):
+        return False
+    need = 4 * sum(module.base_weight().numel() * sum(a in names for a in module.adapters()) for module in modules)
+    if need > MAX_FULL_FIT_BYTES:
+        logger.warning("method=None: the experts have probe sets, but the fit would hold %.1f GiB of parts (one fp32 "
+                       "delta per expert and adapted module) > the %.0f GiB limit; the default does not fit on them "
+                       "(ask for method='probe_fit', params={'base_method': 'regmean'} where memory allows)",
+                       need / 2**30, MAX_FULL_FIT_BYTES / 2**30)
+        return False
+    return True
 
 
 def _default_for_layouts(cfg: MergeConfig, modules: list[LoraModule]) -> MergeConfig:

@@ -81,7 +81,9 @@ def fit_plan(plan: MergePlan, problem: FitProblem) -> MergePlan:
     return dataclasses.replace(plan, table=result.table, fit=result.report)
 
 
-#: Largest in-memory probe fit of full models: the base model plus K parts of every merged tensor, in fp32.
+#: Largest in-memory probe fit of full models (the base model plus K parts of every merged tensor, in fp32; refused
+#: above), and the largest the default (``method=None``) takes on by itself, LoRA parts included (it falls back to
+#: RegMean above). Fixed, not read from the device, so that the default merge does not depend on the machine.
 MAX_FULL_FIT_BYTES = 4 * 2**30
 
 
