@@ -5,6 +5,9 @@
     # with the held-out family perm (added after the choice): 24 suites
     OMP_NUM_THREADS=1 python benchmarks/default_candidates.py --families maps,conflict,recall,perm --regimes A,A2,B \
         --seeds 3 --out default_candidates_24
+    # the fifth family scan (added after probe-fitted RegMean was built), per regime
+    OMP_NUM_THREADS=1 python benchmarks/default_candidates.py --families scan --regimes B --seeds 3 --out default_candidates_scan_B
+    OMP_NUM_THREADS=1 python benchmarks/default_candidates.py --families scan --regimes A,A2 --seeds 3 --out default_candidates_scan_A
 
 For each cell (family × regime × kind × seed) it scores every candidate and tuned TA (TA's validation-best λ of
 the shared quick grid) on validation and on test, with the same cached experts, scorers and evaluation cache as

@@ -2,8 +2,9 @@
 
 Suites (``sens_peft.testing.families``): ``maps`` (per-position symbol maps), ``recall`` (key -> value facts only one
 expert learns), ``conflict`` (several tasks on the same inputs with different answers), ``perm`` (reorderings of the
-same letters: a positional skill; added after the default was chosen on the other three, as a held-out check), each
-in regime ``B`` (the
+same letters: a positional skill; added after the default was chosen on the other three, as a held-out check),
+``scan`` (running aggregates of the same digits; added after probe-fitted RegMean was built, as a held-out check of
+it), each in regime ``B`` (the
 base half-knows every task, small task vectors) and ``A`` (the base knows none of them, large task vectors, heavy
 interference), with LoRA and full fine-tuned experts. ``A2`` merges regime A's experts two at a time (pairs
 :data:`PAIRS`, each pair one cell): every merge of all four regime-A experts sits near the floor (≤ 3.3 % on the regime mean),
@@ -591,7 +592,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="maps + conflict, regime B, LoRA, 1 seed, grid budget 4, 100 val / 200 test items")
-    p.add_argument("--families", default=None, help="comma list (default: maps,recall,conflict,perm)")
+    p.add_argument("--families", default=None, help="comma list (default: maps,recall,conflict,perm,scan)")
     p.add_argument("--regimes", default=None,
                    help="comma list of A,B,A2 (default: all three); A2 = regime A's experts merged two at a time "
                         f"(pairs {PAIRS})")
@@ -614,7 +615,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         f"{REFERENCE!r}, {DEFAULT!r} and the base always run")
     args = p.parse_args(argv)
     q = args.quick
-    args.families = (args.families or ("maps,conflict" if q else "maps,recall,conflict,perm")).split(",")
+    args.families = (args.families or ("maps,conflict" if q else "maps,recall,conflict,perm,scan")).split(",")
     args.regimes = (args.regimes or ("B" if q else "A,A2,B")).split(",")
     args.kinds = (args.kinds or ("lora" if q else "lora,full")).split(",")
     args.seeds = args.seeds or (1 if q else 3)
