@@ -319,20 +319,14 @@ def merge_adapters(
 
 def _can_fit(modules: list[LoraModule], names: list[str], probes, folders: list[Optional[Path]]) -> bool:
     """Whether ``method=None`` may fit on the probes: every expert has a probe set and the fit's dense parts (one
-    fp32 ``ΔW`` per expert and adapted module) fit the fit's memory limit; otherwise the default falls back to
-    RegMean, with a warning (``method="probe_fit"`` asked by name is not limited)."""
-    from .fitting import MAX_FULL_FIT_BYTES
+    fp32 ``ΔW`` per expert and adapted module) are within the fit's memory limit (``method="probe_fit"`` asked by
+    name is not limited)."""
+    from .fitting import default_may_fit
 
     if not probes_present(probes, folders):
         return False
     need = 4 * sum(module.base_weight().numel() * sum(a in names for a in module.adapters()) for module in modules)
-    if need > MAX_FULL_FIT_BYTES:
-        logger.warning("method=None: the experts have probe sets, but the fit would hold %.1f GiB of parts (one fp32 "
-                       "delta per expert and adapted module) > the %.0f GiB limit; the default does not fit on them "
-                       "(ask for method='probe_fit', params={'base_method': 'regmean'} where memory allows)",
-                       need / 2**30, MAX_FULL_FIT_BYTES / 2**30)
-        return False
-    return True
+    return default_may_fit(need, "one fp32 delta per expert and adapted module")
 
 
 def _default_for_layouts(cfg: MergeConfig, modules: list[LoraModule]) -> MergeConfig:

@@ -94,6 +94,18 @@ def full_fit_bytes(base_src, num_experts: int) -> int:
     return (num_experts + 1) * 4 * numel
 
 
+def default_may_fit(need: int, what: str) -> bool:
+    """Whether ``method=None`` may fit on the probes with ``need`` bytes of fp32 parts (``what`` they are): within
+    :data:`MAX_FULL_FIT_BYTES`; above it a warning says that the default falls back."""
+    if need <= MAX_FULL_FIT_BYTES:
+        return True
+    logger.warning("method=None: the experts have probe sets, but the fit would hold %.1f GiB (%s) > the %.0f GiB "
+                   "limit (sens_peft.merging.fitting.MAX_FULL_FIT_BYTES); the default does not fit on them (ask for "
+                   "method='probe_fit', params={'base_method': 'regmean'} where memory allows)", need / 2**30, what,
+                   MAX_FULL_FIT_BYTES / 2**30)
+    return False
+
+
 def fit_full_models(plan: MergePlan, inputs, probes, distributed: bool) -> MergePlan:
     """The plan with the coefficients a ``needs_probes`` method fits, for full fine-tunes (``merge_models``).
 

@@ -153,8 +153,8 @@ def merge_models(
             cfg = _with_model_settings(cfg, inputs)
         try:
             plan = plan_merge(cfg, inputs.names, list(inputs.experts), sensitivities=sensitivities,
-                              transferability=transferability,
-                              probes_usable=cfg.method is None and _can_fit(inputs, probes, comm.distributed), step=comm.step,
+                              transferability=transferability, step=comm.step,
+                              probes_usable=cfg.method is None and _can_fit(inputs, probes, comm.distributed),
                               compute_transfer=lambda: comm.root_call(lambda: inputs.transfer(cfg, probes, comm)),
                               check_record=inputs.check_record)
             if plan.method.needs_probes:
@@ -186,23 +186,17 @@ def merge_models(
 
 def _can_fit(inputs: _Inputs, probes, distributed: bool) -> bool:
     """Whether ``method=None`` may fit on the probes: every expert has a probe set, one process, and the base with
-    K parts of every tensor fits the in-memory fit's limit (otherwise the default falls back, with a warning)."""
-    from .fitting import MAX_FULL_FIT_BYTES, full_fit_bytes
+    K parts of every tensor within the in-memory fit's limit (otherwise the default falls back, with a warning)."""
+    from .fitting import default_may_fit, full_fit_bytes
 
     if not planning.probes_present(probes, list(inputs.experts)):
         return False
-    reason = None
     if distributed:
-        reason = "a distributed merge does not fit on the probes"
-    else:
-        need = full_fit_bytes(inputs.base_src, len(inputs.experts))
-        if need > MAX_FULL_FIT_BYTES:
-            reason = (f"the fit would hold {need / 2**30:.1f} GiB (the base and {len(inputs.experts)} parts of every "
-                      f"tensor in fp32) > the {MAX_FULL_FIT_BYTES / 2**30:.0f} GiB limit")
-    if reason:
-        logger.warning("method=None: the experts have probe sets, but %s; the default does not fit on them", reason)
+        logger.warning("method=None: the experts have probe sets, but a distributed merge does not fit on them; the "
+                       "default falls back")
         return False
-    return True
+    return default_may_fit(full_fit_bytes(inputs.base_src, len(inputs.experts)),
+                           f"the base and {len(inputs.experts)} parts of every tensor in fp32")
 
 
 def _with_model_settings(cfg: MergeConfig, inputs: _Inputs) -> MergeConfig:

@@ -302,15 +302,9 @@ def _auto_method(cfg: MergeConfig, available: set[str]) -> MergeConfig:
 def _missing_text(missing: Sequence[str]) -> str:
     parts = [f"{kind!r} statistics" for kind in missing if kind != PROBES]
     if PROBES in missing:
-        parts.append("probe sets the merge can fit on (every expert's probe.safetensors, or probes=; merge_models "
-                     f"also needs the model to fit in memory, {_fit_limit_text()})")
+        parts.append("probe sets the merge can fit on (every expert's probe.safetensors, or probes=, within the fit's "
+                     "memory limit)")
     return " and ".join(parts)
-
-
-def _fit_limit_text() -> str:
-    from .fitting import MAX_FULL_FIT_BYTES
-
-    return f"{MAX_FULL_FIT_BYTES / 2**30:.0f} GiB for the base and K parts of every tensor in fp32"
 
 
 def probes_present(probes, folders: Sequence[Optional[PathLike]]) -> bool:
@@ -469,7 +463,8 @@ def record_source(sensitivities, folders: list[Optional[Path]], k: int, filename
 
 
 def plan_merge(cfg: MergeConfig, experts: list[str], folders: list[Optional[Path]], *, sensitivities=None,
-               probes_usable: bool = False, transferability=None, compute_transfer: Optional[Callable[[], torch.Tensor]] = None,
+               probes_usable: bool = False, transferability=None,
+               compute_transfer: Optional[Callable[[], torch.Tensor]] = None,
                check_record: Optional[Callable[[int, str, Any, str], None]] = None,
                step: Callable[[], Any] = contextlib.nullcontext) -> MergePlan:
     """Resolve the settings, load and check the sidecars, compute the coefficients: the frozen plan of a merge.
