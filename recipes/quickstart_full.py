@@ -60,16 +60,14 @@ def main() -> None:
         del expert
 
     rows = {}
-    # plain methods, the paper's coefficients (sens="task+cross"), then the library default (None: MergeConfig's
-    # defaults, TIES with the sensitivity-guided trim when the sidecars have element maps)
+    # plain methods, the paper's coefficients (sens="task+cross", the library's bounded reading), then the library
+    # default (MergeConfig(): probe-fitted RegMean from the sidecars' Grams and probe sets)
     runs = [(f"{'Sens-' if sens else ''}{method}", dict(method=method, sens=sens, **kw))
             for method, kw in (("task_arithmetic", dict(scale=0.7)), ("ties", dict(density=0.5, trim_by="magnitude")),
                                ("dare_ties", dict(density=0.5)))
             for sens in (None, "task+cross")]
-    runs.append(("SensTrim-ties (default)", {}))
+    runs.append(("MergeConfig() (default)", {}))
     for name, kw in runs:
-        if kw.get("sens"):
-            kw.update(normalization="mean1", tau_normalization="exp_z")  # the reading of DESIGN.md §5
         report = merge_models(base_dir, dirs, out / "merged" / name.split()[0], overwrite=True, **kw)
         merged = AutoModelForCausalLM.from_pretrained(report.output_dir)
         rows[name] = toy.normalized_accuracy(toy.evaluate(merged, args.tasks, n=args.n_test, tokenizer=tok),
