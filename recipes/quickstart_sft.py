@@ -78,20 +78,19 @@ def main() -> None:
     for task, d in zip(args.tasks[1:], dirs[1:]):
         model.load_adapter(str(d), adapter_name=task)
     rows = {}
-    # plain methods, the paper's coefficients (sens="task+cross"), and the library default (TIES with the
-    # sensitivity-guided trim: the last merge below, with MergeConfig's defaults)
+    # plain methods, the paper's coefficients (sens="task+cross", the library's bounded reading), and the library
+    # default (MergeConfig(): probe-fitted RegMean from the sidecars' Grams and probe sets)
     for method, kw in (("task_arithmetic", dict(scale=0.7)), ("ties", dict(density=0.5, trim_by="magnitude"))):
         for sens in (None, "task+cross"):
             name = f"{'Sens-' if sens else ''}{method}"
             report = merge_adapters(model, args.tasks, method=method, sens=sens, adapter_name=name.replace("-", "_"),
-                                    sensitivities=dirs, probes=dirs, normalization="mean1",
-                                    tau_normalization="exp_z", **kw)
+                                    sensitivities=dirs if sens else None, probes=dirs if sens else None, **kw)
             model.set_adapter(report.adapter_name)
             rows[name] = toy.normalized_accuracy(toy.evaluate(model, args.tasks, n=args.n_test, tokenizer=tok),
                                                  expert_acc)
-    report = merge_adapters(model, args.tasks, adapter_name="default_merge", sensitivities=dirs)
+    report = merge_adapters(model, args.tasks, adapter_name="default_merge", sensitivities=dirs, probes=dirs)
     model.set_adapter(report.adapter_name)
-    rows["SensTrim-ties (default)"] = toy.normalized_accuracy(
+    rows["MergeConfig() (default)"] = toy.normalized_accuracy(
         toy.evaluate(model, args.tasks, n=args.n_test, tokenizer=tok), expert_acc)
     print("\nNormalised accuracy (merged acc / own expert's acc)")
     print(toy.format_table(rows, args.tasks))
