@@ -141,18 +141,24 @@ def test_regmean_without_grams_is_refused(tmp_path):
         merge_adapters(tiny_llama(seed=0), folders, method="regmean", sens=None, device="cpu", progress=False)
 
 
-def test_merge_models_regmean(tmp_path):
+def _full_experts(tmp_path, rows: int, data_seed: int, store_probe: bool):
+    """A saved tiny base and two full experts of it with Grams captured on ``rows`` calibration rows."""
+    from transformers import AutoModelForCausalLM
+
     base_model = tiny_llama(seed=0)
     base = save_model(base_model, tmp_path / "base")
     experts = []
     for k in range(2):
         folder = make_full_expert(base_model, tmp_path / f"x{k}", seed=k + 1)
-        from transformers import AutoModelForCausalLM
-
         expert = AutoModelForCausalLM.from_pretrained(str(folder))
-        compute_sensitivity(expert, TokenData(n=5, length=9, seed=40 + k), save_to=folder, calibration_samples=5,
-                            gram="full", fisher=False, store_probe=False)
+        compute_sensitivity(expert, TokenData(n=rows, length=9, seed=data_seed + k), save_to=folder,
+                            calibration_samples=rows, gram="full", fisher=False, store_probe=store_probe)
         experts.append(folder)
+    return base_model, base, experts
+
+
+def test_merge_models_regmean(tmp_path):
+    base_model, base, experts = _full_experts(tmp_path, rows=5, data_seed=40, store_probe=False)
     merge_models(base, experts, tmp_path / "out", method="regmean", sens=None, device="cpu", progress=False)
     from safetensors.torch import load_file
 
@@ -347,17 +353,7 @@ def test_merge_models_default_fits_on_probes_within_the_memory_limit(tmp_path, m
 
     from sens_peft.merging import fitting
 
-    base_model = tiny_llama(seed=0)
-    base = save_model(base_model, tmp_path / "base")
-    experts = []
-    for k in range(2):
-        folder = make_full_expert(base_model, tmp_path / f"x{k}", seed=k + 1)
-        from transformers import AutoModelForCausalLM
-
-        expert = AutoModelForCausalLM.from_pretrained(str(folder))
-        compute_sensitivity(expert, TokenData(n=8, length=9, seed=50 + k), save_to=folder, calibration_samples=8,
-                            gram="full", fisher=False)
-        experts.append(folder)
+    _, base, experts = _full_experts(tmp_path, rows=8, data_seed=50, store_probe=True)
     kw = dict(device="cpu", progress=False)
     fitted = merge_models(base, experts, tmp_path / "default", **kw)
     assert fitted.config.method == "probe_fit" and fitted.config.params["base_method"] == "regmean"
